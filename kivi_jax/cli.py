@@ -1,0 +1,102 @@
+"""`kivi-jax` command line: generate text through a quantized KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from kivi_jax.config import PRESETS, KIVIConfig, get_preset
+
+
+def _kv_config(args) -> KIVIConfig:
+  base = get_preset(args.method)
+  overrides = {name: getattr(args, name) for name in
+               ("k_bits", "v_bits", "group_size", "residual_length")
+               if getattr(args, name) is not None}
+  return KIVIConfig(**{**base.__dict__, **overrides})
+
+
+def _generate(args) -> int:
+  import kivi_jax
+  from kivi_jax.default_model import default_model_path
+  from kivi_jax.generate import generate
+
+  kv_config = _kv_config(args)
+  path = args.model or default_model_path()
+  tokenizer = kivi_jax.load_tokenizer(path)
+  model = kivi_jax.load_model(path, dtype=args.dtype)
+  if tokenizer.chat_template and not args.raw:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+        tokenize=True, return_dict=False)
+  else:
+    ids = tokenizer.encode(args.prompt, add_special_tokens=False)
+  ids = np.asarray(ids, np.int32)[None, :]
+  eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
+      model.config.eos_token_id
+  # <|im_end|> closes an assistant turn in ChatML templates: stop there too.
+  stops = {eos} | {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>",)
+                   if t in tokenizer.get_vocab()}
+  stops.discard(None)
+  generated: list[int] = []
+  shown = 0
+
+  def stream(tokens, done):
+    nonlocal shown
+    if done[0] or int(tokens[0]) in stops:
+      return
+    generated.append(int(tokens[0]))
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    # Hold back a trailing partial UTF-8 character until it is complete.
+    if not text.endswith("\ufffd"):
+      sys.stdout.write(text[shown:])
+      sys.stdout.flush()
+      shown = len(text)
+
+  out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed, eos_token_id=sorted(stops), streamer=stream)
+  np.asarray(out)  # waits for the loop, and so for every streamed token
+  sys.stdout.write("\n")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="kivi-jax", description="KIVI / SKVQ quantized KV caches for JAX LLM inference")
+  sub = parser.add_subparsers(dest="command", required=True)
+  gen = sub.add_parser("generate", help="generate text, streaming it to stdout")
+  gen.add_argument("prompt")
+  gen.add_argument("--model", help="HF checkpoint directory or .gguf file "
+                   "(default: SmolLM2-135M-Instruct, fetched on first use)")
+  gen.add_argument("--method", default="kivi2", choices=sorted(PRESETS),
+                   help="cache method preset (default: kivi2); the flags below override it")
+  gen.add_argument("--k-bits", type=int)
+  gen.add_argument("--v-bits", type=int)
+  gen.add_argument("--group-size", type=int)
+  gen.add_argument("--residual-length", type=int)
+  gen.add_argument("--max-new-tokens", type=int, default=128)
+  gen.add_argument("--temperature", type=float, default=0.0)
+  gen.add_argument("--top-k", type=int)
+  gen.add_argument("--top-p", type=float)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  gen.add_argument("--raw", action="store_true",
+                   help="do not apply the tokenizer's chat template")
+  gen.set_defaults(run=_generate)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.run(args)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"kivi-jax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,175 @@
+"""Batched generation: one jitted prefill, then one jitted `lax.while_loop` decode.
+
+The cache is the loop state and is donated to both jitted calls, so on an
+accelerator it is updated in place. Rows may be padded on either side; each row
+keeps its own length and its own quantization groups (SPEC.md, "Batches").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from kivi_jax.cache import KVCache, init_cache
+from kivi_jax.config import KIVIConfig
+from models import llama
+from models.config import ModelConfig
+
+
+def sample(logits: Array, rng: Array, temperature: float, top_k: int | None,
+           top_p: float | None) -> Array:
+  """Next tokens `[B]` from float logits `[B, V]`; greedy when `temperature == 0`."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    # Keep the smallest prefix of tokens (by probability) whose mass reaches top_p.
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
+def _prefill(params, input_ids, cache, attention_mask, *, config: ModelConfig):
+  logits, cache = llama.forward(params, input_ids, cache, attention_mask, config=config)
+  # Each row's prediction comes from its last real token, wherever the padding is.
+  t = input_ids.shape[1]
+  last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(t)[None, :], -1), axis=1)
+  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
+                     "pad_token_id", "streamer"),
+    donate_argnames=("cache",))
+def _decode(params, cache: KVCache, first_logits, rng, eos_ids, *, config: ModelConfig,
+            max_new_tokens: int, temperature: float, top_k, top_p, pad_token_id: int,
+            streamer):
+  b = first_logits.shape[0]
+
+  def emit(step, logits, done, tokens):
+    tok = sample(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+    tok = jnp.where(done, pad_token_id, tok)
+    if streamer is not None:
+      jax.debug.callback(streamer, tok, done, ordered=True)
+    done = done | jnp.isin(tok, eos_ids)
+    return tokens.at[:, step].set(tok), done, tok
+
+  tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+  tokens, done, tok = emit(0, first_logits, jnp.zeros((b,), bool), tokens)
+
+  def cond(state):
+    step, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tokens, tok, done, cache = state
+    # Finished rows feed padding, so their caches stop growing.
+    logits, cache = llama.forward(params, tok[:, None], cache,
+                                  (~done)[:, None].astype(jnp.int32), config=config)
+    tokens, done, tok = emit(step, logits[:, 0], done, tokens)
+    return step + 1, tokens, tok, done, cache
+
+  _, tokens, _, _, cache = jax.lax.while_loop(cond, body, (1, tokens, tok, done, cache))
+  # Returning the cache lets the donated input buffers back the loop state.
+  return tokens, cache
+
+
+def _positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
+             attention_mask=None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, max_length: int | None = None,
+             streamer: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Array:
+  """Generates `max_new_tokens` tokens for each prompt of a batch.
+
+  Args:
+    model: a `models.Model` (from `kivi_jax.load_model`).
+    input_ids: int `[B, T]` prompts, padded on either side.
+    kv_config: how the cache is quantized.
+    max_new_tokens: tokens to generate per row.
+    attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k, top_p: optional sampling filters.
+    seed: PRNG seed; the same seed gives the same tokens.
+    eos_token_id: a row stops after generating one of these; None never stops.
+    pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
+    max_length: cache capacity per row; defaults to `T + max_new_tokens`.
+    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
+
+  Returns:
+    int32 `[B, max_new_tokens]`.
+  """
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):
+    raise ValueError(f"input_ids must be an integer array [batch, tokens], got dtype "
+                     f"{input_ids.dtype} and shape {input_ids.shape}")
+  b, t = input_ids.shape
+  if b == 0 or t == 0:
+    raise ValueError(f"input_ids must be non-empty, got shape {input_ids.shape}")
+  vocab = model.config.vocab_size
+  if input_ids.min() < 0 or input_ids.max() >= vocab:
+    raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary size)")
+  if attention_mask is None:
+    attention_mask = np.ones_like(input_ids)
+  attention_mask = np.asarray(attention_mask)
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
+                     f"{input_ids.shape}")
+  if not np.isin(attention_mask, (0, 1)).all():
+    raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens)")
+  if (attention_mask.sum(1) == 0).any():
+    raise ValueError("attention_mask: every row needs at least one real token")
+  max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+  if max_length is None:
+    max_length = t + max_new_tokens
+  max_length = _positive_int("max_length", max_length)
+  if t > max_length:
+    raise ValueError(f"the prompt ({t} tokens) is longer than the cache "
+                     f"(max_length={max_length})")
+  if t + max_new_tokens > max_length:
+    raise ValueError(f"max_new_tokens={max_new_tokens} after a {t}-token prompt runs "
+                     f"past max_length={max_length}")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+  if top_k is not None and not 0 < _positive_int("top_k", top_k) <= vocab:
+    raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {top_k}")
+  if top_p is not None and not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+  if eos_token_id is None:
+    eos = []
+  elif isinstance(eos_token_id, (int, np.integer)):
+    eos = [int(eos_token_id)]
+  else:
+    eos = [int(e) for e in eos_token_id]
+  if pad_token_id is None:
+    pad_token_id = eos[0] if eos else 0
+
+  cache = init_cache(model.config, kv_config, b, max_length)
+  logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32), cache,
+                           jnp.asarray(attention_mask, jnp.int32), config=model.config)
+  tokens, _ = _decode(
+      model.params, cache, logits, jax.random.key(seed),
+      jnp.asarray(eos if eos else [-1], jnp.int32), config=model.config,
+      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+      top_p=top_p, pad_token_id=int(pad_token_id), streamer=streamer)
+  return tokens
