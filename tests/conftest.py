@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random transformers models and the real SmolLM2 model."""
+
+import os
+
+import jax
+import pytest
+
+# The parity tolerances assume float32 matmuls at full precision on the CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+  """SmolLM2-135M-Instruct's GGUF file, fetched on first use like the CLI does."""
+  from kivi_jax.default_model import default_model_path
+  return default_model_path(quiet=True)
+
+
+def tiny_llama_config(**overrides):
+  from transformers import LlamaConfig
+  kw = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager")
+  kw.update(overrides)
+  return LlamaConfig(**kw)
+
+
+def tiny_hf_model(config, seed=0):
+  import torch
+  from transformers import AutoModelForCausalLM
+  torch.manual_seed(seed)
+  model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+  # transformers initialises norms to ones; random norms exercise their weights too.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  return model.eval()

@@ -1,0 +1,30 @@
+"""SPEC.md's formulas in float64 numpy: the independent reference for the tests."""
+
+import numpy as np
+
+
+def quantize(x, bits, group_size, axis):
+  """Returns (codes, scale, zero, dequantized), all float64, `x` [..., T, D]."""
+  x = np.asarray(x, np.float64)
+  *lead, t, d = x.shape
+  if axis == "channel":
+    g = x.reshape(*lead, t // group_size, group_size, d)
+    red = -2
+  else:
+    g = x.reshape(*lead, t, d // group_size, group_size)
+    red = -1
+  lo, hi = g.min(red, keepdims=True), g.max(red, keepdims=True)
+  scale = (hi - lo) / (2**bits - 1)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    q = np.where(scale > 0, np.clip(np.round((g - lo) / scale), 0, 2**bits - 1), 0)
+  deq = q * scale + lo
+  return (q.reshape(x.shape), np.squeeze(scale, red), np.squeeze(lo, red),
+          deq.reshape(x.shape))
+
+
+def attention(q, keys, values, visible):
+  """softmax(q k^T / sqrt(d)) v in float64; q [Tq, D], keys/values [S, D], visible [Tq, S]."""
+  s = q @ keys.T / np.sqrt(q.shape[-1])
+  s = np.where(visible, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return (p / p.sum(-1, keepdims=True)) @ values

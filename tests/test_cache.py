@@ -1,0 +1,158 @@
+"""Cache semantics of SPEC.md: prefill equals step-by-step decode, per-row groups."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax
+from kivi_jax import cache as cache_lib
+from kivi_jax.cache import append, n_quantized, ring_positions
+import spec_reference
+
+B, HKV, D = 3, 2, 32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+  num_layers: int = 1
+  num_kv_heads: int = HKV
+  head_dim: int = D
+  dtype: str = "float32"
+
+
+CONFIGS = {
+    "kivi2-g16-r32": kivi_jax.KIVIConfig(2, 2, 16, 32),
+    "kivi4-g32-r64": kivi_jax.KIVIConfig(4, 4, 32, 64),
+    "k8-v2-g32-r32": kivi_jax.KIVIConfig(8, 2, 32, 32),
+    "k2-v16": kivi_jax.KIVIConfig(2, 16, 16, 16),
+    "per-token-keys": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token",
+                                          value_axis="channel"),
+    "fp16": kivi_jax.KIVIConfig(16, 16, 16, 32),
+}
+
+_append = jax.jit(append, static_argnames="config")
+
+
+def _layer(cache):
+  return jax.tree.map(lambda x: x[0], cache.layers)
+
+
+def _kv(n, seed=0):
+  rng = np.random.default_rng(seed)
+  k = rng.standard_normal((B, HKV, n, D)).astype(np.float32)
+  k[..., 3] *= 40  # an outlier channel
+  return jnp.asarray(k), jnp.asarray(rng.standard_normal((B, HKV, n, D)), jnp.float32)
+
+
+def _fill(config, k, v, lengths, chunk):
+  """Appends row b's first lengths[b] tokens, `chunk` tokens per call."""
+  cache = kivi_jax.init_cache(_Shape(), config, B, 256)
+  layer, done = _layer(cache), jnp.zeros((B,), jnp.int32)
+  n = k.shape[2]
+  for start in range(0, n, chunk):
+    n_new = jnp.clip(jnp.asarray(lengths) - start, 0, chunk).astype(jnp.int32)
+    sl = slice(start, start + chunk)
+    layer = _append(layer, k[:, :, sl], v[:, :, sl], done, n_new, config)
+    done = done + n_new
+  return layer, done
+
+
+def _live(layer, lengths, config):
+  """Everything in `layer` that a reader may see, as numpy, garbage masked out."""
+  nq = np.asarray(n_quantized(lengths, config))
+  _, valid = ring_positions(lengths, config)
+  out = {"ring_k": np.where(np.asarray(valid)[:, None, :, None], layer.ring_k, 0),
+         "ring_v": np.where(np.asarray(valid)[:, None, :, None], layer.ring_v, 0)}
+  for name, bits, axis in (("k", config.k_bits, config.key_axis),
+                           ("v", config.v_bits, config.value_axis)):
+    deq = cache_lib.dequantize_block(getattr(layer, name), bits, axis, config, jnp.float32)
+    keep = np.arange(deq.shape[2])[None, :] < nq[:, None]
+    out[name] = np.where(keep[:, None, :, None], np.asarray(deq), 0)
+    if bits < 16:
+      words = np.asarray(getattr(layer, name).codes)
+      wkeep = np.arange(words.shape[2])[None, :] * (32 // bits) < nq[:, None]
+      out[name + "_codes"] = np.where(wkeep[:, None, :, None], words, 0)
+  return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("n", [1, 15, 32, 33, 63, 64, 65, 100, 161])
+def test_prefill_equals_token_by_token(name, n):
+  config = CONFIGS[name]
+  k, v = _kv(n)
+  # Rows of different lengths: each must be aligned to its own first token.
+  lengths = [n, max(n - 7, 1), max(n // 2, 1)]
+  whole, len_a = _fill(config, k, v, lengths, chunk=n)
+  steps, len_b = _fill(config, k, v, lengths, chunk=1)
+  chunks, len_c = _fill(config, k, v, lengths, chunk=13)
+  np.testing.assert_array_equal(len_a, lengths)
+  np.testing.assert_array_equal(len_b, lengths)
+  np.testing.assert_array_equal(len_c, lengths)
+  a, b_, c = (_live(x, len_a, config) for x in (whole, steps, chunks))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b_[key], err_msg=key)
+    np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32"])
+def test_block_holds_spec_quantization_of_oldest_tokens(name):
+  config = CONFIGS[name]
+  n = 130
+  k, v = _kv(n, seed=3)
+  lengths = [130, 101, 77]
+  layer, lens = _fill(config, k, v, lengths, chunk=1)
+  nq = np.asarray(n_quantized(lens, config))
+  g, r = config.group_size, config.residual_length
+  for row in range(B):
+    # SPEC.md: q = G * ceil(max(n - R, 0) / G) tokens quantized, the rest in the ring.
+    assert nq[row] == g * -(-max(lengths[row] - r, 0) // g)
+    assert r - g + 1 <= lengths[row] - nq[row] <= r
+    for name_, x, bits, axis in (("k", k, config.k_bits, config.key_axis),
+                                 ("v", v, config.v_bits, config.value_axis)):
+      *_, deq_ref = spec_reference.quantize(np.asarray(x[row, :, :nq[row]]), bits, g, axis)
+      got = cache_lib.dequantize_block(jax.tree.map(lambda a: a[row:row + 1],
+                                                    getattr(layer, name_)),
+                                       bits, axis, config, jnp.float32)
+      np.testing.assert_allclose(np.asarray(got[0, :, :nq[row]]), deq_ref, rtol=1e-5,
+                                 atol=1e-5)
+    pos, valid = ring_positions(lens, config)
+    for slot in range(r):
+      if valid[row, slot]:
+        np.testing.assert_array_equal(layer.ring_k[row, :, slot], k[row, :, pos[row, slot]])
+
+
+def test_nbytes_counts_every_array():
+  shape = _Shape(num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+  cache = kivi_jax.init_cache(shape, kivi_jax.PRESETS["kivi2"], 2, 4096)
+  elems = 4 * 2 * 8 * 4096 * 128
+  # Codes: 2 bits; scale and zero: 16 bits per 32 elements each -> 3 bits per element.
+  block = 2 * elems * 3 // 8
+  ring = 2 * 4 * 2 * 8 * 128 * 128 * 2
+  assert cache.nbytes() == block + ring + 2 * 4
+  fp = kivi_jax.init_cache(shape, kivi_jax.PRESETS["fp16"], 2, 4096)
+  assert fp.nbytes() == 2 * elems * 2 + ring + 2 * 4
+  assert kivi_jax.PRESETS["kivi2"].bits_per_element(16) == (3.0, 3.0)
+
+
+def test_init_cache_validates():
+  with pytest.raises(ValueError, match="group_size=64 must divide the head dim"):
+    kivi_jax.init_cache(_Shape(head_dim=32), kivi_jax.KIVIConfig(2, 2, 64, 128), 1, 64)
+  with pytest.raises(ValueError, match="batch_size"):
+    kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 0, 64)
+  with pytest.raises(ValueError, match="max_length"):
+    kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 1, -5)
+  with pytest.raises(TypeError, match="kv_config"):
+    kivi_jax.init_cache(_Shape(), {"k_bits": 2}, 1, 64)
+
+
+def test_cache_is_a_pytree_through_jit():
+  cache = kivi_jax.init_cache(_Shape(), CONFIGS["kivi2-g16-r32"], B, 64)
+  leaves, treedef = jax.tree_util.tree_flatten(cache)
+  again = jax.tree_util.tree_unflatten(treedef, leaves)
+  assert again.config == cache.config
+  bumped = jax.jit(lambda c: c.replace(lengths=c.lengths + 1))(cache)
+  np.testing.assert_array_equal(bumped.lengths, 1)
+  assert cache.capacity == 64

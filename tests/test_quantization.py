@@ -1,0 +1,108 @@
+"""The jnp quantization reference against SPEC.md's formulas (float64 numpy)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kivi_jax import quantization
+import spec_reference
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@st.composite
+def cases(draw):
+  bits = draw(st.sampled_from([2, 4, 8]))
+  g = draw(st.sampled_from([32, 64, 128]))
+  axis = draw(st.sampled_from(["channel", "token"]))
+  dtype = draw(st.sampled_from(list(DTYPES)))
+  heads = draw(st.integers(1, 3))
+  if axis == "channel":
+    t, d = g * draw(st.integers(1, 3)), draw(st.sampled_from([8, 64, 128]))
+  else:
+    t, d = draw(st.integers(1, 40)), g * draw(st.integers(1, 2))
+  kind = draw(st.sampled_from(["normal", "constant", "outliers", "wide"]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  x = rng.standard_normal((heads, t, d))
+  if kind == "constant":
+    x = np.full_like(x, rng.standard_normal())
+  elif kind == "outliers":
+    # A few channels 50x larger, as KIVI reports for keys.
+    x[..., rng.choice(d, max(1, d // 16), replace=False)] *= 50
+  elif kind == "wide":
+    x = x * 1e3 + 1e4
+  return bits, g, axis, dtype, x
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_round_trip_error_within_half_a_step(case):
+  bits, g, axis, dtype_name, x = case
+  dtype = DTYPES[dtype_name]
+  xj = jnp.asarray(x, dtype)
+  x_in = np.asarray(xj.astype(jnp.float32), np.float64)  # the values actually quantized
+  codes, scale, zero = quantization.quantize(xj, bits, g, axis, dtype)
+  deq = np.asarray(quantization.dequantize(codes, scale, zero, g, axis, jnp.float32),
+                   np.float64)
+  _, s_ref, lo_ref, _ = spec_reference.quantize(x_in, bits, g, axis)
+  # Scale is computed in float32 (subtract, divide: up to three roundings of
+  # 2^-24 when XLA multiplies by the reciprocal), then rounded once to `dtype`
+  # (half its eps); zero is the minimum rounded once.
+  eps = float(jnp.finfo(dtype).eps)
+  f32_ops = 3 * 2.0**-24
+  np.testing.assert_allclose(np.asarray(scale, np.float64), s_ref,
+                             rtol=eps / 2 + f32_ops, atol=0)
+  np.testing.assert_allclose(np.asarray(zero, np.float64), lo_ref, rtol=eps / 2, atol=0)
+  # Bound: scale/2 per element, plus the storage rounding of zero (|lo| eps/2) and
+  # of scale (up to 2^b - 1 steps of |scale| eps/2), plus float32 arithmetic.
+  red = -2 if axis == "channel" else -1
+  expand = lambda a: np.repeat(a, g, axis=red)
+  bound = (expand(s_ref) / 2 + expand(np.abs(lo_ref)) * eps
+           + (2**bits - 1) * expand(s_ref) * eps + np.abs(x_in) * 1e-6)
+  assert np.all(np.abs(deq - x_in) <= bound)
+  assert np.asarray(codes).max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_match_spec_in_float32(bits, axis):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((2, 64, 64)).astype(np.float32)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, 32, axis, jnp.float32)
+  q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, 32, axis)
+  # Codes may differ from float64 only where (x - lo) / scale sits on a .5 tie
+  # within float32 rounding: allow one step on a vanishing fraction.
+  diff = np.abs(np.asarray(codes, np.int64) - q_ref)
+  assert diff.max() <= 1 and diff.mean() < 1e-3
+  np.testing.assert_allclose(np.asarray(scale), s_ref, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(zero), z_ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_constant_groups_dequantize_exactly(bits):
+  x = jnp.full((1, 64, 64), -3.140625, jnp.bfloat16)
+  for axis in ("channel", "token"):
+    codes, scale, zero = quantization.quantize(x, bits, 32, axis, jnp.bfloat16)
+    out = quantization.dequantize(codes, scale, zero, 32, axis, jnp.bfloat16)
+    assert not np.isnan(np.asarray(out, np.float32)).any()
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), words=st.integers(1, 6), d=st.integers(1, 9),
+       seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_is_exact(bits, words, d, seed):
+  w = 32 // bits
+  codes = np.random.default_rng(seed).integers(0, 2**bits, (2, words * w, d))
+  packed = quantization.pack(jnp.asarray(codes), bits)
+  assert packed.dtype == jnp.uint32 and packed.shape == (2, words, d)
+  np.testing.assert_array_equal(np.asarray(quantization.unpack(packed, bits)), codes)
+  # The layout itself: code j of a word sits in bits [j*b, (j+1)*b).
+  expected = sum(codes[:, j::w].astype(np.uint64) << (j * bits) for j in range(w))
+  np.testing.assert_array_equal(np.asarray(packed, np.uint64), expected)
+
+
+def test_pack_rejects_partial_words():
+  with pytest.raises(ValueError, match="multiple of 16"):
+    quantization.pack(jnp.zeros((1, 20, 4), jnp.uint8), 2)
