@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +66,54 @@ def _generate(args) -> int:
   return 0
 
 
+def run_metadata() -> dict:
+  """Where and when a figure was measured: device, jax version, date, git commit."""
+  import datetime
+  import subprocess
+
+  import jax
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    commit = None
+  return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "date": datetime.date.today().isoformat(), "commit": commit}
+
+
+def _eval_ppl(args) -> int:
+  import kivi_jax
+  from kivi_jax import eval as kv_eval
+  from kivi_jax.default_model import default_model_path
+
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  configs = {m: get_preset(m) for m in methods}  # unknown names fail before any work
+  setting = kv_eval.QUICK if args.setting == "quick" else kv_eval.FULL
+  path = args.model or default_model_path()
+  model = kivi_jax.load_model(path, dtype=args.dtype)
+  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
+  rows = []
+  for name, config in configs.items():
+    result = kv_eval.kv_perplexity(model, tokens, config, **setting)
+    rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config)})
+    print(f"{name:>24}  KV-ppl {result.kv_ppl:8.3f}", flush=True)
+  fp = next((r["kv_ppl"] for r in rows if r["method"] == "fp16"), None)
+  print("\n| method | k bits | v bits | group | residual | KV-ppl | vs fp |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for r in rows:
+    rel = f"{100 * (r['kv_ppl'] / fp - 1):+.2f}%" if fp else "n/a"
+    print(f"| {r['method']} | {r['k_bits']} | {r['v_bits']} | {r['group_size']} | "
+          f"{r['residual_length']} | {r['kv_ppl']:.3f} | {rel} |")
+  if args.out:
+    out = {**run_metadata(), "protocol": "Q1 KV-perplexity", "setting": args.setting,
+           **setting, "model": Path(path).name, "dtype": args.dtype,
+           "data": Path(args.data).name, "tokens": int(tokens.size), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="kivi-jax", description="KIVI / SKVQ quantized KV caches for JAX LLM inference")
@@ -86,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--raw", action="store_true",
                    help="do not apply the tokenizer's chat template")
   gen.set_defaults(run=_generate)
+
+  ev = sub.add_parser("eval", help="quality of cache methods on a real model")
+  ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+  ppl = ev_sub.add_parser("ppl", help="KV-perplexity on WikiText-2 (PROTOCOLS.md Q1)")
+  ppl.add_argument("--model", help="HF checkpoint directory or .gguf file "
+                   "(default: SmolLM2-135M-Instruct)")
+  ppl.add_argument("--methods", default="fp16,kivi4,kivi2",
+                   help=f"comma-separated methods from: {', '.join(PRESETS)}")
+  ppl.add_argument("--setting", choices=("quick", "full"), default="quick",
+                   help="quick: P=512, D=256, 4 windows; full: P=2048, D=512, 8 windows")
+  ppl.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
+                   help="WikiText-2 raw test file")
+  ppl.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  ppl.add_argument("--out", help="write the results as JSON here")
+  ppl.set_defaults(run=_eval_ppl)
   return parser
 
 
