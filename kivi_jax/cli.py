@@ -18,7 +18,7 @@ def _kv_config(args) -> KIVIConfig:
   overrides = {name: getattr(args, name) for name in
                ("k_bits", "v_bits", "group_size", "residual_length")
                if getattr(args, name) is not None}
-  return KIVIConfig(**{**base.__dict__, **overrides})
+  return dataclasses.replace(base, **overrides)
 
 
 def _generate(args) -> int:

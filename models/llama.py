@@ -94,7 +94,8 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
 
   Returns:
     `(logits, new_cache)`: float32 logits `[B, T, V]` (meaningless at padding
-    positions) and the cache with each row's real tokens appended.
+    positions; NaN for a row whose tokens exceed `cache.capacity`) and the cache
+    with each row's real tokens appended.
   """
   b, t = input_ids.shape
   if t > cache.capacity:
@@ -134,4 +135,8 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
   logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
   # Back to the caller's token order.
   logits = jax.vmap(lambda lg, o: jnp.zeros_like(lg).at[o].set(lg))(logits, order)
+  # A row pushed past the cache's capacity loses tokens; lengths are traced, so
+  # instead of raising, its logits become NaN rather than a silent wrong answer.
+  overflow = cache.lengths + n_new > cache.capacity
+  logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
   return logits, cache.replace(layers=new_layers, lengths=cache.lengths + n_new)

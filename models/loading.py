@@ -298,6 +298,9 @@ def load_tokenizer(source):
   """
   if hasattr(source, "encode") and hasattr(source, "decode"):
     return source
+  if not isinstance(source, (str, os.PathLike)):
+    raise TypeError(f"source must be a path or a transformers tokenizer, got "
+                    f"{type(source).__name__}")
   path = Path(source).expanduser()
   if not path.exists():
     raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist")

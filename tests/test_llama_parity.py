@@ -74,3 +74,20 @@ def test_sliding_window_is_exercised():
   b, _ = forward(model.params, prompt, kivi_jax.init_cache(model.config, FP, 1, 24),
                  config=unwindowed)
   assert np.abs(np.asarray(a[:, -1]) - np.asarray(b[:, -1])).max() > 1e-3
+
+
+def test_overflowing_the_cache_poisons_only_that_row():
+  model = kivi_jax.load_model(tiny_hf_model(CONFIGS["llama-gqa-untied"]))
+  kv = kivi_jax.KIVIConfig(2, 2, 16, 16)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 30)))
+  cache = kivi_jax.init_cache(model.config, kv, 2, 32)
+  mask = jnp.asarray(np.array([[1] * 30, [1] * 10 + [0] * 20]))
+  logits, cache = model.forward(model.params, ids, cache, mask)
+  assert np.isfinite(np.asarray(logits[0])).all()
+  # Row 0 has 30 of 32 tokens: 3 more overflow; row 1 has room.
+  logits, _ = model.forward(model.params, ids[:, :3], cache)
+  assert np.isnan(np.asarray(logits[0])).all()
+  assert np.isfinite(np.asarray(logits[1])).all()
+  with pytest.raises(ValueError, match="40 new tokens exceed the cache capacity \\(32\\)"):
+    model.forward(model.params, jnp.zeros((1, 40), jnp.int32),
+                  kivi_jax.init_cache(model.config, kv, 1, 32))

@@ -59,6 +59,8 @@ def test_errors_name_the_problem(tmp_path, hf_model):
     kivi_jax.load_model(tmp_path, dtype="int8")
   with pytest.raises(TypeError, match="source must be a path"):
     kivi_jax.load_model(42)
+  with pytest.raises(TypeError, match="source must be a path or a transformers tokenizer"):
+    kivi_jax.load_tokenizer(hf_model)
 
   hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
   config = json.loads((tmp_path / "config.json").read_text())
