@@ -25,9 +25,10 @@ class QuantizedBlock:
   """The quantized part of one tensor (keys or values); `...` = `[Ly, B, Hkv]`.
 
   bits < 16:
-    codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along tokens.
-    scale, zero: `[..., C/G, D]` for axis "channel", `[..., C, D/G]` for axis
-      "token"; stored in the model dtype.
+    codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along
+      tokens in group slots (`quantization.pack`).
+    scale, zero: `[..., C/G, D]` for axis "channel", `[..., D/G, C]` for axis
+      "token" (a group's scales contiguous over tokens); in the model dtype.
   bits == 16:
     codes: the tensor itself, model dtype `[..., C, D]`; scale and zero are None.
   """
@@ -96,8 +97,14 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dt
   if axis == "channel":
     sshape = (*lead, capacity // group_size, head_dim)
   else:
-    sshape = (*lead, capacity, head_dim // group_size)
+    sshape = (*lead, head_dim // group_size, capacity)
   return QuantizedBlock(codes, jnp.zeros(sshape, dtype), jnp.zeros(sshape, dtype))
+
+
+def block_granularity(config: KIVIConfig) -> int:
+  """Capacity is a whole number of packing blocks (`w * G` tokens) of each tensor."""
+  w = max(codes_per_word(b) if b < 16 else 1 for b in (config.k_bits, config.v_bits))
+  return w * config.group_size
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
@@ -109,7 +116,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       `dtype` (a `models.ModelConfig`).
     kv_config: how keys and values are quantized.
     batch_size, max_length: positive; the block capacity is `max_length` rounded
-      up to a multiple of `group_size`.
+      up to a whole number of packing blocks (`block_granularity`).
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
   """
@@ -121,7 +128,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
   kv_config.check_head_dim(model_config.head_dim)
   dtype = jnp.dtype(dtype or model_config.dtype)
   g = kv_config.group_size
-  capacity = -(-max_length // g) * g
+  step = block_granularity(kv_config)
+  capacity = -(-max_length // step) * step
   lead = (model_config.num_layers, batch_size, model_config.num_kv_heads)
   d = model_config.head_dim
   ring_shape = (*lead, kv_config.residual_length, d)
@@ -151,53 +159,55 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
   """The block as a `[..., C, D]` tensor in `dtype` (reference path only)."""
   if bits == 16:
     return block.codes.astype(dtype)
-  codes = quantization.unpack(block.codes, bits)
-  return quantization.dequantize(codes, block.scale, block.zero, config.group_size,
-                                 axis, dtype)
+  codes = quantization.unpack(block.codes, bits, config.group_size)
+  scale, zero = block.scale, block.zero
+  if axis == "token":
+    scale, zero = scale.swapaxes(-1, -2), zero.swapaxes(-1, -2)
+  return quantization.dequantize(codes, scale, zero, config.group_size, axis, dtype)
 
 
-def _quantize_block(x: Array, bits: int, axis: QuantAxis, config: KIVIConfig,
-                    dtype) -> QuantizedBlock:
-  """Quantizes `[B, Hkv, n, D]` (n a multiple of G) into block layout."""
-  if bits == 16:
-    return QuantizedBlock(x.astype(dtype), None, None)
-  codes, scale, zero = quantization.quantize(x, bits, config.group_size, axis, dtype)
-  return QuantizedBlock(quantization.pack(codes, bits), scale, zero)
+def _scatter(dst: Array, idx: Array, src: Array, axis: int, add: bool = False) -> Array:
+  """Per batch row `b`: `dst[b, ..., idx[b], ...] = src[b]` (or `+=`) along `axis`.
 
-
-def _scatter_rows(dst: Array, rows: Array, src: Array) -> Array:
-  """Per batch row `b`: `dst[b, :, rows[b]] = src[b]`; rows out of range are dropped.
-
-  dst `[B, Hkv, N, X]`, rows int32 `[B, n]`, src `[B, Hkv, n, X]`.
+  `axis` counts the dims of `dst` without the batch axis; indices out of range
+  are dropped.
   """
-  return jax.vmap(lambda d, r, s: d.at[:, r].set(s, mode="drop"))(dst, rows, src)
+  def one(d, i, s):
+    where = (slice(None),) * axis + (i,)
+    ref = d.at[where]
+    return ref.add(s, mode="drop") if add else ref.set(s, mode="drop")
+  return jax.vmap(one)(dst, idx, src)
 
 
-def _write_groups(block: QuantizedBlock, new: QuantizedBlock, start: Array,
-                  n_tokens: Array, bits: int, axis: QuantAxis,
-                  config: KIVIConfig) -> QuantizedBlock:
-  """Writes the first `n_tokens[b]` tokens of `new` at token `start[b]` of `block`.
-
-  `start` and `n_tokens` are multiples of G (and so of the codes per word).
-  """
+def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
+                  bits: int, axis: QuantAxis, config: KIVIConfig) -> QuantizedBlock:
+  """Quantizes `x` `[B, Hkv, n, D]` (n a multiple of G) and writes its first
+  `n_tokens[b]` tokens at token `start[b]` of the block (both multiples of G)."""
+  g = config.group_size
+  n = x.shape[2]
   capacity = _block_tokens(block, bits)
-
-  def rows(per_row_tokens: int, total_rows: int):
-    # Row indices for a field that stores `per_row_tokens` tokens per row;
-    # rows past a row's flush are pushed out of range and dropped.
-    idx = jnp.arange(total_rows)[None, :]
-    valid = idx * per_row_tokens < n_tokens[:, None]
-    return jnp.where(valid, start[:, None] // per_row_tokens + idx, capacity)
-
-  tokens_per_code_row = 1 if bits == 16 else codes_per_word(bits)
-  codes = _scatter_rows(block.codes, rows(tokens_per_code_row, new.codes.shape[-2]),
-                        new.codes)
+  i = jnp.arange(n)[None, :]
+  live = i < n_tokens[:, None]
+  tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
   if bits == 16:
-    return QuantizedBlock(codes, None, None)
-  tokens_per_scale_row = config.group_size if axis == "channel" else 1
-  srows = rows(tokens_per_scale_row, new.scale.shape[-2])
-  return QuantizedBlock(codes, _scatter_rows(block.scale, srows, new.scale),
-                        _scatter_rows(block.zero, srows, new.zero))
+    return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype), 1),
+                          None, None)
+  dtype = block.scale.dtype
+  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
+  w = codes_per_word(bits)
+  group = tok // g
+  row = jnp.where(live, group // w * g + tok % g, block.codes.shape[-2])
+  shift = ((group % w) * bits).astype(jnp.uint32)[:, None, :, None]
+  # Each slot of a word is written once, into zero bits: adding is or-ing, and
+  # groups of one flush that share word rows combine.
+  words = _scatter(block.codes, row, codes.astype(jnp.uint32) << shift, 1, add=True)
+  if axis == "channel":
+    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
+                    capacity)
+    return QuantizedBlock(words, _scatter(block.scale, grp, scale, 1),
+                          _scatter(block.zero, grp, zero, 1))
+  return QuantizedBlock(words, _scatter(block.scale, tok, scale.swapaxes(-1, -2), 2),
+                        _scatter(block.zero, tok, zero.swapaxes(-1, -2), 2))
 
 
 def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
@@ -238,14 +248,10 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
 
   n_flush = nq1 - nq0
   flush_len = g * -(-t // g)
-  k_block = _write_groups(
-      layer.k, _quantize_block(k_tail[:, :, :flush_len], config.k_bits, config.key_axis,
-                               config, dtype),
-      nq0, n_flush, config.k_bits, config.key_axis, config)
-  v_block = _write_groups(
-      layer.v, _quantize_block(v_tail[:, :, :flush_len], config.v_bits,
-                               config.value_axis, config, dtype),
-      nq0, n_flush, config.v_bits, config.value_axis, config)
+  k_block = _write_tokens(layer.k, k_tail[:, :, :flush_len], nq0, n_flush, config.k_bits,
+                          config.key_axis, config)
+  v_block = _write_tokens(layer.v, v_tail[:, :, :flush_len], nq0, n_flush, config.v_bits,
+                          config.value_axis, config)
 
   # Ring slot s now holds token nq1 + ((s - nq1) mod R), tail index that - nq0.
   pos, valid = ring_positions(new_lengths, config)

@@ -10,10 +10,14 @@ Two groupings of a `[..., T, D]` tensor (T tokens, D channels of one head):
   axis="token": per-token quantization; G consecutive channels of one token
     share a scale. scale/zero `[..., T, D/G]`. (KIVI's values.)
 
-Codes are packed along the token axis into uint32 words, `32 // b` codes per
-word, code `j` of a word in bits `[j*b, (j+1)*b)`: `[..., T, D] -> [..., T/w, D]`.
-Packing along tokens keeps the channel axis last (lane-dense for kernels) for
-both groupings, and a flushed group of G tokens always fills whole words.
+Codes are packed along the token axis into uint32 words, `w = 32 // b` codes
+per word, in *group slots*: `w` consecutive groups of `G` tokens form a packing
+block of `G` word rows, and group `j` of the block occupies bits `[j*b, (j+1)*b)`
+of every row. Token `t` (group `g = t // G`) sits at word row
+`(g // w) * G + t % G`, slot `g % w`: `[..., T, D] -> [..., T/w, D]`, T a
+multiple of `w * G`. Extracting one slot of a block's `G` rows yields one whole
+group of consecutive tokens, which is what lets a kernel fold the group's
+scale into the query or the probabilities; the channel axis stays last.
 """
 
 from __future__ import annotations
@@ -24,24 +28,27 @@ from jax import Array
 from kivi_jax.config import QuantAxis, codes_per_word
 
 
-def pack(codes: Array, bits: int) -> Array:
+def pack(codes: Array, bits: int, group_size: int) -> Array:
   """Packs integer codes `[..., T, D]` in `[0, 2^bits)` into uint32 `[..., T/w, D]`."""
-  w = codes_per_word(bits)
+  w, g = codes_per_word(bits), group_size
   *lead, t, d = codes.shape
-  if t % w:
-    raise ValueError(f"token axis ({t}) must be a multiple of {w} to pack {bits}-bit codes")
-  codes = codes.astype(jnp.uint32).reshape(*lead, t // w, w, d)
-  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None]
+  if t % (w * g):
+    raise ValueError(f"token axis ({t}) must be a multiple of {w * g} (codes per word "
+                     f"{w} x group_size {g}) to pack {bits}-bit codes")
+  codes = codes.astype(jnp.uint32).reshape(*lead, t // (w * g), w, g, d)
+  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None, None]
   # The bit fields are disjoint, so their sum is their bitwise or.
-  return jnp.sum(codes << shifts, axis=-2, dtype=jnp.uint32)
+  words = jnp.sum(codes << shifts, axis=-3, dtype=jnp.uint32)
+  return words.reshape(*lead, t // w, d)
 
 
-def unpack(words: Array, bits: int) -> Array:
+def unpack(words: Array, bits: int, group_size: int) -> Array:
   """Inverse of `pack`: uint32 `[..., T/w, D]` -> uint8 codes `[..., T, D]`."""
-  w = codes_per_word(bits)
+  w, g = codes_per_word(bits), group_size
   *lead, tw, d = words.shape
-  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None]
-  codes = (words[..., :, None, :] >> shifts) & jnp.uint32(2**bits - 1)
+  words = words.reshape(*lead, tw // g, 1, g, d)
+  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None, None]
+  codes = (words >> shifts) & jnp.uint32(2**bits - 1)
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
 
 

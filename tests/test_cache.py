@@ -9,6 +9,7 @@ import pytest
 
 import kivi_jax
 from kivi_jax import cache as cache_lib
+from kivi_jax import quantization
 from kivi_jax.cache import append, n_quantized, ring_positions
 import spec_reference
 
@@ -72,9 +73,9 @@ def _live(layer, lengths, config):
     keep = np.arange(deq.shape[2])[None, :] < nq[:, None]
     out[name] = np.where(keep[:, None, :, None], np.asarray(deq), 0)
     if bits < 16:
-      words = np.asarray(getattr(layer, name).codes)
-      wkeep = np.arange(words.shape[2])[None, :] * (32 // bits) < nq[:, None]
-      out[name + "_codes"] = np.where(wkeep[:, None, :, None], words, 0)
+      codes = np.asarray(quantization.unpack(getattr(layer, name).codes, bits,
+                                             config.group_size))
+      out[name + "_codes"] = np.where(keep[:, None, :, None], codes, 0)
   return out
 
 
@@ -155,4 +156,5 @@ def test_cache_is_a_pytree_through_jit():
   assert again.config == cache.config
   bumped = jax.jit(lambda c: c.replace(lengths=c.lengths + 1))(cache)
   np.testing.assert_array_equal(bumped.lengths, 1)
-  assert cache.capacity == 64
+  # Capacity is whole packing blocks: 16 two-bit codes per word x groups of 16.
+  assert cache.capacity == 256 == cache_lib.block_granularity(cache.config)

@@ -79,15 +79,16 @@ def test_sliding_window_is_exercised():
 def test_overflowing_the_cache_poisons_only_that_row():
   model = kivi_jax.load_model(tiny_hf_model(CONFIGS["llama-gqa-untied"]))
   kv = kivi_jax.KIVIConfig(2, 2, 16, 16)
-  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 30)))
-  cache = kivi_jax.init_cache(model.config, kv, 2, 32)
-  mask = jnp.asarray(np.array([[1] * 30, [1] * 10 + [0] * 20]))
+  cache = kivi_jax.init_cache(model.config, kv, 2, 200)
+  cap = cache.capacity
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, cap - 2)))
+  mask = jnp.asarray(np.array([[1] * (cap - 2), [1] * 10 + [0] * (cap - 12)]))
   logits, cache = model.forward(model.params, ids, cache, mask)
   assert np.isfinite(np.asarray(logits[0])).all()
-  # Row 0 has 30 of 32 tokens: 3 more overflow; row 1 has room.
+  # Row 0 has cap - 2 tokens: 3 more overflow; row 1 has room.
   logits, _ = model.forward(model.params, ids[:, :3], cache)
   assert np.isnan(np.asarray(logits[0])).all()
   assert np.isfinite(np.asarray(logits[1])).all()
-  with pytest.raises(ValueError, match="40 new tokens exceed the cache capacity \\(32\\)"):
-    model.forward(model.params, jnp.zeros((1, 40), jnp.int32),
-                  kivi_jax.init_cache(model.config, kv, 1, 32))
+  with pytest.raises(ValueError, match=f"{cap + 1} new tokens exceed the cache capacity"):
+    model.forward(model.params, jnp.zeros((1, cap + 1), jnp.int32),
+                  kivi_jax.init_cache(model.config, kv, 1, 200))

@@ -90,19 +90,25 @@ def test_constant_groups_dequantize_exactly(bits):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), words=st.integers(1, 6), d=st.integers(1, 9),
-       seed=st.integers(0, 2**32 - 1))
-def test_pack_unpack_is_exact(bits, words, d, seed):
+@given(bits=st.sampled_from([2, 4, 8]), g=st.sampled_from([8, 32, 64]),
+       blocks=st.integers(1, 3), d=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+def test_pack_unpack_is_exact(bits, g, blocks, d, seed):
   w = 32 // bits
-  codes = np.random.default_rng(seed).integers(0, 2**bits, (2, words * w, d))
-  packed = quantization.pack(jnp.asarray(codes), bits)
-  assert packed.dtype == jnp.uint32 and packed.shape == (2, words, d)
-  np.testing.assert_array_equal(np.asarray(quantization.unpack(packed, bits)), codes)
-  # The layout itself: code j of a word sits in bits [j*b, (j+1)*b).
-  expected = sum(codes[:, j::w].astype(np.uint64) << (j * bits) for j in range(w))
-  np.testing.assert_array_equal(np.asarray(packed, np.uint64), expected)
+  t = blocks * w * g
+  codes = np.random.default_rng(seed).integers(0, 2**bits, (2, t, d))
+  packed = quantization.pack(jnp.asarray(codes), bits, g)
+  assert packed.dtype == jnp.uint32 and packed.shape == (2, t // w, d)
+  np.testing.assert_array_equal(np.asarray(quantization.unpack(packed, bits, g)), codes)
+  # The layout itself: token t of group k = t // g sits in word row
+  # (k // w) * g + t % g, bits [(k % w) b, (k % w + 1) b).
+  words = np.asarray(packed, np.uint64)
+  for tok in range(t):
+    k = tok // g
+    row = (k // w) * g + tok % g
+    got = (words[:, row] >> np.uint64((k % w) * bits)) & np.uint64(2**bits - 1)
+    np.testing.assert_array_equal(got, codes[:, tok])
 
 
-def test_pack_rejects_partial_words():
-  with pytest.raises(ValueError, match="multiple of 16"):
-    quantization.pack(jnp.zeros((1, 20, 4), jnp.uint8), 2)
+def test_pack_rejects_partial_blocks():
+  with pytest.raises(ValueError, match="multiple of 512"):
+    quantization.pack(jnp.zeros((1, 32, 4), jnp.uint8), 2, 32)
