@@ -59,11 +59,15 @@ class KVCache:
   layers: `LayerKV` with every array stacked on a leading layer axis `Ly`.
   lengths: int32 `[B]`, tokens cached per row (block plus ring).
   config: the static `KIVIConfig`.
+  impl: static; which code reads the cache in a decode step: "auto" (the
+    Pallas kernel for the backend where it applies, else the jnp reference),
+    "reference", "gpu" or "tpu" (that kernel; in interpret mode on a CPU).
   """
 
   layers: LayerKV
   lengths: Array
   config: KIVIConfig = struct.field(pytree_node=False)
+  impl: str = struct.field(pytree_node=False, default="auto")
 
   @property
   def capacity(self) -> int:
@@ -107,8 +111,11 @@ def block_granularity(config: KIVIConfig) -> int:
   return w * config.group_size
 
 
+IMPLS = ("auto", "reference", "gpu", "tpu")
+
+
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
-               dtype=None) -> KVCache:
+               dtype=None, impl: str = "auto") -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
   Args:
@@ -119,7 +126,10 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       up to a whole number of packing blocks (`block_granularity`).
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
+    impl: decode-attention implementation (`KVCache.impl`).
   """
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if not isinstance(kv_config, KIVIConfig):
     raise TypeError(f"kv_config must be a KIVIConfig, got {type(kv_config).__name__}")
   for name, value in (("batch_size", batch_size), ("max_length", max_length)):
@@ -139,7 +149,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       ring_k=jnp.zeros(ring_shape, dtype),
       ring_v=jnp.zeros(ring_shape, dtype),
   )
-  return KVCache(layers, jnp.zeros((batch_size,), jnp.int32), kv_config)
+  return KVCache(layers, jnp.zeros((batch_size,), jnp.int32), kv_config, impl)
 
 
 def ring_positions(lengths: Array, config: KIVIConfig) -> tuple[Array, Array]:

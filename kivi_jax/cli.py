@@ -114,6 +114,27 @@ def _eval_ppl(args) -> int:
   return 0
 
 
+def _bench_attention(args) -> int:
+  from kivi_jax import bench
+
+  lengths = tuple(int(x) for x in args.lengths.split(","))
+  methods = tuple(m.strip() for m in args.methods.split(","))
+  for m in methods:
+    get_preset(m)
+  result = bench.attention_benchmark(lengths=lengths, batch=args.batch, q_heads=args.q_heads,
+                                     kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                     methods=methods, repeats=args.repeats,
+                                     progress=lambda s: print(s, flush=True))
+  print()
+  print(bench.markdown_table(result))
+  if args.out:
+    out = {**run_metadata(), **result}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="kivi-jax", description="KIVI / SKVQ quantized KV caches for JAX LLM inference")
@@ -152,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
   ppl.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   ppl.add_argument("--out", help="write the results as JSON here")
   ppl.set_defaults(run=_eval_ppl)
+
+  bench = sub.add_parser("bench", help="speed benchmarks (need a GPU)")
+  bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+  att = bench_sub.add_parser("attention", help="decode attention vs cuDNN bf16 "
+                             "(PROTOCOLS.md P1)")
+  att.add_argument("--lengths", default="4096,16384,32768,65536,131072")
+  att.add_argument("--methods", default="kivi4,kivi2")
+  att.add_argument("--batch", type=int, default=8)
+  att.add_argument("--q-heads", type=int, default=32)
+  att.add_argument("--kv-heads", type=int, default=8)
+  att.add_argument("--head-dim", type=int, default=128)
+  att.add_argument("--repeats", type=int, default=30)
+  att.add_argument("--out", help="write the results as JSON here")
+  att.set_defaults(run=_bench_attention)
   return parser
 
 

@@ -121,7 +121,7 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
     # [B, Hkv, T, Dh]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     attn = cache_attention(q, layer_cache, k, v, cache.lengths, n_new, kv,
-                           config.sliding_window)
+                           config.sliding_window, cache.impl)
     x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]))

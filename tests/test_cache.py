@@ -50,7 +50,7 @@ def _kv(n, seed=0):
 
 def _fill(config, k, v, lengths, chunk):
   """Appends row b's first lengths[b] tokens, `chunk` tokens per call."""
-  cache = kivi_jax.init_cache(_Shape(), config, B, 256)
+  cache = kivi_jax.init_cache(_Shape(), config, B, max(int(np.max(lengths)), 1))
   layer, done = _layer(cache), jnp.zeros((B,), jnp.int32)
   n = k.shape[2]
   for start in range(0, n, chunk):

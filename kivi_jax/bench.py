@@ -1,0 +1,146 @@
+"""PROTOCOLS.md P1: one decode step of attention, cache methods against cuDNN bf16.
+
+Each method runs the whole decode-step attention that `generate` runs (for KIVI:
+the kernel over the packed block, the ring and the new token, the merge);
+the baseline is `jax.nn.dot_product_attention(implementation="cudnn")` on a bf16
+cache of the same shape with distinct K and V arrays, in the same run. Times
+are medians over `repeats` timed batches of calls after warm-up; inputs rotate
+over enough copies that a batch never fits in L2.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kivi_jax import quantization
+from kivi_jax.attention import cache_attention
+from kivi_jax.cache import LayerKV, QuantizedBlock, n_quantized
+from kivi_jax.config import PRESETS, KIVIConfig
+
+_L2_DODGE_BYTES = 512 * 2**20
+_CALLS_PER_BATCH = 10
+
+
+def _time(fn, inputs, repeats: int) -> float:
+  """Median milliseconds per call of `fn` over rotating `inputs`."""
+  for x in inputs:  # compile and warm up
+    jax.block_until_ready(fn(*x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = None
+    for i in range(_CALLS_PER_BATCH):
+      out = fn(*inputs[i % len(inputs)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / _CALLS_PER_BATCH * 1e3)
+  return statistics.median(times)
+
+
+def copy_bandwidth_tbps(gib: float = 1.0, repeats: int = 30) -> float:
+  """HBM bandwidth of an elementwise read + write over `gib` GiB, in TB/s."""
+  n = int(gib * 2**30) // 4
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+  ms = _time(jax.jit(lambda a: a * 1.5 + 1.0), [(x,)], repeats)
+  return 2 * n * 4 / (ms * 1e-3) / 1e12
+
+
+def _copies(nbytes: int) -> int:
+  return int(min(8, max(1, -(-_L2_DODGE_BYTES // max(nbytes, 1)))))
+
+
+def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype):
+  """A cache layer holding `length` random tokens per row, built as `append` would."""
+  g, r = config.group_size, config.residual_length
+  lengths = jnp.full((b,), length, jnp.int32)
+  nq = int(n_quantized(lengths, config)[0])
+  step = max(32 // config.k_bits, 32 // config.v_bits) * g
+  capacity = -(-(length + 1) // step) * step
+  k = jax.random.normal(rng, (b, hkv, capacity, d), dtype)
+  v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, capacity, d), dtype)
+
+  def block(x, bits, axis):
+    codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
+    if axis == "token":
+      scale, zero = scale.swapaxes(-1, -2), zero.swapaxes(-1, -2)
+    return QuantizedBlock(quantization.pack(codes, bits, g), scale, zero)
+
+  layer = LayerKV(block(k, config.k_bits, "channel"), block(v, config.v_bits, "token"),
+                  k[:, :, nq:nq + r], v[:, :, nq:nq + r])
+  return layer, lengths
+
+
+def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: int,
+                d: int) -> int:
+  """Bytes a decode step must read: the live part of the block, the ring, q."""
+  nq = int(n_quantized(jnp.array([length]), config)[0])
+  per_token = (d * (config.k_bits + config.v_bits) / 8
+               + 2 * layer.k.scale.dtype.itemsize * d / config.group_size * 2)
+  ring = 2 * config.residual_length * d * layer.ring_k.dtype.itemsize
+  return int(b * hkv * (nq * per_token + ring))
+
+
+def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int = 8,
+                        q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
+                        methods=("kivi4", "kivi2"), repeats: int = 30, impl: str = "gpu",
+                        progress=print) -> dict:
+  """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue)."""
+  dtype = jnp.bfloat16
+  copy_tbps = copy_bandwidth_tbps()
+  progress(f"copy bandwidth {copy_tbps:.2f} TB/s")
+  rows = []
+  key = jax.random.key(0)
+  for length in lengths:
+    kv_bytes = 2 * batch * length * kv_heads * head_dim * 2
+    n = _copies(kv_bytes)
+    base_inputs = []
+    for c in range(n):
+      ks = jax.random.split(jax.random.fold_in(key, c), 3)
+      base_inputs.append((
+          jax.random.normal(ks[0], (batch, 1, q_heads, head_dim), dtype),
+          jax.random.normal(ks[1], (batch, length, kv_heads, head_dim), dtype),
+          jax.random.normal(ks[2], (batch, length, kv_heads, head_dim), dtype)))
+    cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"))
+    base_ms = _time(cudnn, base_inputs, repeats)
+    del base_inputs
+    rows.append(dict(method="bf16", B=batch, Hq=q_heads, Hkv=kv_heads, d=head_dim,
+                     L=length, ms=base_ms, baseline_ms=base_ms, speedup=1.0,
+                     tbps=kv_bytes / (base_ms * 1e-3) / 1e12))
+    progress(f"L={length} bf16 cudnn {base_ms:.3f} ms")
+    for method in methods:
+      config = PRESETS[method]
+      layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype)
+      nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
+      inputs = []
+      for c in range(_copies(nbytes)):
+        ks = jax.random.split(jax.random.fold_in(key, 100 + c), 3)
+        inputs.append((jax.random.normal(ks[0], (batch, 1, q_heads, head_dim), dtype),
+                       jax.tree.map(lambda x, c=c: x if c == 0 else x + 0, layer),
+                       jax.random.normal(ks[1], (batch, kv_heads, 1, head_dim), dtype),
+                       jax.random.normal(ks[2], (batch, kv_heads, 1, head_dim), dtype),
+                       lens))
+      step = jax.jit(lambda q, lay, kn, vn, ln, config=config: cache_attention(
+          q, lay, kn, vn, ln, jnp.ones_like(ln), config, None, impl))
+      ms = _time(step, inputs, repeats)
+      rows.append(dict(method=method, B=batch, Hq=q_heads, Hkv=kv_heads, d=head_dim,
+                       L=length, ms=ms, baseline_ms=base_ms, speedup=base_ms / ms,
+                       tbps=nbytes / (ms * 1e-3) / 1e12))
+      progress(f"L={length} {method} {ms:.3f} ms ({base_ms / ms:.2f}x, "
+               f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s)")
+      del inputs, layer
+  return {"copy_tbps": copy_tbps, "rows": rows}
+
+
+def markdown_table(result: dict) -> str:
+  lines = ["| method | L | ms | cuDNN bf16 ms | speed-up | TB/s | % of copy |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in result["rows"]:
+    lines.append(f"| {r['method']} | {r['L']} | {r['ms']:.3f} | {r['baseline_ms']:.3f} | "
+                 f"{r['speedup']:.2f}x | {r['tbps']:.2f} | "
+                 f"{100 * r['tbps'] / result['copy_tbps']:.0f}% |")
+  return "\n".join(lines)
