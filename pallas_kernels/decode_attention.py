@@ -41,88 +41,85 @@ from jax.experimental.pallas import triton as pltriton
 _NEG = -1e30
 
 
+def _unpack_tile(words, first_slot, n_slots: int, bits: int):
+  """Slots `first_slot ..` of a `[G, D]` word tile as `[n_slots * G, D]` int32 codes,
+  tokens in order (slot j holds the group after slot j - 1)."""
+  shifts = ((first_slot + jax.lax.broadcasted_iota(jnp.int32, (n_slots, 1, 1), 0))
+            * bits).astype(jnp.uint32)
+  codes = (words[None, :, :] >> shifts) & (2**bits - 1)
+  return codes.reshape(n_slots * words.shape[0], words.shape[1]).astype(jnp.int32)
+
+
 def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref,
             acc_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int,
-            groups_per_split: int, sm_scale: float, compute_dtype):
+            block_tokens: int, groups_per_split: int, sm_scale: float, compute_dtype):
   """One program: batch row b, kv head h, split s over groups of the block.
 
-  An outer loop walks super-blocks of `w_max` groups (whole packing blocks of
-  both tensors) and loads their word tiles once; an inner loop walks the groups
-  (slots) with a dynamic shift, so the body stays small to compile.
+  The outer loop walks steps of `w_min` groups, one packing block of the
+  tensor with fewer codes per word, loading each tensor's word tile once per
+  step. The inner loop dequantizes `block_tokens` tokens of both tensors in
+  registers and runs one score dot and one value dot on them.
   """
   g_sz = group
   wk, wv = 32 // k_bits, 32 // v_bits
-  w_max = max(wk, wv)
+  w_min = min(wk, wv)
+  chunk_slots = block_tokens // g_sz
+  n_chunks = w_min // chunk_slots
   m_rows, d = q_ref.shape
   n_cgroups = d // g_sz
   split = pl.program_id(2)
 
-  q = q_ref[...].astype(jnp.float32)  # [M, D]
-  n_groups = n_ref[0] // g_sz
+  q = q_ref[...].astype(compute_dtype)  # [M, D]
+  n_tok = n_ref[0]
   lo_tok = lo_ref[0]
-  first = jnp.maximum(split * groups_per_split, lo_tok // g_sz)
-  last = jnp.minimum((split + 1) * groups_per_split, n_groups)
-  tok_in_group = jnp.arange(g_sz)
+  first = jnp.maximum(split * groups_per_split, lo_tok // g_sz)  # in groups
+  last = jnp.minimum((split + 1) * groups_per_split, n_tok // g_sz)
+  tok_in_chunk = jax.lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
 
-  def key_tile(g):
-    row = pl.multiple_of((g // wk) * g_sz, g_sz)
-    return kw_ref[pl.ds(row, g_sz), :]  # [G, D] uint32
+  def step(st, carry):
+    g0 = st * w_min
+    kw = kw_ref[pl.ds(pl.multiple_of((g0 // wk) * g_sz, g_sz), g_sz), :]  # [G, D] uint32
+    vw = vw_ref[pl.ds(pl.multiple_of((g0 // wv) * g_sz, g_sz), g_sz), :]
 
-  def value_tiles(g):
-    row = pl.multiple_of((g // wv) * g_sz, g_sz)
-    return [vw_ref[pl.ds(row, g_sz), pl.ds(c * g_sz, g_sz)] for c in range(n_cgroups)]
-
-  def superblock(sb, carry):
-    g0 = sb * w_max
-    # Tiles of a tensor whose packing block spans the whole super-block are
-    # loaded once here; the other tensor's are loaded per group below.
-    kw_block = key_tile(g0) if wk == w_max else None
-    vw_block = value_tiles(g0) if wv == w_max else None
-
-    def group_step(j, carry):
-      m_prev, l_prev, accs = carry
-      g = g0 + j
-      kw = kw_block if kw_block is not None else key_tile(g)
-      kshift = ((g % wk) * k_bits).astype(jnp.uint32)
-      kc = ((kw >> kshift) & (2**k_bits - 1)).astype(jnp.int32)
-      ks = ks_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, D]
-      kz = kz_ref[pl.ds(g, 1), :].astype(jnp.float32)
-      qs = (q * ks).astype(compute_dtype)
-      s = jax.lax.dot_general(qs, kc.astype(compute_dtype), (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)  # [M, G]
-      s = (s + jnp.sum(q * kz, axis=1, keepdims=True)) * sm_scale
-      tok = g * g_sz + tok_in_group
-      live = ((g >= first) & (g < last) & (tok >= lo_tok))[None, :]  # [1, G]
+    def chunk(c, carry):
+      m_prev, l_prev, acc = carry
+      g = g0 + c * chunk_slots  # first group of the chunk
+      tok0 = pl.multiple_of(g * g_sz, block_tokens)
+      # Keys [P, D]: per-channel scale and zero of each group, broadcast over its tokens.
+      ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
+      kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
+      shape3 = (chunk_slots, g_sz, d)
+      kc = _unpack_tile(kw, g % wk, chunk_slots, k_bits).astype(jnp.float32)
+      k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
+      s = jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32) * sm_scale  # [M, P]
+      tok = tok0 + tok_in_chunk
+      live = (tok >= first * g_sz) & (tok < last * g_sz) & (tok >= lo_tok)  # [1, P]
       s = jnp.where(live, s, _NEG)
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
       corr = jnp.exp(m_prev - m_new)
-      p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, G]
+      p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, P]
       l_new = l_prev * corr + jnp.sum(p, axis=1)
-      # Values: per channel group c, fold each token's scale into p.
-      vws = vw_block if vw_block is not None else value_tiles(g)
-      vshift = ((g % wv) * v_bits).astype(jnp.uint32)
-      tok0 = pl.multiple_of(g * g_sz, g_sz)
-      new_accs = []
-      for c in range(n_cgroups):
-        vc = ((vws[c] >> vshift) & (2**v_bits - 1)).astype(jnp.int32)  # [G tok, G ch]
-        vs = vs_ref[pl.ds(c, 1), pl.ds(tok0, g_sz)].astype(jnp.float32)  # [1, G]
-        vz = vz_ref[pl.ds(c, 1), pl.ds(tok0, g_sz)].astype(jnp.float32)
-        pv = jax.lax.dot_general((p * vs).astype(compute_dtype), vc.astype(compute_dtype),
-                                 (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [M, G]
-        bias = jnp.sum(p * vz, axis=1, keepdims=True)
-        new_accs.append(accs[c] * corr[:, None] + pv + bias)
-      return m_new, l_new, tuple(new_accs)
+      # Values [P, D]: per-token scale and zero of each channel group.
+      vs = vs_ref[:, pl.ds(tok0, block_tokens)].astype(jnp.float32).T  # [P, D/G]
+      vz = vz_ref[:, pl.ds(tok0, block_tokens)].astype(jnp.float32).T
+      full = (block_tokens, n_cgroups, g_sz)
+      vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
+      vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
+      vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(jnp.float32)
+      v = (vc * vs + vz).astype(compute_dtype)
+      pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # [M, D]
+      return m_new, l_new, acc * corr[:, None] + pv
 
-    return jax.lax.fori_loop(0, w_max, group_step, carry)
+    return jax.lax.fori_loop(0, n_chunks, chunk, carry)
 
   init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
-          tuple(jnp.zeros((m_rows, g_sz), jnp.float32) for _ in range(n_cgroups)))
-  sb_first = first // w_max
-  sb_last = jnp.maximum(sb_first, (last + w_max - 1) // w_max)
-  m, l, accs = jax.lax.fori_loop(sb_first, sb_last, superblock, init)
-  for c in range(n_cgroups):
-    acc_ref[:, pl.ds(c * g_sz, g_sz)] = accs[c]
+          jnp.zeros((m_rows, d), jnp.float32))
+  st_first = first // w_min
+  st_last = jnp.maximum(st_first, (last + w_min - 1) // w_min)
+  m, l, acc = jax.lax.fori_loop(st_first, st_last, step, init)
+  acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
 
@@ -141,32 +138,44 @@ def merge_partials(acc, m, l):
   return o, lse
 
 
-def default_splits(batch: int, kv_heads: int, n_superblocks: int,
+def default_splits(batch: int, kv_heads: int, n_steps: int,
                    target_programs: int = 1024) -> int:
   """Enough sequence splits that batch x heads x splits fills a large GPU."""
   want = -(-target_programs // (batch * kv_heads))
-  return max(1, min(want, n_superblocks))
+  return max(1, min(want, n_steps))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "splits", "num_warps", "num_stages", "interpret"))
+    "k_bits", "v_bits", "group_size", "block_tokens", "splits", "num_warps", "num_stages",
+    "interpret"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
-                               splits: int | None = None, num_warps: int = 4,
-                               num_stages: int = 2, interpret: bool = False):
-  """Attention of `q` over the quantized block (module docstring for shapes)."""
+                               block_tokens: int | None = None, splits: int | None = None,
+                               num_warps: int = 4, num_stages: int = 2,
+                               interpret: bool = False):
+  """Attention of `q` over the quantized block (module docstring for shapes).
+
+  `block_tokens` tokens are dequantized per inner step (a multiple of the group
+  size, at most one packing block); `splits` programs share each row's sequence.
+  """
   b, kh, m_rows, d = q.shape
   g = group_size
-  w_max = max(32 // k_bits, 32 // v_bits)
+  w_min = min(32 // k_bits, 32 // v_bits)
+  if block_tokens is None:
+    block_tokens = min(w_min * g, max(g, 128))
+  if block_tokens % g or (w_min * g) % block_tokens:
+    raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
+                     f"dividing {w_min * g}")
   capacity = k_codes.shape[2] * (32 // k_bits)
-  n_superblocks = capacity // (w_max * g)
+  n_steps = capacity // (w_min * g)
   if splits is None:
-    splits = default_splits(b, kh, n_superblocks)
-  groups_per_split = -(-n_superblocks // splits) * w_max
+    splits = default_splits(b, kh, n_steps)
+  groups_per_split = -(-n_steps // splits) * w_min
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   kernel = functools.partial(
-      _kernel, k_bits=k_bits, v_bits=v_bits, group=g, groups_per_split=groups_per_split,
-      sm_scale=1.0 / math.sqrt(d), compute_dtype=compute_dtype)
+      _kernel, k_bits=k_bits, v_bits=v_bits, group=g, block_tokens=block_tokens,
+      groups_per_split=groups_per_split, sm_scale=1.0 / math.sqrt(d),
+      compute_dtype=compute_dtype)
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
   acc, m, l = pl.pallas_call(
