@@ -66,8 +66,6 @@ def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype):
 
   def block(x, bits, axis):
     codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
-    if axis == "token":
-      scale, zero = scale.swapaxes(-1, -2), zero.swapaxes(-1, -2)
     return QuantizedBlock(quantization.pack(codes, bits, g), scale, zero)
 
   layer = LayerKV(block(k, config.k_bits, "channel"), block(v, config.v_bits, "token"),

@@ -27,8 +27,8 @@ class QuantizedBlock:
   bits < 16:
     codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along
       tokens in group slots (`quantization.pack`).
-    scale, zero: `[..., C/G, D]` for axis "channel", `[..., D/G, C]` for axis
-      "token" (a group's scales contiguous over tokens); in the model dtype.
+    scale, zero: `[..., C/G, D]` for axis "channel", `[..., C, D/G]` for axis
+      "token"; in the model dtype.
   bits == 16:
     codes: the tensor itself, model dtype `[..., C, D]`; scale and zero are None.
   """
@@ -101,7 +101,7 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dt
   if axis == "channel":
     sshape = (*lead, capacity // group_size, head_dim)
   else:
-    sshape = (*lead, head_dim // group_size, capacity)
+    sshape = (*lead, capacity, head_dim // group_size)
   return QuantizedBlock(codes, jnp.zeros(sshape, dtype), jnp.zeros(sshape, dtype))
 
 
@@ -170,10 +170,8 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
   if bits == 16:
     return block.codes.astype(dtype)
   codes = quantization.unpack(block.codes, bits, config.group_size)
-  scale, zero = block.scale, block.zero
-  if axis == "token":
-    scale, zero = scale.swapaxes(-1, -2), zero.swapaxes(-1, -2)
-  return quantization.dequantize(codes, scale, zero, config.group_size, axis, dtype)
+  return quantization.dequantize(codes, block.scale, block.zero, config.group_size, axis,
+                                 dtype)
 
 
 def _scatter(dst: Array, idx: Array, src: Array, axis: int, add: bool = False) -> Array:
@@ -216,8 +214,8 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
                     capacity)
     return QuantizedBlock(words, _scatter(block.scale, grp, scale, 1),
                           _scatter(block.zero, grp, zero, 1))
-  return QuantizedBlock(words, _scatter(block.scale, tok, scale.swapaxes(-1, -2), 2),
-                        _scatter(block.zero, tok, zero.swapaxes(-1, -2), 2))
+  return QuantizedBlock(words, _scatter(block.scale, tok, scale, 1),
+                        _scatter(block.zero, tok, zero, 1))
 
 
 def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,

@@ -19,7 +19,7 @@ Shapes (B batch, K kv heads, M query rows per kv head padded to 16, D head dim,
 C block capacity in tokens, G group size, w codes per word):
   q        [B, K, M, D]      model dtype
   k_codes  [B, K, C/w_k, D]  uint32        k_scale, k_zero [B, K, C/G, D]
-  v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, D/G, C]
+  v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, C, D/G]
   n_valid  [B] int32: quantized tokens per row (a multiple of G)
   lo       [B] int32: first visible token per row (sliding window; 0 for none)
 Returns `(o, lse)`: o [B, K, M, D] float32, attention normalized over the
@@ -86,12 +86,14 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       g = g0 + c * chunk_slots  # first group of the chunk
       tok0 = pl.multiple_of(g * g_sz, block_tokens)
       # Keys [P, D]: per-channel scale and zero of each group, broadcast over its tokens.
-      ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
-      kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
+      # Dequantized in the compute dtype (bf16 pairs per instruction on GPUs);
+      # codes up to 255 are exact there and the dot rounds to it anyway.
+      ks = ks_ref[pl.ds(g, chunk_slots), :].astype(compute_dtype)  # [slots, D]
+      kz = kz_ref[pl.ds(g, chunk_slots), :].astype(compute_dtype)
       shape3 = (chunk_slots, g_sz, d)
-      kc = _unpack_tile(kw, g % wk, chunk_slots, k_bits).astype(jnp.float32)
+      kc = _unpack_tile(kw, g % wk, chunk_slots, k_bits).astype(compute_dtype)
       k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
-      s = jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
+      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32) * sm_scale  # [M, P]
       tok = tok0 + tok_in_chunk
       live = (tok >= first * g_sz) & (tok < last * g_sz) & (tok >= lo_tok)  # [1, P]
@@ -101,13 +103,13 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, P]
       l_new = l_prev * corr + jnp.sum(p, axis=1)
       # Values [P, D]: per-token scale and zero of each channel group.
-      vs = vs_ref[:, pl.ds(tok0, block_tokens)].astype(jnp.float32).T  # [P, D/G]
-      vz = vz_ref[:, pl.ds(tok0, block_tokens)].astype(jnp.float32).T
+      vs = vs_ref[pl.ds(tok0, block_tokens), :].astype(compute_dtype)  # [P, D/G]
+      vz = vz_ref[pl.ds(tok0, block_tokens), :].astype(compute_dtype)
       full = (block_tokens, n_cgroups, g_sz)
       vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
       vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
-      vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(jnp.float32)
-      v = (vc * vs + vz).astype(compute_dtype)
+      vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(compute_dtype)
+      v = vc * vs + vz
       pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)  # [M, D]
       return m_new, l_new, acc * corr[:, None] + pv
@@ -162,7 +164,7 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   g = group_size
   w_min = min(32 // k_bits, 32 // v_bits)
   if block_tokens is None:
-    block_tokens = min(w_min * g, max(g, 128))
+    block_tokens = min(w_min * g, max(g, 64))
   if block_tokens % g or (w_min * g) % block_tokens:
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
                      f"dividing {w_min * g}")
@@ -213,9 +215,8 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   d = q.shape[-1]
   keys = quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale, k_zero,
                                  g, "channel", jnp.float32)
-  values = quantization.dequantize(quantization.unpack(v_codes, v_bits, g),
-                                   v_scale.swapaxes(-1, -2), v_zero.swapaxes(-1, -2), g,
-                                   "token", jnp.float32)
+  values = quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale, v_zero,
+                                   g, "token", jnp.float32)
   s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), keys) / math.sqrt(d)
   t = jnp.arange(keys.shape[2])
   live = (t[None, :] < n_valid[:, None]) & (t[None, :] >= lo[:, None])  # [B, T]

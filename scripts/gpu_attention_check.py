@@ -39,8 +39,8 @@ for cfg in [KIVIConfig(2, 2, 32, 128), KIVIConfig(4, 4, 32, 128), KIVIConfig(8, 
 
 # Block kernel alone, Llama-3-8B heads, B=8, several launch parameters.
 for length in (32768, 131072):
-  for name, cfg, tiles in (("kivi2", KIVIConfig(2, 2, 32, 128), (128, 256, 512)),
-                           ("kivi4", KIVIConfig(4, 4, 32, 128), (128, 256))):
+  for name, cfg, tiles in (("kivi2", KIVIConfig(2, 2, 32, 128), (32, 64, 128)),
+                           ("kivi4", KIVIConfig(4, 4, 32, 128), (32, 64, 128))):
     layer, lens = bench._kivi_layer(jax.random.key(1), cfg, 8, 8, length, 128, jnp.bfloat16)
     nq = lens - 128
     q = jax.random.normal(jax.random.key(2), (8, 8, 16, 128), jnp.bfloat16)
@@ -48,8 +48,8 @@ for length in (32768, 131072):
             layer.v.zero, nq, jnp.zeros_like(nq))
     nbytes = bench._kivi_bytes(layer, cfg, length, 8, 8, 128)
     for bt in tiles:
-      for warps in (4, 8):
-        for stages in (2, 3):
+      for warps in (2, 4, 8):
+        for stages in (3,):
           f = jax.jit(lambda *a, bt=bt, w=warps, st=stages: da.quantized_decode_attention(
               *a, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=32, block_tokens=bt,
               num_warps=w, num_stages=st))
