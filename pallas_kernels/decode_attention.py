@@ -153,7 +153,7 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
                                block_tokens: int | None = None, splits: int | None = None,
-                               num_warps: int = 4, num_stages: int = 2,
+                               num_warps: int = 2, num_stages: int = 3,
                                interpret: bool = False):
   """Attention of `q` over the quantized block (module docstring for shapes).
 
@@ -164,7 +164,9 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   g = group_size
   w_min = min(32 // k_bits, 32 // v_bits)
   if block_tokens is None:
-    block_tokens = min(w_min * g, max(g, 64))
+    # One group per step: on the H100 small tiles and 2 warps beat larger ones
+    # (more programs resident per SM; notes in benchmarks/NOTES.md).
+    block_tokens = g
   if block_tokens % g or (w_min * g) % block_tokens:
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
                      f"dividing {w_min * g}")
