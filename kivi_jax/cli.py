@@ -67,16 +67,23 @@ def _generate(args) -> int:
 
 
 def run_metadata() -> dict:
-  """Where and when a figure was measured: device, jax version, date, git commit."""
+  """Where and when a figure was measured: device, jax version, date, git commit.
+
+  The commit comes from git, or from `KIVI_JAX_COMMIT` where the tree was copied
+  without its repository (the GPU machine).
+  """
   import datetime
+  import os
   import subprocess
 
   import jax
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = None
+  commit = os.environ.get("KIVI_JAX_COMMIT")
+  if commit is None:
+    try:
+      commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      commit = None
   return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "commit": commit}
 
