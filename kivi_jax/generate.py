@@ -99,7 +99,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
              top_p: float | None = None, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, max_length: int | None = None,
-             streamer: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Array:
+             streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
+             impl: str = "auto") -> Array:
   """Generates `max_new_tokens` tokens for each prompt of a batch.
 
   Args:
@@ -115,6 +116,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
     pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
     max_length: cache capacity per row; defaults to `T + max_new_tokens`.
     streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
+    impl: what reads the cache in decode steps (`KVCache.impl`): "auto" takes the
+      Pallas kernel of the backend where it applies.
 
   Returns:
     int32 `[B, max_new_tokens]`.
@@ -164,7 +167,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
 
-  cache = init_cache(model.config, kv_config, b, max_length)
+  cache = init_cache(model.config, kv_config, b, max_length, impl=impl)
   logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32), cache,
                            jnp.asarray(attention_mask, jnp.int32), config=model.config)
   tokens, _ = _decode(

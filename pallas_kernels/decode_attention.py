@@ -69,6 +69,8 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   n_cgroups = d // g_sz
   split = pl.program_id(2)
 
+  # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
+  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
   q = q_ref[...].astype(compute_dtype)  # [M, D]
   n_tok = n_ref[0]
   lo_tok = lo_ref[0]
@@ -93,7 +95,7 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       shape3 = (chunk_slots, g_sz, d)
       kc = _unpack_tile(kw, g % wk, chunk_slots, k_bits).astype(compute_dtype)
       k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
-      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32) * sm_scale  # [M, P]
       tok = tok0 + tok_in_chunk
       live = (tok >= first * g_sz) & (tok < last * g_sz) & (tok >= lo_tok)  # [1, P]
@@ -111,6 +113,7 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(compute_dtype)
       v = vc * vs + vz
       pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                               precision=precision,
                                preferred_element_type=jnp.float32)  # [M, D]
       return m_new, l_new, acc * corr[:, None] + pv
 
@@ -149,23 +152,25 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
 
 @functools.partial(jax.jit, static_argnames=(
     "k_bits", "v_bits", "group_size", "block_tokens", "splits", "num_warps", "num_stages",
-    "interpret"))
-def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                               n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
-                               block_tokens: int | None = None, splits: int | None = None,
-                               num_warps: int = 2, num_stages: int = 3,
-                               interpret: bool = False):
-  """Attention of `q` over the quantized block (module docstring for shapes).
+    "interpret", "poison"))
+def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                              n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
+                              block_tokens: int | None = None, splits: int | None = None,
+                              num_warps: int = 2, num_stages: int = 3,
+                              interpret: bool = False, poison: bool = False):
+  """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`.
 
   `block_tokens` tokens are dequantized per inner step (a multiple of the group
-  size, at most one packing block); `splits` programs share each row's sequence.
+  size dividing one packing block); `splits` programs share each row's
+  sequence. With `poison`, the outputs start as NaN (aliased inputs), so an
+  element the kernel fails to write shows.
   """
   b, kh, m_rows, d = q.shape
   g = group_size
   w_min = min(32 // k_bits, 32 // v_bits)
   if block_tokens is None:
     # One group per step: on the H100 small tiles and 2 warps beat larger ones
-    # (more programs resident per SM; notes in benchmarks/NOTES.md).
+    # (more programs resident per SM; benchmarks/NOTES.md).
     block_tokens = g
   if block_tokens % g or (w_min * g) % block_tokens:
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
@@ -182,30 +187,49 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
       compute_dtype=compute_dtype)
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
+  out_specs = [
+      pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
+      pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+      pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
+  ]
+  out_shape = [
+      jax.ShapeDtypeStruct((b, kh, splits, m_rows, d), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
+  ]
+  inputs = [q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+            n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
+  in_specs = [slab(q), slab(k_codes), slab(k_scale), slab(k_zero), slab(v_codes),
+              slab(v_scale), slab(v_zero), row, row]
+  aliases = {}
+  if poison:
+    n_in = len(inputs)
+    inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
+    in_specs += out_specs
+    aliases = {n_in + i: i for i in range(3)}
+    kernel = functools.partial(lambda k, *refs: k(*refs[:n_in], *refs[n_in + 3:]), kernel)
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(b, kh, splits),
-      in_specs=[slab(q), slab(k_codes), slab(k_scale), slab(k_zero), slab(v_codes),
-                slab(v_scale), slab(v_zero), row, row],
-      out_specs=[
-          pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
-          pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-          pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((b, kh, splits, m_rows, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
-          jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
-      ],
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="kivi_decode_attention",
-  )(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
-    lo.astype(jnp.int32))
+  )(*inputs)
   # As JAX's own decode attention: keep XLA from fusing the merge into the
   # kernel's consumers in a way that produced NaNs there.
-  acc, m, l = jax.lax.optimization_barrier((acc, m, l))
-  return merge_partials(acc, m, l)
+  return jax.lax.optimization_barrier((acc, m, l))
+
+
+def quantized_decode_attention(*args, **kwargs):
+  """Attention of `q` over the quantized block: `(o, lse)` (module docstring).
+
+  Takes the arguments of `quantized_decode_partials` and merges its splits.
+  """
+  return merge_partials(*quantized_decode_partials(*args, **kwargs))
 
 
 def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale,

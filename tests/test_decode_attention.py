@@ -1,0 +1,107 @@
+"""The decode-attention kernel against its jnp reference, over a sweep of shapes.
+
+On a CPU the kernel runs in Pallas interpret mode (float32, tight tolerance); on a
+GPU (marker `gpu`) it is compiled for real and checked in bfloat16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax
+from kivi_jax import quantization
+from kivi_jax.attention import resolve_impl
+from pallas_kernels import decode_attention as da
+from conftest import tiny_hf_model, tiny_llama_config
+
+ON_GPU = jax.default_backend() == "gpu"
+
+BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)]
+DIMS = [(64, 32), (64, 64), (128, 32), (128, 128)]  # (head dim, group size)
+
+
+def _inputs(seed, b, kv_heads, rep, d, g, k_bits, v_bits, dtype):
+  """Random packed block of 2 of the larger packing blocks, ragged per-row lengths."""
+  rng = np.random.default_rng(seed)
+  step = max(32 // k_bits, 32 // v_bits) * g
+  capacity = 2 * step
+  k = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
+  k[..., 1] *= 30  # an outlier channel
+  v = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
+  kc, ks, kz = quantization.quantize(jnp.asarray(k, dtype), k_bits, g, "channel", dtype)
+  vc, vs, vz = quantization.quantize(jnp.asarray(v, dtype), v_bits, g, "token", dtype)
+  m_rows = max(16, 1 << (rep - 1).bit_length())
+  q = np.zeros((b, kv_heads, m_rows, d), np.float32)
+  q[:, :, :rep] = rng.standard_normal((b, kv_heads, rep, d))
+  # Lengths: empty, one group, not a multiple of any block, full.
+  n_valid = np.array([0, g, capacity - 3 * g, capacity, 5 * g][:b]) % (capacity + 1)
+  lo = np.array([0, 0, g + 7, 0, 2 * g][:b])
+  return (jnp.asarray(q, dtype), quantization.pack(kc, k_bits, g), ks, kz,
+          quantization.pack(vc, v_bits, g), vs, vz, jnp.asarray(n_valid), jnp.asarray(lo))
+
+
+def _check(args, rep, k_bits, v_bits, g, rtol, **kw):
+  kwargs = dict(k_bits=k_bits, v_bits=v_bits, group_size=g)
+  acc, m, l = da.quantized_decode_partials(*args, **kwargs, splits=3, poison=True,
+                                           interpret=not ON_GPU, **kw)
+  # Poisoned with NaN first: every element of every split must have been written.
+  for x in (acc, m, l):
+    assert not np.isnan(np.asarray(x)).any()
+  o, lse = da.merge_partials(acc, m, l)
+  o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kwargs)
+  o, o_ref = np.asarray(o[:, :, :rep]), np.asarray(o_ref[:, :, :rep])
+  live = np.asarray(args[7]) > np.asarray(args[8])
+  for row in range(o.shape[0]):
+    if not live[row]:
+      assert np.all(o[row] == 0)
+      continue
+    err = np.linalg.norm(o[row] - o_ref[row]) / np.linalg.norm(o_ref[row])
+    assert err < rtol, (row, err)
+    np.testing.assert_allclose(np.asarray(lse[row, :, :rep]),
+                               np.asarray(lse_ref[row, :, :rep]), atol=rtol * 10)
+
+
+@pytest.mark.parametrize("rep", [1, 4, 7, 8])
+@pytest.mark.parametrize("d, g", DIMS)
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+def test_kernel_matches_reference(k_bits, v_bits, d, g, rep):
+  seed = hash((k_bits, v_bits, d, g, rep)) % 2**32
+  dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+  args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, dtype)
+  # float32 interpret mode: summation order only. bf16 on a GPU: the dots' bf16
+  # operands and bf16 dequantization, relative error a few 1e-3 (METHOD.md).
+  _check(args, rep, k_bits, v_bits, g, rtol=2e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("block_tokens", [32, 64, 128])
+def test_block_tokens_do_not_change_the_result(block_tokens):
+  args = _inputs(0, 3, 2, 4, 128, 32, 2, 2, jnp.float32)
+  kw = dict(k_bits=2, v_bits=2, group_size=32)
+  o, _ = da.quantized_decode_attention(*args, **kw, block_tokens=block_tokens,
+                                       interpret=not ON_GPU)
+  o_ref, _ = da.quantized_decode_attention_reference(*args, **kw)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_rejects_block_tokens_that_split_a_group():
+  args = _inputs(0, 3, 2, 4, 128, 32, 2, 2, jnp.float32)
+  with pytest.raises(ValueError, match="block_tokens=48 must be a multiple of group_size=32"):
+    da.quantized_decode_attention(*args, k_bits=2, v_bits=2, group_size=32, block_tokens=48,
+                                  interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("method", ["kivi2", "kivi4"])
+def test_generation_with_kernel_equals_reference(method):
+  # Head dim 32, 4 query heads per kv head: the kernel applies (checked below).
+  model = kivi_jax.load_model(tiny_hf_model(tiny_llama_config(
+      hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1)))
+  prompt = np.random.default_rng(0).integers(0, 256, (3, 300))
+  kv = kivi_jax.PRESETS[method]
+  assert resolve_impl("gpu", kv, model.config.head_dim, 1) == "gpu"
+  out = {impl: np.asarray(kivi_jax.generate(model, prompt, kv_config=kv, max_new_tokens=40,
+                                            impl=impl))
+         for impl in ("gpu", "reference")}
+  np.testing.assert_array_equal(out["gpu"], out["reference"])
