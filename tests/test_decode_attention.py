@@ -69,8 +69,9 @@ def test_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   seed = hash((k_bits, v_bits, d, g, rep)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, dtype)
-  # float32 interpret mode: summation order only. bf16 on a GPU: the dots' bf16
-  # operands and bf16 dequantization, relative error a few 1e-3 (METHOD.md).
+  # float32 interpret mode: summation order only. bf16 on a GPU: the four dot
+  # operands (q, K, p, V) each rounded once to bf16 (2^-9 relative), on an output
+  # whose norm shrinks by averaging random values: observed up to ~1e-2.
   _check(args, rep, k_bits, v_bits, g, rtol=2e-2 if ON_GPU else 1e-5)
 
 
