@@ -77,7 +77,7 @@ def run_metadata() -> dict:
   import subprocess
 
   import jax
-  commit = os.environ.get("KIVI_JAX_COMMIT")
+  commit = os.environ.get("KIVI_JAX_COMMIT") or None
   if commit is None:
     try:
       commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
