@@ -11,10 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import Array
+from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax.cache import LayerKV, dequantize_block, n_quantized, ring_positions
 from kivi_jax.config import KIVIConfig
 from pallas_kernels import decode_attention as gpu_decode
+from pallas_kernels import decode_attention_tpu as tpu_decode
 
 # Finite, so a query that sees no key (a padding row) gets a uniform softmax, not NaN.
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -33,7 +35,7 @@ def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, t: int) -> str:
     return "reference"
   if impl == "auto":
     backend = jax.default_backend()
-    return backend if backend in ("gpu",) else "reference"
+    return backend if backend in ("gpu", "tpu") else "reference"
   return impl
 
 
@@ -106,8 +108,9 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
   b, _, hq, d = q.shape
   hkv = k_new.shape[1]
   rep = hq // hkv
-  # The kernel's dot wants at least 16 query rows per kv head: pad with zeros.
-  m_rows = max(16, 1 << (rep - 1).bit_length())
+  # Pad the query rows of a kv head with zeros to what the kernel's dot wants:
+  # 16 rows on GPUs, 8 sublanes on TPUs.
+  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (rep - 1).bit_length())
   # [B, Hkv, rep, D]
   qg = q[:, 0].reshape(b, hkv, rep, d)
   nq = n_quantized(lengths, config)
@@ -117,8 +120,13 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
           layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
           layer.v.zero, nq, lo)
   kw = dict(k_bits=config.k_bits, v_bits=config.v_bits, group_size=config.group_size)
-  interpret = jax.default_backend() == "cpu"
-  o_blk, lse_blk = gpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
+  # Off its own backend a kernel runs in Pallas interpret mode (tests on a CPU).
+  if which == "gpu":
+    o_blk, lse_blk = gpu_decode.quantized_decode_attention(
+        *args, **kw, interpret=jax.default_backend() != "gpu")
+  else:
+    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+    o_blk, lse_blk = tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
   o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
 
   # [B, Hkv, R + 1, D]: the ring and the new token, with positions and liveness.

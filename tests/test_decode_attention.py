@@ -1,7 +1,10 @@
-"""The decode-attention kernel against its jnp reference, over a sweep of shapes.
+"""The decode-attention kernels against their jnp reference, over a sweep of shapes.
 
-On a CPU the kernel runs in Pallas interpret mode (float32, tight tolerance); on a
-GPU (marker `gpu`) it is compiled for real and checked in bfloat16.
+On a CPU the GPU kernel runs in Pallas interpret mode and the TPU kernel in TPU
+interpret mode (NaN-initialized memory, out-of-bounds reads raise, race
+detection), float32, tight tolerance; on a GPU the GPU kernel is compiled for
+real and checked in bfloat16. No TPU was available: the TPU kernel is verified
+in interpret mode only.
 """
 
 import jax
@@ -12,7 +15,10 @@ import pytest
 import kivi_jax
 from kivi_jax import quantization
 from kivi_jax.attention import resolve_impl
+from jax.experimental.pallas import tpu as pltpu
+
 from pallas_kernels import decode_attention as da
+from pallas_kernels import decode_attention_tpu as da_tpu
 from conftest import tiny_hf_model, tiny_llama_config
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -73,6 +79,30 @@ def test_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   # operands (q, K, p, V) each rounded once to bf16 (2^-9 relative), on an output
   # whose norm shrinks by averaging random values: observed up to ~1e-2.
   _check(args, rep, k_bits, v_bits, g, rtol=2e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
+@pytest.mark.parametrize("rep", [1, 7])
+@pytest.mark.parametrize("d, g", DIMS)
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
+  seed = hash((k_bits, v_bits, d, g, rep, "tpu")) % 2**32
+  args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, jnp.float32)
+  kwargs = dict(k_bits=k_bits, v_bits=v_bits, group_size=g)
+  # NaN-initialized memory stands in for poisoned outputs; races and stray reads raise.
+  params = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
+                                 detect_races=True)
+  # The TPU interpreter's callbacks issue JAX ops of their own: dispatching more
+  # work before they finish can deadlock a small CPU, so wait for them first.
+  o, lse = jax.block_until_ready(
+      da_tpu.quantized_decode_attention(*args, **kwargs, interpret=params))
+  o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kwargs)
+  assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
+  np.testing.assert_allclose(np.asarray(o[:, :, :rep]), np.asarray(o_ref[:, :, :rep]),
+                             rtol=1e-5, atol=1e-5)
+  live = np.asarray(args[7]) > np.asarray(args[8])
+  np.testing.assert_allclose(np.asarray(lse)[live][:, :, :rep],
+                             np.asarray(lse_ref)[live][:, :, :rep], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block_tokens", [32, 64, 128])
