@@ -174,17 +174,21 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
                                  dtype)
 
 
-def _scatter(dst: Array, idx: Array, src: Array, axis: int, add: bool = False) -> Array:
-  """Per batch row `b`: `dst[b, ..., idx[b], ...] = src[b]` (or `+=`) along `axis`.
+def _scatter(dst: Array, idx: Array, src: Array, add: bool = False) -> Array:
+  """Per batch row `b`: `dst[b, :, idx[b]] = src[b]` (or `+=`) on the token axis.
 
-  `axis` counts the dims of `dst` without the batch axis; indices out of range
-  are dropped.
+  dst `[B, Hkv, N, X]`, idx int32 `[B, n]`, src `[B, Hkv, n, X]`; indices out of
+  range are dropped.
   """
   def one(d, i, s):
-    where = (slice(None),) * axis + (i,)
-    ref = d.at[where]
+    ref = d.at[:, i]
     return ref.add(s, mode="drop") if add else ref.set(s, mode="drop")
   return jax.vmap(one)(dst, idx, src)
+
+
+def _gather(x: Array, idx: Array) -> Array:
+  """Per batch row `b`: `x[b, :, idx[b]]`; x `[B, Hkv, N, D]`, idx `[B, n]`."""
+  return jax.vmap(lambda a, i: a[:, i])(x, idx)
 
 
 def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
@@ -198,7 +202,7 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
   live = i < n_tokens[:, None]
   tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
   if bits == 16:
-    return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype), 1),
+    return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   dtype = block.scale.dtype
   codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
@@ -208,14 +212,14 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
   shift = ((group % w) * bits).astype(jnp.uint32)[:, None, :, None]
   # Each slot of a word is written once, into zero bits: adding is or-ing, and
   # groups of one flush that share word rows combine.
-  words = _scatter(block.codes, row, codes.astype(jnp.uint32) << shift, 1, add=True)
+  words = _scatter(block.codes, row, codes.astype(jnp.uint32) << shift, add=True)
   if axis == "channel":
     grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
                     capacity)
-    return QuantizedBlock(words, _scatter(block.scale, grp, scale, 1),
-                          _scatter(block.zero, grp, zero, 1))
-  return QuantizedBlock(words, _scatter(block.scale, tok, scale, 1),
-                        _scatter(block.zero, tok, zero, 1))
+    return QuantizedBlock(words, _scatter(block.scale, grp, scale),
+                          _scatter(block.zero, grp, zero))
+  return QuantizedBlock(words, _scatter(block.scale, tok, scale),
+                        _scatter(block.zero, tok, zero))
 
 
 def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
@@ -247,9 +251,8 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   new_idx = jnp.clip(tail_pos - lengths[:, None], 0, t - 1)
 
   def tail_of(ring, new):
-    take = jax.vmap(lambda x, i: x[:, i])  # [Hkv, N, D] gathered on the token axis
-    return jnp.where(from_ring[:, None, :, None], take(ring, ring_slot),
-                     take(new.astype(dtype), new_idx))
+    return jnp.where(from_ring[:, None, :, None], _gather(ring, ring_slot),
+                     _gather(new.astype(dtype), new_idx))
 
   k_tail = tail_of(layer.ring_k, k_new)
   v_tail = tail_of(layer.ring_v, v_new)
@@ -264,8 +267,7 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   # Ring slot s now holds token nq1 + ((s - nq1) mod R), tail index that - nq0.
   pos, valid = ring_positions(new_lengths, config)
   src = jnp.clip(pos - nq0[:, None], 0, r + t - 1)
-  take = jax.vmap(lambda x, i: x[:, i])
   keep = valid[:, None, :, None]
-  ring_k = jnp.where(keep, take(k_tail, src), layer.ring_k)
-  ring_v = jnp.where(keep, take(v_tail, src), layer.ring_v)
+  ring_k = jnp.where(keep, _gather(k_tail, src), layer.ring_k)
+  ring_v = jnp.where(keep, _gather(v_tail, src), layer.ring_v)
   return LayerKV(k_block, v_block, ring_k, ring_v)
