@@ -56,7 +56,7 @@ def _copies(nbytes: int) -> int:
 
 def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype):
   """A cache layer holding `length` random tokens per row, built as `append` would."""
-  g, r = config.group_size, config.residual_length
+  g, r = config.group_size, config.ring_size
   lengths = jnp.full((b,), length, jnp.int32)
   nq = int(n_quantized(lengths, config)[0])
   step = max(32 // config.k_bits, 32 // config.v_bits) * g
@@ -79,7 +79,7 @@ def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: in
   nq = int(n_quantized(jnp.array([length]), config)[0])
   per_token = (d * (config.k_bits + config.v_bits) / 8
                + 2 * layer.k.scale.dtype.itemsize * d / config.group_size * 2)
-  ring = 2 * config.residual_length * d * layer.ring_k.dtype.itemsize
+  ring = 2 * config.ring_size * d * layer.ring_k.dtype.itemsize
   return int(b * hkv * (nq * per_token + ring))
 
 

@@ -4,7 +4,8 @@ Semantics (SPEC.md, "The cache"): per layer, a quantized block of capacity `C`
 tokens and a full-precision ring of `R` tokens. A row of length `L` holds its
 oldest `n_quantized(L) = G * ceil(max(L - R, 0) / G)` tokens in the block and the
 other `L - n_quantized(L)` (at most `R`) in the ring, token `t` at ring slot
-`t % R`. Prefill and decode both go through `append`, so a prefill of `n` tokens
+`t % R`. `R = 0` quantizes every whole group, `G * floor(L / G)` tokens, and
+rings the rest in `G` slots (`KIVIConfig.ring_size`). Prefill and decode both go through `append`, so a prefill of `n` tokens
 leaves exactly the state of `n` single-token steps. Every row keeps its own
 length, and its groups are aligned to its own first token.
 """
@@ -43,7 +44,8 @@ class LayerKV:
   """Keys and values of the cache for all layers (leading `Ly` axis) or one.
 
   k, v: `QuantizedBlock`s of capacity `C` tokens.
-  ring_k, ring_v: model dtype `[..., B, Hkv, R, D]`; token `t` at slot `t % R`.
+  ring_k, ring_v: model dtype `[..., B, Hkv, R, D]` (`R = config.ring_size`);
+    token `t` at slot `t % R`.
   """
 
   k: QuantizedBlock
@@ -89,9 +91,11 @@ def _block_tokens(block: QuantizedBlock, bits: int) -> int:
 
 
 def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
-  """`G * ceil(max(L - R, 0) / G)`: the tokens a row of length `L` has quantized."""
+  """`G * ceil(max(L - R, 0) / G)`: the tokens a row of length `L` has quantized
+  (`G * floor(L / G)` for `R = 0`)."""
   g, r = config.group_size, config.residual_length
-  return (jnp.maximum(lengths - r, 0) + g - 1) // g * g
+  keep = r or g - 1
+  return (jnp.maximum(lengths - keep, 0) + g - 1) // g * g
 
 
 def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dtype):
@@ -142,7 +146,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
   capacity = -(-max_length // step) * step
   lead = (model_config.num_layers, batch_size, model_config.num_kv_heads)
   d = model_config.head_dim
-  ring_shape = (*lead, kv_config.residual_length, d)
+  ring_shape = (*lead, kv_config.ring_size, d)
   layers = LayerKV(
       k=_empty_block(lead, capacity, d, kv_config.k_bits, kv_config.key_axis, g, dtype),
       v=_empty_block(lead, capacity, d, kv_config.v_bits, kv_config.value_axis, g, dtype),
@@ -157,7 +161,7 @@ def ring_positions(lengths: Array, config: KIVIConfig) -> tuple[Array, Array]:
 
   Returns int32 `[B, R]` positions and bool `[B, R]` validity.
   """
-  r = config.residual_length
+  r = config.ring_size
   nq = n_quantized(lengths, config)[:, None]
   slots = jnp.arange(r)[None, :]
   pos = nq + (slots - nq) % r
@@ -237,7 +241,7 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   nq0` tokens (whole groups, at most `G * ceil(T / G)`) are quantized into the
   block; the rest become the new ring.
   """
-  g, r = config.group_size, config.residual_length
+  g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
   dtype = layer.ring_k.dtype
   nq0 = n_quantized(lengths, config)

@@ -33,7 +33,10 @@ class KIVIConfig:
       quantized per channel group `G` consecutive tokens; values quantized per
       token group `G` consecutive channels (so `G` must divide the head dim).
     residual_length: `R`, the full-precision ring: the most recent `R - G + 1`
-      to `R` tokens are never quantized. A positive multiple of `group_size`.
+      to `R` tokens are never quantized. A multiple of `group_size`; 0 keeps
+      only the group still being filled (0 to `G - 1` tokens) in full
+      precision, the least per-channel keys allow (they are quantized a whole
+      group of tokens at a time).
     key_axis: "channel" (KIVI) or "token" (the ablation that fails at 2 bits).
     value_axis: "token" (KIVI) or "channel".
   """
@@ -63,14 +66,19 @@ class KIVIConfig:
             f"of {bits}-bit codes in a 32-bit word, from {name}={bits}), got {g}"
         )
     r = self.residual_length
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r % g:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0 or r % g:
       raise ValueError(
-          "residual_length must be a positive multiple of group_size "
+          "residual_length must be 0 or a positive multiple of group_size "
           f"({g}), got {r!r}"
       )
     for name in ("key_axis", "value_axis"):
       if getattr(self, name) not in _AXES:
         raise ValueError(f"{name} must be one of {_AXES}, got {getattr(self, name)!r}")
+
+  @property
+  def ring_size(self) -> int:
+    """Slots of the full-precision ring: `R`, or `G` when `R = 0`."""
+    return self.residual_length or self.group_size
 
   @property
   def quantizes_keys(self) -> bool:
@@ -106,6 +114,8 @@ PRESETS: dict[str, KIVIConfig] = {
     "kivi2": KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=128),
     "kivi2-g64": KIVIConfig(k_bits=2, v_bits=2, group_size=64, residual_length=128),
     "kivi2-g128": KIVIConfig(k_bits=2, v_bits=2, group_size=128, residual_length=128),
+    "kivi2-r32": KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=32),
+    "kivi2-r0": KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=0),
     # KIVI's bits with the axes swapped: the ablation of SPEC.md "KIVI axes".
     "kivi2-per-token-keys": KIVIConfig(
         k_bits=2, v_bits=2, group_size=32, residual_length=128,

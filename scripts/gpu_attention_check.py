@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kivi_jax import bench
+from kivi_jax.cache import n_quantized
 from kivi_jax.config import KIVIConfig
 from pallas_kernels import decode_attention as da
 
 
 def check(config, b, hkv, rep, d, length):
   layer, lens = bench._kivi_layer(jax.random.key(1), config, b, hkv, length, d, jnp.bfloat16)
-  nq = (lens - config.residual_length) // config.group_size * config.group_size
+  nq = n_quantized(lens, config)
   m = max(16, 1 << (rep - 1).bit_length())
   q = jax.random.normal(jax.random.key(2), (b, hkv, m, d), jnp.bfloat16)
   args = (q, layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,

@@ -27,6 +27,7 @@ class _Shape:
 CONFIGS = {
     "kivi2-g16-r32": kivi_jax.KIVIConfig(2, 2, 16, 32),
     "kivi4-g32-r64": kivi_jax.KIVIConfig(4, 4, 32, 64),
+    "kivi2-g16-r0": kivi_jax.KIVIConfig(2, 2, 16, 0),
     "k8-v2-g32-r32": kivi_jax.KIVIConfig(8, 2, 32, 32),
     "k2-v16": kivi_jax.KIVIConfig(2, 16, 16, 16),
     "per-token-keys": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token",
@@ -98,7 +99,8 @@ def test_prefill_equals_token_by_token(name, n):
     np.testing.assert_array_equal(a[key], c[key], err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32"])
+@pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32",
+                                  "kivi2-g16-r0"])
 def test_block_holds_spec_quantization_of_oldest_tokens(name):
   config = CONFIGS[name]
   n = 130
@@ -108,9 +110,13 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
   nq = np.asarray(n_quantized(lens, config))
   g, r = config.group_size, config.residual_length
   for row in range(B):
-    # SPEC.md: q = G * ceil(max(n - R, 0) / G) tokens quantized, the rest in the ring.
-    assert nq[row] == g * -(-max(lengths[row] - r, 0) // g)
-    assert r - g + 1 <= lengths[row] - nq[row] <= r
+    # SPEC.md: q = G * ceil(max(n - R, 0) / G) tokens quantized, the rest in the
+    # ring; R = 0 quantizes every whole group.
+    if r:
+      assert nq[row] == g * -(-max(lengths[row] - r, 0) // g)
+      assert r - g + 1 <= lengths[row] - nq[row] <= r
+    else:
+      assert nq[row] == lengths[row] // g * g
     for name_, x, bits, axis in (("k", k, config.k_bits, config.key_axis),
                                  ("v", v, config.v_bits, config.value_axis)):
       *_, deq_ref = spec_reference.quantize(np.asarray(x[row, :, :nq[row]]), bits, g, axis)
@@ -120,7 +126,7 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
       np.testing.assert_allclose(np.asarray(got[0, :, :nq[row]]), deq_ref, rtol=1e-5,
                                  atol=1e-5)
     pos, valid = ring_positions(lens, config)
-    for slot in range(r):
+    for slot in range(config.ring_size):
       if valid[row, slot]:
         np.testing.assert_array_equal(layer.ring_k[row, :, slot], k[row, :, pos[row, slot]])
 

@@ -23,7 +23,7 @@ def test_generate_streams_the_answer(smollm2_path):
 @pytest.mark.parametrize("args, message", [
     (["--k-bits", "3"], "k_bits must be one of (2, 4, 8, 16), got 3"),
     (["--group-size", "32", "--residual-length", "100"],
-     "residual_length must be a positive multiple of group_size (32)"),
+     "residual_length must be 0 or a positive multiple of group_size (32)"),
     (["--model", "/nonexistent/model.gguf"], "does not exist"),
 ])
 def test_bad_arguments_exit_with_a_clear_error(args, message):

@@ -14,8 +14,9 @@ from kivi_jax.config import KIVIConfig
     (dict(group_size=24), r"group_size must be a multiple of 16"),
     (dict(k_bits=4, v_bits=4, group_size=12, residual_length=24),
      r"group_size must be a multiple of 8"),
-    (dict(residual_length=100), r"residual_length must be a positive multiple of group_size \(32\)"),
-    (dict(residual_length=0), r"residual_length must be a positive multiple"),
+    (dict(residual_length=100),
+     r"residual_length must be 0 or a positive multiple of group_size \(32\)"),
+    (dict(residual_length=-32), r"residual_length must be 0 or a positive multiple"),
     (dict(key_axis="head"), r"key_axis must be one of \('channel', 'token'\)"),
     (dict(value_axis="row"), r"value_axis must be one of"),
 ])
@@ -29,6 +30,11 @@ def test_frozen_and_hashable():
   assert a == b and hash(a) == hash(b)
   with pytest.raises(Exception):
     a.k_bits = 4  # type: ignore[misc]
+
+
+def test_residual_zero_rings_only_the_group_being_filled():
+  assert KIVIConfig(residual_length=0).ring_size == 32
+  assert KIVIConfig(residual_length=64).ring_size == 64
 
 
 def test_sixteen_bits_needs_no_word_alignment():
