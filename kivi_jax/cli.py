@@ -102,7 +102,9 @@ def _eval_ppl(args) -> int:
   rows = []
   for name, config in configs.items():
     result = kv_eval.kv_perplexity(model, tokens, config, **setting)
-    rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config)})
+    k_bpe, v_bpe = config.bits_per_element(scale_bits=16)
+    rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config),
+                 "bits_per_element": (k_bpe + v_bpe) / 2})
     print(f"{name:>24}  KV-ppl {result.kv_ppl:8.3f}", flush=True)
   fp = next((r["kv_ppl"] for r in rows if r["method"] == "fp16"), None)
   print("\n| method | k bits | v bits | group | residual | KV-ppl | vs fp |")
@@ -113,6 +115,8 @@ def _eval_ppl(args) -> int:
           f"{r['residual_length']} | {r['kv_ppl']:.3f} | {rel} |")
   if args.out:
     out = {**run_metadata(), "protocol": "Q1 KV-perplexity", "setting": args.setting,
+           "bits_per_element": "mean of keys and values in the quantized block, "
+                               "counting 16-bit scales and zeros as on accelerators",
            **setting, "model": Path(path).name, "dtype": args.dtype,
            "data": Path(args.data).name, "tokens": int(tokens.size), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
