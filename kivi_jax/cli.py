@@ -1,4 +1,7 @@
-"""`kivi-jax` command line: generate text through a quantized KV cache."""
+"""`kivi-jax` command line: generate text, evaluate cache methods, benchmark kernels.
+
+The evals run their matmuls at full precision ("highest"): a quality figure is
+the model dtype's, not TF32's on a GPU."""
 
 from __future__ import annotations
 
@@ -89,19 +92,27 @@ def run_metadata() -> dict:
 
 
 def _eval_ppl(args) -> int:
+  import jax
+
   import kivi_jax
   from kivi_jax import eval as kv_eval
   from kivi_jax.default_model import default_model_path
 
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   configs = {m: get_preset(m) for m in methods}  # unknown names fail before any work
-  setting = kv_eval.QUICK if args.setting == "quick" else kv_eval.FULL
+  setting = dict(kv_eval.QUICK if args.setting == "quick" else kv_eval.FULL)
+  overrides = {k: getattr(args, k) for k in setting if getattr(args, k) is not None}
+  setting.update(overrides)
+  setting_name = "custom" if overrides else args.setting
   path = args.model or default_model_path()
   model = kivi_jax.load_model(path, dtype=args.dtype)
+  for config in configs.values():
+    config.check_head_dim(model.config.head_dim)  # every method, before any work
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
   rows = []
   for name, config in configs.items():
-    result = kv_eval.kv_perplexity(model, tokens, config, **setting)
+    with jax.default_matmul_precision("highest"):
+      result = kv_eval.kv_perplexity(model, tokens, config, **setting)
     k_bpe, v_bpe = config.bits_per_element(scale_bits=16)
     rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config),
                  "bits_per_element": (k_bpe + v_bpe) / 2})
@@ -114,11 +125,55 @@ def _eval_ppl(args) -> int:
     print(f"| {r['method']} | {r['k_bits']} | {r['v_bits']} | {r['group_size']} | "
           f"{r['residual_length']} | {r['kv_ppl']:.3f} | {rel} |")
   if args.out:
-    out = {**run_metadata(), "protocol": "Q1 KV-perplexity", "setting": args.setting,
+    out = {**run_metadata(), "protocol": "Q1 KV-perplexity", "setting": setting_name,
            "bits_per_element": "mean of keys and values in the quantized block, "
                                "counting 16-bit scales and zeros as on accelerators",
            **setting, "model": Path(path).name, "dtype": args.dtype,
            "data": Path(args.data).name, "tokens": int(tokens.size), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+  return 0
+
+
+def _eval_passkey(args) -> int:
+  import jax
+
+  import kivi_jax
+  from kivi_jax import eval as kv_eval
+  from kivi_jax.default_model import default_model_path
+
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  configs = {m: get_preset(m) for m in methods}
+  lengths = [int(x) for x in args.lengths.split(",")]
+  path = args.model or default_model_path()
+  model = kivi_jax.load_model(path, dtype=args.dtype)
+  for config in configs.values():
+    config.check_head_dim(model.config.head_dim)
+  tokenizer = kivi_jax.load_tokenizer(path)
+  rows, records = [], {}
+  with jax.default_matmul_precision("highest"):
+    for name, config in configs.items():
+      result = kv_eval.passkey(model, tokenizer, config, lengths=lengths, depths=args.depths,
+                               trials=args.trials, seed=args.seed,
+                               batch_size=args.batch_size)
+      records[name] = result.records
+      for (length, bucket), acc in sorted(result.accuracy.items()):
+        rows.append({"method": name, "length": length, "bucket": bucket,
+                     "depth_range": [bucket / args.depths, (bucket + 1) / args.depths],
+                     "trials": args.trials, "accuracy": acc})
+      mean = np.mean([a for a in result.accuracy.values()])
+      print(f"{name:>24}  passkey accuracy {mean:.3f}", flush=True)
+  print("\n| method | " + " | ".join(str(n) for n in lengths) + " |")
+  print("| --- |" + " --- |" * len(lengths))
+  for name in configs:
+    accs = [np.mean([r["accuracy"] for r in rows
+                     if r["method"] == name and r["length"] == n]) for n in lengths]
+    print(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
+  if args.out:
+    out = {**run_metadata(), "protocol": "Q2 passkey retrieval", "model": Path(path).name,
+           "dtype": args.dtype, "depths": args.depths, "trials": args.trials,
+           "seed": args.seed, "rows": rows, "records": records}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -179,11 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated methods from: {', '.join(PRESETS)}")
   ppl.add_argument("--setting", choices=("quick", "full"), default="quick",
                    help="quick: P=512, D=256, 4 windows; full: P=2048, D=512, 8 windows")
+  for name in ("prefill", "decode", "windows"):
+    ppl.add_argument(f"--{name}", type=int, help="override the setting's value")
   ppl.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
                    help="WikiText-2 raw test file")
   ppl.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   ppl.add_argument("--out", help="write the results as JSON here")
   ppl.set_defaults(run=_eval_ppl)
+
+  pk = ev_sub.add_parser("passkey", help="passkey retrieval (PROTOCOLS.md Q2)")
+  pk.add_argument("--model", help="HF checkpoint directory or .gguf file "
+                  "(default: SmolLM2-135M-Instruct)")
+  pk.add_argument("--methods", default="fp16,kivi4,kivi2",
+                  help=f"comma-separated methods from: {', '.join(PRESETS)}")
+  pk.add_argument("--lengths", default="512,1024,2048,4096,8192",
+                  help="context lengths in tokens, prompt and answer together")
+  pk.add_argument("--depths", type=int, default=5, help="equal depth buckets of [0, 1]")
+  pk.add_argument("--trials", type=int, default=20, help="trials per length and bucket")
+  pk.add_argument("--seed", type=int, default=0)
+  pk.add_argument("--batch-size", type=int, default=4, help="prompts per generate call")
+  pk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  pk.add_argument("--out", help="write the results as JSON here")
+  pk.set_defaults(run=_eval_passkey)
 
   bench = sub.add_parser("bench", help="speed benchmarks (need a GPU)")
   bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -1,9 +1,10 @@
-"""Quality of a cache method on a real model (PROTOCOLS.md Q1, KV-perplexity).
+"""Quality of a cache method on a real model: KV-perplexity and passkey retrieval.
 
-A KV-cache quantizer changes what decode steps read from the past, so the
-score comes from decode steps only: prefill `P` tokens into a fresh cache, then
-teacher-force `D` tokens one decode step at a time, each step reading the cache
-as the method leaves it.
+PROTOCOLS.md Q1: a KV-cache quantizer changes what decode steps read from the
+past, so the score comes from decode steps only: prefill `P` tokens into a
+fresh cache, then teacher-force `D` tokens one decode step at a time, each step
+reading the cache as the method leaves it. Q2: a 5-digit passkey hidden in
+filler text, asked for at the end, answered by greedy decoding.
 """
 
 from __future__ import annotations
@@ -93,3 +94,104 @@ def wikitext_tokens(tokenizer, path) -> np.ndarray:
   with open(path, newline="", encoding="utf-8") as f:
     text = f.read()
   return np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it "
+                 "and memorize it. I will quiz you about the important information there.")
+PASSKEY_FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again.")
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+
+def _passkey_line(passkey: str) -> str:
+  return f" The pass key is {passkey}. Remember it. {passkey} is the pass key."
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, passkey: str) -> tuple[np.ndarray,
+                                                                             int]:
+  """PROTOCOLS.md Q2's prompt, at most `length` tokens, the key at `depth` of the filler.
+
+  Built from separately tokenized pieces (each starts with its space, as BPE
+  would split the whole text): the intro, `n` copies of the filler sentence
+  with the key line between copy `round(depth * n)` and the next, the question.
+
+  Returns:
+    int32 token ids, and the index of the key line's first token.
+  """
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
+  enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+  intro, filler, key, question = (enc(s) for s in (
+      PASSKEY_INTRO, PASSKEY_FILLER, _passkey_line(passkey), PASSKEY_QUESTION))
+  n = (length - len(intro) - len(key) - len(question)) // len(filler)
+  if n < 1:
+    raise ValueError(f"length={length} leaves no room for filler text around the pass key")
+  before = round(depth * n)
+  ids = intro + filler * before + key + filler * (n - before) + question
+  return np.asarray(ids, np.int32), len(intro) + len(filler) * before
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyResult:
+  """`accuracy[(length, bucket)]`, and one record per trial: length, bucket, depth,
+  passkey, the generated answer and whether it contains the passkey."""
+
+  accuracy: dict
+  records: list
+
+
+def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4096, 8192),
+            depths: int = 5, trials: int = 20, seed: int = 0, batch_size: int = 4,
+            answer_tokens: int = 8, progress: bool = True) -> PasskeyResult:
+  """Passkey retrieval accuracy with a `kv_config` cache (PROTOCOLS.md Q2).
+
+  For each length and each of `depths` equal depth buckets of [0, 1], `trials`
+  prompts of at most `length - answer_tokens` tokens hide a random 5-digit
+  passkey at a uniform depth within the bucket; greedy decoding (a jitted
+  prefill, then one jitted decode loop per batch) generates `answer_tokens`
+  tokens, and a trial succeeds when they contain the passkey. Passkeys and
+  depths depend on `seed`, length and bucket only, so every method sees the
+  same prompts.
+  """
+  from kivi_jax.generate import generate
+
+  for name, value in (("depths", depths), ("trials", trials), ("batch_size", batch_size),
+                      ("answer_tokens", answer_tokens)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  limit = model.config.max_position_embeddings
+  for length in lengths:
+    if not 0 < length <= limit:
+      raise ValueError(f"lengths: {length} is outside the model's context window "
+                       f"(1 to {limit} tokens)")
+  batches = []
+  for length in lengths:
+    work = []
+    for bucket in range(depths):
+      rng = np.random.default_rng([seed, length, bucket])
+      for _ in range(trials):
+        key = str(rng.integers(10000, 100000))
+        depth = float((bucket + rng.random()) / depths)
+        ids, _ = passkey_prompt(tokenizer, length - answer_tokens, depth, key)
+        work.append(dict(length=length, bucket=bucket, depth=depth, passkey=key, ids=ids))
+    batches += [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
+  records = []
+  for batch in tqdm(batches, desc=f"passkey k{kv_config.k_bits}v{kv_config.v_bits}",
+                    disable=not progress, leave=False):
+    # Left padding keeps each prompt's last token at the end of the row.
+    width = max(len(w["ids"]) for w in batch)
+    ids = np.zeros((len(batch), width), np.int32)
+    mask = np.zeros_like(ids)
+    for row, w in enumerate(batch):
+      ids[row, width - len(w["ids"]):] = w["ids"]
+      mask[row, width - len(w["ids"]):] = 1
+    out = np.asarray(generate(model, ids, attention_mask=mask, kv_config=kv_config,
+                              max_new_tokens=answer_tokens, max_length=width + answer_tokens))
+    for w, tokens in zip(batch, out):
+      answer = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
+      records.append({k: w[k] for k in ("length", "bucket", "depth", "passkey")}
+                     | {"answer": answer, "success": w["passkey"] in answer})
+  accuracy = {}
+  for r in records:
+    accuracy.setdefault((r["length"], r["bucket"]), []).append(r["success"])
+  return PasskeyResult({k: float(np.mean(v)) for k, v in accuracy.items()}, records)

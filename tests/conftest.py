@@ -36,3 +36,27 @@ def tiny_hf_model(config, seed=0):
       if "norm" in name:
         p.uniform_(0.5, 1.5)
   return model.eval()
+
+
+def byte_tokenizer():
+  """A GPT-2-style byte-level BPE with no merges: one token per byte, ids < 256,
+  so it fits the tiny models' vocabulary."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  byte_to_char = {}
+  # GPT-2's byte-to-unicode map: printable bytes map to themselves.
+  printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+  extra = 0
+  for b in range(256):
+    if b in printable:
+      byte_to_char[b] = chr(b)
+    else:
+      byte_to_char[b] = chr(256 + extra)
+      extra += 1
+  assert set(byte_to_char.values()) == set(alphabet)
+  vocab = {c: b for b, c in byte_to_char.items()}
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  return PreTrainedTokenizerFast(tokenizer_object=tok)

@@ -1,5 +1,6 @@
 """The `kivi-jax` command line, run as a user runs it."""
 
+import json
 import subprocess
 import sys
 
@@ -18,6 +19,36 @@ def test_generate_streams_the_answer(smollm2_path):
   assert done.returncode == 0, done.stderr
   assert "Paris" in done.stdout
   assert "<|im_end|>" not in done.stdout
+
+
+@pytest.mark.slow
+def test_eval_passkey_writes_a_table_and_json(smollm2_path, tmp_path):
+  out = tmp_path / "passkey.json"
+  done = _run("eval", "passkey", "--model", str(smollm2_path), "--methods", "fp16,kivi2",
+              "--lengths", "512", "--depths", "1", "--trials", "2", "--out", str(out))
+  assert done.returncode == 0, done.stderr
+  assert "| method | 512 |" in done.stdout
+  result = json.loads(out.read_text())
+  assert {"device", "jax", "date", "commit"} <= set(result)
+  rows = {r["method"]: r for r in result["rows"]}
+  # SmolLM2 retrieves a passkey from 512 tokens with a full-precision cache.
+  assert rows["fp16"]["accuracy"] == 1.0 and rows["fp16"]["trials"] == 2
+  assert len(result["records"]["kivi2"]) == 2
+
+
+@pytest.mark.slow
+def test_eval_ppl_writes_a_table_and_json(smollm2_path, tmp_path):
+  # The quick setting cut down to one short window, for the command's plumbing.
+  out = tmp_path / "ppl.json"
+  done = _run("eval", "ppl", "--model", str(smollm2_path), "--methods", "fp16,kivi2",
+              "--setting", "quick", "--out", str(out), "--windows", "1", "--prefill", "256",
+              "--decode", "16")
+  assert done.returncode == 0, done.stderr
+  rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+  assert rows["kivi2"]["bits_per_element"] == 3.0
+  # 256 - 128 tokens quantized: the methods differ.
+  assert rows["fp16"]["kv_ppl"] != rows["kivi2"]["kv_ppl"]
+  assert json.loads(out.read_text())["prefill"] == 256
 
 
 @pytest.mark.parametrize("args, message", [
