@@ -105,7 +105,7 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dt
   if axis == "channel":
     sshape = (*lead, capacity // group_size, head_dim)
   else:
-    sshape = (*lead, capacity, head_dim // group_size)
+    sshape = (*lead, capacity, head_dim // quantization.channel_group(group_size, head_dim))
   return QuantizedBlock(codes, jnp.zeros(sshape, dtype), jnp.zeros(sshape, dtype))
 
 

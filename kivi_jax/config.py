@@ -31,7 +31,8 @@ class KIVIConfig:
     v_bits: bits per value code, same choices.
     group_size: `G`, how many elements share one scale and zero point. Keys
       quantized per channel group `G` consecutive tokens; values quantized per
-      token group `G` consecutive channels (so `G` must divide the head dim).
+      token group `G` consecutive channels (so `G` must divide the head dim), or
+      all channels of the head where `G` exceeds the head dim.
     residual_length: `R`, the full-precision ring: the most recent `R - G + 1`
       to `R` tokens are never quantized. A multiple of `group_size`; 0 keeps
       only the group still being filled (0 to `G - 1` tokens) in full
@@ -94,10 +95,12 @@ class KIVIConfig:
         ("values", self.v_bits, self.value_axis),
         ("keys", self.k_bits, self.key_axis),
     ):
-      if bits < 16 and axis == "token" and head_dim % self.group_size:
+      g = self.group_size
+      if bits < 16 and axis == "token" and g < head_dim and head_dim % g:
         raise ValueError(
-            f"group_size={self.group_size} must divide the head dim ({head_dim}): "
-            f"{name} are quantized per token in groups of group_size channels"
+            f"group_size={g} must divide the head dim ({head_dim}): {name} are "
+            "quantized per token in groups of group_size channels (or of the "
+            "whole head where group_size exceeds it)"
         )
 
   def bits_per_element(self, scale_bits: int) -> tuple[float, float]:

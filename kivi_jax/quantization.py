@@ -8,7 +8,8 @@ Two groupings of a `[..., T, D]` tensor (T tokens, D channels of one head):
   axis="channel": per-channel quantization; G consecutive tokens of one channel
     share a scale. scale/zero `[..., T/G, D]`. (KIVI's keys.)
   axis="token": per-token quantization; G consecutive channels of one token
-    share a scale. scale/zero `[..., T, D/G]`. (KIVI's values.)
+    share a scale (all D of the head where G > D). scale/zero `[..., T, D/G]`.
+    (KIVI's values.)
 
 Codes are packed along the token axis into uint32 words, `w = 32 // b` codes
 per word, in *group slots*: `w` consecutive groups of `G` tokens form a packing
@@ -52,12 +53,19 @@ def unpack(words: Array, bits: int, group_size: int) -> Array:
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
 
 
+def channel_group(group_size: int, head_dim: int) -> int:
+  """Channels per group of a per-token-quantized tensor: `G`, or the whole head
+  where `G` exceeds it."""
+  return min(group_size, head_dim)
+
+
 def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
   """`[..., T, D]` -> groups on axis -2 (channel) or -1 (token)."""
   *lead, t, d = x.shape
   if axis == "channel":
     return x.reshape(*lead, t // group_size, group_size, d)
-  return x.reshape(*lead, t, d // group_size, group_size)
+  c = channel_group(group_size, d)
+  return x.reshape(*lead, t, d // c, c)
 
 
 def quantize(

@@ -19,7 +19,7 @@ Shapes (B batch, K kv heads, M query rows per kv head padded to 16, D head dim,
 C block capacity in tokens, G group size, w codes per word):
   q        [B, K, M, D]      model dtype
   k_codes  [B, K, C/w_k, D]  uint32        k_scale, k_zero [B, K, C/G, D]
-  v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, C, D/G]
+  v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, C, D/min(G, D)]
   n_valid  [B] int32: quantized tokens per row (a multiple of G)
   lo       [B] int32: first visible token per row (sliding window; 0 for none)
 Returns `(o, lse)`: o [B, K, M, D] float32, attention normalized over the
@@ -66,7 +66,8 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   chunk_slots = block_tokens // g_sz
   n_chunks = w_min // chunk_slots
   m_rows, d = q_ref.shape
-  n_cgroups = d // g_sz
+  cg = min(g_sz, d)  # channels per value group (quantization.channel_group)
+  n_cgroups = d // cg
   split = pl.program_id(2)
 
   # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
@@ -106,9 +107,9 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, P]
       l_new = l_prev * corr + jnp.sum(p, axis=1)
       # Values [P, D]: per-token scale and zero of each channel group.
-      vs = vs_ref[pl.ds(tok0, block_tokens), :].astype(jnp.float32)  # [P, D/G]
+      vs = vs_ref[pl.ds(tok0, block_tokens), :].astype(jnp.float32)  # [P, D/cg]
       vz = vz_ref[pl.ds(tok0, block_tokens), :].astype(jnp.float32)
-      full = (block_tokens, n_cgroups, g_sz)
+      full = (block_tokens, n_cgroups, cg)
       vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
       vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
       vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(jnp.float32)

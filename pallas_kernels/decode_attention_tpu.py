@@ -73,9 +73,10 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     p = jnp.where(live, jnp.exp(s - m_new), 0.0)
     l_sc[...] = l_sc[...] * corr + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
-    # [D/G, D] 0/1: channel j belongs to group c. Expands [P, D/G] scales to [P, D].
-    expand = (jax.lax.broadcasted_iota(jnp.int32, (d // g_sz, d), 1) // g_sz
-              == jax.lax.broadcasted_iota(jnp.int32, (d // g_sz, d), 0)).astype(jnp.float32)
+    # [D/cg, D] 0/1: channel j belongs to group c. Expands [P, D/cg] scales to [P, D].
+    cg = min(g_sz, d)  # channels per value group (quantization.channel_group)
+    expand = (jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 1) // cg
+              == jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 0)).astype(jnp.float32)
     vs = jnp.dot(vs_ref[...].astype(jnp.float32), expand, preferred_element_type=jnp.float32)
     vz = jnp.dot(vz_ref[...].astype(jnp.float32), expand, preferred_element_type=jnp.float32)
     v = (unpack(vw_ref[...], g0 % wv, v_bits) * vs + vz).astype(compute_dtype)  # [P, D]
@@ -120,8 +121,8 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
           blk(w_min, d, lambda i, j, s, n, lo: (i, j, s, 0)),
           blk(w_min, d, lambda i, j, s, n, lo: (i, j, s, 0)),
           blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_min // wv, 0)),
-          blk(p_tok, d // g, lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(p_tok, d // g, lambda i, j, s, n, lo: (i, j, s, 0)),
+          blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
+          blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
       ],
       out_specs=[
           blk(m_rows, d, lambda i, j, s, n, lo: (i, j, 0, 0)),

@@ -11,7 +11,9 @@ def quantize(x, bits, group_size, axis):
     g = x.reshape(*lead, t // group_size, group_size, d)
     red = -2
   else:
-    g = x.reshape(*lead, t, d // group_size, group_size)
+    # Per token: groups of G channels, or the whole head where G exceeds it.
+    c = min(group_size, d)
+    g = x.reshape(*lead, t, d // c, c)
     red = -1
   lo, hi = g.min(red, keepdims=True), g.max(red, keepdims=True)
   scale = (hi - lo) / (2**bits - 1)

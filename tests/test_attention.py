@@ -18,7 +18,7 @@ _attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", 
 @pytest.mark.parametrize("t_new", [1, 5])
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32", "fp16",
-                                  "kivi2-g16-r0"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64"])
 def test_matches_float64_reference(name, window, t_new, rep):
   config = CONFIGS[name]
   hq = HKV * rep
@@ -74,7 +74,8 @@ def test_quantization_changes_the_output():
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
 @pytest.mark.parametrize("rep", [1, 4, 7])
 @pytest.mark.parametrize("window", [None, 50])
-@pytest.mark.parametrize("name", ["kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0"])
+@pytest.mark.parametrize("name", ["kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0",
+                                  "kivi2-g64-r64"])
 def test_kernel_decode_matches_reference(name, window, rep, impl):
   if impl == "tpu" and jax.default_backend() == "gpu":
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")

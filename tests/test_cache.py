@@ -28,6 +28,8 @@ CONFIGS = {
     "kivi2-g16-r32": kivi_jax.KIVIConfig(2, 2, 16, 32),
     "kivi4-g32-r64": kivi_jax.KIVIConfig(4, 4, 32, 64),
     "kivi2-g16-r0": kivi_jax.KIVIConfig(2, 2, 16, 0),
+    # Groups wider than the head (D = 32): values quantized over the whole head.
+    "kivi2-g64-r64": kivi_jax.KIVIConfig(2, 2, 64, 64),
     "k8-v2-g32-r32": kivi_jax.KIVIConfig(8, 2, 32, 32),
     "k2-v16": kivi_jax.KIVIConfig(2, 16, 16, 16),
     "per-token-keys": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token",
@@ -100,7 +102,7 @@ def test_prefill_equals_token_by_token(name, n):
 
 
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32",
-                                  "kivi2-g16-r0"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64"])
 def test_block_holds_spec_quantization_of_oldest_tokens(name):
   config = CONFIGS[name]
   n = 130
@@ -146,7 +148,7 @@ def test_nbytes_counts_every_array():
 
 def test_init_cache_validates():
   with pytest.raises(ValueError, match="group_size=64 must divide the head dim"):
-    kivi_jax.init_cache(_Shape(head_dim=32), kivi_jax.KIVIConfig(2, 2, 64, 128), 1, 64)
+    kivi_jax.init_cache(_Shape(head_dim=96), kivi_jax.KIVIConfig(2, 2, 64, 128), 1, 64)
   with pytest.raises(ValueError, match="batch_size"):
     kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 0, 64)
   with pytest.raises(ValueError, match="max_length"):

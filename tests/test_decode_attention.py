@@ -24,7 +24,8 @@ from conftest import tiny_hf_model, tiny_llama_config
 ON_GPU = jax.default_backend() == "gpu"
 
 BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)]
-DIMS = [(64, 32), (64, 64), (128, 32), (128, 128)]  # (head dim, group size)
+# (head dim, group size); a group wider than the head makes one value group per token.
+DIMS = [(64, 32), (64, 64), (128, 32), (128, 128), (64, 128)]
 
 
 def _inputs(seed, b, kv_heads, rep, d, g, k_bits, v_bits, dtype):

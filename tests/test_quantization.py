@@ -64,13 +64,15 @@ def test_round_trip_error_within_half_a_step(case):
   assert np.asarray(codes).max() <= 2**bits - 1
 
 
+@pytest.mark.parametrize("g", [32, 128])  # 128 > head dim: one group per token
 @pytest.mark.parametrize("axis", ["channel", "token"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_codes_match_spec_in_float32(bits, axis):
+def test_codes_match_spec_in_float32(bits, axis, g):
   rng = np.random.default_rng(bits)
-  x = rng.standard_normal((2, 64, 64)).astype(np.float32)
-  codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, 32, axis, jnp.float32)
-  q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, 32, axis)
+  x = rng.standard_normal((2, 128, 64)).astype(np.float32)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, g, axis, jnp.float32)
+  q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, g, axis)
+  assert scale.shape == ((2, 128 // g, 64) if axis == "channel" else (2, 128, 64 // min(g, 64)))
   # Codes may differ from float64 only where (x - lo) / scale sits on a .5 tie
   # within float32 rounding: allow one step on a vanishing fraction.
   diff = np.abs(np.asarray(codes, np.int64) - q_ref)
