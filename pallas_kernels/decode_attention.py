@@ -236,15 +236,23 @@ def quantized_decode_attention(*args, **kwargs):
 
 def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale,
                                          v_zero, n_valid, lo, *, k_bits: int, v_bits: int,
-                                         group_size: int):
-  """The same function in plain jnp: dequantize the block, mask, softmax."""
+                                         group_size: int, dot_dtype=jnp.float32):
+  """The same function in plain jnp: dequantize the block, mask, softmax.
+
+  Float32 throughout by default. With `dot_dtype=bfloat16` the operands of
+  both dots are rounded as the kernel rounds them for bf16 inputs: keys and
+  values dequantized in float32 then rounded once, probabilities rounded
+  (relative to the row's global maximum here, to the running maximum in the
+  kernel: the one rounding that is not reproduced exactly).
+  """
   from kivi_jax import quantization
   g = group_size
   d = q.shape[-1]
-  keys = quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale, k_zero,
-                                 g, "channel", jnp.float32)
-  values = quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale, v_zero,
-                                   g, "token", jnp.float32)
+  rnd = lambda x: x.astype(dot_dtype).astype(jnp.float32)  # noqa: E731
+  keys = rnd(quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale,
+                                     k_zero, g, "channel", jnp.float32))
+  values = rnd(quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale,
+                                       v_zero, g, "token", jnp.float32))
   s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), keys) / math.sqrt(d)
   t = jnp.arange(keys.shape[2])
   live = (t[None, :] < n_valid[:, None]) & (t[None, :] >= lo[:, None])  # [B, T]
@@ -252,5 +260,5 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   m = jnp.max(s, axis=-1)
   p = jnp.where(live[:, None, None, :], jnp.exp(s - m[..., None]), 0.0)
   l = jnp.sum(p, axis=-1)
-  acc = jnp.einsum("bkmt,bktd->bkmd", p, values)
+  acc = jnp.einsum("bkmt,bktd->bkmd", rnd(p), values)
   return merge_partials(acc[:, :, None], m[:, :, None], l[:, :, None])
