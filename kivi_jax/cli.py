@@ -113,7 +113,7 @@ def _eval_ppl(args) -> int:
   for name, config in configs.items():
     with jax.default_matmul_precision("highest"):
       result = kv_eval.kv_perplexity(model, tokens, config, **setting)
-    k_bpe, v_bpe = config.bits_per_element(scale_bits=16)
+    k_bpe, v_bpe = config.bits_per_element(scale_bits=16, head_dim=model.config.head_dim)
     rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config),
                  "bits_per_element": (k_bpe + v_bpe) / 2})
     print(f"{name:>24}  KV-ppl {result.kv_ppl:8.3f}", flush=True)

@@ -103,11 +103,21 @@ class KIVIConfig:
             "whole head where group_size exceeds it)"
         )
 
-  def bits_per_element(self, scale_bits: int) -> tuple[float, float]:
-    """Bits per key and per value element in the quantized block (SPEC.md)."""
-    def one(bits):
-      return float(bits) if bits == 16 else bits + 2 * scale_bits / self.group_size
-    return one(self.k_bits), one(self.v_bits)
+  def bits_per_element(self, scale_bits: int, head_dim: int | None = None
+                       ) -> tuple[float, float]:
+    """Bits per key and per value element in the quantized block (SPEC.md).
+
+    A per-token group spans `min(group_size, head_dim)` channels; without
+    `head_dim`, `group_size`.
+    """
+    def one(bits, axis):
+      if bits == 16:
+        return float(bits)
+      g = self.group_size
+      if axis == "token" and head_dim is not None:
+        g = min(g, head_dim)
+      return bits + 2 * scale_bits / g
+    return one(self.k_bits, self.key_axis), one(self.v_bits, self.value_axis)
 
 
 PRESETS: dict[str, KIVIConfig] = {

@@ -144,6 +144,8 @@ def test_nbytes_counts_every_array():
   fp = kivi_jax.init_cache(shape, kivi_jax.PRESETS["fp16"], 2, 4096)
   assert fp.nbytes() == 2 * elems * 2 + ring + 2 * 4
   assert kivi_jax.PRESETS["kivi2"].bits_per_element(16) == (3.0, 3.0)
+  # g128 on 64-dim heads: values grouped over the head's 64 channels.
+  assert kivi_jax.PRESETS["kivi2-g128"].bits_per_element(16, head_dim=64) == (2.25, 2.5)
 
 
 def test_init_cache_validates():
