@@ -209,7 +209,7 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   dtype = block.scale.dtype
-  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
+  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype, config.clip)
   w = codes_per_word(bits)
   group = tok // g
   row = jnp.where(live, group // w * g + tok % g, block.codes.shape[-2])

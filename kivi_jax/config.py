@@ -40,6 +40,9 @@ class KIVIConfig:
       group of tokens at a time).
     key_axis: "channel" (KIVI) or "token" (the ablation that fails at 2 bits).
     value_axis: "token" (KIVI) or "channel".
+    clip: SKVQ's clipped dynamic quantization, in (0, 1]: each group's min and
+      max are multiplied by `clip` before its scale and zero are computed
+      (SPEC.md, "SKVQ"); 1 (KIVI) quantizes the full range.
   """
 
   k_bits: int = 2
@@ -48,6 +51,7 @@ class KIVIConfig:
   residual_length: int = 128
   key_axis: QuantAxis = "channel"
   value_axis: QuantAxis = "token"
+  clip: float = 1.0
 
   def __post_init__(self):
     for name in ("k_bits", "v_bits"):
@@ -75,6 +79,9 @@ class KIVIConfig:
     for name in ("key_axis", "value_axis"):
       if getattr(self, name) not in _AXES:
         raise ValueError(f"{name} must be one of {_AXES}, got {getattr(self, name)!r}")
+    c = self.clip
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+      raise ValueError(f"clip must be a number in (0, 1], got {c!r}")
 
   @property
   def ring_size(self) -> int:

@@ -69,7 +69,7 @@ def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
 
 
 def quantize(
-    x: Array, bits: int, group_size: int, axis: QuantAxis, scale_dtype
+    x: Array, bits: int, group_size: int, axis: QuantAxis, scale_dtype, clip: float = 1.0
 ) -> tuple[Array, Array, Array]:
   """Asymmetric `bits`-bit quantization of `x` `[..., T, D]`.
 
@@ -77,11 +77,18 @@ def quantize(
   zero in `scale_dtype` with the shapes in the module docstring. Codes are
   computed from the *stored* scale and zero, so the only error beyond `scale/2`
   is the clipping caused by rounding them to `scale_dtype`.
+
+  `clip` < 1 is SKVQ's clipped dynamic quantization: each group's `lo` and `hi`
+  are multiplied by `clip` before its scale and zero are computed and codes are
+  clamped, trading the extremes' error for finer steps. A constant group is not
+  clipped (it has no steps to gain) and still dequantizes exactly.
   """
   red = -2 if axis == "channel" else -1
   xg = _grouped(x, group_size, axis).astype(jnp.float32)
   lo = jnp.min(xg, axis=red, keepdims=True)
   hi = jnp.max(xg, axis=red, keepdims=True)
+  if clip != 1.0:
+    lo, hi = jnp.where(hi > lo, lo * clip, lo), jnp.where(hi > lo, hi * clip, hi)
   levels = 2**bits - 1
   scale = ((hi - lo) / levels).astype(scale_dtype)
   zero = lo.astype(scale_dtype)

@@ -3,8 +3,11 @@
 import numpy as np
 
 
-def quantize(x, bits, group_size, axis):
-  """Returns (codes, scale, zero, dequantized), all float64, `x` [..., T, D]."""
+def quantize(x, bits, group_size, axis, clip=1.0):
+  """Returns (codes, scale, zero, dequantized), all float64, `x` [..., T, D].
+
+  `clip`: SPEC.md's clipped dynamic quantization (lo and hi scaled by it; a
+  constant group is left alone)."""
   x = np.asarray(x, np.float64)
   *lead, t, d = x.shape
   if axis == "channel":
@@ -16,6 +19,8 @@ def quantize(x, bits, group_size, axis):
     g = x.reshape(*lead, t, d // c, c)
     red = -1
   lo, hi = g.min(red, keepdims=True), g.max(red, keepdims=True)
+  spread = hi > lo
+  lo, hi = np.where(spread, lo * clip, lo), np.where(spread, hi * clip, hi)
   scale = (hi - lo) / (2**bits - 1)
   with np.errstate(divide="ignore", invalid="ignore"):
     q = np.where(scale > 0, np.clip(np.round((g - lo) / scale), 0, 2**bits - 1), 0)

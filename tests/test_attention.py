@@ -18,7 +18,7 @@ _attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", 
 @pytest.mark.parametrize("t_new", [1, 5])
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32", "fp16",
-                                  "kivi2-g16-r0", "kivi2-g64-r64"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip"])
 def test_matches_float64_reference(name, window, t_new, rep):
   config = CONFIGS[name]
   hq = HKV * rep
@@ -40,10 +40,12 @@ def test_matches_float64_reference(name, window, t_new, rep):
     kb, vb = (np.asarray(x[b, :, :total], np.float64) for x in (k, v))
     if config.k_bits < 16:
       kb[:, :nq[b]] = spec_reference.quantize(kb[:, :nq[b]], config.k_bits,
-                                              config.group_size, config.key_axis)[3]
+                                              config.group_size, config.key_axis,
+                                              config.clip)[3]
     if config.v_bits < 16:
       vb[:, :nq[b]] = spec_reference.quantize(vb[:, :nq[b]], config.v_bits,
-                                              config.group_size, config.value_axis)[3]
+                                              config.group_size, config.value_axis,
+                                              config.clip)[3]
     qpos = lengths[b] + np.arange(n_new[b])
     kpos = np.arange(total)
     visible = kpos[None, :] <= qpos[:, None]
@@ -75,7 +77,7 @@ def test_quantization_changes_the_output():
 @pytest.mark.parametrize("rep", [1, 4, 7])
 @pytest.mark.parametrize("window", [None, 50])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0",
-                                  "kivi2-g64-r64"])
+                                  "kivi2-g64-r64", "kivi2-clip"])
 def test_kernel_decode_matches_reference(name, window, rep, impl):
   if impl == "tpu" and jax.default_backend() == "gpu":
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")

@@ -30,6 +30,7 @@ CONFIGS = {
     "kivi2-g16-r0": kivi_jax.KIVIConfig(2, 2, 16, 0),
     # Groups wider than the head (D = 32): values quantized over the whole head.
     "kivi2-g64-r64": kivi_jax.KIVIConfig(2, 2, 64, 64),
+    "kivi2-clip": kivi_jax.KIVIConfig(2, 2, 16, 32, clip=0.93),  # SKVQ's clipping
     "k8-v2-g32-r32": kivi_jax.KIVIConfig(8, 2, 32, 32),
     "k2-v16": kivi_jax.KIVIConfig(2, 16, 16, 16),
     "per-token-keys": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token",
@@ -102,7 +103,7 @@ def test_prefill_equals_token_by_token(name, n):
 
 
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32",
-                                  "kivi2-g16-r0", "kivi2-g64-r64"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip"])
 def test_block_holds_spec_quantization_of_oldest_tokens(name):
   config = CONFIGS[name]
   n = 130
@@ -121,7 +122,8 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
       assert nq[row] == lengths[row] // g * g
     for name_, x, bits, axis in (("k", k, config.k_bits, config.key_axis),
                                  ("v", v, config.v_bits, config.value_axis)):
-      *_, deq_ref = spec_reference.quantize(np.asarray(x[row, :, :nq[row]]), bits, g, axis)
+      *_, deq_ref = spec_reference.quantize(np.asarray(x[row, :, :nq[row]]), bits, g, axis,
+                                            config.clip)
       got = cache_lib.dequantize_block(jax.tree.map(lambda a: a[row:row + 1],
                                                     getattr(layer, name_)),
                                        bits, axis, config, jnp.float32)

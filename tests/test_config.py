@@ -19,6 +19,9 @@ from kivi_jax.config import KIVIConfig
     (dict(residual_length=-32), r"residual_length must be 0 or a positive multiple"),
     (dict(key_axis="head"), r"key_axis must be one of \('channel', 'token'\)"),
     (dict(value_axis="row"), r"value_axis must be one of"),
+    (dict(clip=0.0), r"clip must be a number in \(0, 1\], got 0.0"),
+    (dict(clip=1.2), r"clip must be a number in \(0, 1\]"),
+    (dict(clip=True), r"clip must be a number"),
 ])
 def test_bad_values_raise_naming_the_field(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -114,3 +114,36 @@ def test_pack_unpack_is_exact(bits, g, blocks, d, seed):
 def test_pack_rejects_partial_blocks():
   with pytest.raises(ValueError, match="multiple of 512"):
     quantization.pack(jnp.zeros((1, 32, 4), jnp.uint8), 2, 32)
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_clip_one_is_plain_quantization(axis):
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 64, 64)), jnp.float32)
+  plain = quantization.quantize(x, 2, 32, axis, jnp.float32)
+  clipped = quantization.quantize(x, 2, 32, axis, jnp.float32, clip=1.0)
+  for a, b in zip(plain, clipped):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipped_quantization_matches_spec(bits, axis):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((2, 64, 64)).astype(np.float32)
+  x[:, :, 5] = 0.25  # constant groups (per token: not whole groups, per channel: yes)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, 32, axis, jnp.float32,
+                                             clip=0.9)
+  q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, 32, axis, clip=0.9)
+  diff = np.abs(np.asarray(codes, np.int64) - q_ref)
+  assert diff.max() <= 1 and diff.mean() < 1e-3
+  np.testing.assert_allclose(np.asarray(scale), s_ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(zero), z_ref, rtol=1e-6)
+  plain_scale = spec_reference.quantize(x, bits, 32, axis)[1]
+  spread = plain_scale > 0
+  # Finer steps for every group with a spread.
+  np.testing.assert_allclose(s_ref[spread], 0.9 * plain_scale[spread], rtol=1e-12)
+  deq = np.asarray(quantization.dequantize(codes, scale, zero, 32, axis, jnp.float32))
+  # Nothing dequantizes beyond the clipped range (x's extremes are of both signs).
+  assert 0.9 * x.min() - 1e-6 <= deq.min() and deq.max() <= 0.9 * x.max() + 1e-6
+  if axis == "channel":  # channel 5 is constant per group: exact despite clipping
+    np.testing.assert_array_equal(deq[:, :, 5], 0.25)
