@@ -159,6 +159,8 @@ def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4
                       ("answer_tokens", answer_tokens)):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
   limit = model.config.max_position_embeddings
   for length in lengths:
     if not 0 < length <= limit:

@@ -122,3 +122,5 @@ def test_passkey_rejects_lengths_past_the_context_window(setup):
   with pytest.raises(ValueError, match=r"lengths: 1024 is outside the model's context "
                      r"window \(1 to 512 tokens\)"):
     kv_eval.passkey(model, byte_tokenizer(), KIVI2, lengths=(256, 1024))
+  with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+    kv_eval.passkey(model, byte_tokenizer(), KIVI2, lengths=(256,), seed=-1)
