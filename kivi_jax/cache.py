@@ -18,7 +18,7 @@ from flax import struct
 from jax import Array
 
 from kivi_jax import quantization
-from kivi_jax.config import KIVIConfig, QuantAxis, codes_per_word
+from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
 
 
 @struct.dataclass
@@ -105,7 +105,7 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dt
   if axis == "channel":
     sshape = (*lead, capacity // group_size, head_dim)
   else:
-    sshape = (*lead, capacity, head_dim // quantization.channel_group(group_size, head_dim))
+    sshape = (*lead, capacity, head_dim // channel_group(group_size, head_dim))
   return QuantizedBlock(codes, jnp.zeros(sshape, dtype), jnp.zeros(sshape, dtype))
 
 

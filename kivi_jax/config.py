@@ -22,6 +22,12 @@ def codes_per_word(bits: int) -> int:
   return 32 // bits
 
 
+def channel_group(group_size: int, head_dim: int) -> int:
+  """Channels per group of a per-token-quantized tensor: `G`, or the whole head
+  where `G` exceeds it."""
+  return min(group_size, head_dim)
+
+
 @dataclasses.dataclass(frozen=True)
 class KIVIConfig:
   """How the KV cache quantizes keys and values (SPEC.md, "KIVI axes").
@@ -122,7 +128,7 @@ class KIVIConfig:
         return float(bits)
       g = self.group_size
       if axis == "token" and head_dim is not None:
-        g = min(g, head_dim)
+        g = channel_group(g, head_dim)
       return bits + 2 * scale_bits / g
     return one(self.k_bits, self.key_axis), one(self.v_bits, self.value_axis)
 

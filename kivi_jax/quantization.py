@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from kivi_jax.config import QuantAxis, codes_per_word
+from kivi_jax.config import QuantAxis, channel_group, codes_per_word
 
 
 def pack(codes: Array, bits: int, group_size: int) -> Array:
@@ -51,12 +51,6 @@ def unpack(words: Array, bits: int, group_size: int) -> Array:
   shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None, None]
   codes = (words >> shifts) & jnp.uint32(2**bits - 1)
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
-
-
-def channel_group(group_size: int, head_dim: int) -> int:
-  """Channels per group of a per-token-quantized tensor: `G`, or the whole head
-  where `G` exceeds it."""
-  return min(group_size, head_dim)
 
 
 def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
@@ -88,7 +82,8 @@ def quantize(
   lo = jnp.min(xg, axis=red, keepdims=True)
   hi = jnp.max(xg, axis=red, keepdims=True)
   if clip != 1.0:
-    lo, hi = jnp.where(hi > lo, lo * clip, lo), jnp.where(hi > lo, hi * clip, hi)
+    spread = hi > lo
+    lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
   levels = 2**bits - 1
   scale = ((hi - lo) / levels).astype(scale_dtype)
   zero = lo.astype(scale_dtype)

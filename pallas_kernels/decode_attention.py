@@ -66,7 +66,7 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   chunk_slots = block_tokens // g_sz
   n_chunks = w_min // chunk_slots
   m_rows, d = q_ref.shape
-  cg = min(g_sz, d)  # channels per value group (quantization.channel_group)
+  cg = min(g_sz, d)  # channels per value group (kivi_jax.config.channel_group)
   n_cgroups = d // cg
   split = pl.program_id(2)
 

@@ -74,7 +74,7 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     l_sc[...] = l_sc[...] * corr + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
     # [D/cg, D] 0/1: channel j belongs to group c. Expands [P, D/cg] scales to [P, D].
-    cg = min(g_sz, d)  # channels per value group (quantization.channel_group)
+    cg = min(g_sz, d)  # channels per value group (kivi_jax.config.channel_group)
     expand = (jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 1) // cg
               == jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 0)).astype(jnp.float32)
     vs = jnp.dot(vs_ref[...].astype(jnp.float32), expand, preferred_element_type=jnp.float32)
