@@ -69,6 +69,17 @@ def _generate(args) -> int:
   return 0
 
 
+def _presets(methods: str) -> dict[str, KIVIConfig]:
+  """`"fp16,kivi2"` -> their configs; an unknown name fails before any work."""
+  return {m: get_preset(m) for m in (m.strip() for m in methods.split(",")) if m}
+
+
+def _write_json(path: str, out: dict) -> None:
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  Path(path).write_text(json.dumps(out, indent=2) + "\n")
+  print(f"wrote {path}")
+
+
 def run_metadata() -> dict:
   """Where and when a figure was measured: device, jax version, date, git commit.
 
@@ -98,8 +109,7 @@ def _eval_ppl(args) -> int:
   from kivi_jax import eval as kv_eval
   from kivi_jax.default_model import default_model_path
 
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  configs = {m: get_preset(m) for m in methods}  # unknown names fail before any work
+  configs = _presets(args.methods)
   setting = dict(kv_eval.QUICK if args.setting == "quick" else kv_eval.FULL)
   overrides = {k: getattr(args, k) for k in setting if getattr(args, k) is not None}
   setting.update(overrides)
@@ -130,9 +140,7 @@ def _eval_ppl(args) -> int:
                                "counting 16-bit scales and zeros as on accelerators",
            **setting, "model": Path(path).name, "dtype": args.dtype,
            "data": Path(args.data).name, "tokens": int(tokens.size), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _write_json(args.out, out)
   return 0
 
 
@@ -143,8 +151,7 @@ def _eval_passkey(args) -> int:
   from kivi_jax import eval as kv_eval
   from kivi_jax.default_model import default_model_path
 
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  configs = {m: get_preset(m) for m in methods}
+  configs = _presets(args.methods)
   lengths = [int(x) for x in args.lengths.split(",")]
   path = args.model or default_model_path()
   model = kivi_jax.load_model(path, dtype=args.dtype)
@@ -174,9 +181,7 @@ def _eval_passkey(args) -> int:
     out = {**run_metadata(), "protocol": "Q2 passkey retrieval", "model": Path(path).name,
            "dtype": args.dtype, "depths": args.depths, "trials": args.trials,
            "seed": args.seed, "rows": rows, "records": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _write_json(args.out, out)
   return 0
 
 
@@ -195,9 +200,7 @@ def _bench_attention(args) -> int:
   print(bench.markdown_table(result))
   if args.out:
     out = {**run_metadata(), **result}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    _write_json(args.out, out)
   return 0
 
 
