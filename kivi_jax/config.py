@@ -10,16 +10,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-ALLOWED_BITS = (2, 4, 8, 16)
-"""Bit widths of a cached tensor; 16 means "not quantized, kept in the model dtype"."""
+ALLOWED_BITS = (1.5, 2, 4, 8, 16)
+"""Bit widths of a cached tensor; 16 means "not quantized, kept in the model dtype",
+1.5 means ternary codes (SKVQ's 1.5-bit values), stored 5 to a byte."""
+
+SCALE_DTYPES = (None, "float8_e4m3fn")
+"""Storage of scales and zeros: None keeps the cache dtype."""
 
 QuantAxis = Literal["channel", "token"]
 _AXES = ("channel", "token")
 
 
-def codes_per_word(bits: int) -> int:
-  """How many `bits`-bit codes one 32-bit storage word holds."""
-  return 32 // bits
+def codes_per_word(bits: float) -> int:
+  """How many `bits`-bit codes one 32-bit storage word holds (ternary: 5 per byte)."""
+  return 20 if bits == 1.5 else 32 // bits
+
+
+def levels(bits: float) -> int:
+  """Largest code of a `bits`-bit quantizer: `2^bits - 1`, or 2 for ternary."""
+  return 2 if bits == 1.5 else 2**bits - 1
 
 
 def channel_group(group_size: int, head_dim: int) -> int:
@@ -30,34 +39,57 @@ def channel_group(group_size: int, head_dim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KIVIConfig:
-  """How the KV cache quantizes keys and values (SPEC.md, "KIVI axes").
+  """How the KV cache quantizes keys and values (SPEC.md, "KIVI axes" and "SKVQ").
 
   Attributes:
-    k_bits: bits per key code, one of 2, 4, 8, or 16 (keys stay in the model dtype).
+    k_bits: bits per key code, one of 1.5 (ternary), 2, 4, 8, or 16 (keys stay
+      in the model dtype).
     v_bits: bits per value code, same choices.
-    group_size: `G`, how many elements share one scale and zero point. Keys
-      quantized per channel group `G` consecutive tokens; values quantized per
-      token group `G` consecutive channels (so `G` must divide the head dim), or
-      all channels of the head where `G` exceeds the head dim.
+    group_size: `G`, tokens quantized together: the cache flushes whole groups
+      of `G` tokens and packs codes in slots of `G` tokens. Keys quantized per
+      channel share a scale over those `G` tokens; a tensor quantized per token
+      groups `G` consecutive channels of a head (so `G` must divide the head
+      dim), or all channels of the head where `G` exceeds it, unless
+      `channel_group` is set.
     residual_length: `R`, the full-precision ring: the most recent `R - G + 1`
       to `R` tokens are never quantized. A multiple of `group_size`; 0 keeps
       only the group still being filled (0 to `G - 1` tokens) in full
       precision, the least per-channel keys allow (they are quantized a whole
       group of tokens at a time).
-    key_axis: "channel" (KIVI) or "token" (the ablation that fails at 2 bits).
-    value_axis: "token" (KIVI) or "channel".
-    clip: SKVQ's clipped dynamic quantization, in (0, 1]: each group's min and
-      max are multiplied by `clip` before its scale and zero are computed
-      (SPEC.md, "SKVQ"); 1 (KIVI) quantizes the full range.
+    key_axis: "channel" (KIVI) or "token" (SKVQ; at 2 bits per head, the
+      ablation that fails).
+    value_axis: "token" (KIVI, SKVQ) or "channel".
+    clip: SKVQ's clipped dynamic quantization: each group's min and max are
+      multiplied by a factor in (0, 1] before its scale and zero are computed
+      (SPEC.md, "SKVQ"); 1 (KIVI) quantizes the full range. "calibrated" takes
+      one factor per layer and tensor from a `kivi_jax.calibrate` result
+      (needs `channel_group`).
+    channel_group: SKVQ's groups: when set, keys and values (both per token)
+      are grouped over the whole KV hidden dim (all KV heads' channels side
+      by side) into `ceil(Hkv * D / channel_group)` groups; equal contiguous
+      groups, or with `reorder` the calibrated clusters of unequal size.
+    reorder: store channels in the calibrated order that puts channels of
+      similar range in one group (needs `channel_group` and a calibration).
+    sinks: `S`, the first tokens of each row kept in full precision
+      (attention sinks); the rest of the cache holds tokens `S, S + 1, ...`.
+    pre_rope: cache keys before RoPE and rotate them (dequantized) at
+      attention time.
+    scale_dtype: None (scales and zeros in the cache dtype) or
+      "float8_e4m3fn".
   """
 
-  k_bits: int = 2
-  v_bits: int = 2
+  k_bits: float = 2
+  v_bits: float = 2
   group_size: int = 32
   residual_length: int = 128
   key_axis: QuantAxis = "channel"
   value_axis: QuantAxis = "token"
-  clip: float = 1.0
+  clip: float | str = 1.0
+  channel_group: int | None = None
+  reorder: bool = False
+  sinks: int = 0
+  pre_rope: bool = False
+  scale_dtype: str | None = None
 
   def __post_init__(self):
     for name in ("k_bits", "v_bits"):
@@ -67,15 +99,6 @@ class KIVIConfig:
     g = self.group_size
     if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
       raise ValueError(f"group_size must be a positive integer, got {g!r}")
-    # Codes are packed along the token axis, so a flushed group of G tokens must
-    # fill whole 32-bit words.
-    for name in ("k_bits", "v_bits"):
-      bits = getattr(self, name)
-      if bits < 16 and g % codes_per_word(bits):
-        raise ValueError(
-            f"group_size must be a multiple of {codes_per_word(bits)} (the number "
-            f"of {bits}-bit codes in a 32-bit word, from {name}={bits}), got {g}"
-        )
     r = self.residual_length
     if isinstance(r, bool) or not isinstance(r, int) or r < 0 or r % g:
       raise ValueError(
@@ -86,8 +109,31 @@ class KIVIConfig:
       if getattr(self, name) not in _AXES:
         raise ValueError(f"{name} must be one of {_AXES}, got {getattr(self, name)!r}")
     c = self.clip
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-      raise ValueError(f"clip must be a number in (0, 1], got {c!r}")
+    if c != "calibrated" and (isinstance(c, bool) or not isinstance(c, (int, float))
+                              or not 0 < c <= 1):
+      raise ValueError(f"clip must be a number in (0, 1] or 'calibrated', got {c!r}")
+    cg = self.channel_group
+    if cg is not None:
+      if isinstance(cg, bool) or not isinstance(cg, int) or cg <= 0:
+        raise ValueError(f"channel_group must be None or a positive integer, got {cg!r}")
+      if self.key_axis != "token" or self.value_axis != "token":
+        raise ValueError(
+            "channel_group groups per-token keys and values over the hidden dim; it "
+            f"needs key_axis='token' and value_axis='token', got {self.key_axis!r} "
+            f"and {self.value_axis!r}")
+    for name in ("reorder", "pre_rope"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if cg is None and (self.reorder or c == "calibrated"):
+      raise ValueError(
+          "reorder=True and clip='calibrated' need channel_group: the calibrated "
+          "channel order and clip factors apply to groups over the hidden dim")
+    s = self.sinks
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise ValueError(f"sinks must be a non-negative integer, got {s!r}")
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got "
+                       f"{self.scale_dtype!r}")
 
   @property
   def ring_size(self) -> int:
@@ -102,8 +148,19 @@ class KIVIConfig:
   def quantizes_values(self) -> bool:
     return self.v_bits < 16
 
+  @property
+  def needs_calibration(self) -> bool:
+    """Whether `init_cache` needs a `kivi_jax.calibrate` result."""
+    return self.reorder or self.clip == "calibrated"
+
+  def hidden_groups(self, hidden: int) -> int:
+    """Groups over a hidden dim of `hidden` channels (`channel_group` set)."""
+    return -(-hidden // self.channel_group)
+
   def check_head_dim(self, head_dim: int) -> None:
     """Raises if a per-token-quantized tensor cannot be grouped over `head_dim`."""
+    if self.channel_group is not None:
+      return
     for name, bits, axis in (
         ("values", self.v_bits, self.value_axis),
         ("keys", self.k_bits, self.key_axis),
@@ -116,20 +173,32 @@ class KIVIConfig:
             "whole head where group_size exceeds it)"
         )
 
-  def bits_per_element(self, scale_bits: int, head_dim: int | None = None
-                       ) -> tuple[float, float]:
+  def bits_per_element(self, scale_bits: int, head_dim: int | None = None,
+                       num_kv_heads: int = 1) -> tuple[float, float]:
     """Bits per key and per value element in the quantized block (SPEC.md).
 
-    A per-token group spans `min(group_size, head_dim)` channels; without
-    `head_dim`, `group_size`.
+    `scale_bits` is the width of a stored scale or zero (8 whatever it says
+    with fp8 `scale_dtype`). A per-token group spans `min(group_size,
+    head_dim)` channels, or `hidden / hidden_groups(hidden)` on average with
+    `channel_group` (`hidden = num_kv_heads * head_dim`); without `head_dim`,
+    `group_size` and `channel_group`.
     """
+    if self.scale_dtype is not None:
+      scale_bits = 8
+
     def one(bits, axis):
       if bits == 16:
         return float(bits)
       g = self.group_size
-      if axis == "token" and head_dim is not None:
+      if axis == "token" and self.channel_group is not None:
+        g = self.channel_group
+        if head_dim is not None:
+          hidden = num_kv_heads * head_dim
+          g = hidden / self.hidden_groups(hidden)
+      elif axis == "token" and head_dim is not None:
         g = channel_group(g, head_dim)
-      return bits + 2 * scale_bits / g
+      # Storage bits: 1.6 for ternary codes, 5 to a byte.
+      return 32 / codes_per_word(bits) + 2 * scale_bits / g
     return one(self.k_bits, self.key_axis), one(self.v_bits, self.value_axis)
 
 
@@ -146,6 +215,15 @@ PRESETS: dict[str, KIVIConfig] = {
     "kivi2-per-token-keys": KIVIConfig(
         k_bits=2, v_bits=2, group_size=32, residual_length=128,
         key_axis="token", value_axis="channel"),
+    # SKVQ's reference configurations (SPEC.md, "SKVQ"): the window W = 128 is
+    # the ring, flushed 32 tokens at a time; groups of about 128 channels over
+    # the hidden dim (and, "-g32", of 32: KIVI-2's memory).
+    **{f"skvq-k2v{v}{g}{fp8}": KIVIConfig(
+        k_bits=2, v_bits=v, group_size=32, residual_length=128, key_axis="token",
+        value_axis="token", clip="calibrated", channel_group=128 if g == "" else 32,
+        reorder=True, sinks=5, pre_rope=True,
+        scale_dtype="float8_e4m3fn" if fp8 else None)
+       for v in (2, 1.5) for g in ("", "-g32") for fp8 in ("", "-fp8")},
 }
 """Named cache methods; the CLI and the evals select from this one registry.
 "fp16" keeps the cache in the model's own dtype (float32, bfloat16 or float16)."""

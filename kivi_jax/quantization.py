@@ -19,37 +19,61 @@ of every row. Token `t` (group `g = t // G`) sits at word row
 multiple of `w * G`. Extracting one slot of a block's `G` rows yields one whole
 group of consecutive tokens, which is what lets a kernel fold the group's
 scale into the query or the probabilities; the channel axis stays last.
+
+Ternary codes (1.5 bits, SKVQ's values) use the same slots, 20 to a word:
+slot `j` is base-3 digit `j % 5` of byte `j // 5`, so a byte holds 5 codes
+(3^5 = 243 <= 256): 1.6 bits per code.
+
+`quantize` and `dequantize` also take an explicit channel grouping for axis
+"token" (SKVQ's unequal groups over the reordered hidden dim): `groups = (ids,
+n)`, `ids` int32 `[D]` the nondecreasing group of each channel, `n` groups;
+scale and zero are then `[..., T, n]`.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
-from kivi_jax.config import QuantAxis, channel_group, codes_per_word
+from kivi_jax.config import QuantAxis, channel_group, codes_per_word, levels
 
 
-def pack(codes: Array, bits: int, group_size: int) -> Array:
-  """Packs integer codes `[..., T, D]` in `[0, 2^bits)` into uint32 `[..., T/w, D]`."""
+def slot_fields(bits: float) -> tuple[np.ndarray, np.ndarray, int]:
+  """Per slot `j` of a word: `(shift, divisor)` uint32 `[w]` and a field mask, so
+  that slot `j`'s code is `((word >> shift[j]) & field) // divisor[j] % (levels + 1)`
+  and a word is `sum_j code_j * divisor[j] << shift[j]`."""
+  w = codes_per_word(bits)
+  j = np.arange(w, dtype=np.uint32)
+  if bits == 1.5:
+    return (8 * (j // 5)).astype(np.uint32), (3 ** (j % 5)).astype(np.uint32), 255
+  return (j * bits).astype(np.uint32), np.ones(w, np.uint32), 2**bits - 1
+
+
+def pack(codes: Array, bits: float, group_size: int) -> Array:
+  """Packs integer codes `[..., T, D]` in `[0, levels]` into uint32 `[..., T/w, D]`."""
   w, g = codes_per_word(bits), group_size
   *lead, t, d = codes.shape
   if t % (w * g):
     raise ValueError(f"token axis ({t}) must be a multiple of {w * g} (codes per word "
                      f"{w} x group_size {g}) to pack {bits}-bit codes")
   codes = codes.astype(jnp.uint32).reshape(*lead, t // (w * g), w, g, d)
-  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None, None]
-  # The bit fields are disjoint, so their sum is their bitwise or.
-  words = jnp.sum(codes << shifts, axis=-3, dtype=jnp.uint32)
+  shift, div, _ = slot_fields(bits)
+  place = jnp.asarray(div << shift)[:, None, None]
+  # The fields are disjoint, so their sum is their bitwise or.
+  words = jnp.sum(codes * place, axis=-3, dtype=jnp.uint32)
   return words.reshape(*lead, t // w, d)
 
 
-def unpack(words: Array, bits: int, group_size: int) -> Array:
+def unpack(words: Array, bits: float, group_size: int) -> Array:
   """Inverse of `pack`: uint32 `[..., T/w, D]` -> uint8 codes `[..., T, D]`."""
   w, g = codes_per_word(bits), group_size
   *lead, tw, d = words.shape
   words = words.reshape(*lead, tw // g, 1, g, d)
-  shifts = (jnp.arange(w, dtype=jnp.uint32) * bits)[:, None, None]
-  codes = (words >> shifts) & jnp.uint32(2**bits - 1)
+  shift, div, field = slot_fields(bits)
+  shift, div = jnp.asarray(shift)[:, None, None], jnp.asarray(div)[:, None, None]
+  codes = ((words >> shift) & jnp.uint32(field)) // div % jnp.uint32(levels(bits) + 1)
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
 
 
@@ -62,8 +86,15 @@ def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
   return x.reshape(*lead, t, d // c, c)
 
 
+def _segment(reduce, x: Array, ids: Array, n: int) -> Array:
+  """`reduce` over each group of channels: `[..., D]` -> `[..., n]`."""
+  out = reduce(jnp.moveaxis(x, -1, 0), ids, num_segments=n, indices_are_sorted=True)
+  return jnp.moveaxis(out, 0, -1)
+
+
 def quantize(
-    x: Array, bits: int, group_size: int, axis: QuantAxis, scale_dtype, clip: float = 1.0
+    x: Array, bits: float, group_size: int, axis: QuantAxis, scale_dtype,
+    clip: float | Array = 1.0, groups: tuple[Array, int] | None = None,
 ) -> tuple[Array, Array, Array]:
   """Asymmetric `bits`-bit quantization of `x` `[..., T, D]`.
 
@@ -72,33 +103,51 @@ def quantize(
   computed from the *stored* scale and zero, so the only error beyond `scale/2`
   is the clipping caused by rounding them to `scale_dtype`.
 
-  `clip` < 1 is SKVQ's clipped dynamic quantization: each group's `lo` and `hi`
-  are multiplied by `clip` before its scale and zero are computed and codes are
-  clamped, trading the extremes' error for finer steps. A constant group is not
-  clipped (it has no steps to gain) and still dequantizes exactly.
+  `clip` < 1 (a number or a traced scalar) is SKVQ's clipped dynamic
+  quantization: each group's `lo` and `hi` are multiplied by `clip` before its
+  scale and zero are computed and codes are clamped, trading the extremes'
+  error for finer steps. A constant group is not clipped (it has no steps to
+  gain) and still dequantizes exactly. `groups` (axis "token" only): the
+  module docstring's explicit channel grouping.
   """
-  red = -2 if axis == "channel" else -1
-  xg = _grouped(x, group_size, axis).astype(jnp.float32)
-  lo = jnp.min(xg, axis=red, keepdims=True)
-  hi = jnp.max(xg, axis=red, keepdims=True)
-  if clip != 1.0:
+  x32 = x.astype(jnp.float32)
+  if groups is not None:
+    if axis != "token":
+      raise ValueError(f"explicit channel groups need axis='token', got {axis!r}")
+    ids, n = groups
+    lo = _segment(jax.ops.segment_min, x32, ids, n)[..., None, :]  # [..., T, 1, n]
+    hi = _segment(jax.ops.segment_max, x32, ids, n)[..., None, :]
+    xg, red = x32[..., None, :], -2  # broadcasts against lo[..., ids]
+  else:
+    red = -2 if axis == "channel" else -1
+    xg = _grouped(x32, group_size, axis)
+    lo = jnp.min(xg, axis=red, keepdims=True)
+    hi = jnp.max(xg, axis=red, keepdims=True)
+  if not (isinstance(clip, (int, float)) and clip == 1):
     spread = hi > lo
     lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
-  levels = 2**bits - 1
-  scale = ((hi - lo) / levels).astype(scale_dtype)
+  top = levels(bits)
+  scale = ((hi - lo) / top).astype(scale_dtype)
   zero = lo.astype(scale_dtype)
   s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
+  if groups is not None:
+    s32, z32 = s32[..., ids], z32[..., ids]
   # A constant group has scale 0: every code is 0 and x' = zero = x exactly.
   safe = jnp.where(s32 > 0, s32, 1.0)
   q = jnp.where(s32 > 0, jnp.round((xg - z32) / safe), 0.0)
-  codes = jnp.clip(q, 0, levels).astype(jnp.uint8).reshape(x.shape)
+  codes = jnp.clip(q, 0, top).astype(jnp.uint8).reshape(x.shape)
   return codes, jnp.squeeze(scale, red), jnp.squeeze(zero, red)
 
 
 def dequantize(
-    codes: Array, scale: Array, zero: Array, group_size: int, axis: QuantAxis, dtype
+    codes: Array, scale: Array, zero: Array, group_size: int, axis: QuantAxis, dtype,
+    groups: tuple[Array, int] | None = None,
 ) -> Array:
   """`codes * scale + zero` with each group's scale broadcast, in `dtype`."""
+  if groups is not None:
+    ids, _ = groups
+    s, z = scale.astype(jnp.float32)[..., ids], zero.astype(jnp.float32)[..., ids]
+    return (codes.astype(jnp.float32) * s + z).astype(dtype)
   red = -2 if axis == "channel" else -1
   cg = _grouped(codes, group_size, axis).astype(jnp.float32)
   s = jnp.expand_dims(scale.astype(jnp.float32), red)

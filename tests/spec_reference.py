@@ -3,13 +3,34 @@
 import numpy as np
 
 
-def quantize(x, bits, group_size, axis, clip=1.0):
+def levels(bits):
+  """Largest code: 2^b - 1, or 2 for SKVQ's ternary (1.5-bit) codes."""
+  return 2 if bits == 1.5 else 2**bits - 1
+
+
+def quantize(x, bits, group_size, axis, clip=1.0, groups=None, scale_dtype=None):
   """Returns (codes, scale, zero, dequantized), all float64, `x` [..., T, D].
 
   `clip`: SPEC.md's clipped dynamic quantization (lo and hi scaled by it; a
-  constant group is left alone)."""
+  constant group is left alone). `groups`: per-token groups given as the group
+  id of each channel (SKVQ's unequal groups), instead of runs of G channels.
+  `scale_dtype` (e.g. fp8): scale and zero are stored in it, and codes are
+  computed from the stored values."""
   x = np.asarray(x, np.float64)
   *lead, t, d = x.shape
+  if groups is not None:
+    # One group at a time, by masking: independent of how the code under test
+    # reduces segments.
+    codes, deq = np.zeros_like(x), np.zeros_like(x)
+    n = int(np.max(groups)) + 1
+    scale, zero = np.zeros((*lead, t, n)), np.zeros((*lead, t, n))
+    for gi in range(n):
+      cols = np.flatnonzero(np.asarray(groups) == gi)
+      c, s, z, dq = quantize(x[..., cols], bits, len(cols), "token", clip,
+                             scale_dtype=scale_dtype)
+      codes[..., cols], deq[..., cols] = c, dq
+      scale[..., gi], zero[..., gi] = s[..., 0], z[..., 0]
+    return codes, scale, zero, deq
   if axis == "channel":
     g = x.reshape(*lead, t // group_size, group_size, d)
     red = -2
@@ -21,12 +42,26 @@ def quantize(x, bits, group_size, axis, clip=1.0):
   lo, hi = g.min(red, keepdims=True), g.max(red, keepdims=True)
   spread = hi > lo
   lo, hi = np.where(spread, lo * clip, lo), np.where(spread, hi * clip, hi)
-  scale = (hi - lo) / (2**bits - 1)
+  scale = (hi - lo) / levels(bits)
+  if scale_dtype is not None:
+    scale = scale.astype(scale_dtype).astype(np.float64)
+    lo = lo.astype(scale_dtype).astype(np.float64)
   with np.errstate(divide="ignore", invalid="ignore"):
-    q = np.where(scale > 0, np.clip(np.round((g - lo) / scale), 0, 2**bits - 1), 0)
+    q = np.where(scale > 0, np.clip(np.round((g - lo) / scale), 0, levels(bits)), 0)
   deq = q * scale + lo
   return (q.reshape(x.shape), np.squeeze(scale, red), np.squeeze(lo, red),
           deq.reshape(x.shape))
+
+
+def quantize_hidden(x, bits, perm, groups, clip=1.0, scale_dtype=None):
+  """SKVQ's quantization of `x` [Hkv, T, Dh] (SPEC.md, "SKVQ"): per token over the
+  hidden dim (heads side by side), channels in `perm` order, in `groups`.
+  Returns the dequantized tensor in `x`'s own layout, float64."""
+  hkv, t, dh = x.shape
+  hidden = np.asarray(x, np.float64).transpose(1, 0, 2).reshape(t, hkv * dh)
+  deq = np.empty_like(hidden)
+  deq[:, perm] = quantize(hidden[:, perm], bits, 0, "token", clip, groups, scale_dtype)[3]
+  return deq.reshape(t, hkv, dh).transpose(1, 0, 2)
 
 
 def attention(q, keys, values, visible):

@@ -1,6 +1,8 @@
 """The jnp quantization reference against SPEC.md's formulas (float64 numpy)."""
 
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -66,9 +68,9 @@ def test_round_trip_error_within_half_a_step(case):
 
 @pytest.mark.parametrize("g", [32, 128])  # 128 > head dim: one group per token
 @pytest.mark.parametrize("axis", ["channel", "token"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1.5, 2, 4, 8])
 def test_codes_match_spec_in_float32(bits, axis, g):
-  rng = np.random.default_rng(bits)
+  rng = np.random.default_rng(int(2 * bits))
   x = rng.standard_normal((2, 128, 64)).astype(np.float32)
   codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, g, axis, jnp.float32)
   q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, g, axis)
@@ -92,22 +94,28 @@ def test_constant_groups_dequantize_exactly(bits):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), g=st.sampled_from([8, 32, 64]),
+@given(bits=st.sampled_from([1.5, 2, 4, 8]), g=st.sampled_from([8, 24, 32, 64]),
        blocks=st.integers(1, 3), d=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
 def test_pack_unpack_is_exact(bits, g, blocks, d, seed):
-  w = 32 // bits
+  w = 20 if bits == 1.5 else 32 // bits
   t = blocks * w * g
-  codes = np.random.default_rng(seed).integers(0, 2**bits, (2, t, d))
+  codes = np.random.default_rng(seed).integers(0, spec_reference.levels(bits) + 1, (2, t, d))
   packed = quantization.pack(jnp.asarray(codes), bits, g)
   assert packed.dtype == jnp.uint32 and packed.shape == (2, t // w, d)
   np.testing.assert_array_equal(np.asarray(quantization.unpack(packed, bits, g)), codes)
   # The layout itself: token t of group k = t // g sits in word row
-  # (k // w) * g + t % g, bits [(k % w) b, (k % w + 1) b).
-  words = np.asarray(packed, np.uint64)
+  # (k // w) * g + t % g, slot k % w: bits [(k % w) b, (k % w + 1) b), or for
+  # ternary codes base-3 digit (k % w) % 5 of byte (k % w) // 5.
+  words = np.asarray(packed, np.int64)
   for tok in range(t):
     k = tok // g
     row = (k // w) * g + tok % g
-    got = (words[:, row] >> np.uint64((k % w) * bits)) & np.uint64(2**bits - 1)
+    if bits == 1.5:
+      byte = (words[:, row] >> (8 * (k % w // 5))) & 255
+      assert (byte < 243).all()
+      got = byte // 3 ** (k % w % 5) % 3
+    else:
+      got = (words[:, row] >> ((k % w) * bits)) & (2**bits - 1)
     np.testing.assert_array_equal(got, codes[:, tok])
 
 
@@ -147,3 +155,54 @@ def test_clipped_quantization_matches_spec(bits, axis):
   assert 0.9 * x.min() - 1e-6 <= deq.min() and deq.max() <= 0.9 * x.max() + 1e-6
   if axis == "channel":  # channel 5 is constant per group: exact despite clipping
     np.testing.assert_array_equal(deq[:, :, 5], 0.25)
+
+
+@pytest.mark.parametrize("bits", [1.5, 2, 4])
+def test_unequal_channel_groups_match_spec(bits):
+  # SKVQ's groups: given per channel, unequal, one of a single channel.
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 40, 24)).astype(np.float32)
+  x[..., 3] *= 30
+  ids = np.repeat(np.arange(4), [10, 1, 8, 5]).astype(np.int32)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), bits, 0, "token", jnp.float32,
+                                             0.9, (jnp.asarray(ids), 4))
+  assert scale.shape == (2, 40, 4)
+  q_ref, s_ref, z_ref, deq_ref = spec_reference.quantize(x, bits, 0, "token", 0.9, ids)
+  diff = np.abs(np.asarray(codes, np.int64) - q_ref)
+  assert diff.max() <= 1 and diff.mean() < 1e-3
+  np.testing.assert_allclose(np.asarray(scale), s_ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(zero), z_ref, rtol=1e-6)
+  deq = quantization.dequantize(codes, scale, zero, 0, "token", jnp.float32,
+                                (jnp.asarray(ids), 4))
+  np.testing.assert_allclose(np.asarray(deq), deq_ref, rtol=1e-5, atol=1e-5)
+  # Equal groups given explicitly are the plain per-token groups.
+  plain = quantization.quantize(jnp.asarray(x), bits, 8, "token", jnp.float32)
+  explicit = quantization.quantize(jnp.asarray(x), bits, 0, "token", jnp.float32, 1.0,
+                                   (jnp.arange(24) // 8, 3))
+  for a, b in zip(plain, explicit):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_traced_clip_of_one_is_plain_quantization():
+  # The per-layer clip of a calibration arrives traced; 1.0 must change nothing.
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, 48)), jnp.float32)
+  groups = (jnp.arange(48) // 16, 3)
+  plain = quantization.quantize(x, 2, 0, "token", jnp.float32, groups=groups)
+  traced = jax.jit(lambda c: quantization.quantize(x, 2, 0, "token", jnp.float32, c,
+                                                   groups))(jnp.float32(1.0))
+  for a, b in zip(plain, traced):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fp8_scales_are_stored_and_used():
+  # Codes come from the fp8-rounded scale and zero, as the spec with stored scales.
+  x = np.random.default_rng(5).standard_normal((2, 32, 64)).astype(np.float32)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), 2, 32, "token",
+                                             jnp.float8_e4m3fn)
+  assert scale.dtype == zero.dtype == jnp.float8_e4m3fn
+  q_ref, s_ref, z_ref, _ = spec_reference.quantize(x, 2, 32, "token",
+                                                   scale_dtype=ml_dtypes.float8_e4m3fn)
+  np.testing.assert_array_equal(np.asarray(scale, np.float64), s_ref)
+  np.testing.assert_array_equal(np.asarray(zero, np.float64), z_ref)
+  diff = np.abs(np.asarray(codes, np.int64) - q_ref)
+  assert diff.max() <= 1 and diff.mean() < 1e-3
