@@ -8,6 +8,9 @@ in a decode step").
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -22,26 +25,45 @@ from pallas_kernels import decode_attention_tpu as tpu_decode
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def kernel_applies(config: KIVIConfig, head_dim: int) -> bool:
-  """The decode kernels read KIVI's axes with both tensors quantized."""
-  return (config.quantizes_keys and config.quantizes_values
-          and config.key_axis == "channel" and config.value_axis == "token"
-          and head_dim % config.group_size == 0)
+def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
+                   which: str) -> bool:
+  """Whether the `which` ("gpu" or "tpu") decode kernel reads this cache.
+
+  Both read KIVI's axes with both tensors quantized in groups of a power of
+  two (at least 16) tokens (values per channel group, or per head where the
+  group is wider than the head, `check_head_dim`). The GPU kernel also
+  reads ternary codes and SKVQ's layout (`channel_group`, keys before RoPE
+  excepted) where the hidden dim is a power of two (a Triton block).
+  """
+  g = config.group_size
+  if not (config.quantizes_keys and config.quantizes_values and g >= 16
+          and g & (g - 1) == 0):
+    return False
+  ternary = 1.5 in (config.k_bits, config.v_bits)
+  if config.channel_group is not None:
+    hidden = num_kv_heads * head_dim
+    return (which == "gpu" and not config.pre_rope and hidden & (hidden - 1) == 0)
+  return (config.key_axis == "channel" and config.value_axis == "token"
+          and not (ternary and which == "tpu"))
 
 
-def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, t: int) -> str:
+def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, num_kv_heads: int,
+                 t: int) -> str:
   """Which implementation reads the cache: "reference", "gpu" or "tpu"."""
-  if t != 1 or not kernel_applies(config, head_dim):
-    return "reference"
+  which = impl
   if impl == "auto":
     backend = jax.default_backend()
-    return backend if backend in ("gpu", "tpu") else "reference"
-  return impl
+    which = backend if backend in ("gpu", "tpu") else "reference"
+  if which == "reference" or t != 1 or not kernel_applies(config, head_dim, num_kv_heads,
+                                                          which):
+    return "reference"
+  return which
 
 
 def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
                     lengths: Array, n_new: Array, config: KIVIConfig,
-                    sliding_window: int | None = None, impl: str = "reference") -> Array:
+                    sliding_window: int | None = None, impl: str = "reference",
+                    key_rope: Callable[[Array, Array], Array] | None = None) -> Array:
   """Causal GQA attention of `T` new queries over the cache and themselves.
 
   Args:
@@ -53,11 +75,15 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
     n_new: int32 `[B]`, real new tokens per row; the rest are padding.
     sliding_window: if set, a query at position `i` sees keys at `p > i - W`.
     impl: `KVCache.impl`; a kernel reads the block in decode steps (T = 1).
+    key_rope: with `config.pre_rope` (cache and `k_new` hold keys before
+      RoPE), `key_rope(keys [B, Hkv, S, D], positions [B, S])` rotates them.
 
   Returns:
     `[B, T, Hq, D]` in `q.dtype`.
   """
-  which = resolve_impl(impl, config, q.shape[-1], q.shape[1])
+  if config.pre_rope != (key_rope is not None):
+    raise ValueError("key_rope must be given exactly when config.pre_rope is set")
+  which = resolve_impl(impl, config, q.shape[-1], k_new.shape[1], q.shape[1])
   if which != "reference":
     return _decode_with_kernel(q, layer, k_new, v_new, lengths, n_new, config,
                                sliding_window, which)
@@ -67,22 +93,31 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
   nq = n_quantized(lengths, config)
 
   # [B, Hkv, C, D] each: the block as full precision (the reference's shortcut).
-  k_block = dequantize_block(layer.k, config.k_bits, config.key_axis, config, dtype)
-  v_block = dequantize_block(layer.v, config.v_bits, config.value_axis, config, dtype)
+  k_block = dequantize_block(layer.k, config.k_bits, config.key_axis, config, dtype,
+                             layer.k_map, d)
+  v_block = dequantize_block(layer.v, config.v_bits, config.value_axis, config, dtype,
+                             layer.v_map, d)
   c = k_block.shape[2]
   ring_pos, ring_valid = ring_positions(lengths, config)
   new_pos = lengths[:, None] + jnp.arange(t)[None, :]
+  block_pos = jnp.broadcast_to(config.sinks + jnp.arange(c)[None, :], (b, c))
 
-  # [B, Hkv, S, D] with S = C + R + T, and per key its position and liveness.
-  keys = jnp.concatenate([k_block, layer.ring_k.astype(dtype), k_new.astype(dtype)], 2)
-  values = jnp.concatenate([v_block, layer.ring_v.astype(dtype), v_new.astype(dtype)], 2)
-  block_pos = jnp.broadcast_to(jnp.arange(c)[None, :], (b, c))
-  key_pos = jnp.concatenate([block_pos, ring_pos, new_pos], 1)
-  key_live = jnp.concatenate([
-      block_pos < nq[:, None],
-      ring_valid,
-      jnp.arange(t)[None, :] < n_new[:, None],
-  ], 1)
+  # [B, Hkv, S, D] with S = (sinks) + C + R + T, and per key its position and liveness.
+  keys = [k_block, layer.ring_k.astype(dtype), k_new.astype(dtype)]
+  values = [v_block, layer.ring_v.astype(dtype), v_new.astype(dtype)]
+  key_pos = [block_pos, ring_pos, new_pos]
+  key_live = [block_pos < config.sinks + nq[:, None], ring_valid,
+              jnp.arange(t)[None, :] < n_new[:, None]]
+  if config.sinks:
+    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
+    keys.insert(0, layer.sink_k.astype(dtype))
+    values.insert(0, layer.sink_v.astype(dtype))
+    key_pos.insert(0, sink_pos)
+    key_live.insert(0, sink_pos < lengths[:, None])
+  keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
+  key_pos, key_live = jnp.concatenate(key_pos, 1), jnp.concatenate(key_live, 1)
+  if key_rope is not None:
+    keys = key_rope(keys, key_pos)
 
   # [B, T, S]
   visible = key_live[:, None, :] & (key_pos[:, None, :] <= new_pos[:, :, None])
@@ -108,33 +143,42 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
   b, _, hq, d = q.shape
   hkv = k_new.shape[1]
   rep = hq // hkv
-  # Pad the query rows of a kv head with zeros to what the kernel's dot wants:
-  # 16 rows on GPUs, 8 sublanes on TPUs.
-  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (rep - 1).bit_length())
   # [B, Hkv, rep, D]
   qg = q[:, 0].reshape(b, hkv, rep, d)
   nq = n_quantized(lengths, config)
   lo = jnp.zeros_like(lengths) if sliding_window is None else jnp.maximum(
       lengths - sliding_window + 1, 0)
-  args = (jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0))),
-          layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
-          layer.v.zero, nq, lo)
+  # The block holds body tokens: token S + i at index i.
+  rows = (nq, jnp.maximum(lo - config.sinks, 0))
+  blocks = (layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
+            layer.v.zero)
   kw = dict(k_bits=config.k_bits, v_bits=config.v_bits, group_size=config.group_size)
-  # Off its own backend a kernel runs in Pallas interpret mode (tests on a CPU).
-  if which == "gpu":
-    o_blk, lse_blk = gpu_decode.quantized_decode_attention(
-        *args, **kw, interpret=jax.default_backend() != "gpu")
+  if config.channel_group is None:
+    # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
+    # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
+    m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS,
+                 1 << (rep - 1).bit_length())
+    o_blk, lse_blk = _block_kernel(
+        which, jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0))), *blocks, *rows,
+        **kw)
+    o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
   else:
-    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
-    o_blk, lse_blk = tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
-  o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
+    o_blk, lse_blk = _hidden_block_attention(q, layer, blocks, rows, kw, which)
 
-  # [B, Hkv, R + 1, D]: the ring and the new token, with positions and liveness.
+  # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
+  # positions and liveness.
   ring_pos, ring_valid = ring_positions(lengths, config)
-  keys = jnp.concatenate([layer.ring_k, k_new.astype(layer.ring_k.dtype)], 2)
-  values = jnp.concatenate([layer.ring_v, v_new.astype(layer.ring_v.dtype)], 2)
-  live = jnp.concatenate([ring_valid & (ring_pos >= lo[:, None]), (n_new > 0)[:, None]], 1)
-  # [B, Hkv, rep, R + 1]
+  keys = [layer.ring_k, k_new.astype(layer.ring_k.dtype)]
+  values = [layer.ring_v, v_new.astype(layer.ring_v.dtype)]
+  live = [ring_valid & (ring_pos >= lo[:, None]), (n_new > 0)[:, None]]
+  if config.sinks:
+    sink_pos = jnp.arange(config.sinks)[None, :]
+    keys.insert(0, layer.sink_k)
+    values.insert(0, layer.sink_v)
+    live.insert(0, (sink_pos < lengths[:, None]) & (sink_pos >= lo[:, None]))
+  keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
+  live = jnp.concatenate(live, 1)
+  # [B, Hkv, rep, (S +) R + 1]
   s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys,
                  preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
   s = jnp.where(live[:, None, None], s, _MASKED)
@@ -147,3 +191,39 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
       jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
       jnp.stack([jnp.ones_like(l), l], 2))
   return out.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def _block_kernel(which: str, *args, **kw):
+  """`(o, lse)` of the `which` kernel over the block; off its own backend a
+  kernel runs in Pallas interpret mode (tests on a CPU)."""
+  if which == "gpu":
+    return gpu_decode.quantized_decode_attention(
+        *args, **kw, interpret=jax.default_backend() != "gpu")
+  interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+  return tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
+
+
+def _hidden_block_attention(q, layer: LayerKV, blocks, rows, kw, which: str):
+  """The block of SKVQ's layout (one "head" of the hidden dim `H`, channels in
+  each tensor's calibrated order): `(o [B, Hkv, rep, D], lse [B, Hkv, rep])`.
+
+  Every query head becomes a row over the whole hidden dim holding its own
+  channels where its kv head's keys sit (zeros elsewhere), so `q' . k` over
+  `H` is the head's own score (SPEC.md: `q . k = Pq . Pk`); its output row is
+  read back at its kv head's value channels.
+  """
+  b, _, hq, d = q.shape
+  hkv = layer.ring_k.shape[1]
+  rep = hq // hkv
+  kv_of = jnp.arange(hq) // rep
+  # [B, Hq, H]
+  spread = jax.nn.one_hot(kv_of, hkv, dtype=q.dtype)[None, :, :, None] * q[:, 0, :, None, :]
+  q_hidden = jnp.take(spread.reshape(b, hq, hkv * d), layer.k_map.perm, axis=-1)
+  m_rows = max(16, 1 << (hq - 1).bit_length())
+  q_hidden = jnp.pad(q_hidden, ((0, 0), (0, m_rows - hq), (0, 0)))[:, None]
+  o, lse = _block_kernel(which, q_hidden, *blocks, *rows, layer.k_map.groups,
+                         layer.v_map.groups, sm_scale=1.0 / math.sqrt(d), **kw)
+  # [B, Hq, Hkv, D] in hidden order, then each head's own kv head.
+  o = jnp.take(o[:, 0, :hq], jnp.argsort(layer.v_map.perm), axis=-1).reshape(b, hq, hkv, d)
+  o = jnp.take_along_axis(o, kv_of[None, :, None, None], axis=2)[:, :, 0]
+  return o.reshape(b, hkv, rep, d), lse[:, 0, :hq].reshape(b, hkv, rep)

@@ -5,9 +5,16 @@ tokens and a full-precision ring of `R` tokens. A row of length `L` holds its
 oldest `n_quantized(L) = G * ceil(max(L - R, 0) / G)` tokens in the block and the
 other `L - n_quantized(L)` (at most `R`) in the ring, token `t` at ring slot
 `t % R`. `R = 0` quantizes every whole group, `G * floor(L / G)` tokens, and
-rings the rest in `G` slots (`KIVIConfig.ring_size`). Prefill and decode both go through `append`, so a prefill of `n` tokens
-leaves exactly the state of `n` single-token steps. Every row keeps its own
-length, and its groups are aligned to its own first token.
+rings the rest in `G` slots (`KIVIConfig.ring_size`). Prefill and decode both
+go through `append`, so a prefill of `n` tokens leaves exactly the state of `n`
+single-token steps. Every row keeps its own length, and its groups are aligned
+to its own first token.
+
+SKVQ's additions (SPEC.md, "SKVQ") live in the same pytree: with `S` sinks the
+first `S` tokens of a row sit in a small full-precision block and everything
+above applies to the rest (the "body": token `S + i` is body token `i`); with
+`channel_group` the blocks are quantized over the hidden dim, all KV heads'
+channels side by side in the order of a per-layer `ChannelMap`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import Array
 
+import math
+
 from kivi_jax import quantization
 from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
 
@@ -24,6 +33,10 @@ from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
 @struct.dataclass
 class QuantizedBlock:
   """The quantized part of one tensor (keys or values); `...` = `[Ly, B, Hkv]`.
+
+  With `channel_group` (SKVQ) the head axis has size 1 and `D` is the hidden
+  dim `Hkv * Dh` in the `ChannelMap`'s order, with scale and zero `[..., C, n]`
+  for `n` groups.
 
   bits < 16:
     codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along
@@ -40,18 +53,43 @@ class QuantizedBlock:
 
 
 @struct.dataclass
+class ChannelMap:
+  """How one tensor's hidden dim is grouped (SKVQ; per layer, leading `Ly` axis).
+
+  perm: int32 `[H]`, `H = Hkv * Dh`: cache channel `j` holds hidden channel
+    `perm[j]` (head `perm[j] // Dh`, channel `perm[j] % Dh` of it).
+  groups: int32 `[H]`: the group of cache channel `j`, nondecreasing.
+  clip: float32 `[]`: the clip factor of this layer and tensor.
+
+  Constant for the cache's life; arrays rather than static configuration only
+  so the layer scan can read each layer's own.
+  """
+
+  perm: Array
+  groups: Array
+  clip: Array
+
+
+@struct.dataclass
 class LayerKV:
   """Keys and values of the cache for all layers (leading `Ly` axis) or one.
 
-  k, v: `QuantizedBlock`s of capacity `C` tokens.
+  k, v: `QuantizedBlock`s of capacity `C` tokens (body tokens, see module).
   ring_k, ring_v: model dtype `[..., B, Hkv, R, D]` (`R = config.ring_size`);
-    token `t` at slot `t % R`.
+    body token `t` at slot `t % R`.
+  sink_k, sink_v: model dtype `[..., B, Hkv, S, D]`, tokens `0 .. S - 1`, or
+    None without sinks.
+  k_map, v_map: `ChannelMap`s with `channel_group`, else None.
   """
 
   k: QuantizedBlock
   v: QuantizedBlock
   ring_k: Array
   ring_v: Array
+  sink_k: Array | None = None
+  sink_v: Array | None = None
+  k_map: ChannelMap | None = None
+  v_map: ChannelMap | None = None
 
 
 @struct.dataclass
@@ -73,8 +111,8 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    """Largest length a row can reach (`C`, the block's capacity)."""
-    return _block_tokens(self.layers.k, self.config.k_bits)
+    """Largest length a row can reach (the block's capacity `C` plus `S` sinks)."""
+    return _block_tokens(self.layers.k, self.config.k_bits) + self.config.sinks
 
   def n_quantized(self) -> Array:
     """int32 `[B]`: tokens of each row that sit in the quantized block."""
@@ -90,36 +128,63 @@ def _block_tokens(block: QuantizedBlock, bits: int) -> int:
   return rows if bits == 16 else rows * codes_per_word(bits)
 
 
-def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
-  """`G * ceil(max(L - R, 0) / G)`: the tokens a row of length `L` has quantized
-  (`G * floor(L / G)` for `R = 0`)."""
+def body_lengths(lengths: Array, config: KIVIConfig) -> Array:
+  """int32 `[B]`: tokens of each row past the `S` sinks."""
+  return jnp.maximum(lengths - config.sinks, 0)
+
+
+def _body_n_quantized(body: Array, config: KIVIConfig) -> Array:
   g, r = config.group_size, config.residual_length
   keep = r or g - 1
-  return (jnp.maximum(lengths - keep, 0) + g - 1) // g * g
+  return (jnp.maximum(body - keep, 0) + g - 1) // g * g
 
 
-def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, group_size, dtype):
+def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
+  """`G * ceil(max(L - R, 0) / G)`: the tokens a row of `L` body tokens has
+  quantized (`G * floor(L / G)` for `R = 0`); `lengths` count the sinks too."""
+  return _body_n_quantized(body_lengths(lengths, config), config)
+
+
+def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVIConfig,
+                 dtype):
+  """An empty block; `head_dim` is the hidden dim with `channel_group`."""
   if bits == 16:
     return QuantizedBlock(jnp.zeros((*lead, capacity, head_dim), dtype), None, None)
   codes = jnp.zeros((*lead, capacity // codes_per_word(bits), head_dim), jnp.uint32)
   if axis == "channel":
-    sshape = (*lead, capacity // group_size, head_dim)
+    sshape = (*lead, capacity // config.group_size, head_dim)
+  elif config.channel_group is not None:
+    sshape = (*lead, capacity, config.hidden_groups(head_dim))
   else:
-    sshape = (*lead, capacity, head_dim // channel_group(group_size, head_dim))
-  return QuantizedBlock(codes, jnp.zeros(sshape, dtype), jnp.zeros(sshape, dtype))
+    sshape = (*lead, capacity, head_dim // channel_group(config.group_size, head_dim))
+  sdtype = config.scale_dtype or dtype
+  return QuantizedBlock(codes, jnp.zeros(sshape, sdtype), jnp.zeros(sshape, sdtype))
 
 
 def block_granularity(config: KIVIConfig) -> int:
   """Capacity is a whole number of packing blocks (`w * G` tokens) of each tensor."""
-  w = max(codes_per_word(b) if b < 16 else 1 for b in (config.k_bits, config.v_bits))
-  return w * config.group_size
+  return math.lcm(*(codes_per_word(b) * config.group_size
+                    for b in (config.k_bits, config.v_bits) if b < 16),
+                  config.group_size)
+
+
+def plain_channel_map(config: KIVIConfig, hidden: int, num_layers: int) -> ChannelMap:
+  """Hidden channels in their own order in equal contiguous groups, clipped by
+  `config.clip`: the map of `channel_group` without calibration."""
+  n = config.hidden_groups(hidden)
+  lead = (num_layers,)
+  return ChannelMap(
+      perm=jnp.broadcast_to(jnp.arange(hidden, dtype=jnp.int32), (*lead, hidden)),
+      groups=jnp.broadcast_to(jnp.arange(hidden, dtype=jnp.int32) * n // hidden,
+                              (*lead, hidden)),
+      clip=jnp.full(lead, config.clip, jnp.float32))
 
 
 IMPLS = ("auto", "reference", "gpu", "tpu")
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
-               dtype=None, impl: str = "auto") -> KVCache:
+               dtype=None, impl: str = "auto", calibration=None) -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
   Args:
@@ -131,6 +196,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
     impl: decode-attention implementation (`KVCache.impl`).
+    calibration: a `kivi_jax.calibration.Calibration` made for this model and
+      `kv_config`; required where `kv_config.needs_calibration`.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -140,18 +207,38 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   kv_config.check_head_dim(model_config.head_dim)
+  if kv_config.needs_calibration and calibration is None:
+    raise ValueError(
+        "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
+        "kivi_jax.calibrate(...) result for this model and config")
   dtype = jnp.dtype(dtype or model_config.dtype)
-  g = kv_config.group_size
   step = block_granularity(kv_config)
   capacity = -(-max_length // step) * step
-  lead = (model_config.num_layers, batch_size, model_config.num_kv_heads)
-  d = model_config.head_dim
+  ly, hkv, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
+  lead = (ly, batch_size, hkv)
   ring_shape = (*lead, kv_config.ring_size, d)
+  maps = {}
+  block_lead, block_d = lead, d
+  if kv_config.channel_group is not None:
+    block_lead, block_d = (ly, batch_size, 1), hkv * d
+    if calibration is not None:
+      k_map, v_map = calibration.channel_maps(model_config, kv_config)
+    else:
+      # Two maps, not one shared: the forward donates every cache buffer.
+      k_map, v_map = (plain_channel_map(kv_config, block_d, ly) for _ in "kv")
+    maps = dict(k_map=k_map, v_map=v_map)
+  sinks = {}
+  if kv_config.sinks:
+    sink_shape = (*lead, kv_config.sinks, d)
+    sinks = dict(sink_k=jnp.zeros(sink_shape, dtype), sink_v=jnp.zeros(sink_shape, dtype))
   layers = LayerKV(
-      k=_empty_block(lead, capacity, d, kv_config.k_bits, kv_config.key_axis, g, dtype),
-      v=_empty_block(lead, capacity, d, kv_config.v_bits, kv_config.value_axis, g, dtype),
+      k=_empty_block(block_lead, capacity, block_d, kv_config.k_bits, kv_config.key_axis,
+                     kv_config, dtype),
+      v=_empty_block(block_lead, capacity, block_d, kv_config.v_bits,
+                     kv_config.value_axis, kv_config, dtype),
       ring_k=jnp.zeros(ring_shape, dtype),
       ring_v=jnp.zeros(ring_shape, dtype),
+      **sinks, **maps,
   )
   return KVCache(layers, jnp.zeros((batch_size,), jnp.int32), kv_config, impl)
 
@@ -159,23 +246,53 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
 def ring_positions(lengths: Array, config: KIVIConfig) -> tuple[Array, Array]:
   """Token position held by each ring slot, and whether it is a live token.
 
-  Returns int32 `[B, R]` positions and bool `[B, R]` validity.
+  Returns int32 `[B, R]` positions (of the whole row, sinks counted) and bool
+  `[B, R]` validity.
   """
+  pos, valid = _body_ring_positions(body_lengths(lengths, config), config)
+  return pos + config.sinks, valid
+
+
+def _body_ring_positions(body: Array, config: KIVIConfig) -> tuple[Array, Array]:
   r = config.ring_size
-  nq = n_quantized(lengths, config)[:, None]
+  nq = _body_n_quantized(body, config)[:, None]
   slots = jnp.arange(r)[None, :]
   pos = nq + (slots - nq) % r
-  return pos, pos < lengths[:, None]
+  return pos, pos < body[:, None]
+
+
+def _groups(cmap: ChannelMap, block: QuantizedBlock):
+  return cmap.groups, block.scale.shape[-1]
 
 
 def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
-                     config: KIVIConfig, dtype) -> Array:
-  """The block as a `[..., C, D]` tensor in `dtype` (reference path only)."""
+                     config: KIVIConfig, dtype, cmap: ChannelMap | None = None,
+                     head_dim: int | None = None) -> Array:
+  """The block as a `[..., Hkv, C, Dh]` tensor in `dtype` (reference path only).
+
+  With `channel_group`, `cmap` (one layer's) and `head_dim` say how the hidden
+  dim maps back onto heads.
+  """
   if bits == 16:
-    return block.codes.astype(dtype)
-  codes = quantization.unpack(block.codes, bits, config.group_size)
-  return quantization.dequantize(codes, block.scale, block.zero, config.group_size, axis,
-                                 dtype)
+    x = block.codes.astype(dtype)
+  else:
+    codes = quantization.unpack(block.codes, bits, config.group_size)
+    groups = None if cmap is None else _groups(cmap, block)
+    x = quantization.dequantize(codes, block.scale, block.zero, config.group_size, axis,
+                                dtype, groups)
+  if cmap is None:
+    return x
+  # [..., 1, C, H] in cache order -> hidden order -> [..., Hkv, C, Dh].
+  x = jnp.take(x[..., 0, :, :], jnp.argsort(cmap.perm), axis=-1)
+  x = x.reshape(*x.shape[:-1], -1, head_dim)
+  return jnp.swapaxes(x, -3, -2)
+
+
+def to_hidden(x: Array, cmap: ChannelMap) -> Array:
+  """`[B, Hkv, n, Dh]` -> `[B, 1, n, Hkv * Dh]` in `cmap`'s channel order."""
+  b, hkv, n, d = x.shape
+  x = jnp.swapaxes(x, 1, 2).reshape(b, 1, n, hkv * d)
+  return jnp.take(x, cmap.perm, axis=-1)
 
 
 def _scatter(dst: Array, idx: Array, src: Array, add: bool = False) -> Array:
@@ -196,10 +313,16 @@ def _gather(x: Array, idx: Array) -> Array:
 
 
 def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
-                  bits: int, axis: QuantAxis, config: KIVIConfig) -> QuantizedBlock:
+                  bits: int, axis: QuantAxis, config: KIVIConfig,
+                  cmap: ChannelMap | None) -> QuantizedBlock:
   """Quantizes `x` `[B, Hkv, n, D]` (n a multiple of G) and writes its first
   `n_tokens[b]` tokens at token `start[b]` of the block (both multiples of G)."""
   g = config.group_size
+  groups, clip = None, config.clip
+  if cmap is not None:
+    x = to_hidden(x, cmap)
+    if bits < 16:
+      groups, clip = _groups(cmap, block), cmap.clip
   n = x.shape[2]
   capacity = _block_tokens(block, bits)
   i = jnp.arange(n)[None, :]
@@ -209,14 +332,16 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   dtype = block.scale.dtype
-  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype, config.clip)
+  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype, clip, groups)
   w = codes_per_word(bits)
   group = tok // g
   row = jnp.where(live, group // w * g + tok % g, block.codes.shape[-2])
-  shift = ((group % w) * bits).astype(jnp.uint32)[:, None, :, None]
+  shift, div, _ = quantization.slot_fields(bits)
+  slot = group % w
+  place = (jnp.asarray(div)[slot] << jnp.asarray(shift)[slot])[:, None, :, None]
   # Each slot of a word is written once, into zero bits: adding is or-ing, and
   # groups of one flush that share word rows combine.
-  words = _scatter(block.codes, row, codes.astype(jnp.uint32) << shift, add=True)
+  words = _scatter(block.codes, row, codes.astype(jnp.uint32) * place, add=True)
   if axis == "channel":
     grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
                     capacity)
@@ -236,27 +361,48 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
     lengths: int32 `[B]`, tokens cached per row before the append.
     n_new: int32 `[B]`, real new tokens per row (`<= T`).
 
-  The ring's live tokens followed by the new ones form a "tail" starting at
-  token `nq0 = n_quantized(lengths)`. Its first `n_quantized(lengths + n_new) -
-  nq0` tokens (whole groups, at most `G * ceil(T / G)`) are quantized into the
+  New tokens at positions below `S` go to the sinks. Of the body, the ring's
+  live tokens followed by the new ones form a "tail" starting at body token
+  `nq0 = n_quantized(lengths)`. Its first `n_quantized(lengths + n_new) - nq0`
+  tokens (whole groups, at most `G * ceil(T / G)`) are quantized into the
   block; the rest become the new ring.
   """
-  g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
   dtype = layer.ring_k.dtype
-  nq0 = n_quantized(lengths, config)
-  new_lengths = lengths + n_new
-  nq1 = n_quantized(new_lengths, config)
+  k_new, v_new = k_new.astype(dtype), v_new.astype(dtype)
+  if config.sinks:
+    s = config.sinks
+    pos = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    sink = (pos < s) & (jnp.arange(t)[None, :] < n_new[:, None])
+    sink_pos = jnp.where(sink, pos, s)  # dropped where not a sink
+    layer = layer.replace(sink_k=_scatter(layer.sink_k, sink_pos, k_new),
+                          sink_v=_scatter(layer.sink_v, sink_pos, v_new))
+    # The body's new tokens start at new index j0: shift them to the front.
+    j0 = jnp.clip(s - lengths, 0, n_new)
+    idx = jnp.clip(j0[:, None] + jnp.arange(t)[None, :], 0, t - 1)
+    k_new, v_new = _gather(k_new, idx), _gather(v_new, idx)
+    n_new = n_new - j0
+  return _append_body(layer, k_new, v_new, body_lengths(lengths, config), n_new, config)
 
-  # [B, R + T]: tail index i is token nq0 + i, from the ring or the new tokens.
+
+def _append_body(layer: LayerKV, k_new: Array, v_new: Array, body: Array,
+                 n_new: Array, config: KIVIConfig) -> LayerKV:
+  """`append` past the sinks: `body` and `n_new` count body tokens."""
+  g, r = config.group_size, config.ring_size
+  t = k_new.shape[2]
+  nq0 = _body_n_quantized(body, config)
+  new_body = body + n_new
+  nq1 = _body_n_quantized(new_body, config)
+
+  # [B, R + T]: tail index i is body token nq0 + i, from the ring or the new tokens.
   tail_pos = nq0[:, None] + jnp.arange(r + t)[None, :]
-  from_ring = tail_pos < lengths[:, None]
+  from_ring = tail_pos < body[:, None]
   ring_slot = tail_pos % r
-  new_idx = jnp.clip(tail_pos - lengths[:, None], 0, t - 1)
+  new_idx = jnp.clip(tail_pos - body[:, None], 0, t - 1)
 
   def tail_of(ring, new):
     return jnp.where(from_ring[:, None, :, None], _gather(ring, ring_slot),
-                     _gather(new.astype(dtype), new_idx))
+                     _gather(new, new_idx))
 
   k_tail = tail_of(layer.ring_k, k_new)
   v_tail = tail_of(layer.ring_v, v_new)
@@ -264,14 +410,14 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   n_flush = nq1 - nq0
   flush_len = g * -(-t // g)
   k_block = _write_tokens(layer.k, k_tail[:, :, :flush_len], nq0, n_flush, config.k_bits,
-                          config.key_axis, config)
+                          config.key_axis, config, layer.k_map)
   v_block = _write_tokens(layer.v, v_tail[:, :, :flush_len], nq0, n_flush, config.v_bits,
-                          config.value_axis, config)
+                          config.value_axis, config, layer.v_map)
 
-  # Ring slot s now holds token nq1 + ((s - nq1) mod R), tail index that - nq0.
-  pos, valid = ring_positions(new_lengths, config)
+  # Ring slot s now holds body token nq1 + ((s - nq1) mod R), tail index that - nq0.
+  pos, valid = _body_ring_positions(new_body, config)
   src = jnp.clip(pos - nq0[:, None], 0, r + t - 1)
   keep = valid[:, None, :, None]
   ring_k = jnp.where(keep, _gather(k_tail, src), layer.ring_k)
   ring_v = jnp.where(keep, _gather(v_tail, src), layer.ring_v)
-  return LayerKV(k_block, v_block, ring_k, ring_v)
+  return layer.replace(k=k_block, v=v_block, ring_k=ring_k, ring_v=ring_v)

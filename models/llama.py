@@ -111,17 +111,25 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
   # [B, T, D]
   x = params["embed"][ids].astype(dtype)
 
+  def key_rope(keys, key_positions):
+    # With pre_rope the cache holds keys before RoPE (SPEC.md, "SKVQ"); attention
+    # rotates them, dequantized, at their positions. [B, Hkv, S, Dh], [B, S].
+    return apply_rope(keys.swapaxes(1, 2), key_positions, inv_freq).swapaxes(1, 2)
+
   def layer(x, layer_in):
     p, layer_cache = layer_in
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
     # [B, T, H, Dh]
     q = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
-    k = apply_rope(jnp.einsum("BTD,DNH->BTNH", h, p["wk"]), positions, inv_freq)
+    k = jnp.einsum("BTD,DNH->BTNH", h, p["wk"])
+    if not kv.pre_rope:
+      k = apply_rope(k, positions, inv_freq)
     v = jnp.einsum("BTD,DNH->BTNH", h, p["wv"])
     # [B, Hkv, T, Dh]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     attn = cache_attention(q, layer_cache, k, v, cache.lengths, n_new, kv,
-                           config.sliding_window, cache.impl)
+                           config.sliding_window, cache.impl,
+                           key_rope if kv.pre_rope else None)
     x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]))

@@ -15,6 +15,13 @@ probabilities with no reshapes. The sequence is split across programs (flash
 decoding); the splits are merged by log-sum-exp outside the kernel, as is the
 full-precision ring (see `kivi_jax.attention`).
 
+SKVQ's layout (`k_groups`/`v_groups` given) quantizes a tensor per token over
+explicit channel groups: its scale and zero are `[B, K, C, n]` and the `[D]`
+int32 group map says which of the `n` applies to each channel; each group's
+scale is broadcast over its channels in registers and the tile dequantized
+before the dot. Ternary codes (1.5 bits) are base-3 digits, 5 to a byte
+(`kivi_jax.quantization`).
+
 Shapes (B batch, K kv heads, M query rows per kv head padded to 16, D head dim,
 C block capacity in tokens, G group size, w codes per word):
   q        [B, K, M, D]      model dtype
@@ -22,6 +29,8 @@ C block capacity in tokens, G group size, w codes per word):
   v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, C, D/min(G, D)]
   n_valid  [B] int32: quantized tokens per row (a multiple of G)
   lo       [B] int32: first visible token per row (sliding window; 0 for none)
+  k_groups, v_groups (optional) [D] int32: the group map; k_scale, k_zero
+           (v_scale, v_zero) are then [B, K, C, n_k] ([B, K, C, n_v]).
 Returns `(o, lse)`: o [B, K, M, D] float32, attention normalized over the
 block; lse [B, K, M] float32, its log-sum-exp (very negative where a row sees no
 block token).
@@ -41,28 +50,61 @@ from jax.experimental.pallas import triton as pltriton
 _NEG = -1e30
 
 
-def _unpack_tile(words, first_slot, n_slots: int, bits: int):
+def codes_per_word(bits: float) -> int:
+  """As `kivi_jax.config.codes_per_word` (kernels do not import kivi_jax)."""
+  return 20 if bits == 1.5 else 32 // bits
+
+
+def _unpack_tile(words, first_slot, n_slots: int, bits: float):
   """Slots `first_slot ..` of a `[G, D]` word tile as `[n_slots * G, D]` int32 codes,
   tokens in order (slot j holds the group after slot j - 1)."""
-  shifts = ((first_slot + jax.lax.broadcasted_iota(jnp.int32, (n_slots, 1, 1), 0))
-            * bits).astype(jnp.uint32)
-  codes = (words[None, :, :] >> shifts) & (2**bits - 1)
+  slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, (n_slots, 1, 1), 0)
+  if bits == 1.5:
+    # Base-3 digit slot % 5 of byte slot // 5.
+    byte = (words[None, :, :] >> (8 * (slot // 5)).astype(jnp.uint32)) & 255
+    digit = slot % 5
+    div = jnp.where(digit == 0, 1, jnp.where(digit == 1, 3, jnp.where(
+        digit == 2, 9, jnp.where(digit == 3, 27, 81)))).astype(jnp.uint32)
+    codes = byte // div % 3
+  else:
+    codes = (words[None, :, :] >> (slot * bits).astype(jnp.uint32)) & (2**bits - 1)
   return codes.reshape(n_slots * words.shape[0], words.shape[1]).astype(jnp.int32)
 
 
-def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref,
-            acc_ref, m_ref, l_ref, *, k_bits: int, v_bits: int, group: int,
-            block_tokens: int, groups_per_split: int, sm_scale: float, compute_dtype):
+def _expand_groups(ref, rows, group_map, n_groups: int):
+  """Rows `rows` of a `[C, n]` scale ref broadcast over channels by the `[1, D]`
+  group map: `[P, D]` float32."""
+  out = jnp.zeros((rows.size, group_map.shape[1]), jnp.float32)
+  for g in range(n_groups):
+    col = ref[rows, g].astype(jnp.float32)  # [P]
+    out = jnp.where(group_map == g, col[:, None], out)
+  return out
+
+
+def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, *refs,
+            k_bits: float, v_bits: float, group: int, block_tokens: int,
+            groups_per_split: int, sm_scale: float, compute_dtype,
+            k_groups: int | None, v_groups: int | None):
   """One program: batch row b, kv head h, split s over groups of the block.
 
   The outer loop walks steps of `w_min` groups, one packing block of the
   tensor with fewer codes per word, loading each tensor's word tile once per
-  step. The inner loop dequantizes `block_tokens` tokens of both tensors in
-  registers and runs one score dot and one value dot on them.
+  step (per chunk where the two word sizes are not multiples of each other:
+  ternary's 20 and another's 16). The inner loop dequantizes `block_tokens`
+  tokens of both tensors in registers and runs one score dot and one value
+  dot on them.
   """
+  maps = [None, None]
+  if k_groups is not None:
+    maps[0], refs = refs[0][...][None, :], refs[1:]
+  if v_groups is not None:
+    maps[1], refs = refs[0][...][None, :], refs[1:]
+  k_map, v_map = maps
+  acc_ref, m_ref, l_ref = refs
   g_sz = group
-  wk, wv = 32 // k_bits, 32 // v_bits
+  wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
   w_min = min(wk, wv)
+  aligned = wk % w_min == 0 and wv % w_min == 0
   chunk_slots = block_tokens // g_sz
   n_chunks = w_min // chunk_slots
   m_rows, d = q_ref.shape
@@ -79,23 +121,33 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   last = jnp.minimum((split + 1) * groups_per_split, n_tok // g_sz)
   tok_in_chunk = jax.lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
 
+  def words(ref, g, w):
+    return ref[pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz), :]  # [G, D] uint32
+
   def step(st, carry):
     g0 = st * w_min
-    kw = kw_ref[pl.ds(pl.multiple_of((g0 // wk) * g_sz, g_sz), g_sz), :]  # [G, D] uint32
-    vw = vw_ref[pl.ds(pl.multiple_of((g0 // wv) * g_sz, g_sz), g_sz), :]
+    kw, vw = (words(kw_ref, g0, wk), words(vw_ref, g0, wv)) if aligned else (None, None)
 
     def chunk(c, carry):
       m_prev, l_prev, acc = carry
       g = g0 + c * chunk_slots  # first group of the chunk
       tok0 = pl.multiple_of(g * g_sz, block_tokens)
-      # Keys [P, D]: per-channel scale and zero of each group, broadcast over its tokens.
-      # Dequantized in float32 and rounded once to the dot's dtype: bf16
-      # arithmetic here (two roundings) measured 2-3x the error on the H100.
-      ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
-      kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
-      shape3 = (chunk_slots, g_sz, d)
-      kc = _unpack_tile(kw, g % wk, chunk_slots, k_bits).astype(jnp.float32)
-      k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
+      rows = pl.ds(tok0, block_tokens)
+      kw_c, vw_c = (kw, vw) if aligned else (words(kw_ref, g, wk), words(vw_ref, g, wv))
+      kc = _unpack_tile(kw_c, g % wk, chunk_slots, k_bits).astype(jnp.float32)
+      # Keys [P, D], dequantized in float32 and rounded once to the dot's
+      # dtype: bf16 arithmetic here (two roundings) measured 2-3x the error on
+      # the H100.
+      if k_map is None:
+        # Per-channel scale and zero of each group, broadcast over its tokens.
+        ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
+        kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
+        shape3 = (chunk_slots, g_sz, d)
+        k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
+      else:
+        # Per-token scale and zero of each channel group.
+        k = (kc * _expand_groups(ks_ref, rows, k_map, k_groups)
+             + _expand_groups(kz_ref, rows, k_map, k_groups))
       k = k.astype(compute_dtype)
       s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32) * sm_scale  # [M, P]
@@ -107,12 +159,16 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, P]
       l_new = l_prev * corr + jnp.sum(p, axis=1)
       # Values [P, D]: per-token scale and zero of each channel group.
-      vs = vs_ref[pl.ds(tok0, block_tokens), :].astype(jnp.float32)  # [P, D/cg]
-      vz = vz_ref[pl.ds(tok0, block_tokens), :].astype(jnp.float32)
-      full = (block_tokens, n_cgroups, cg)
-      vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
-      vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
-      vc = _unpack_tile(vw, g % wv, chunk_slots, v_bits).astype(jnp.float32)
+      if v_map is None:
+        vs = vs_ref[rows, :].astype(jnp.float32)  # [P, D/cg]
+        vz = vz_ref[rows, :].astype(jnp.float32)
+        full = (block_tokens, n_cgroups, cg)
+        vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
+        vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
+      else:
+        vs = _expand_groups(vs_ref, rows, v_map, v_groups)
+        vz = _expand_groups(vz_ref, rows, v_map, v_groups)
+      vc = _unpack_tile(vw_c, g % wv, chunk_slots, v_bits).astype(jnp.float32)
       v = (vc * vs + vz).astype(compute_dtype)
       pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                                precision=precision,
@@ -153,23 +209,25 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "block_tokens", "splits", "num_warps", "num_stages",
-    "interpret", "poison"))
+    "k_bits", "v_bits", "group_size", "sm_scale", "block_tokens", "splits", "num_warps",
+    "num_stages", "interpret", "poison"))
 def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                              n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
+                              n_valid, lo, k_groups=None, v_groups=None, *, k_bits: float,
+                              v_bits: float, group_size: int, sm_scale: float | None = None,
                               block_tokens: int | None = None, splits: int | None = None,
                               num_warps: int = 2, num_stages: int = 3,
                               interpret: bool = False, poison: bool = False):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`.
 
-  `block_tokens` tokens are dequantized per inner step (a multiple of the group
+  `sm_scale` multiplies the scores: `1 / sqrt(D)` by default (SKVQ's layout
+  passes its head dim's). `block_tokens` tokens are dequantized per inner step (a multiple of the group
   size dividing one packing block); `splits` programs share each row's
   sequence. With `poison`, the outputs start as NaN (aliased inputs), so an
   element the kernel fails to write shows.
   """
   b, kh, m_rows, d = q.shape
   g = group_size
-  w_min = min(32 // k_bits, 32 // v_bits)
+  w_min = min(codes_per_word(k_bits), codes_per_word(v_bits))
   if block_tokens is None:
     # One group per step: on the H100 small tiles and 2 warps beat larger ones
     # (more programs resident per SM; benchmarks/NOTES.md).
@@ -177,7 +235,7 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
   if block_tokens % g or (w_min * g) % block_tokens:
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
                      f"dividing {w_min * g}")
-  capacity = k_codes.shape[2] * (32 // k_bits)
+  capacity = k_codes.shape[2] * codes_per_word(k_bits)
   n_steps = capacity // (w_min * g)
   if splits is None:
     splits = default_splits(b, kh, n_steps)
@@ -185,8 +243,11 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   kernel = functools.partial(
       _kernel, k_bits=k_bits, v_bits=v_bits, group=g, block_tokens=block_tokens,
-      groups_per_split=groups_per_split, sm_scale=1.0 / math.sqrt(d),
-      compute_dtype=compute_dtype)
+      groups_per_split=groups_per_split,
+      sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
+      compute_dtype=compute_dtype,
+      k_groups=None if k_groups is None else k_scale.shape[-1],
+      v_groups=None if v_groups is None else v_scale.shape[-1])
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
   out_specs = [
@@ -203,6 +264,10 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
             n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
   in_specs = [slab(q), slab(k_codes), slab(k_scale), slab(k_zero), slab(v_codes),
               slab(v_scale), slab(v_zero), row, row]
+  for group_map in (k_groups, v_groups):
+    if group_map is not None:
+      inputs.append(group_map.astype(jnp.int32))
+      in_specs.append(pl.BlockSpec((d,), lambda i, j, s: (0,)))
   aliases = {}
   if poison:
     n_in = len(inputs)
@@ -235,8 +300,10 @@ def quantized_decode_attention(*args, **kwargs):
 
 
 def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale,
-                                         v_zero, n_valid, lo, *, k_bits: int, v_bits: int,
-                                         group_size: int, dot_dtype=jnp.float32):
+                                         v_zero, n_valid, lo, k_groups=None, v_groups=None,
+                                         *, k_bits: float, v_bits: float, group_size: int,
+                                         sm_scale: float | None = None,
+                                         dot_dtype=jnp.float32):
   """The same function in plain jnp: dequantize the block, mask, softmax.
 
   Float32 throughout by default. With `dot_dtype=bfloat16` the operands of
@@ -249,11 +316,16 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   g = group_size
   d = q.shape[-1]
   rnd = lambda x: x.astype(dot_dtype).astype(jnp.float32)  # noqa: E731
+  k_axis, k_map = "channel", None
+  if k_groups is not None:
+    k_axis, k_map = "token", (k_groups, k_scale.shape[-1])
+  v_map = None if v_groups is None else (v_groups, v_scale.shape[-1])
   keys = rnd(quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale,
-                                     k_zero, g, "channel", jnp.float32))
+                                     k_zero, g, k_axis, jnp.float32, k_map))
   values = rnd(quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale,
-                                       v_zero, g, "token", jnp.float32))
-  s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), keys) / math.sqrt(d)
+                                       v_zero, g, "token", jnp.float32, v_map))
+  sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+  s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), keys) * sm_scale
   t = jnp.arange(keys.shape[2])
   live = (t[None, :] < n_valid[:, None]) & (t[None, :] >= lo[:, None])  # [B, T]
   s = jnp.where(live[:, None, None, :], s, _NEG)

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kivi_jax
-from kivi_jax.attention import cache_attention
-from kivi_jax.cache import n_quantized, ring_positions
+from kivi_jax.attention import cache_attention, kernel_applies
+from kivi_jax.cache import n_quantized
 import spec_reference
-from test_cache import B, CONFIGS, D, HKV, _fill, _kv
+from test_cache import B, CONFIGS, D, HKV, _channel_maps, _fill, _kv, spec_block
 
 _attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", "impl"))
 
@@ -18,7 +17,9 @@ _attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", 
 @pytest.mark.parametrize("t_new", [1, 5])
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32", "fp16",
-                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip",
+                                  "kivi2-sinks", "skvq-3-groups", "skvq-ternary-sinks",
+                                  "skvq-reorder-fp8"])
 def test_matches_float64_reference(name, window, t_new, rep):
   config = CONFIGS[name]
   hq = HKV * rep
@@ -34,18 +35,18 @@ def test_matches_float64_reference(name, window, t_new, rep):
   out = _attend(q, layer, k_new, v_new, lens, jnp.asarray(n_new), config, window)
 
   nq = np.asarray(n_quantized(lens, config))
-  pos, valid = map(np.asarray, ring_positions(lens, config))
+  maps = _channel_maps(layer, config)
+  s = config.sinks
   for b in range(B):
     total = lengths[b] + n_new[b]
     kb, vb = (np.asarray(x[b, :, :total], np.float64) for x in (k, v))
+    # Past the S sinks, the block's tokens as the spec quantizes them.
+    blk = slice(s, s + nq[b])
     if config.k_bits < 16:
-      kb[:, :nq[b]] = spec_reference.quantize(kb[:, :nq[b]], config.k_bits,
-                                              config.group_size, config.key_axis,
-                                              config.clip)[3]
+      kb[:, blk] = spec_block(kb[:, blk], config.k_bits, config.key_axis, config, maps["k"])
     if config.v_bits < 16:
-      vb[:, :nq[b]] = spec_reference.quantize(vb[:, :nq[b]], config.v_bits,
-                                              config.group_size, config.value_axis,
-                                              config.clip)[3]
+      vb[:, blk] = spec_block(vb[:, blk], config.v_bits, config.value_axis, config,
+                              maps["v"])
     qpos = lengths[b] + np.arange(n_new[b])
     kpos = np.arange(total)
     visible = kpos[None, :] <= qpos[:, None]
@@ -77,11 +78,15 @@ def test_quantization_changes_the_output():
 @pytest.mark.parametrize("rep", [1, 4, 7])
 @pytest.mark.parametrize("window", [None, 50])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0",
-                                  "kivi2-g64-r64", "kivi2-clip"])
+                                  "kivi2-g64-r64", "kivi2-clip", "kivi2-sinks",
+                                  "kivi2-ternary", "skvq-reorder-fp8", "skvq-ternary-sinks"])
 def test_kernel_decode_matches_reference(name, window, rep, impl):
   if impl == "tpu" and jax.default_backend() == "gpu":
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")
   config = CONFIGS[name]
+  if not kernel_applies(config, D, HKV, impl):
+    assert impl == "tpu" and (config.channel_group or 1.5 in (config.k_bits, config.v_bits))
+    pytest.skip("the TPU kernel reads KIVI's layout in 2, 4 or 8 bits only")
   hq = HKV * rep
   k, v = _kv(300, seed=11)
   lengths = np.array([299, 150, 1])

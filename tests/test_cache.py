@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ import kivi_jax
 from kivi_jax import cache as cache_lib
 from kivi_jax import quantization
 from kivi_jax.cache import append, n_quantized, ring_positions
+from kivi_jax.calibration import CALIBRATED_FIELDS, Calibration
 import spec_reference
 
 B, HKV, D = 3, 2, 32
@@ -36,7 +38,57 @@ CONFIGS = {
     "per-token-keys": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token",
                                           value_axis="channel"),
     "fp16": kivi_jax.KIVIConfig(16, 16, 16, 32),
+    "kivi2-sinks": kivi_jax.KIVIConfig(2, 2, 16, 32, sinks=5),
+    "kivi2-ternary": kivi_jax.KIVIConfig(2, 1.5, 16, 32),
+    # SKVQ: per token over the hidden dim (2 heads x 32 = 64 channels).
+    "skvq-3-groups": kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token", value_axis="token",
+                                         channel_group=24),
+    "skvq-ternary-sinks": kivi_jax.KIVIConfig(
+        2, 1.5, 16, 32, key_axis="token", value_axis="token", channel_group=32, sinks=5,
+        clip=0.9),
+    "skvq-reorder-fp8": kivi_jax.KIVIConfig(
+        2, 2, 16, 32, key_axis="token", value_axis="token", channel_group=16, reorder=True,
+        clip="calibrated", sinks=3, scale_dtype="float8_e4m3fn"),
 }
+
+
+def random_calibration(config, num_layers=1, hidden=HKV * D, seed=0):
+  """A `Calibration` with random orders, unequal groups and clip factors."""
+  rng = np.random.default_rng(seed)
+  n = config.hidden_groups(hidden)
+  out = {}
+  for name in "kv":
+    perms, groups = [], []
+    for _ in range(num_layers):
+      perms.append(rng.permutation(hidden).astype(np.int32))
+      cuts = np.sort(rng.choice(np.arange(1, hidden), n - 1, replace=False))
+      groups.append(np.repeat(np.arange(n), np.diff([0, *cuts, hidden])).astype(np.int32))
+    out[f"perm_{name}"], out[f"groups_{name}"] = np.stack(perms), np.stack(groups)
+    out[f"clip_{name}"] = rng.uniform(0.85, 1.0, num_layers).astype(np.float32)
+  return Calibration(model="test", config={f: getattr(config, f) for f in CALIBRATED_FIELDS},
+                     **out)
+
+
+def _calibration(config):
+  return random_calibration(config) if config.needs_calibration else None
+
+
+def _channel_maps(layer, config):
+  """(perm, groups, clip) per tensor as numpy, or None without channel_group."""
+  if config.channel_group is None:
+    return {"k": None, "v": None}
+  return {name: tuple(np.asarray(x) for x in (m.perm, m.groups, m.clip))
+          for name, m in (("k", layer.k_map), ("v", layer.v_map))}
+
+
+def spec_block(x, bits, axis, config, cmap):
+  """SPEC.md's quantization of `x` [Hkv, n, D] (one row's block tokens), float64."""
+  sdtype = config.scale_dtype and ml_dtypes.float8_e4m3fn
+  if cmap is None:
+    return spec_reference.quantize(x, bits, config.group_size, axis, config.clip,
+                                   scale_dtype=sdtype)[3]
+  perm, groups, clip = cmap
+  return spec_reference.quantize_hidden(x, bits, perm, groups, clip, sdtype)
 
 _append = jax.jit(append, static_argnames="config")
 
@@ -54,7 +106,8 @@ def _kv(n, seed=0):
 
 def _fill(config, k, v, lengths, chunk):
   """Appends row b's first lengths[b] tokens, `chunk` tokens per call."""
-  cache = kivi_jax.init_cache(_Shape(), config, B, max(int(np.max(lengths)), 1))
+  cache = kivi_jax.init_cache(_Shape(), config, B, max(int(np.max(lengths)), 1),
+                              calibration=_calibration(config))
   layer, done = _layer(cache), jnp.zeros((B,), jnp.int32)
   n = k.shape[2]
   for start in range(0, n, chunk):
@@ -73,13 +126,18 @@ def _live(layer, lengths, config):
          "ring_v": np.where(np.asarray(valid)[:, None, :, None], layer.ring_v, 0)}
   for name, bits, axis in (("k", config.k_bits, config.key_axis),
                            ("v", config.v_bits, config.value_axis)):
-    deq = cache_lib.dequantize_block(getattr(layer, name), bits, axis, config, jnp.float32)
+    deq = cache_lib.dequantize_block(getattr(layer, name), bits, axis, config, jnp.float32,
+                                     getattr(layer, name + "_map"), D)
     keep = np.arange(deq.shape[2])[None, :] < nq[:, None]
     out[name] = np.where(keep[:, None, :, None], np.asarray(deq), 0)
     if bits < 16:
       codes = np.asarray(quantization.unpack(getattr(layer, name).codes, bits,
                                              config.group_size))
       out[name + "_codes"] = np.where(keep[:, None, :, None], codes, 0)
+  if config.sinks:
+    live = np.arange(config.sinks)[None, :] < np.asarray(lengths)[:, None]
+    for name in ("sink_k", "sink_v"):
+      out[name] = np.where(live[:, None, :, None], getattr(layer, name), 0)
   return out
 
 
@@ -103,7 +161,9 @@ def test_prefill_equals_token_by_token(name, n):
 
 
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32",
-                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip"])
+                                  "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip",
+                                  "kivi2-sinks", "skvq-3-groups", "skvq-ternary-sinks",
+                                  "skvq-reorder-fp8"])
 def test_block_holds_spec_quantization_of_oldest_tokens(name):
   config = CONFIGS[name]
   n = 130
@@ -111,24 +171,30 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
   lengths = [130, 101, 77]
   layer, lens = _fill(config, k, v, lengths, chunk=1)
   nq = np.asarray(n_quantized(lens, config))
-  g, r = config.group_size, config.residual_length
+  g, r, s = config.group_size, config.residual_length, config.sinks
+  maps = _channel_maps(layer, config)
   for row in range(B):
-    # SPEC.md: q = G * ceil(max(n - R, 0) / G) tokens quantized, the rest in the
-    # ring; R = 0 quantizes every whole group.
+    # SPEC.md: past the S sinks, q = G * ceil(max(n - R, 0) / G) tokens
+    # quantized, the rest in the ring; R = 0 quantizes every whole group.
+    body = lengths[row] - s
     if r:
-      assert nq[row] == g * -(-max(lengths[row] - r, 0) // g)
-      assert r - g + 1 <= lengths[row] - nq[row] <= r
+      assert nq[row] == g * -(-max(body - r, 0) // g)
+      assert r - g + 1 <= body - nq[row] <= r
     else:
-      assert nq[row] == lengths[row] // g * g
+      assert nq[row] == body // g * g
     for name_, x, bits, axis in (("k", k, config.k_bits, config.key_axis),
                                  ("v", v, config.v_bits, config.value_axis)):
-      *_, deq_ref = spec_reference.quantize(np.asarray(x[row, :, :nq[row]]), bits, g, axis,
-                                            config.clip)
-      got = cache_lib.dequantize_block(jax.tree.map(lambda a: a[row:row + 1],
-                                                    getattr(layer, name_)),
-                                       bits, axis, config, jnp.float32)
+      deq_ref = spec_block(np.asarray(x[row, :, s:s + nq[row]]), bits, axis, config,
+                           maps[name_])
+      one_row = jax.tree.map(lambda a: a[row:row + 1], getattr(layer, name_))
+      got = cache_lib.dequantize_block(one_row, bits, axis, config, jnp.float32,
+                                       getattr(layer, name_ + "_map"), D)
       np.testing.assert_allclose(np.asarray(got[0, :, :nq[row]]), deq_ref, rtol=1e-5,
                                  atol=1e-5)
+    if s:
+      # Sinks are never quantized.
+      np.testing.assert_array_equal(layer.sink_k[row], k[row, :, :s])
+      np.testing.assert_array_equal(layer.sink_v[row], v[row, :, :s])
     pos, valid = ring_positions(lens, config)
     for slot in range(config.ring_size):
       if valid[row, slot]:

@@ -148,7 +148,7 @@ def test_generation_with_kernel_equals_reference(method):
       hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1)))
   prompt = np.random.default_rng(0).integers(0, 256, (3, 300))
   kv = kivi_jax.PRESETS[method]
-  assert resolve_impl("gpu", kv, model.config.head_dim, 1) == "gpu"
+  assert resolve_impl("gpu", kv, model.config.head_dim, model.config.num_kv_heads, 1) == "gpu"
   out = {impl: np.asarray(kivi_jax.generate(model, prompt, kv_config=kv, max_new_tokens=40,
                                             impl=impl))
          for impl in ("gpu", "reference")}
