@@ -1,11 +1,12 @@
 """kivi-jax: KIVI and SKVQ KV-cache quantization for LLM inference in JAX."""
 
 from kivi_jax.cache import KVCache, init_cache
+from kivi_jax.calibration import Calibration, calibrate
 from kivi_jax.config import PRESETS, KIVIConfig, get_preset
 from kivi_jax.generate import generate
 from models import Model, ModelConfig, load_model, load_tokenizer
 
 __all__ = [
-    "KIVIConfig", "KVCache", "Model", "ModelConfig", "PRESETS", "generate", "get_preset",
-    "init_cache", "load_model", "load_tokenizer",
+    "Calibration", "KIVIConfig", "KVCache", "Model", "ModelConfig", "PRESETS", "calibrate",
+    "generate", "get_preset", "init_cache", "load_model", "load_tokenizer",
 ]

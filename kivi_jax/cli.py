@@ -61,9 +61,17 @@ def _generate(args) -> int:
       sys.stdout.flush()
       shown = len(text)
 
+  calibration = None
+  if args.calibration:
+    from kivi_jax.calibration import Calibration
+    calibration = Calibration.load(args.calibration, model)
+  elif kv_config.needs_calibration:
+    raise ValueError(f"method {args.method} needs a calibration: make one with "
+                     "`kivi-jax calibrate` and pass --calibration")
   out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed, eos_token_id=sorted(stops), streamer=stream)
+                 seed=args.seed, eos_token_id=sorted(stops), streamer=stream,
+                 calibration=calibration)
   np.asarray(out)  # waits for the loop, and so for every streamed token
   sys.stdout.write("\n")
   return 0
@@ -72,6 +80,31 @@ def _generate(args) -> int:
 def _presets(methods: str) -> dict[str, KIVIConfig]:
   """`"fp16,kivi2"` -> their configs; an unknown name fails before any work."""
   return {m: get_preset(m) for m in (m.strip() for m in methods.split(",")) if m}
+
+
+def _calibrations(model, configs: dict[str, KIVIConfig], tokens: np.ndarray,
+                  data_name: str) -> dict:
+  """A calibration for each config that needs one, on the text's tail (disjoint
+  from the evaluated windows, cut from the start)."""
+  from kivi_jax import eval as kv_eval
+  from kivi_jax.calibration import calibrate
+
+  source = (f"last {kv_eval.CALIBRATION_TOKENS} tokens of {data_name}, in sequences of "
+            f"{kv_eval.CALIBRATION_SEQ}, seed 0")
+  out = {}
+  for name, config in configs.items():
+    if config.needs_calibration:
+      print(f"{name:>24}  calibrating on the {source}", flush=True)
+      out[name] = calibrate(model, kv_eval.calibration_batches(tokens), config, seed=0,
+                            source=source)
+  return out
+
+
+def _calibration_row(calib) -> dict:
+  if calib is None:
+    return {}
+  return {"calibration": calib.source, "clip_k": calib.clip_k.tolist(),
+          "clip_v": calib.clip_v.tolist()}
 
 
 def _write_json(path: str, out: dict) -> None:
@@ -102,6 +135,28 @@ def run_metadata() -> dict:
           "date": datetime.date.today().isoformat(), "commit": commit}
 
 
+def _calibrate(args) -> int:
+  import jax
+
+  import kivi_jax
+  from kivi_jax import eval as kv_eval
+  from kivi_jax.default_model import default_model_path
+
+  config = get_preset(args.method)
+  path = args.model or default_model_path()
+  model = kivi_jax.load_model(path, dtype=args.dtype)
+  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
+  with jax.default_matmul_precision("highest"):
+    calib = _calibrations(model, {args.method: config}, tokens,
+                          Path(args.data).name).get(args.method)
+  if calib is None:
+    raise ValueError(f"method {args.method} has nothing to calibrate")
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  calib.save(args.out)
+  print(f"wrote {args.out}")
+  return 0
+
+
 def _eval_ppl(args) -> int:
   import jax
 
@@ -119,13 +174,23 @@ def _eval_ppl(args) -> int:
   for config in configs.values():
     config.check_head_dim(model.config.head_dim)  # every method, before any work
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
+  evaluated = setting["windows"] * (setting["prefill"] + setting["decode"])
+  if any(c.needs_calibration for c in configs.values()) and \
+      evaluated > tokens.size - kv_eval.CALIBRATION_TOKENS:
+    raise ValueError(f"the windows ({evaluated} tokens) overlap the calibration text (the "
+                     f"last {kv_eval.CALIBRATION_TOKENS} of {tokens.size})")
   rows = []
+  with jax.default_matmul_precision("highest"):
+    calibrations = _calibrations(model, configs, tokens, Path(args.data).name)
   for name, config in configs.items():
     with jax.default_matmul_precision("highest"):
-      result = kv_eval.kv_perplexity(model, tokens, config, **setting)
-    k_bpe, v_bpe = config.bits_per_element(scale_bits=16, head_dim=model.config.head_dim)
+      result = kv_eval.kv_perplexity(model, tokens, config, **setting,
+                                     calibration=calibrations.get(name))
+    k_bpe, v_bpe = config.bits_per_element(scale_bits=16, head_dim=model.config.head_dim,
+                                           num_kv_heads=model.config.num_kv_heads)
     rows.append({"method": name, "kv_ppl": result.kv_ppl, **dataclasses.asdict(config),
-                 "bits_per_element": (k_bpe + v_bpe) / 2})
+                 "bits_per_element": (k_bpe + v_bpe) / 2,
+                 **_calibration_row(calibrations.get(name))})
     print(f"{name:>24}  KV-ppl {result.kv_ppl:8.3f}", flush=True)
   fp = next((r["kv_ppl"] for r in rows if r["method"] == "fp16"), None)
   print("\n| method | k bits | v bits | group | residual | KV-ppl | vs fp |")
@@ -160,15 +225,22 @@ def _eval_passkey(args) -> int:
   tokenizer = kivi_jax.load_tokenizer(path)
   rows, records = [], {}
   with jax.default_matmul_precision("highest"):
+    calibrations = {}
+    if any(c.needs_calibration for c in configs.values()):
+      calibrations = _calibrations(model, configs,
+                                   kv_eval.wikitext_tokens(tokenizer, args.data),
+                                   Path(args.data).name)
     for name, config in configs.items():
       result = kv_eval.passkey(model, tokenizer, config, lengths=lengths, depths=args.depths,
                                trials=args.trials, seed=args.seed,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size,
+                               calibration=calibrations.get(name))
       records[name] = result.records
       for (length, bucket), acc in sorted(result.accuracy.items()):
         rows.append({"method": name, "length": length, "bucket": bucket,
                      "depth_range": [bucket / args.depths, (bucket + 1) / args.depths],
-                     "trials": args.trials, "accuracy": acc})
+                     "trials": args.trials, "accuracy": acc,
+                     **_calibration_row(calibrations.get(name))})
       mean = np.mean([a for a in result.accuracy.values()])
       print(f"{name:>24}  passkey accuracy {mean:.3f}", flush=True)
   print("\n| method | " + " | ".join(str(n) for n in lengths) + " |")
@@ -226,7 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   gen.add_argument("--raw", action="store_true",
                    help="do not apply the tokenizer's chat template")
+  gen.add_argument("--calibration", help="a `kivi-jax calibrate` JSON file (SKVQ methods)")
   gen.set_defaults(run=_generate)
+
+  cal = sub.add_parser("calibrate", help="calibrate an SKVQ method on the tail of "
+                       "WikiText-2 and save it as JSON")
+  cal.add_argument("--model", help="HF checkpoint directory or .gguf file "
+                   "(default: SmolLM2-135M-Instruct)")
+  cal.add_argument("--method", default="skvq-k2v2",
+                   choices=sorted(m for m, c in PRESETS.items() if c.channel_group))
+  cal.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
+                   help="WikiText-2 raw test file; its last tokens are the calibration text")
+  cal.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  cal.add_argument("--out", required=True, help="where to write the calibration JSON")
+  cal.set_defaults(run=_calibrate)
 
   ev = sub.add_parser("eval", help="quality of cache methods on a real model")
   ev_sub = ev.add_subparsers(dest="eval_command", required=True)
@@ -256,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
   pk.add_argument("--trials", type=int, default=20, help="trials per length and bucket")
   pk.add_argument("--seed", type=int, default=0)
   pk.add_argument("--batch-size", type=int, default=4, help="prompts per generate call")
+  pk.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
+                  help="WikiText-2 raw test file, whose tail calibrates SKVQ methods")
   pk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   pk.add_argument("--out", help="write the results as JSON here")
   pk.set_defaults(run=_eval_passkey)

@@ -56,8 +56,8 @@ def _window_nll(params, tokens, cache, *, config: ModelConfig, prefill: int):
 
 
 def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
-                  decode: int = 256, windows: int = 4, progress: bool = True
-                  ) -> PerplexityResult:
+                  decode: int = 256, windows: int = 4, progress: bool = True,
+                  calibration=None) -> PerplexityResult:
   """KV-perplexity of `model` with a `kv_config` cache (PROTOCOLS.md Q1).
 
   Args:
@@ -67,6 +67,8 @@ def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
     kv_config: the cache method.
     prefill, decode, windows: `P`, `D` and the number of windows.
     progress: show a progress bar over windows.
+    calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one
+      (made on text disjoint from the windows).
   """
   token_ids = np.asarray(token_ids)
   if token_ids.ndim != 1:
@@ -82,11 +84,26 @@ def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
   for w in tqdm(range(windows), desc=f"KV-ppl k{kv_config.k_bits}v{kv_config.v_bits}",
                 disable=not progress, leave=False):
     tokens = jnp.asarray(token_ids[w * span:(w + 1) * span][None], jnp.int32)
-    cache = init_cache(model.config, kv_config, 1, span)
+    cache = init_cache(model.config, kv_config, 1, span, calibration=calibration)
     nll.append(np.asarray(_window_nll(model.params, tokens, cache, config=model.config,
                                       prefill=prefill)[0], np.float64))
   nll = np.stack(nll)
   return PerplexityResult(float(np.exp(nll.mean())), nll)
+
+
+CALIBRATION_TOKENS = 8192
+CALIBRATION_SEQ = 512
+
+
+def calibration_batches(token_ids: np.ndarray, n_tokens: int = CALIBRATION_TOKENS,
+                        seq: int = CALIBRATION_SEQ, batch: int = 4) -> list[np.ndarray]:
+  """The last `n_tokens` of the text as `[batch, seq]` arrays: calibration data
+  disjoint from KV-ppl's windows, which are cut from the start."""
+  if n_tokens % (seq * batch) or n_tokens > len(token_ids):
+    raise ValueError(f"n_tokens={n_tokens} must be a multiple of seq x batch = "
+                     f"{seq * batch} and at most the text's {len(token_ids)} tokens")
+  tail = np.asarray(token_ids[-n_tokens:]).reshape(-1, batch, seq)
+  return list(tail)
 
 
 def wikitext_tokens(tokenizer, path) -> np.ndarray:
@@ -142,7 +159,8 @@ class PasskeyResult:
 
 def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4096, 8192),
             depths: int = 5, trials: int = 20, seed: int = 0, batch_size: int = 4,
-            answer_tokens: int = 8, progress: bool = True) -> PasskeyResult:
+            answer_tokens: int = 8, progress: bool = True, calibration=None
+            ) -> PasskeyResult:
   """Passkey retrieval accuracy with a `kv_config` cache (PROTOCOLS.md Q2).
 
   For each length and each of `depths` equal depth buckets of [0, 1], `trials`
@@ -151,7 +169,7 @@ def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4
   prefill, then one jitted decode loop per batch) generates `answer_tokens`
   tokens, and a trial succeeds when they contain the passkey. Passkeys and
   depths depend on `seed`, length and bucket only, so every method sees the
-  same prompts.
+  same prompts. `calibration`: as `kv_perplexity`'s.
   """
   from kivi_jax.generate import generate
 
@@ -188,7 +206,8 @@ def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4
       ids[row, width - len(w["ids"]):] = w["ids"]
       mask[row, width - len(w["ids"]):] = 1
     out = np.asarray(generate(model, ids, attention_mask=mask, kv_config=kv_config,
-                              max_new_tokens=answer_tokens, max_length=width + answer_tokens))
+                              max_new_tokens=answer_tokens, max_length=width + answer_tokens,
+                              calibration=calibration))
     for w, tokens in zip(batch, out):
       answer = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
       records.append({k: w[k] for k in ("length", "bucket", "depth", "passkey")}

@@ -100,7 +100,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
              eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, max_length: int | None = None,
              streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             impl: str = "auto") -> Array:
+             impl: str = "auto", calibration=None) -> Array:
   """Generates `max_new_tokens` tokens for each prompt of a batch.
 
   Args:
@@ -118,6 +118,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
     streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
     impl: what reads the cache in decode steps (`KVCache.impl`): "auto" takes the
       Pallas kernel of the backend where it applies.
+    calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one.
 
   Returns:
     int32 `[B, max_new_tokens]`.
@@ -167,7 +168,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
 
-  cache = init_cache(model.config, kv_config, b, max_length, impl=impl)
+  cache = init_cache(model.config, kv_config, b, max_length, impl=impl,
+                     calibration=calibration)
   logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32), cache,
                            jnp.asarray(attention_mask, jnp.int32), config=model.config)
   tokens, _ = _decode(
