@@ -9,7 +9,6 @@ in a decode step").
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,29 @@ from pallas_kernels import decode_attention_tpu as tpu_decode
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+  """Rotates `x` `[B, T, H, Dh]` at int `positions` `[B, T]` (HF's rotate_half layout)."""
+  # [B, T, Dh/2]
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  # [B, T, 1, Dh]
+  cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+MAX_KERNEL_HIDDEN = 128
+"""The widest hidden dim the GPU kernel takes in SKVQ's layout: one program
+holds every query head's row over the whole hidden dim, compiled and checked on
+an H100 at 64 channels; real models' 1024 to 4096 need the hidden dim split
+across programs (not done), so they take the jnp reference."""
+
+
+def _rotate_keys(keys: Array, positions: Array, inv_freq: Array) -> Array:
+  """`apply_rope` of keys `[B, Hkv, S, D]` at positions `[B, S]`."""
+  return apply_rope(keys.swapaxes(1, 2), positions, inv_freq).swapaxes(1, 2)
+
+
 def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
                    which: str) -> bool:
   """Whether the `which` ("gpu" or "tpu") decode kernel reads this cache.
@@ -32,19 +54,21 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
   Both read KIVI's axes with both tensors quantized in groups of a power of
   two (at least 16) tokens (values per channel group, or per head where the
   group is wider than the head, `check_head_dim`). The GPU kernel also
-  reads ternary codes and SKVQ's layout (`channel_group`, keys before RoPE
-  excepted) where the hidden dim is a power of two (a Triton block).
+  reads ternary codes, keys cached before RoPE and SKVQ's layout
+  (`channel_group`) where the hidden dim is a power of two (a Triton block) of
+  at most `MAX_KERNEL_HIDDEN` channels.
   """
   g = config.group_size
   if not (config.quantizes_keys and config.quantizes_values and g >= 16
           and g & (g - 1) == 0):
     return False
   ternary = 1.5 in (config.k_bits, config.v_bits)
+  if which == "tpu" and (ternary or config.pre_rope or config.channel_group is not None):
+    return False
   if config.channel_group is not None:
     hidden = num_kv_heads * head_dim
-    return (which == "gpu" and not config.pre_rope and hidden & (hidden - 1) == 0)
-  return (config.key_axis == "channel" and config.value_axis == "token"
-          and not (ternary and which == "tpu"))
+    return hidden & (hidden - 1) == 0 and hidden <= MAX_KERNEL_HIDDEN
+  return config.key_axis == "channel" and config.value_axis == "token"
 
 
 def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, num_kv_heads: int,
@@ -63,7 +87,7 @@ def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, num_kv_heads: int
 def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
                     lengths: Array, n_new: Array, config: KIVIConfig,
                     sliding_window: int | None = None, impl: str = "reference",
-                    key_rope: Callable[[Array, Array], Array] | None = None) -> Array:
+                    rope_inv_freq: Array | None = None) -> Array:
   """Causal GQA attention of `T` new queries over the cache and themselves.
 
   Args:
@@ -75,18 +99,19 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
     n_new: int32 `[B]`, real new tokens per row; the rest are padding.
     sliding_window: if set, a query at position `i` sees keys at `p > i - W`.
     impl: `KVCache.impl`; a kernel reads the block in decode steps (T = 1).
-    key_rope: with `config.pre_rope` (cache and `k_new` hold keys before
-      RoPE), `key_rope(keys [B, Hkv, S, D], positions [B, S])` rotates them.
+    rope_inv_freq: `[D/2]`, the model's RoPE frequencies, exactly when
+      `config.pre_rope`: the cache and `k_new` hold keys before RoPE, and
+      attention rotates them (dequantized) at their positions.
 
   Returns:
     `[B, T, Hq, D]` in `q.dtype`.
   """
-  if config.pre_rope != (key_rope is not None):
-    raise ValueError("key_rope must be given exactly when config.pre_rope is set")
+  if config.pre_rope != (rope_inv_freq is not None):
+    raise ValueError("rope_inv_freq must be given exactly when config.pre_rope is set")
   which = resolve_impl(impl, config, q.shape[-1], k_new.shape[1], q.shape[1])
   if which != "reference":
     return _decode_with_kernel(q, layer, k_new, v_new, lengths, n_new, config,
-                               sliding_window, which)
+                               sliding_window, which, rope_inv_freq)
   b, t, hq, d = q.shape
   hkv = k_new.shape[1]
   dtype = q.dtype
@@ -116,8 +141,8 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
     key_live.insert(0, sink_pos < lengths[:, None])
   keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
   key_pos, key_live = jnp.concatenate(key_pos, 1), jnp.concatenate(key_live, 1)
-  if key_rope is not None:
-    keys = key_rope(keys, key_pos)
+  if rope_inv_freq is not None:
+    keys = _rotate_keys(keys, key_pos, rope_inv_freq)
 
   # [B, T, S]
   visible = key_live[:, None, :] & (key_pos[:, None, :] <= new_pos[:, :, None])
@@ -137,9 +162,9 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
 
 
 def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
-                        config: KIVIConfig, sliding_window, which: str):
-  """One decode step: a kernel over the packed block, jnp over the ring and the
-  new token (at most R + 1 keys), merged by their log-sum-exps."""
+                        config: KIVIConfig, sliding_window, which: str, rope_inv_freq):
+  """One decode step: a kernel over the packed block, jnp over the sinks, the
+  ring and the new token (at most S + R + 1 keys), merged by their log-sum-exps."""
   b, _, hq, d = q.shape
   hkv = k_new.shape[1]
   rep = hq // hkv
@@ -153,31 +178,44 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
   blocks = (layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
             layer.v.zero)
   kw = dict(k_bits=config.k_bits, v_bits=config.v_bits, group_size=config.group_size)
+  # Keys before RoPE: the kernel rotates the query instead (its docstring).
+  rope = {}
+  if rope_inv_freq is not None:
+    q1, q2 = jnp.split(q[:, 0], 2, axis=-1)
+    rope = dict(q_rot=jnp.concatenate([q2, -q1], -1),  # [B, Hq, D]
+                rope_theta=jnp.concatenate([rope_inv_freq, rope_inv_freq]))
+    kw["pos_offset"] = config.sinks
   if config.channel_group is None:
     # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
     # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
     m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS,
                  1 << (rep - 1).bit_length())
-    o_blk, lse_blk = _block_kernel(
-        which, jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0))), *blocks, *rows,
-        **kw)
+    pad = lambda x: jnp.pad(x.reshape(b, hkv, rep, d),  # noqa: E731
+                            ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+    if rope:
+      rope["q_rot"] = pad(rope["q_rot"])
+    o_blk, lse_blk = _block_kernel(which, pad(qg), *blocks, *rows, **rope, **kw)
     o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
   else:
-    o_blk, lse_blk = _hidden_block_attention(q, layer, blocks, rows, kw, which)
+    o_blk, lse_blk = _hidden_block_attention(q[:, 0], layer, blocks, rows, rope, kw, which)
 
   # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
   # positions and liveness.
   ring_pos, ring_valid = ring_positions(lengths, config)
   keys = [layer.ring_k, k_new.astype(layer.ring_k.dtype)]
   values = [layer.ring_v, v_new.astype(layer.ring_v.dtype)]
+  pos = [ring_pos, lengths[:, None]]
   live = [ring_valid & (ring_pos >= lo[:, None]), (n_new > 0)[:, None]]
   if config.sinks:
-    sink_pos = jnp.arange(config.sinks)[None, :]
+    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
     keys.insert(0, layer.sink_k)
     values.insert(0, layer.sink_v)
+    pos.insert(0, sink_pos)
     live.insert(0, (sink_pos < lengths[:, None]) & (sink_pos >= lo[:, None]))
   keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
   live = jnp.concatenate(live, 1)
+  if rope_inv_freq is not None:
+    keys = _rotate_keys(keys, jnp.concatenate(pos, 1), rope_inv_freq)
   # [B, Hkv, rep, (S +) R + 1]
   s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys,
                  preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
@@ -203,26 +241,32 @@ def _block_kernel(which: str, *args, **kw):
   return tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
 
 
-def _hidden_block_attention(q, layer: LayerKV, blocks, rows, kw, which: str):
+def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw, which: str):
   """The block of SKVQ's layout (one "head" of the hidden dim `H`, channels in
-  each tensor's calibrated order): `(o [B, Hkv, rep, D], lse [B, Hkv, rep])`.
+  each tensor's calibrated order): `(o [B, Hkv, rep, D], lse [B, Hkv, rep])`
+  for queries `q` `[B, Hq, D]` (and `rope`'s `q_rot` alike).
 
   Every query head becomes a row over the whole hidden dim holding its own
   channels where its kv head's keys sit (zeros elsewhere), so `q' . k` over
   `H` is the head's own score (SPEC.md: `q . k = Pq . Pk`); its output row is
   read back at its kv head's value channels.
   """
-  b, _, hq, d = q.shape
+  b, hq, d = q.shape
   hkv = layer.ring_k.shape[1]
   rep = hq // hkv
   kv_of = jnp.arange(hq) // rep
-  # [B, Hq, H]
-  spread = jax.nn.one_hot(kv_of, hkv, dtype=q.dtype)[None, :, :, None] * q[:, 0, :, None, :]
-  q_hidden = jnp.take(spread.reshape(b, hq, hkv * d), layer.k_map.perm, axis=-1)
   m_rows = max(16, 1 << (hq - 1).bit_length())
-  q_hidden = jnp.pad(q_hidden, ((0, 0), (0, m_rows - hq), (0, 0)))[:, None]
-  o, lse = _block_kernel(which, q_hidden, *blocks, *rows, layer.k_map.groups,
-                         layer.v_map.groups, sm_scale=1.0 / math.sqrt(d), **kw)
+
+  def spread(x):  # [B, Hq, D] -> [B, 1, M, H] in the keys' channel order
+    x = jax.nn.one_hot(kv_of, hkv, dtype=x.dtype)[None, :, :, None] * x[:, :, None, :]
+    x = jnp.take(x.reshape(b, hq, hkv * d), layer.k_map.perm, axis=-1)
+    return jnp.pad(x, ((0, 0), (0, m_rows - hq), (0, 0)))[:, None]
+
+  if rope:
+    rope = dict(q_rot=spread(rope["q_rot"]),
+                rope_theta=jnp.tile(rope["rope_theta"], hkv)[layer.k_map.perm])
+  o, lse = _block_kernel(which, spread(q), *blocks, *rows, layer.k_map.groups,
+                         layer.v_map.groups, **rope, sm_scale=1.0 / math.sqrt(d), **kw)
   # [B, Hq, Hkv, D] in hidden order, then each head's own kv head.
   o = jnp.take(o[:, 0, :hq], jnp.argsort(layer.v_map.perm), axis=-1).reshape(b, hq, hkv, d)
   o = jnp.take_along_axis(o, kv_of[None, :, None, None], axis=2)[:, :, 0]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from kivi_jax.attention import cache_attention
+from kivi_jax.attention import apply_rope, cache_attention
 from kivi_jax.cache import KVCache, append
 from models.config import ModelConfig
 
@@ -55,17 +55,6 @@ def rope_inv_freq(config: ModelConfig) -> Array:
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     inv_freq = jnp.where(medium, smoothed, scaled)
   return inv_freq
-
-
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-  """Rotates `x` `[B, T, H, Dh]` at int `positions` `[B, T]` (HF's rotate_half layout)."""
-  # [B, T, Dh/2]
-  freqs = positions[..., None].astype(jnp.float32) * inv_freq
-  # [B, T, 1, Dh]
-  cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
-  sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
 def _compact(input_ids: Array, attention_mask: Array) -> tuple[Array, Array, Array]:
@@ -111,11 +100,6 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
   # [B, T, D]
   x = params["embed"][ids].astype(dtype)
 
-  def key_rope(keys, key_positions):
-    # With pre_rope the cache holds keys before RoPE (SPEC.md, "SKVQ"); attention
-    # rotates them, dequantized, at their positions. [B, Hkv, S, Dh], [B, S].
-    return apply_rope(keys.swapaxes(1, 2), key_positions, inv_freq).swapaxes(1, 2)
-
   def layer(x, layer_in):
     p, layer_cache = layer_in
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
@@ -129,7 +113,7 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     attn = cache_attention(q, layer_cache, k, v, cache.lengths, n_new, kv,
                            config.sliding_window, cache.impl,
-                           key_rope if kv.pre_rope else None)
+                           inv_freq if kv.pre_rope else None)
     x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
     h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]))

@@ -31,6 +31,12 @@ C block capacity in tokens, G group size, w codes per word):
   lo       [B] int32: first visible token per row (sliding window; 0 for none)
   k_groups, v_groups (optional) [D] int32: the group map; k_scale, k_zero
            (v_scale, v_zero) are then [B, K, C, n_k] ([B, K, C, n_v]).
+  q_rot, rope_theta (optional, together): keys cached before RoPE (SKVQ's
+           pre_rope). Block token t sits at position p = t + pos_offset, and
+           q . rope(k_t) = (q * cos(p theta)) . k_t + (q_rot * sin(p theta)) . k_t
+           with q_rot [B, K, M, D] = -rotate_half(q) in the keys' channel order
+           and rope_theta [D] f32 each channel's frequency: the kernel scales
+           the dequantized tile by cos and sin and runs two score dots.
 Returns `(o, lse)`: o [B, K, M, D] float32, attention normalized over the
 block; lse [B, K, M] float32, its log-sum-exp (very negative where a row sees no
 block token).
@@ -84,7 +90,7 @@ def _expand_groups(ref, rows, group_map, n_groups: int):
 def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, *refs,
             k_bits: float, v_bits: float, group: int, block_tokens: int,
             groups_per_split: int, sm_scale: float, compute_dtype,
-            k_groups: int | None, v_groups: int | None):
+            k_groups: int | None, v_groups: int | None, rope: bool, pos_offset: int):
   """One program: batch row b, kv head h, split s over groups of the block.
 
   The outer loop walks steps of `w_min` groups, one packing block of the
@@ -100,6 +106,8 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   if v_groups is not None:
     maps[1], refs = refs[0][...][None, :], refs[1:]
   k_map, v_map = maps
+  if rope:
+    qr_ref, theta, refs = refs[0], refs[1][...][None, :], refs[2:]
   acc_ref, m_ref, l_ref = refs
   g_sz = group
   wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
@@ -115,6 +123,7 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
   precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
   q = q_ref[...].astype(compute_dtype)  # [M, D]
+  q_rot = qr_ref[...].astype(compute_dtype) if rope else None
   n_tok = n_ref[0]
   lo_tok = lo_ref[0]
   first = jnp.maximum(split * groups_per_split, lo_tok // g_sz)  # in groups
@@ -148,9 +157,18 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
         # Per-token scale and zero of each channel group.
         k = (kc * _expand_groups(ks_ref, rows, k_map, k_groups)
              + _expand_groups(kz_ref, rows, k_map, k_groups))
-      k = k.astype(compute_dtype)
-      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                              preferred_element_type=jnp.float32) * sm_scale  # [M, P]
+      def scores(q, k):
+        return jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
+                                   precision=precision,
+                                   preferred_element_type=jnp.float32)  # [M, P]
+      if rope:
+        pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (block_tokens, 1), 0)
+               ).astype(jnp.float32)
+        angle = pos * theta  # [P, D], as apply_rope: position times frequency in f32
+        s = scores(q, k * jnp.cos(angle)) + scores(q_rot, k * jnp.sin(angle))
+      else:
+        s = scores(q, k)
+      s = s * sm_scale
       tok = tok0 + tok_in_chunk
       live = (tok >= first * g_sz) & (tok < last * g_sz) & (tok >= lo_tok)  # [1, P]
       s = jnp.where(live, s, _NEG)
@@ -209,11 +227,13 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "sm_scale", "block_tokens", "splits", "num_warps",
-    "num_stages", "interpret", "poison"))
+    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "block_tokens", "splits",
+    "num_warps", "num_stages", "interpret", "poison"))
 def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                              n_valid, lo, k_groups=None, v_groups=None, *, k_bits: float,
-                              v_bits: float, group_size: int, sm_scale: float | None = None,
+                              n_valid, lo, k_groups=None, v_groups=None, q_rot=None,
+                              rope_theta=None, *, k_bits: float, v_bits: float,
+                              group_size: int, sm_scale: float | None = None,
+                              pos_offset: int = 0,
                               block_tokens: int | None = None, splits: int | None = None,
                               num_warps: int = 2, num_stages: int = 3,
                               interpret: bool = False, poison: bool = False):
@@ -232,9 +252,11 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     # One group per step: on the H100 small tiles and 2 warps beat larger ones
     # (more programs resident per SM; benchmarks/NOTES.md).
     block_tokens = g
-  if block_tokens % g or (w_min * g) % block_tokens:
+  # A chunk's groups must share a word row of each tensor (a packing block).
+  blocks = [codes_per_word(bits) * g for bits in (k_bits, v_bits)]
+  if block_tokens % g or any(n % block_tokens for n in blocks):
     raise ValueError(f"block_tokens={block_tokens} must be a multiple of group_size={g} "
-                     f"dividing {w_min * g}")
+                     f"dividing {' and '.join(map(str, sorted(set(blocks))))}")
   capacity = k_codes.shape[2] * codes_per_word(k_bits)
   n_steps = capacity // (w_min * g)
   if splits is None:
@@ -247,7 +269,8 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
       sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
       compute_dtype=compute_dtype,
       k_groups=None if k_groups is None else k_scale.shape[-1],
-      v_groups=None if v_groups is None else v_scale.shape[-1])
+      v_groups=None if v_groups is None else v_scale.shape[-1],
+      rope=q_rot is not None, pos_offset=pos_offset)
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
   out_specs = [
@@ -268,6 +291,11 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     if group_map is not None:
       inputs.append(group_map.astype(jnp.int32))
       in_specs.append(pl.BlockSpec((d,), lambda i, j, s: (0,)))
+  if (q_rot is None) != (rope_theta is None):
+    raise ValueError("q_rot and rope_theta go together")
+  if q_rot is not None:
+    inputs += [q_rot, rope_theta.astype(jnp.float32)]
+    in_specs += [slab(q_rot), pl.BlockSpec((d,), lambda i, j, s: (0,))]
   aliases = {}
   if poison:
     n_in = len(inputs)
@@ -301,8 +329,9 @@ def quantized_decode_attention(*args, **kwargs):
 
 def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale,
                                          v_zero, n_valid, lo, k_groups=None, v_groups=None,
-                                         *, k_bits: float, v_bits: float, group_size: int,
-                                         sm_scale: float | None = None,
+                                         q_rot=None, rope_theta=None, *, k_bits: float,
+                                         v_bits: float, group_size: int,
+                                         sm_scale: float | None = None, pos_offset: int = 0,
                                          dot_dtype=jnp.float32):
   """The same function in plain jnp: dequantize the block, mask, softmax.
 
@@ -320,12 +349,19 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   if k_groups is not None:
     k_axis, k_map = "token", (k_groups, k_scale.shape[-1])
   v_map = None if v_groups is None else (v_groups, v_scale.shape[-1])
-  keys = rnd(quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale,
-                                     k_zero, g, k_axis, jnp.float32, k_map))
+  keys = quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale, k_zero,
+                                 g, k_axis, jnp.float32, k_map)
   values = rnd(quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale,
                                        v_zero, g, "token", jnp.float32, v_map))
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-  s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), keys) * sm_scale
+  if q_rot is None:
+    s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), rnd(keys))
+  else:
+    angle = (jnp.arange(keys.shape[2]) + pos_offset).astype(jnp.float32)[:, None] * rope_theta
+    s = (jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), rnd(keys * jnp.cos(angle)))
+         + jnp.einsum("bkmd,bktd->bkmt", q_rot.astype(jnp.float32),
+                      rnd(keys * jnp.sin(angle))))
+  s = s * sm_scale
   t = jnp.arange(keys.shape[2])
   live = (t[None, :] < n_valid[:, None]) & (t[None, :] >= lo[:, None])  # [B, T]
   s = jnp.where(live[:, None, None, :], s, _NEG)

@@ -64,6 +64,16 @@ def quantize_hidden(x, bits, perm, groups, clip=1.0, scale_dtype=None):
   return deq.reshape(t, hkv, dh).transpose(1, 0, 2)
 
 
+def rope(x, positions, theta=10000.0):
+  """RoPE (rotate_half layout) of `x` [..., S, D] at `positions` [S], float64."""
+  x = np.asarray(x, np.float64)
+  d = x.shape[-1]
+  inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  ang = np.asarray(positions, np.float64)[:, None] * np.concatenate([inv_freq, inv_freq])
+  x1, x2 = x[..., :d // 2], x[..., d // 2:]
+  return x * np.cos(ang) + np.concatenate([-x2, x1], -1) * np.sin(ang)
+
+
 def attention(q, keys, values, visible):
   """softmax(q k^T / sqrt(d)) v in float64; q [Tq, D], keys/values [S, D], visible [Tq, S]."""
   s = q @ keys.T / np.sqrt(q.shape[-1])

@@ -10,7 +10,14 @@ from kivi_jax.cache import n_quantized
 import spec_reference
 from test_cache import B, CONFIGS, D, HKV, _channel_maps, _fill, _kv, spec_block
 
-_attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", "impl"))
+_attend_jit = jax.jit(cache_attention, static_argnames=("config", "sliding_window", "impl"))
+# RoPE frequencies (theta 10000) for configs that cache keys before RoPE.
+INV_FREQ = 1.0 / 10000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)
+
+
+def _attend(q, layer, k_new, v_new, lengths, n_new, config, window, impl="reference"):
+  return _attend_jit(q, layer, k_new, v_new, lengths, n_new, config, window, impl,
+                     INV_FREQ if config.pre_rope else None)
 
 
 @pytest.mark.parametrize("rep", [1, 3])
@@ -19,7 +26,7 @@ _attend = jax.jit(cache_attention, static_argnames=("config", "sliding_window", 
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "per-token-keys", "k8-v2-g32-r32", "fp16",
                                   "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip",
                                   "kivi2-sinks", "skvq-3-groups", "skvq-ternary-sinks",
-                                  "skvq-reorder-fp8"])
+                                  "skvq-reorder-fp8", "kivi2-prerope-sinks", "skvq-prerope"])
 def test_matches_float64_reference(name, window, t_new, rep):
   config = CONFIGS[name]
   hq = HKV * rep
@@ -49,6 +56,9 @@ def test_matches_float64_reference(name, window, t_new, rep):
                               maps["v"])
     qpos = lengths[b] + np.arange(n_new[b])
     kpos = np.arange(total)
+    if config.pre_rope:
+      # Cached before RoPE: the spec's dequantized keys, then rotated.
+      kb = spec_reference.rope(kb, kpos)
     visible = kpos[None, :] <= qpos[:, None]
     if window is not None:
       visible &= kpos[None, :] > qpos[:, None] - window
@@ -79,14 +89,16 @@ def test_quantization_changes_the_output():
 @pytest.mark.parametrize("window", [None, 50])
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0",
                                   "kivi2-g64-r64", "kivi2-clip", "kivi2-sinks",
-                                  "kivi2-ternary", "skvq-reorder-fp8", "skvq-ternary-sinks"])
+                                  "kivi2-ternary", "skvq-reorder-fp8", "skvq-ternary-sinks",
+                                  "kivi2-prerope-sinks", "skvq-prerope"])
 def test_kernel_decode_matches_reference(name, window, rep, impl):
   if impl == "tpu" and jax.default_backend() == "gpu":
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")
   config = CONFIGS[name]
   if not kernel_applies(config, D, HKV, impl):
-    assert impl == "tpu" and (config.channel_group or 1.5 in (config.k_bits, config.v_bits))
-    pytest.skip("the TPU kernel reads KIVI's layout in 2, 4 or 8 bits only")
+    assert impl == "tpu" and (config.channel_group or config.pre_rope
+                              or 1.5 in (config.k_bits, config.v_bits))
+    pytest.skip("the TPU kernel reads KIVI's layout in 2, 4 or 8 bits, keys after RoPE")
   hq = HKV * rep
   k, v = _kv(300, seed=11)
   lengths = np.array([299, 150, 1])

@@ -46,6 +46,10 @@ CONFIGS = {
     "skvq-ternary-sinks": kivi_jax.KIVIConfig(
         2, 1.5, 16, 32, key_axis="token", value_axis="token", channel_group=32, sinks=5,
         clip=0.9),
+    "kivi2-prerope-sinks": kivi_jax.KIVIConfig(2, 2, 16, 32, sinks=2, pre_rope=True),
+    "skvq-prerope": kivi_jax.KIVIConfig(
+        2, 1.5, 16, 32, key_axis="token", value_axis="token", channel_group=16, reorder=True,
+        clip="calibrated", sinks=3, pre_rope=True),
     "skvq-reorder-fp8": kivi_jax.KIVIConfig(
         2, 2, 16, 32, key_axis="token", value_axis="token", channel_group=16, reorder=True,
         clip="calibrated", sinks=3, scale_dtype="float8_e4m3fn"),
