@@ -16,6 +16,11 @@ import numpy as np
 from kivi_jax.config import PRESETS, KIVIConfig, get_preset
 
 
+def _bits(text: str) -> float:
+  """A bit width as given: "1.5" (ternary) or an integer."""
+  return float(text) if "." in text else int(text)
+
+
 def _kv_config(args) -> KIVIConfig:
   base = get_preset(args.method)
   overrides = {name: getattr(args, name) for name in
@@ -30,6 +35,9 @@ def _generate(args) -> int:
   from kivi_jax.generate import generate
 
   kv_config = _kv_config(args)
+  if kv_config.needs_calibration and not args.calibration:
+    raise ValueError(f"method {args.method} needs a calibration: make one with "
+                     "`kivi-jax calibrate` and pass --calibration")
   path = args.model or default_model_path()
   tokenizer = kivi_jax.load_tokenizer(path)
   model = kivi_jax.load_model(path, dtype=args.dtype)
@@ -63,11 +71,7 @@ def _generate(args) -> int:
 
   calibration = None
   if args.calibration:
-    from kivi_jax.calibration import Calibration
-    calibration = Calibration.load(args.calibration, model)
-  elif kv_config.needs_calibration:
-    raise ValueError(f"method {args.method} needs a calibration: make one with "
-                     "`kivi-jax calibrate` and pass --calibration")
+    calibration = kivi_jax.Calibration.load(args.calibration, model)
   out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  seed=args.seed, eos_token_id=sorted(stops), streamer=stream,
@@ -286,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: SmolLM2-135M-Instruct, fetched on first use)")
   gen.add_argument("--method", default="kivi2", choices=sorted(PRESETS),
                    help="cache method preset (default: kivi2); the flags below override it")
-  gen.add_argument("--k-bits", type=int)
-  gen.add_argument("--v-bits", type=int)
+  gen.add_argument("--k-bits", type=_bits)
+  gen.add_argument("--v-bits", type=_bits)
   gen.add_argument("--group-size", type=int)
   gen.add_argument("--residual-length", type=int)
   gen.add_argument("--max-new-tokens", type=int, default=128)

@@ -51,8 +51,30 @@ def test_eval_ppl_writes_a_table_and_json(smollm2_path, tmp_path):
   assert json.loads(out.read_text())["prefill"] == 256
 
 
+@pytest.mark.slow
+def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
+  calib = tmp_path / "skvq.json"
+  done = _run("calibrate", "--model", str(smollm2_path), "--method", "skvq-k2v1.5-g32",
+              "--out", str(calib))
+  assert done.returncode == 0, done.stderr
+  saved = json.loads(calib.read_text())
+  assert saved["config"]["v_bits"] == 1.5 and "wiki.test.raw" in saved["source"]
+  assert len(saved["perm_k"]) == 30  # one channel order per layer
+  done = _run("generate", "What is the capital of France?", "--model", str(smollm2_path),
+              "--method", "skvq-k2v1.5-g32", "--calibration", str(calib),
+              "--max-new-tokens", "24")
+  assert done.returncode == 0, done.stderr
+  assert "Paris" in done.stdout
+  # A calibration made for one config is refused by another.
+  done = _run("generate", "hi", "--model", str(smollm2_path), "--method", "skvq-k2v2-g32",
+              "--calibration", str(calib))
+  assert done.returncode == 2
+  assert "calibration was made for v_bits=1.5" in done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--k-bits", "3"], "k_bits must be one of (2, 4, 8, 16), got 3"),
+    (["--k-bits", "3"], "k_bits must be one of (1.5, 2, 4, 8, 16), got 3"),
+    (["--method", "skvq-k2v2"], "method skvq-k2v2 needs a calibration"),
     (["--group-size", "32", "--residual-length", "100"],
      "residual_length must be 0 or a positive multiple of group_size (32)"),
     (["--model", "/nonexistent/model.gguf"], "does not exist"),
