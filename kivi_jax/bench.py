@@ -16,11 +16,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kivi_jax import quantization
 from kivi_jax.attention import cache_attention
-from kivi_jax.cache import LayerKV, QuantizedBlock, n_quantized
+from kivi_jax.cache import LayerKV, QuantizedBlock, block_granularity, n_quantized
 from kivi_jax.config import PRESETS, KIVIConfig
 
 _L2_DODGE_BYTES = 512 * 2**20
@@ -59,7 +58,7 @@ def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype):
   g, r = config.group_size, config.ring_size
   lengths = jnp.full((b,), length, jnp.int32)
   nq = int(n_quantized(lengths, config)[0])
-  step = max(32 // config.k_bits, 32 // config.v_bits) * g
+  step = block_granularity(config)
   capacity = -(-(length + 1) // step) * step
   k = jax.random.normal(rng, (b, hkv, capacity, d), dtype)
   v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, capacity, d), dtype)

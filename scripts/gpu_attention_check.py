@@ -1,12 +1,10 @@
 """On the GPU: the decode kernel compiled for real against the jnp reference, in
 bf16, then the block kernel alone over a sweep of launch parameters."""
 
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kivi_jax import bench
 from kivi_jax.cache import n_quantized

@@ -1,7 +1,5 @@
 """Shared fixtures: tiny random transformers models and the real SmolLM2 model."""
 
-import os
-
 import jax
 import pytest
 

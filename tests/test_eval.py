@@ -1,6 +1,5 @@
 """kv_perplexity and passkey on a tiny random model against slow step-by-step loops."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
