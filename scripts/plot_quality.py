@@ -1,5 +1,6 @@
 """Plots of the committed quality results: KV-perplexity against bits per element
-(the PROTOCOLS.md Q1 anchors beside ours) and passkey accuracy against length.
+(the PROTOCOLS.md Q1 anchors beside ours, SKVQ's presets from the quick-setting
+ablation and preset runs) and passkey accuracy against length.
 
   pip install -e ".[plot]"
   python scripts/plot_quality.py   # reads and writes benchmarks/results/
@@ -37,6 +38,21 @@ def _label(ax, text, x, y, placed, color="black", left=False):
               color=color, va="center", ha="right" if left else "left")
 
 
+def skvq_quick_rows() -> list[dict]:
+  """SKVQ presets in the quick setting: the last ablation step of each group
+  size (every component on: the `skvq-k2v2` preset, or `-g32`) and the runs of
+  the other presets."""
+  rows = []
+  for g, suffix in ((128, ""), (32, "-g32")):
+    path = RESULTS / f"skvq_ablation_g{g}_smollm2.json"
+    if path.exists():
+      rows.append({**json.loads(path.read_text())["rows"][-1],
+                   "method": f"skvq-k2v2{suffix}"})
+  for path in sorted(RESULTS.glob("kv_ppl_quick_skvq_*_smollm2.json")):
+    rows += json.loads(path.read_text())["rows"]
+  return rows
+
+
 def plot_kv_ppl(ax):
   placed, placed_left = [], []
   for setting, marker in (("quick", "o"), ("full", "s")):
@@ -50,6 +66,12 @@ def plot_kv_ppl(ax):
     if setting == "quick":
       for r, xi, yi in sorted(zip(rows, x, y), key=lambda t: t[2]):
         _label(ax, r["method"], xi, yi, placed)
+  # SKVQ's points crowd 2-3 bits: a legend entry each instead of labels.
+  markers = "DPX*v^<>"
+  for i, r in enumerate(sorted(skvq_quick_rows(), key=lambda r: r["kv_ppl"])):
+    ax.scatter([r["bits_per_element"]], [r["kv_ppl"]], marker=markers[i % len(markers)],
+               s=50, color=plt.cm.Greens(0.9 - 0.08 * i), edgecolors="black", linewidths=0.4,
+               label=f"{r['method']} (quick)", zorder=4)
   ax.scatter([a[1] for a in ANCHORS], [a[2] for a in ANCHORS], marker="x", color="gray",
              label="HF anchors (quick)", zorder=2)
   for name, xi, yi in sorted(ANCHORS, key=lambda a: a[2]):
@@ -64,11 +86,11 @@ def plot_kv_ppl(ax):
   ax.set_ylabel("KV-perplexity (WikiText-2)")
   ax.set_title("SmolLM2-135M-Instruct: KV-perplexity against cache bits")
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, ncol=2)
 
 
 def plot_passkey(ax):
-  for method in ("fp16", "kivi4", "kivi2"):
+  for method in ("fp16", "kivi4", "kivi2", "skvq-k2v2-g32", "skvq-k2v1.5-g32"):
     path = RESULTS / f"passkey_smollm2_{method}.json"
     if not path.exists():
       continue
