@@ -7,6 +7,15 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Frees each test module's compiled programs after it. The whole suite in one
+  process otherwise accumulates thousands of XLA:CPU executables, and past some
+  point an unrelated compile crashed (SIGSEGV/SIGABRT in backend_compile)."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
   """SmolLM2-135M-Instruct's GGUF file, fetched on first use like the CLI does."""

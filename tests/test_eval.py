@@ -123,3 +123,15 @@ def test_passkey_rejects_lengths_past_the_context_window(setup):
     kv_eval.passkey(model, byte_tokenizer(), KIVI2, lengths=(256, 1024))
   with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
     kv_eval.passkey(model, byte_tokenizer(), KIVI2, lengths=(256,), seed=-1)
+
+
+def test_calibration_batches_are_the_texts_tail():
+  tokens = np.arange(10_000)
+  batches = kv_eval.calibration_batches(tokens, n_tokens=4096, seq=512, batch=4)
+  assert [b.shape for b in batches] == [(4, 512), (4, 512)]
+  np.testing.assert_array_equal(np.concatenate([b.ravel() for b in batches]),
+                                tokens[-4096:])
+  with pytest.raises(ValueError, match="n_tokens=1000 must be a multiple of seq x batch"):
+    kv_eval.calibration_batches(tokens, n_tokens=1000)
+  with pytest.raises(ValueError, match="at most the text's 10000 tokens"):
+    kv_eval.calibration_batches(tokens, n_tokens=16384)
