@@ -197,12 +197,15 @@ def _eval_ppl(args) -> int:
                  **_calibration_row(calibrations.get(name))})
     print(f"{name:>24}  KV-ppl {result.kv_ppl:8.3f}", flush=True)
   fp = next((r["kv_ppl"] for r in rows if r["method"] == "fp16"), None)
-  print("\n| method | k bits | v bits | group | residual | KV-ppl | vs fp |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
+  print("\n| method | k bits | v bits | group | residual | bits/elem | KV-ppl | vs fp |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:
     rel = f"{100 * (r['kv_ppl'] / fp - 1):+.2f}%" if fp else "n/a"
-    print(f"| {r['method']} | {r['k_bits']} | {r['v_bits']} | {r['group_size']} | "
-          f"{r['residual_length']} | {r['kv_ppl']:.3f} | {rel} |")
+    # SKVQ: tokens per flush, and channels per group over the hidden dim.
+    group = r["group_size"] if r["channel_group"] is None else \
+        f"{r['group_size']} tokens, {r['channel_group']} channels"
+    print(f"| {r['method']} | {r['k_bits']} | {r['v_bits']} | {group} | "
+          f"{r['residual_length']} | {r['bits_per_element']:.3g} | {r['kv_ppl']:.3f} | {rel} |")
   if args.out:
     out = {**run_metadata(), "protocol": "Q1 KV-perplexity", "setting": setting_name,
            "bits_per_element": "mean of keys and values in the quantized block, "
