@@ -137,16 +137,17 @@ def _kmeans(points: np.ndarray, k: int, rng: np.random.Generator,
     centers.append(points[pick])
   centers = np.asarray(centers, np.float64)
   labels = np.zeros(n, np.int64)
-  for _ in range(iters):
+  for step in range(iters):
     d2 = ((points[:, None] - centers[None]) ** 2).sum(-1)
     new = d2.argmin(1)
     for c in range(k):
       if not (new == c).any():
-        # An empty cluster takes the point farthest from its own center.
-        far = d2[np.arange(n), new].argmax()
+        # An empty cluster takes the point farthest from its own center, out of
+        # a cluster that keeps another member.
+        sizes = np.bincount(new, minlength=k)
+        far = np.where(sizes[new] > 1, d2[np.arange(n), new], -1.0).argmax()
         new[far] = c
-        d2[far] = 0
-    if (new == labels).all() and _ > 0:
+    if step and (new == labels).all():
       break
     labels = new
     centers = np.stack([points[labels == c].mean(0) for c in range(k)])

@@ -139,3 +139,12 @@ def test_calibrated_configs_need_a_calibration(model):
     calibrate(model, _batches(1), SKVQ, clip_grid=(0.5, 1.5), progress=False)
   with pytest.raises(ValueError, match=r"must be \[batch, tokens\]"):
     calibrate(model, [np.zeros(5, np.int32)], SKVQ, progress=False)
+
+
+def test_kmeans_leaves_no_cluster_empty():
+  # Five distinct points, four of them identical: more clusters than distinct
+  # positions must still give every cluster a member.
+  points = np.array([[0.0, 0.0]] * 4 + [[5.0, 5.0]])
+  for seed in range(5):
+    labels = calib_lib._kmeans(points, 3, np.random.default_rng(seed))
+    np.testing.assert_array_equal(np.sort(np.unique(labels)), [0, 1, 2])
