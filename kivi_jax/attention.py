@@ -123,24 +123,15 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
   v_block = dequantize_block(layer.v, config.v_bits, config.value_axis, config, dtype,
                              layer.v_map, d)
   c = k_block.shape[2]
-  ring_pos, ring_valid = ring_positions(lengths, config)
   new_pos = lengths[:, None] + jnp.arange(t)[None, :]
   block_pos = jnp.broadcast_to(config.sinks + jnp.arange(c)[None, :], (b, c))
 
-  # [B, Hkv, S, D] with S = (sinks) + C + R + T, and per key its position and liveness.
-  keys = [k_block, layer.ring_k.astype(dtype), k_new.astype(dtype)]
-  values = [v_block, layer.ring_v.astype(dtype), v_new.astype(dtype)]
-  key_pos = [block_pos, ring_pos, new_pos]
-  key_live = [block_pos < config.sinks + nq[:, None], ring_valid,
-              jnp.arange(t)[None, :] < n_new[:, None]]
-  if config.sinks:
-    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
-    keys.insert(0, layer.sink_k.astype(dtype))
-    values.insert(0, layer.sink_v.astype(dtype))
-    key_pos.insert(0, sink_pos)
-    key_live.insert(0, sink_pos < lengths[:, None])
-  keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
-  key_pos, key_live = jnp.concatenate(key_pos, 1), jnp.concatenate(key_live, 1)
+  # [B, Hkv, S, D] with S = (sinks) + C + R + T, and per key its position and
+  # liveness; the block goes after the sinks.
+  parts = _full_precision_parts(layer, k_new, v_new, lengths, n_new, config)
+  parts.insert(1 if config.sinks else 0,
+               (k_block, v_block, block_pos, block_pos < config.sinks + nq[:, None]))
+  keys, values, key_pos, key_live = _concat(parts, dtype)
   if rope_inv_freq is not None:
     keys = _rotate_keys(keys, key_pos, rope_inv_freq)
 
@@ -159,6 +150,29 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
   out = jnp.einsum("BKGTS,BKSD->BTKGD", probs.astype(values.dtype), values,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, hq, d).astype(dtype)
+
+
+def _full_precision_parts(layer: LayerKV, k_new, v_new, lengths, n_new,
+                          config: KIVIConfig) -> list[tuple[Array, Array, Array, Array]]:
+  """What attention reads unquantized, in order: (the sinks,) the ring and the
+  new tokens, each as `(keys, values [B, Hkv, n, D], positions, live [B, n])`."""
+  b, _, t, _ = k_new.shape
+  ring_pos, ring_valid = ring_positions(lengths, config)
+  new_pos = lengths[:, None] + jnp.arange(t)[None, :]
+  parts = [(layer.ring_k, layer.ring_v, ring_pos, ring_valid),
+           (k_new, v_new, new_pos, jnp.arange(t)[None, :] < n_new[:, None])]
+  if config.sinks:
+    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
+    parts.insert(0, (layer.sink_k, layer.sink_v, sink_pos, sink_pos < lengths[:, None]))
+  return parts
+
+
+def _concat(parts, dtype) -> tuple[Array, Array, Array, Array]:
+  """`parts` joined along the key axis, keys and values in `dtype`."""
+  keys, values, pos, live = zip(*parts)
+  return (jnp.concatenate([x.astype(dtype) for x in keys], 2),
+          jnp.concatenate([x.astype(dtype) for x in values], 2),
+          jnp.concatenate(pos, 1), jnp.concatenate(live, 1))
 
 
 def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
@@ -201,21 +215,12 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
 
   # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
   # positions and liveness.
-  ring_pos, ring_valid = ring_positions(lengths, config)
-  keys = [layer.ring_k, k_new.astype(layer.ring_k.dtype)]
-  values = [layer.ring_v, v_new.astype(layer.ring_v.dtype)]
-  pos = [ring_pos, lengths[:, None]]
-  live = [ring_valid & (ring_pos >= lo[:, None]), (n_new > 0)[:, None]]
-  if config.sinks:
-    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
-    keys.insert(0, layer.sink_k)
-    values.insert(0, layer.sink_v)
-    pos.insert(0, sink_pos)
-    live.insert(0, (sink_pos < lengths[:, None]) & (sink_pos >= lo[:, None]))
-  keys, values = jnp.concatenate(keys, 2), jnp.concatenate(values, 2)
-  live = jnp.concatenate(live, 1)
+  keys, values, pos, live = _concat(
+      _full_precision_parts(layer, k_new, v_new, lengths, n_new, config),
+      layer.ring_k.dtype)
+  live &= pos >= lo[:, None]
   if rope_inv_freq is not None:
-    keys = _rotate_keys(keys, jnp.concatenate(pos, 1), rope_inv_freq)
+    keys = _rotate_keys(keys, pos, rope_inv_freq)
   # [B, Hkv, rep, (S +) R + 1]
   s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys,
                  preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))

@@ -19,12 +19,13 @@ channels side by side in the order of a per-layer `ChannelMap`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import Array
-
-import math
 
 from kivi_jax import quantization
 from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
@@ -168,14 +169,19 @@ def block_granularity(config: KIVIConfig) -> int:
                   config.group_size)
 
 
+def equal_groups(hidden: int, n: int) -> np.ndarray:
+  """int32 `[hidden]`: `n` contiguous groups of near-equal size, channel `j` in
+  group `j * n // hidden`."""
+  return (np.arange(hidden) * n // hidden).astype(np.int32)
+
+
 def plain_channel_map(config: KIVIConfig, hidden: int, num_layers: int) -> ChannelMap:
   """Hidden channels in their own order in equal contiguous groups, clipped by
   `config.clip`: the map of `channel_group` without calibration."""
-  n = config.hidden_groups(hidden)
   lead = (num_layers,)
   return ChannelMap(
       perm=jnp.broadcast_to(jnp.arange(hidden, dtype=jnp.int32), (*lead, hidden)),
-      groups=jnp.broadcast_to(jnp.arange(hidden, dtype=jnp.int32) * n // hidden,
+      groups=jnp.broadcast_to(equal_groups(hidden, config.hidden_groups(hidden)),
                               (*lead, hidden)),
       clip=jnp.full(lead, config.clip, jnp.float32))
 

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kivi_jax import quantization
-from kivi_jax.cache import ChannelMap, init_cache
+from kivi_jax.cache import ChannelMap, equal_groups, init_cache
 from kivi_jax.config import KIVIConfig
 
 CALIBRATED_FIELDS = ("k_bits", "v_bits", "channel_group", "reorder", "clip", "pre_rope",
@@ -75,17 +75,14 @@ class Calibration:
   clip_v: np.ndarray
   source: str = ""
 
-  def check(self, kv_config: KIVIConfig, model=None) -> None:
-    """Raises unless made for `kv_config` (and `model`, if given)."""
+  def check(self, kv_config: KIVIConfig) -> None:
+    """Raises unless made for `kv_config`."""
     want = {f: getattr(kv_config, f) for f in CALIBRATED_FIELDS}
     for field, value in want.items():
       if self.config.get(field) != value:
         raise ValueError(
             f"calibration was made for {field}={self.config.get(field)!r}, the cache "
             f"config has {field}={value!r}: calibrate again for this config")
-    if model is not None and model_fingerprint(model) != self.model:
-      raise ValueError(f"calibration was made for model {self.model}, not this one "
-                       f"({model_fingerprint(model)})")
 
   def channel_maps(self, model_config, kv_config: KIVIConfig
                    ) -> tuple[ChannelMap, ChannelMap]:
@@ -101,10 +98,12 @@ class Calibration:
                        jnp.asarray(self.clip_v)))
 
   def save(self, path) -> None:
+    """Writes the calibration as JSON, creating `path`'s directory."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for name, value in out.items():
       if isinstance(value, np.ndarray):
         out[name] = value.tolist()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out) + "\n")
 
   @classmethod
@@ -266,8 +265,7 @@ def calibrate(model, token_batches, kv_config: KIVIConfig, *, seed: int = 0,
       if kv_config.reorder:
         perm, grp = channel_order(x, n_groups, seed + layer)
       else:
-        perm = np.arange(hidden, dtype=np.int32)
-        grp = (perm * n_groups // hidden).astype(np.int32)
+        perm, grp = np.arange(hidden, dtype=np.int32), equal_groups(hidden, n_groups)
       clip = kv_config.clip
       if clip == "calibrated" and bits < 16:
         clip = best_clip(x[:, perm], grp, bits, kv_config.scale_dtype, tuple(grid))

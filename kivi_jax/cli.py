@@ -152,10 +152,7 @@ def _calibrate(args) -> int:
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
   with jax.default_matmul_precision("highest"):
     calib = _calibrations(model, {args.method: config}, tokens,
-                          Path(args.data).name).get(args.method)
-  if calib is None:
-    raise ValueError(f"method {args.method} has nothing to calibrate")
-  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                          Path(args.data).name)[args.method]
   calib.save(args.out)
   print(f"wrote {args.out}")
   return 0
@@ -313,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--model", help="HF checkpoint directory or .gguf file "
                    "(default: SmolLM2-135M-Instruct)")
   cal.add_argument("--method", default="skvq-k2v2",
-                   choices=sorted(m for m, c in PRESETS.items() if c.channel_group))
+                   choices=sorted(m for m, c in PRESETS.items() if c.needs_calibration))
   cal.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
                    help="WikiText-2 raw test file; its last tokens are the calibration text")
   cal.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -157,6 +157,7 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
         # Per-token scale and zero of each channel group.
         k = (kc * _expand_groups(ks_ref, rows, k_map, k_groups)
              + _expand_groups(kz_ref, rows, k_map, k_groups))
+
       def scores(q, k):
         return jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
                                    precision=precision,
@@ -240,10 +241,10 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`.
 
   `sm_scale` multiplies the scores: `1 / sqrt(D)` by default (SKVQ's layout
-  passes its head dim's). `block_tokens` tokens are dequantized per inner step (a multiple of the group
-  size dividing one packing block); `splits` programs share each row's
-  sequence. With `poison`, the outputs start as NaN (aliased inputs), so an
-  element the kernel fails to write shows.
+  passes its head dim's). `block_tokens` tokens are dequantized per inner step
+  (a multiple of the group size dividing one packing block of each tensor);
+  `splits` programs share each row's sequence. With `poison`, the outputs start
+  as NaN (aliased inputs), so an element the kernel fails to write shows.
   """
   b, kh, m_rows, d = q.shape
   g = group_size

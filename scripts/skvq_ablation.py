@@ -21,8 +21,7 @@ import jax
 
 import kivi_jax
 from kivi_jax import eval as kv_eval
-from kivi_jax.calibration import calibrate
-from kivi_jax.cli import _calibration_row, _write_json, run_metadata
+from kivi_jax.cli import _calibration_row, _calibrations, _write_json, run_metadata
 from kivi_jax.default_model import default_model_path
 
 
@@ -50,16 +49,11 @@ def main(argv=None):
   path = args.model or default_model_path()
   model = kivi_jax.load_model(path)
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
-  source = (f"last {kv_eval.CALIBRATION_TOKENS} tokens of {Path(args.data).name}, in "
-            f"sequences of {kv_eval.CALIBRATION_SEQ}, seed 0")
   configs = {"kivi2": kivi_jax.get_preset("kivi2"), **steps(args.channel_group)}
   rows = []
   with jax.default_matmul_precision("highest"):
     for name, config in configs.items():
-      calib = None
-      if config.needs_calibration:
-        calib = calibrate(model, kv_eval.calibration_batches(tokens), config, seed=0,
-                          source=source)
+      calib = _calibrations(model, {name: config}, tokens, Path(args.data).name).get(name)
       result = kv_eval.kv_perplexity(model, tokens, config, **kv_eval.QUICK,
                                      calibration=calib)
       k_bpe, v_bpe = config.bits_per_element(16, model.config.head_dim,
