@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import quantization
 from kivi_jax.attention import cache_attention
-from kivi_jax.cache import LayerKV, QuantizedBlock, block_granularity, n_quantized
+from kivi_jax.cache import LayerKV, append, init_cache, n_quantized
 from kivi_jax.config import PRESETS, KIVIConfig
 
 _L2_DODGE_BYTES = 512 * 2**20
@@ -53,23 +53,17 @@ def _copies(nbytes: int) -> int:
   return int(min(8, max(1, -(-_L2_DODGE_BYTES // max(nbytes, 1)))))
 
 
-def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype):
-  """A cache layer holding `length` random tokens per row, built as `append` would."""
-  g, r = config.group_size, config.ring_size
+def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype, impl="gpu"):
+  """A cache layer holding `length` random tokens per row, filled by one prefill
+  `append` (as `generate` fills it)."""
+  shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
+  layer = jax.tree.map(lambda x: x[0],
+                       init_cache(shape, config, b, length + 1, impl=impl).layers)
+  k = jax.random.normal(rng, (b, hkv, length, d), dtype)
+  v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, length, d), dtype)
   lengths = jnp.full((b,), length, jnp.int32)
-  nq = int(n_quantized(lengths, config)[0])
-  step = block_granularity(config)
-  capacity = -(-(length + 1) // step) * step
-  k = jax.random.normal(rng, (b, hkv, capacity, d), dtype)
-  v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, capacity, d), dtype)
-
-  def block(x, bits, axis):
-    codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
-    return QuantizedBlock(quantization.pack(codes, bits, g), scale, zero)
-
-  layer = LayerKV(block(k, config.k_bits, "channel"), block(v, config.v_bits, "token"),
-                  k[:, :, nq:nq + r], v[:, :, nq:nq + r])
-  return layer, lengths
+  fill = jax.jit(append, static_argnames=("config", "impl"), donate_argnums=0)
+  return fill(layer, k, v, jnp.zeros_like(lengths), lengths, config, impl), lengths
 
 
 def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: int,
@@ -111,7 +105,8 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
     progress(f"L={length} bf16 cudnn {base_ms:.3f} ms")
     for method in methods:
       config = PRESETS[method]
-      layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype)
+      layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
+                                impl)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
       inputs = []
       for c in range(_copies(nbytes)):

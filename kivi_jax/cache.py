@@ -29,6 +29,8 @@ from jax import Array
 
 from kivi_jax import quantization
 from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
+from pallas_kernels import quantize_pack
+from pallas_kernels.quantize_pack import scatter_tokens
 
 
 @struct.dataclass
@@ -301,64 +303,52 @@ def to_hidden(x: Array, cmap: ChannelMap) -> Array:
   return jnp.take(x, cmap.perm, axis=-1)
 
 
-def _scatter(dst: Array, idx: Array, src: Array, add: bool = False) -> Array:
-  """Per batch row `b`: `dst[b, :, idx[b]] = src[b]` (or `+=`) on the token axis.
-
-  dst `[B, Hkv, N, X]`, idx int32 `[B, n]`, src `[B, Hkv, n, X]`; indices out of
-  range are dropped.
-  """
-  def one(d, i, s):
-    ref = d.at[:, i]
-    return ref.add(s, mode="drop") if add else ref.set(s, mode="drop")
-  return jax.vmap(one)(dst, idx, src)
-
-
 def _gather(x: Array, idx: Array) -> Array:
   """Per batch row `b`: `x[b, :, idx[b]]`; x `[B, Hkv, N, D]`, idx `[B, n]`."""
   return jax.vmap(lambda a, i: a[:, i])(x, idx)
 
 
+def kernel_writes(impl: str, config: KIVIConfig, head_dim: int) -> bool:
+  """Whether the GPU quantize-and-pack kernel writes the blocks (`impl` as
+  `KVCache.impl`): KIVI's layouts (not SKVQ's `channel_group`) with power-of-two
+  groups of at least 16 and head dims. Elsewhere, the TPU included, the jnp
+  reference writes them."""
+  if impl == "auto":
+    impl = jax.default_backend()
+  g = config.group_size
+  return (impl == "gpu" and config.channel_group is None and g >= 16
+          and g & (g - 1) == 0 and head_dim >= 32 and head_dim & (head_dim - 1) == 0)
+
+
 def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
                   bits: int, axis: QuantAxis, config: KIVIConfig,
-                  cmap: ChannelMap | None) -> QuantizedBlock:
+                  cmap: ChannelMap | None, impl: str) -> QuantizedBlock:
   """Quantizes `x` `[B, Hkv, n, D]` (n a multiple of G) and writes its first
   `n_tokens[b]` tokens at token `start[b]` of the block (both multiples of G)."""
-  g = config.group_size
-  groups, clip = None, config.clip
-  if cmap is not None:
-    x = to_hidden(x, cmap)
-    if bits < 16:
-      groups, clip = _groups(cmap, block), cmap.clip
-  n = x.shape[2]
-  capacity = _block_tokens(block, bits)
-  i = jnp.arange(n)[None, :]
-  live = i < n_tokens[:, None]
-  tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
   if bits == 16:
-    return QuantizedBlock(_scatter(block.codes, tok, x.astype(block.codes.dtype)),
+    if cmap is not None:
+      x = to_hidden(x, cmap)
+    i = jnp.arange(x.shape[2])[None, :]
+    tok = jnp.where(i < n_tokens[:, None], start[:, None] + i, block.codes.shape[-2])
+    return QuantizedBlock(scatter_tokens(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
-  dtype = block.scale.dtype
-  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype, clip, groups)
-  w = codes_per_word(bits)
-  group = tok // g
-  row = jnp.where(live, group // w * g + tok % g, block.codes.shape[-2])
-  shift, div, _ = quantization.slot_fields(bits)
-  slot = group % w
-  place = (jnp.asarray(div)[slot] << jnp.asarray(shift)[slot])[:, None, :, None]
-  # Each slot of a word is written once, into zero bits: adding is or-ing, and
-  # groups of one flush that share word rows combine.
-  words = _scatter(block.codes, row, codes.astype(jnp.uint32) * place, add=True)
-  if axis == "channel":
-    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
-                    capacity)
-    return QuantizedBlock(words, _scatter(block.scale, grp, scale),
-                          _scatter(block.zero, grp, zero))
-  return QuantizedBlock(words, _scatter(block.scale, tok, scale),
-                        _scatter(block.zero, tok, zero))
+  kw = dict(bits=bits, group_size=config.group_size, axis=axis)
+  if kernel_writes(impl, config, x.shape[-1]):
+    out = quantize_pack.quantize_pack(x, block.codes, block.scale, block.zero, start,
+                                      n_tokens, clip=config.clip,
+                                      interpret=jax.default_backend() != "gpu", **kw)
+  elif cmap is not None:
+    out = quantize_pack.quantize_pack_reference(
+        to_hidden(x, cmap), block.codes, block.scale, block.zero, start, n_tokens,
+        cmap.clip, _groups(cmap, block), **kw)
+  else:
+    out = quantize_pack.quantize_pack_reference(x, block.codes, block.scale, block.zero,
+                                                start, n_tokens, config.clip, **kw)
+  return QuantizedBlock(*out)
 
 
 def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
-           n_new: Array, config: KIVIConfig) -> LayerKV:
+           n_new: Array, config: KIVIConfig, impl: str = "reference") -> LayerKV:
   """Appends each row's first `n_new[b]` tokens of `k_new`, `v_new` to one layer.
 
   Args:
@@ -366,6 +356,8 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
     k_new, v_new: `[B, Hkv, T, D]`, the new tokens (right-padded per row).
     lengths: int32 `[B]`, tokens cached per row before the append.
     n_new: int32 `[B]`, real new tokens per row (`<= T`).
+    impl: `KVCache.impl`; where `kernel_writes` says so, the GPU
+      quantize-and-pack kernel writes the block.
 
   New tokens at positions below `S` go to the sinks. Of the body, the ring's
   live tokens followed by the new ones form a "tail" starting at body token
@@ -381,18 +373,19 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
     pos = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
     sink = (pos < s) & (jnp.arange(t)[None, :] < n_new[:, None])
     sink_pos = jnp.where(sink, pos, s)  # dropped where not a sink
-    layer = layer.replace(sink_k=_scatter(layer.sink_k, sink_pos, k_new),
-                          sink_v=_scatter(layer.sink_v, sink_pos, v_new))
+    layer = layer.replace(sink_k=scatter_tokens(layer.sink_k, sink_pos, k_new),
+                          sink_v=scatter_tokens(layer.sink_v, sink_pos, v_new))
     # The body's new tokens start at new index j0: shift them to the front.
     j0 = jnp.clip(s - lengths, 0, n_new)
     idx = jnp.clip(j0[:, None] + jnp.arange(t)[None, :], 0, t - 1)
     k_new, v_new = _gather(k_new, idx), _gather(v_new, idx)
     n_new = n_new - j0
-  return _append_body(layer, k_new, v_new, body_lengths(lengths, config), n_new, config)
+  return _append_body(layer, k_new, v_new, body_lengths(lengths, config), n_new, config,
+                      impl)
 
 
 def _append_body(layer: LayerKV, k_new: Array, v_new: Array, body: Array,
-                 n_new: Array, config: KIVIConfig) -> LayerKV:
+                 n_new: Array, config: KIVIConfig, impl: str) -> LayerKV:
   """`append` past the sinks: `body` and `n_new` count body tokens."""
   g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
@@ -416,9 +409,9 @@ def _append_body(layer: LayerKV, k_new: Array, v_new: Array, body: Array,
   n_flush = nq1 - nq0
   flush_len = g * -(-t // g)
   k_block = _write_tokens(layer.k, k_tail[:, :, :flush_len], nq0, n_flush, config.k_bits,
-                          config.key_axis, config, layer.k_map)
+                          config.key_axis, config, layer.k_map, impl)
   v_block = _write_tokens(layer.v, v_tail[:, :, :flush_len], nq0, n_flush, config.v_bits,
-                          config.value_axis, config, layer.v_map)
+                          config.value_axis, config, layer.v_map, impl)
 
   # Ring slot s now holds body token nq1 + ((s - nq1) mod R), tail index that - nq0.
   pos, valid = _body_ring_positions(new_body, config)

@@ -119,7 +119,7 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
     gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["w_gate"]))
     up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
     x = x + jnp.einsum("BTF,FD->BTD", gate * up, p["w_down"])
-    return x, append(layer_cache, k, v, cache.lengths, n_new, kv)
+    return x, append(layer_cache, k, v, cache.lengths, n_new, kv, cache.impl)
 
   x, new_layers = jax.lax.scan(layer, x, (params["layers"], cache.layers))
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps)

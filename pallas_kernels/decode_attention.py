@@ -52,13 +52,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Finite, so empty splits merge without NaN (JAX's decode attention uses 0.7 * min).
-_NEG = -1e30
+from pallas_kernels.common import MASK_VALUE as _NEG
+from pallas_kernels.common import codes_per_word
 
-
-def codes_per_word(bits: float) -> int:
-  """As `kivi_jax.config.codes_per_word` (kernels do not import kivi_jax)."""
-  return 20 if bits == 1.5 else 32 // bits
+# Shared memory the pipelined word tiles may take (an H100 has 227 KiB per block).
+_PIPELINE_SMEM_BYTES = 200 * 1024
 
 
 def _unpack_tile(words, first_slot, n_slots: int, bits: float):
@@ -236,14 +234,17 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
                               group_size: int, sm_scale: float | None = None,
                               pos_offset: int = 0,
                               block_tokens: int | None = None, splits: int | None = None,
-                              num_warps: int = 2, num_stages: int = 3,
+                              num_warps: int = 2, num_stages: int | None = None,
                               interpret: bool = False, poison: bool = False):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`.
 
   `sm_scale` multiplies the scores: `1 / sqrt(D)` by default (SKVQ's layout
   passes its head dim's). `block_tokens` tokens are dequantized per inner step
   (a multiple of the group size dividing one packing block of each tensor);
-  `splits` programs share each row's sequence. With `poison`, the outputs start
+  `splits` programs share each row's sequence. `num_stages` (Triton's
+  software pipelining) defaults to 3 where that many copies of the two word
+  tiles fit in shared memory, else 1 (ternary values beside 2-bit keys in
+  128 x 128 tiles asked an H100 for 326 KiB). With `poison`, the outputs start
   as NaN (aliased inputs), so an element the kernel fails to write shows.
   """
   b, kh, m_rows, d = q.shape
@@ -264,6 +265,8 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     splits = default_splits(b, kh, n_steps)
   groups_per_split = -(-n_steps // splits) * w_min
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+  if num_stages is None:
+    num_stages = 3 if 3 * (2 * g * d * 4) <= _PIPELINE_SMEM_BYTES else 1
   kernel = functools.partial(
       _kernel, k_bits=k_bits, v_bits=v_bits, group=g, block_tokens=block_tokens,
       groups_per_split=groups_per_split,

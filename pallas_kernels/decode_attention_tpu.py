@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.decode_attention import _NEG
+from pallas_kernels.common import MASK_VALUE as _NEG
 
 MIN_ROWS = 8  # sublanes
 

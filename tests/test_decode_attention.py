@@ -95,7 +95,7 @@ BF16_RTOL = 2**-8
 @pytest.mark.parametrize("d, g", [(64, 32), (128, 128), (64, 128)])
 @pytest.mark.parametrize("k_bits, v_bits", BITS)
 def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
-  args = _inputs(hash((k_bits, v_bits, d, g, "bf16")) % 2**32, 5, 2, 8, d, g, k_bits,
+  args = _inputs(hash((k_bits, v_bits, d, g, 16)) % 2**32, 5, 2, 8, d, g, k_bits,
                  v_bits, jnp.bfloat16)
   _check(args, 8, k_bits, v_bits, g, rtol=BF16_RTOL)
 
@@ -106,7 +106,7 @@ def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
 # The TPU kernel reads 2, 4 and 8 bits (ternary words fall back to the reference).
 @pytest.mark.parametrize("k_bits, v_bits", [b for b in BITS if 1.5 not in b])
 def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
-  seed = hash((k_bits, v_bits, d, g, rep, "tpu")) % 2**32
+  seed = hash((k_bits, v_bits, d, g, rep, -1)) % 2**32
   args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, jnp.float32)
   kwargs = dict(k_bits=k_bits, v_bits=v_bits, group_size=g)
   # NaN-initialized memory stands in for poisoned outputs; races and stray reads raise.

@@ -1,0 +1,218 @@
+"""Quantize-and-pack into a cache block in place: Pallas (Triton) GPU kernel + reference.
+
+A ring flush (one group of `G` tokens per row in a decode step) and a
+prefill's bulk quantization are the same operation: quantize `n_tokens[b]`
+tokens of `x[b]` (whole groups) and write their codes, scales and zeros into
+the block at token `start[b]` (a multiple of `G`). Codes go into group slots
+(`kivi_jax.quantization.pack`): slot `j` of a `G`-row word tile holds the group
+`j` groups after the tile's first, so one flushed group touches `G` word rows
+and shares them with up to `w - 1` other groups, older or newer.
+
+The kernel gives each program one word tile (one packing block of `w * G`
+tokens) of one (row, head): it quantizes every flushed group that lands in the
+tile, column block by column block, ORs their slots into the tile's other
+slots, and writes the tile, scales and zeros back through
+`input_output_aliases`, so under `jit` with the cache donated nothing is
+copied. One owner per tile means no two programs write the same word.
+
+Shapes (B batch, H heads, n tokens offered, D channels, C block capacity):
+  x               [B, H, n, D]      model dtype; n a multiple of G
+  words           [B, H, C/w, D]    uint32
+  scale, zero     [B, H, C/G, D] (axis "channel") or [B, H, C, D/min(G, D)]
+                  (axis "token"), in the cache's scale dtype
+  start, n_tokens [B] int32, multiples of G; tokens past the capacity are dropped
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import codes_per_word, levels
+
+
+
+def _round_half_even(y):
+  """`jnp.round` (nearest integer, ties to even) from floor, which Triton has.
+  `y - floor(y)` is exact, so the tie test is too."""
+  f = jnp.floor(y)
+  frac = y - f
+  odd = f - 2.0 * jnp.floor(f * 0.5)
+  return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+
+
+def _slot_places(bits: float) -> np.ndarray:
+  """uint32 `[32]`: entry `j < w` is what multiplies a code to put it in word
+  slot `j` (`kivi_jax.quantization.slot_fields`: `divisor << shift`)."""
+  j = np.arange(codes_per_word(bits))
+  if bits == 1.5:
+    place = 3 ** (j % 5) << (8 * (j // 5))
+  else:
+    place = 1 << (j * bits)
+  return np.pad(place.astype(np.uint32), (0, 32 - j.size))
+
+
+def _divide(a, b, interpret: bool):
+  """`a / b` in float32, correctly rounded as in the reference. Triton lowers
+  `/` to `div.full.f32` (up to 2 ulp off), which moved a float32 scale by an
+  ulp and a code by one level at a near-tie on an H100; compiled, this uses
+  `div.rn.f32`. In interpret mode `/` is already IEEE division."""
+  a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
+  if interpret:
+    return a / b
+  return pltriton.elementwise_inline_asm(
+      "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+
+
+def _quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, interpret: bool):
+  """Quantizes one group `x` `[G, W]` float32: per channel (axis "channel", one
+  scale per column) or per token over the tile's columns (axis "token").
+  Returns `(codes uint32 [G, W], scale, zero)` with scale, zero `[W]` or `[G]`
+  in `scale_dtype`, rounded before the codes are computed (as the reference)."""
+  red = 0 if axis == "channel" else 1
+  lo = jnp.min(x, axis=red)
+  hi = jnp.max(x, axis=red)
+  if clip != 1:
+    spread = hi > lo
+    lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
+  top = levels(bits)
+  scale = _divide(hi - lo, float(top), interpret).astype(scale_dtype)
+  zero = lo.astype(scale_dtype)
+  s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
+  s32, z32 = (s32[None, :], z32[None, :]) if red == 0 else (s32[:, None], z32[:, None])
+  safe = jnp.where(s32 > 0, s32, 1.0)
+  y = jnp.where(s32 > 0, _divide(x - z32, safe, interpret), 0.0)
+  return jnp.clip(_round_half_even(y), 0, top).astype(jnp.int32).astype(jnp.uint32), scale, zero
+
+
+def _kernel(x_ref, start_ref, ntok_ref, place_ref, words_in, scale_in, zero_in, words_ref,
+            scale_ref, zero_ref, *, bits: float, group: int, axis: str, clip: float,
+            col_block: int, interpret: bool):
+  del scale_in, zero_in  # aliased with scale_ref, zero_ref, written whole-group
+  g = group
+  w = codes_per_word(bits)
+  n, d = x_ref.shape
+  start, n_tok = start_ref[0], ntok_ref[0]
+  tile = start // (w * g) + pl.program_id(2)  # packing block of this program
+  first_tok = tile * w * g
+  live_lo = jnp.maximum(start, first_tok)
+  live_hi = jnp.minimum(start + n_tok, first_tok + w * g)
+
+  @pl.when(live_lo < live_hi)
+  def _():
+    rows = pl.ds(pl.multiple_of(tile * g, g), g)
+    for c0 in range(0, d, col_block):
+      cols = pl.ds(c0, col_block)
+
+      def slot(j, acc):
+        tok0 = first_tok + j * g
+        live = (tok0 >= live_lo) & (tok0 < live_hi)
+        src = pl.multiple_of(jnp.clip(tok0 - start, 0, n - g), g)
+        x = x_ref[pl.ds(src, g), cols].astype(jnp.float32)
+        codes, scale, zero = _quantize_tile(x, axis, bits, clip, scale_ref.dtype, interpret)
+        # A table, not arithmetic on j: the ternary 3^(j % 5) << 8 (j // 5)
+        # computed from the loop index came out wrong compiled on an H100.
+        acc = acc + jnp.where(live, codes * place_ref[j], jnp.uint32(0))
+
+        @pl.when(live)
+        def _():
+          if axis == "channel":
+            scale_ref[tok0 // g, cols] = scale
+            zero_ref[tok0 // g, cols] = zero
+          else:
+            scale_ref[pl.ds(tok0, g), c0 // col_block] = scale
+            zero_ref[pl.ds(tok0, g), c0 // col_block] = zero
+        return acc
+
+      acc = jax.lax.fori_loop(0, w, slot, jnp.zeros((g, col_block), jnp.uint32))
+      # Each slot is written once, into zero bits (as the reference): adding
+      # sets it, for binary fields and for ternary digits of a byte alike.
+      words_ref[rows, cols] = words_in[rows, cols] + acc
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "group_size", "axis", "clip", "num_warps", "interpret"))
+def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_size: int,
+                  axis: str, clip: float = 1.0, num_warps: int = 4,
+                  interpret: bool = False):
+  """Quantizes `x` and writes it into the block in place (module docstring).
+
+  Returns the new `(words, scale, zero)`, aliased to the inputs: inside a jit
+  that donates them (as `generate` donates the cache) they are updated in place.
+  """
+  b, h, n, d = x.shape
+  g, w = group_size, codes_per_word(bits)
+  if n % g:
+    raise ValueError(f"x has {n} tokens, not a multiple of group_size={g}")
+  capacity = words.shape[2] * w
+  start = start.astype(jnp.int32)
+  # Tokens past the capacity are dropped (as the reference's scatter drops them).
+  n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0, n)
+  # Programs per row: the packing blocks a run of n tokens starting on a group
+  # boundary can touch.
+  tiles = -(-(n + w * g - g) // (w * g))
+  col_block = min(g, d) if axis == "token" else min(32, d)
+  kernel = functools.partial(_kernel, bits=bits, group=g, axis=axis, clip=clip,
+                             col_block=col_block, interpret=interpret)
+  slab = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
+  row = pl.BlockSpec((1,), lambda i, j, t: (i,))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, h, tiles),
+      in_specs=[slab(x), row, row, pl.BlockSpec((32,), lambda i, j, t: (0,)), slab(words),
+                slab(scale), slab(zero)],
+      out_specs=[slab(words), slab(scale), slab(zero)],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
+      input_output_aliases={4: 0, 5: 1, 6: 2},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+      interpret=interpret,
+      name="kivi_quantize_pack",
+  )(x, start, n_tokens, jnp.asarray(_slot_places(bits)), words, scale, zero)
+
+
+def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, groups=None,
+                            *, bits: float, group_size: int, axis: str):
+  """The same function in plain jnp: quantize, then scatter into the block.
+
+  Also takes SKVQ's traced `clip` and explicit channel `groups`
+  (`kivi_jax.quantization.quantize`), which the kernel does not.
+  """
+  from kivi_jax import quantization
+  g, w = group_size, codes_per_word(bits)
+  n = x.shape[2]
+  capacity = words.shape[2] * w
+  i = jnp.arange(n)[None, :]
+  live = i < n_tokens[:, None]
+  tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
+  codes, sc, zr = quantization.quantize(x, bits, g, axis, scale.dtype, clip, groups)
+  group = tok // g
+  row = jnp.where(live, group // w * g + tok % g, words.shape[-2])
+  shift, div, _ = quantization.slot_fields(bits)
+  slot = group % w
+  place = (jnp.asarray(div)[slot] << jnp.asarray(shift)[slot])[:, None, :, None]
+  # Each slot of a word is written once, into zero bits: adding is or-ing, and
+  # groups of one flush that share word rows combine.
+  words = scatter_tokens(words, row, codes.astype(jnp.uint32) * place, add=True)
+  if axis == "channel":
+    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
+                    capacity)
+    return words, scatter_tokens(scale, grp, sc), scatter_tokens(zero, grp, zr)
+  return words, scatter_tokens(scale, tok, sc), scatter_tokens(zero, tok, zr)
+
+
+def scatter_tokens(dst, idx, src, add: bool = False):
+  """Per batch row `b`: `dst[b, :, idx[b]] = src[b]` (or `+=`) on the token axis.
+
+  dst `[B, H, N, X]`, idx int32 `[B, n]`, src `[B, H, n, X]`; indices out of
+  range are dropped.
+  """
+  def one(d, i, s):
+    ref = d.at[:, i]
+    return ref.add(s, mode="drop") if add else ref.set(s, mode="drop")
+  return jax.vmap(one)(dst, idx, src)
