@@ -127,7 +127,9 @@ def quantize(
     spread = hi > lo
     lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
   top = levels(bits)
-  scale = ((hi - lo) / top).astype(scale_dtype)
+  # Times the float32 reciprocal, spelled out: XLA rewrites a division by a
+  # constant so anyway, and the GPU kernels must round as this does.
+  scale = ((hi - lo) * (1.0 / top)).astype(scale_dtype)
   zero = lo.astype(scale_dtype)
   s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
   if groups is not None:

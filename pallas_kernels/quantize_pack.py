@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -46,22 +45,25 @@ def _round_half_even(y):
   return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
 
 
-def _slot_places(bits: float) -> np.ndarray:
-  """uint32 `[32]`: entry `j < w` is what multiplies a code to put it in word
-  slot `j` (`kivi_jax.quantization.slot_fields`: `divisor << shift`)."""
-  j = np.arange(codes_per_word(bits))
+def _slot_place(slot, bits: float, width: int):
+  """`(multiplier, shift)`, uint32 `[1, width]`, that put a code in word slot
+  `slot` (`kivi_jax.quantization.slot_fields`). Computed on a broadcast row, as
+  the decode kernel unpacks: on scalars jnp's `%` lowers to a select Triton
+  refuses."""
+  slot = slot + jnp.zeros((1, width), jnp.int32)
   if bits == 1.5:
-    place = 3 ** (j % 5) << (8 * (j // 5))
-  else:
-    place = 1 << (j * bits)
-  return np.pad(place.astype(np.uint32), (0, 32 - j.size))
+    digit = slot % 5
+    mult = jnp.where(digit == 0, 1, jnp.where(digit == 1, 3, jnp.where(
+        digit == 2, 9, jnp.where(digit == 3, 27, 81))))
+    return mult.astype(jnp.uint32), (8 * (slot // 5)).astype(jnp.uint32)
+  return jnp.ones((1, width), jnp.uint32), (slot * bits).astype(jnp.uint32)
 
 
 def _divide(a, b, interpret: bool):
-  """`a / b` in float32, correctly rounded as in the reference. Triton lowers
-  `/` to `div.full.f32` (up to 2 ulp off), which moved a float32 scale by an
-  ulp and a code by one level at a near-tie on an H100; compiled, this uses
-  `div.rn.f32`. In interpret mode `/` is already IEEE division."""
+  """`a / b` in float32, correctly rounded as in the reference. Triton's `/`
+  is an approximate division (up to 2 ulp), which moved codes by one level at
+  near-ties on an H100; compiled, this is `div.rn.f32`. In interpret mode `/`
+  is already IEEE division."""
   a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
   if interpret:
     return a / b
@@ -82,7 +84,7 @@ def _quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, interpre
     spread = hi > lo
     lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
   top = levels(bits)
-  scale = _divide(hi - lo, float(top), interpret).astype(scale_dtype)
+  scale = ((hi - lo) * (1.0 / top)).astype(scale_dtype)  # as the reference
   zero = lo.astype(scale_dtype)
   s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
   s32, z32 = (s32[None, :], z32[None, :]) if red == 0 else (s32[:, None], z32[:, None])
@@ -91,8 +93,8 @@ def _quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, interpre
   return jnp.clip(_round_half_even(y), 0, top).astype(jnp.int32).astype(jnp.uint32), scale, zero
 
 
-def _kernel(x_ref, start_ref, ntok_ref, place_ref, words_in, scale_in, zero_in, words_ref,
-            scale_ref, zero_ref, *, bits: float, group: int, axis: str, clip: float,
+def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, scale_ref,
+            zero_ref, *, bits: float, group: int, axis: str, clip: float,
             col_block: int, interpret: bool):
   del scale_in, zero_in  # aliased with scale_ref, zero_ref, written whole-group
   g = group
@@ -112,25 +114,20 @@ def _kernel(x_ref, start_ref, ntok_ref, place_ref, words_in, scale_in, zero_in, 
 
       def slot(j, acc):
         tok0 = first_tok + j * g
-        live = (tok0 >= live_lo) & (tok0 < live_hi)
-        src = pl.multiple_of(jnp.clip(tok0 - start, 0, n - g), g)
-        x = x_ref[pl.ds(src, g), cols].astype(jnp.float32)
+        x = x_ref[pl.ds(pl.multiple_of(tok0 - start, g), g), cols].astype(jnp.float32)
         codes, scale, zero = _quantize_tile(x, axis, bits, clip, scale_ref.dtype, interpret)
-        # A table, not arithmetic on j: the ternary 3^(j % 5) << 8 (j // 5)
-        # computed from the loop index came out wrong compiled on an H100.
-        acc = acc + jnp.where(live, codes * place_ref[j], jnp.uint32(0))
+        if axis == "channel":
+          scale_ref[tok0 // g, cols] = scale
+          zero_ref[tok0 // g, cols] = zero
+        else:
+          scale_ref[pl.ds(tok0, g), c0 // col_block] = scale
+          zero_ref[pl.ds(tok0, g), c0 // col_block] = zero
+        mult, shift = _slot_place(j, bits, col_block)
+        return acc + ((codes * mult) << shift)
 
-        @pl.when(live)
-        def _():
-          if axis == "channel":
-            scale_ref[tok0 // g, cols] = scale
-            zero_ref[tok0 // g, cols] = zero
-          else:
-            scale_ref[pl.ds(tok0, g), c0 // col_block] = scale
-            zero_ref[pl.ds(tok0, g), c0 // col_block] = zero
-        return acc
-
-      acc = jax.lax.fori_loop(0, w, slot, jnp.zeros((g, col_block), jnp.uint32))
+      # Only the slots being written: a decode step's flush is one group.
+      acc = jax.lax.fori_loop((live_lo - first_tok) // g, (live_hi - first_tok) // g, slot,
+                              jnp.zeros((g, col_block), jnp.uint32))
       # Each slot is written once, into zero bits (as the reference): adding
       # sets it, for binary fields and for ternary digits of a byte alike.
       words_ref[rows, cols] = words_in[rows, cols] + acc
@@ -165,15 +162,14 @@ def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_
   return pl.pallas_call(
       kernel,
       grid=(b, h, tiles),
-      in_specs=[slab(x), row, row, pl.BlockSpec((32,), lambda i, j, t: (0,)), slab(words),
-                slab(scale), slab(zero)],
+      in_specs=[slab(x), row, row, slab(words), slab(scale), slab(zero)],
       out_specs=[slab(words), slab(scale), slab(zero)],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
-      input_output_aliases={4: 0, 5: 1, 6: 2},
+      input_output_aliases={3: 0, 4: 1, 5: 2},
       compiler_params=pltriton.CompilerParams(num_warps=num_warps),
       interpret=interpret,
       name="kivi_quantize_pack",
-  )(x, start, n_tokens, jnp.asarray(_slot_places(bits)), words, scale, zero)
+  )(x, start, n_tokens, words, scale, zero)
 
 
 def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, groups=None,

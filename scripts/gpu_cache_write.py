@@ -55,9 +55,8 @@ def main():
                                       "reference")
       new = jax.random.normal(key, (B, HKV, 1, D), jnp.bfloat16)
       for impl in ("gpu", "reference"):
-        layer = jax.tree.map(jnp.copy, layer)
-        ms = chained_ms(lambda lay, *a, impl=impl: write(lay, *a, config, impl), layer,
-                        (new, new, lens, jnp.ones_like(lens)))
+        ms = chained_ms(lambda lay, *a, impl=impl: write(lay, *a, config, impl),
+                        jax.tree.map(jnp.copy, layer), (new, new, lens, jnp.ones_like(lens)))
         rows.append(dict(op="flush", method=method, L=length, impl=impl, ms=ms))
         print(rows[-1], flush=True)
       del layer
