@@ -105,6 +105,8 @@ class KVCache:
   impl: static; which code reads the cache in a decode step: "auto" (the
     Pallas kernel for the backend where it applies, else the jnp reference),
     "reference", "gpu" or "tpu" (that kernel; in interpret mode on a CPU).
+    "gpu" also writes the blocks with the quantize-and-pack kernel
+    (`kernel_writes`).
   """
 
   layers: LayerKV
@@ -309,12 +311,11 @@ def _gather(x: Array, idx: Array) -> Array:
 
 
 def kernel_writes(impl: str, config: KIVIConfig, head_dim: int) -> bool:
-  """Whether the GPU quantize-and-pack kernel writes the blocks (`impl` as
-  `KVCache.impl`): KIVI's layouts (not SKVQ's `channel_group`) with power-of-two
-  groups of at least 16 and head dims. Elsewhere, the TPU included, the jnp
-  reference writes them."""
-  if impl == "auto":
-    impl = jax.default_backend()
+  """Whether the GPU quantize-and-pack kernel writes the blocks: only where
+  `KVCache.impl` is "gpu" (not "auto": compiled, its codes can sit one level
+  off the reference's at rounding ties, benchmarks/NOTES.md), for KIVI's
+  layouts (not SKVQ's `channel_group`) with power-of-two groups of at least 16
+  and head dims. Elsewhere, the TPU included, the jnp reference writes them."""
   g = config.group_size
   return (impl == "gpu" and config.channel_group is None and g >= 16
           and g & (g - 1) == 0 and head_dim >= 32 and head_dim & (head_dim - 1) == 0)

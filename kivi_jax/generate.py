@@ -117,7 +117,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
     max_length: cache capacity per row; defaults to `T + max_new_tokens`.
     streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
     impl: what reads the cache in decode steps (`KVCache.impl`): "auto" takes the
-      Pallas kernel of the backend where it applies.
+      Pallas kernel of the backend where it applies; "gpu" also writes it with
+      the quantize-and-pack kernel.
     calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one.
 
   Returns:

@@ -3,9 +3,9 @@
 On a CPU the GPU kernel runs in Pallas interpret mode; on a GPU it is compiled.
 The block it writes into already holds codes in other slots and sentinel
 scales elsewhere: the kernel must leave them as they were (it writes through
-`input_output_aliases`) and agree with the reference bit for bit. The
-reference runs on the CPU: XLA's float32 division on the GPU is not IEEE's
-(an ulp off in some scales on an H100), the kernel's is.
+`input_output_aliases`) and agree with the reference: bit for bit in
+interpret mode; compiled on a GPU, scales and zeros bit for bit and codes
+except at rounding ties (below). The reference runs on the CPU.
 """
 
 import jax
@@ -74,12 +74,37 @@ def test_kernel_matches_reference(case, dtype, clip, scale_dtype):
   kw = dict(bits=bits, group_size=g, axis=axis)
   want = _on_cpu(qp.quantize_pack_reference, x, *block, start, n_tok, clip, **kw)
   got = qp.quantize_pack(x, *block, start, n_tok, clip=clip, interpret=not ON_GPU, **kw)
-  for name, a, b in zip(("words", "scale", "zero"), got, want):
+  for name, a, b in zip(("scale", "zero"), got[1:], want[1:]):
     assert a.dtype == b.dtype and a.shape == b.shape, name
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8),
                                   err_msg=name)
+  _check_codes(got[0], want[0], x, want[1], want[2], case)
   # Something was written, and the rest of the block kept (not vacuous).
   assert not np.array_equal(np.asarray(got[0]), np.asarray(block[0]))
+
+
+def _check_codes(got, want, x, scale, zero, case):
+  """Codes equal, but on a GPU a code may sit one level off where the float32
+  quotient (x - zero) / scale is within a few ulps of a half-integer: the
+  compiled kernel divides in IEEE float32, while XLA's reference rewrites some
+  divisions as multiplications by a reciprocal (measured on an H100: 1 to 38
+  codes of 10^5 per case, each one level off, scales and zeros identical)."""
+  bits, g, axis, d, n, starts, ntoks = case
+  assert got.shape == want.shape and got.dtype == want.dtype
+  a = np.asarray(quantization.unpack(got, bits, g)).astype(np.int64)
+  b_ = np.asarray(quantization.unpack(want, bits, g)).astype(np.int64)
+  bad = np.argwhere(a != b_)
+  if not ON_GPU:
+    assert bad.size == 0, bad[:5]
+    return
+  assert len(bad) <= 1e-3 * a.size, len(bad)
+  x64, s64, z64 = (np.asarray(v, np.float64) for v in (x, scale, zero))
+  cg = min(g, d)
+  for row, head, tok, ch in bad:
+    assert abs(a[row, head, tok, ch] - b_[row, head, tok, ch]) == 1
+    si = (row, head, tok // g, ch) if axis == "channel" else (row, head, tok, ch // cg)
+    y = (x64[row, head, tok - starts[row], ch] - z64[si]) / s64[si]
+    assert abs(abs(y - np.floor(y)) - 0.5) < 1e-5 * max(1.0, abs(y)), (tok, ch, y)
 
 
 def test_kernel_rejects_partial_groups():
@@ -124,6 +149,13 @@ def test_cache_written_by_kernel_equals_reference(config):
     out["reference"], done = fill("reference")
   assert int(n_quantized(done, config).max()) > 0
   for a, b in zip(jax.tree.leaves(out["gpu"]), jax.tree.leaves(out["reference"])):
+    if a.dtype == jnp.uint32 and ON_GPU:
+      # Codes: at most a few one-level rounding-tie flips (`_check_codes`).
+      bits = config.k_bits if a.shape == out["gpu"].k.codes.shape else config.v_bits
+      diff = np.asarray(quantization.unpack(a, bits, config.group_size), np.int64) - \
+          np.asarray(quantization.unpack(b, bits, config.group_size), np.int64)
+      assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size
+      continue
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
 
 
@@ -134,4 +166,4 @@ def test_kernel_writes_dispatch():
   assert not kernel_writes("tpu", kivi2, 128)  # the TPU writes through the reference
   assert not kernel_writes("gpu", kivi2, 96)  # not a Triton block
   assert not kernel_writes("gpu", kivi_jax.PRESETS["skvq-k2v2"], 64)  # SKVQ's layout
-  assert kernel_writes("auto", kivi2, 128) == ON_GPU
+  assert not kernel_writes("auto", kivi2, 128)  # opt-in until exact when compiled
