@@ -53,8 +53,8 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
 
   Both read KIVI's axes with both tensors quantized in groups of a power of
   two (at least 16) tokens (values per channel group, or per head where the
-  group is wider than the head, `check_head_dim`). The GPU kernel also
-  reads ternary codes, keys cached before RoPE and SKVQ's layout
+  group is wider than the head, `check_head_dim`), in 2, 4, 8 bits or
+  ternary. The GPU kernel also reads keys cached before RoPE and SKVQ's layout
   (`channel_group`) where the hidden dim is a power of two (a Triton block) of
   at most `MAX_KERNEL_HIDDEN` channels.
   """
@@ -62,8 +62,7 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
   if not (config.quantizes_keys and config.quantizes_values and g >= 16
           and g & (g - 1) == 0):
     return False
-  ternary = 1.5 in (config.k_bits, config.v_bits)
-  if which == "tpu" and (ternary or config.pre_rope or config.channel_group is not None):
+  if which == "tpu" and (config.pre_rope or config.channel_group is not None):
     return False
   if config.channel_group is not None:
     hidden = num_kv_heads * head_dim

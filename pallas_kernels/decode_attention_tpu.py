@@ -3,11 +3,13 @@
 The same function as `decode_attention.quantized_decode_attention` (its jnp
 reference, `quantized_decode_attention_reference`, is the specification for
 both), laid out for the TPU: the grid's last axis walks the block sequentially,
-one step of `w_min` groups (a packing block of the tensor with fewer codes per
-word) at a time, accumulating an online softmax in VMEM scratch; per-row lengths
-arrive by scalar prefetch. Word tiles are `[G, D]` uint32 (lane-dense for
-D = 128), widened shifts only (no int8 shifts), and per-token value scales are
-expanded to `[P, D]` with a 0/1 matrix on the MXU instead of a lane reshape.
+one step of `gcd(w_k, w_v)` groups (a whole packing block of the tensor with
+fewer codes per word, or 4 groups where ternary's 20 codes per word meet
+another tensor's 16) at a time, accumulating an online softmax in VMEM scratch;
+per-row lengths arrive by scalar prefetch. Word tiles are `[G, D]` uint32
+(lane-dense for D = 128), widened shifts only (no int8 shifts), ternary digits
+taken apart in float32 (no vector integer division), and per-token value scales
+are expanded to `[P, D]` with a 0/1 matrix on the MXU instead of a lane reshape.
 
 Verified in TPU interpret mode only (no TPU was available).
 
@@ -25,17 +27,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import MASK_VALUE as _NEG
+from pallas_kernels.common import codes_per_word
 
 MIN_ROWS = 8  # sublanes
 
 
 def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
-            o_ref, lse_ref, m_sc, l_sc, acc_sc, *, k_bits: int, v_bits: int, group: int,
-            sm_scale: float, compute_dtype):
+            o_ref, lse_ref, m_sc, l_sc, acc_sc, *, k_bits: float, v_bits: float,
+            group: int, sm_scale: float, compute_dtype):
   g_sz = group
-  wk, wv = 32 // k_bits, 32 // v_bits
-  w_min = min(wk, wv)
-  p_tok = w_min * g_sz
+  wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
+  w_step = math.gcd(wk, wv)
+  p_tok = w_step * g_sz
   m_rows, d = q_ref.shape
   b, st = pl.program_id(0), pl.program_id(2)
   n_tok, lo_tok = n_ref[b], lo_ref[b]
@@ -48,19 +51,33 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
   def unpack(words, first_slot, bits):
-    # [G, D] uint32 -> [w_min * G, D] codes, tokens in order.
-    shifts = ((first_slot + jax.lax.broadcasted_iota(jnp.int32, (w_min, 1, 1), 0))
-              * bits).astype(jnp.uint32)
-    codes = (words[None] >> shifts) & jnp.uint32(2**bits - 1)
-    return codes.reshape(p_tok, d).astype(jnp.int32).astype(jnp.float32)
+    # [G, D] uint32 -> [w_step * G, D] codes as float32, tokens in order.
+    slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, (w_step, 1, 1), 0)
+    if bits == 1.5:
+      # Slot j is base-3 digit j % 5 of byte j // 5; small integers are exact in
+      # float32, so floor((x + 1/2) / n) is x // n without integer division.
+      fdiv = lambda x, n: jnp.floor((x + 0.5) * (1.0 / n))  # noqa: E731
+      sf = slot.astype(jnp.float32)
+      byte_idx = fdiv(sf, 5)
+      digit = sf - 5.0 * byte_idx
+      power = jnp.where(digit == 0, 1.0, jnp.where(digit == 1, 3.0, jnp.where(
+          digit == 2, 9.0, jnp.where(digit == 3, 27.0, 81.0))))
+      byte = ((words[None] >> (8 * byte_idx.astype(jnp.int32)).astype(jnp.uint32))
+              & jnp.uint32(255)).astype(jnp.int32).astype(jnp.float32)
+      t = fdiv(byte, power)
+      codes = t - 3.0 * fdiv(t, 3)
+    else:
+      codes = ((words[None] >> (slot * bits).astype(jnp.uint32))
+               & jnp.uint32(2**bits - 1)).astype(jnp.int32).astype(jnp.float32)
+    return codes.reshape(p_tok, d)
 
   @pl.when((tok0 < n_tok) & (tok0 + p_tok > lo_tok))
   def _step():
-    g0 = st * w_min
+    g0 = st * w_step
     q = q_ref[...].astype(compute_dtype)
-    ks = ks_ref[...].astype(jnp.float32)  # [w_min, D]
+    ks = ks_ref[...].astype(jnp.float32)  # [w_step, D]
     kz = kz_ref[...].astype(jnp.float32)
-    k = unpack(kw_ref[...], g0 % wk, k_bits).reshape(w_min, g_sz, d)
+    k = unpack(kw_ref[...], g0 % wk, k_bits).reshape(w_step, g_sz, d)
     k = (k * ks[:, None, :] + kz[:, None, :]).reshape(p_tok, d).astype(compute_dtype)
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32) * sm_scale  # [M, P]
@@ -93,17 +110,17 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
 
 @functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "interpret"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                               n_valid, lo, *, k_bits: int, v_bits: int, group_size: int,
-                               interpret=False):
+                               n_valid, lo, *, k_bits: float, v_bits: float,
+                               group_size: int, interpret=False):
   """`(o [B, K, M, D], lse [B, K, M])` over the quantized block; see the module doc.
 
   `interpret`: False on a TPU, or `pltpu.InterpretParams(...)` / True elsewhere.
   """
   b, kh, m_rows, d = q.shape
   g = group_size
-  wk, wv = 32 // k_bits, 32 // v_bits
-  w_min = min(wk, wv)
-  p_tok = w_min * g
+  wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
+  w_step = math.gcd(wk, wv)
+  p_tok = w_step * g
   capacity = k_codes.shape[2] * wk
   n_steps = capacity // p_tok
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
@@ -115,12 +132,12 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
       grid=(b, kh, n_steps),
       in_specs=[
           blk(m_rows, d, lambda i, j, s, n, lo: (i, j, 0, 0)),
-          # The key (value) packing block holding groups s*w_min ..: word-row block
-          # (s * w_min) // wk of G rows each.
-          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_min // wk, 0)),
-          blk(w_min, d, lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(w_min, d, lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_min // wv, 0)),
+          # The key (value) packing block holding groups s*w_step ..: word-row
+          # block (s * w_step) // wk of G rows each.
+          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wk, 0)),
+          blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0)),
+          blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0)),
+          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wv, 0)),
           blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
           blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
       ],

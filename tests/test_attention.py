@@ -96,9 +96,8 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")
   config = CONFIGS[name]
   if not kernel_applies(config, D, HKV, impl):
-    assert impl == "tpu" and (config.channel_group or config.pre_rope
-                              or 1.5 in (config.k_bits, config.v_bits))
-    pytest.skip("the TPU kernel reads KIVI's layout in 2, 4 or 8 bits, keys after RoPE")
+    assert impl == "tpu" and (config.channel_group or config.pre_rope)
+    pytest.skip("the TPU kernel reads KIVI's layout (2, 4, 8 bits or ternary), keys after RoPE")
   hq = HKV * rep
   k, v = _kv(300, seed=11)
   lengths = np.array([299, 150, 1])

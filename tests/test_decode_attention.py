@@ -103,8 +103,7 @@ def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
 @pytest.mark.parametrize("rep", [1, 7])
 @pytest.mark.parametrize("d, g", DIMS)
-# The TPU kernel reads 2, 4 and 8 bits (ternary words fall back to the reference).
-@pytest.mark.parametrize("k_bits, v_bits", [b for b in BITS if 1.5 not in b])
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
 def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   seed = hash((k_bits, v_bits, d, g, rep, -1)) % 2**32
   args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, jnp.float32)
