@@ -217,13 +217,15 @@ PRESETS: dict[str, KIVIConfig] = {
         key_axis="token", value_axis="channel"),
     # SKVQ's reference configurations (SPEC.md, "SKVQ"): the window W = 128 is
     # the ring, flushed 32 tokens at a time; groups of about 128 channels over
-    # the hidden dim (and, "-g32", of 32: KIVI-2's memory).
+    # the hidden dim (and, "-g32", of 32: KIVI-2's memory; "-g16-fp8", of 16
+    # with fp8 scales: KIVI-2's memory again, finer groups).
     **{f"skvq-k2v{v}{g}{fp8}": KIVIConfig(
         k_bits=2, v_bits=v, group_size=32, residual_length=128, key_axis="token",
-        value_axis="token", clip="calibrated", channel_group=128 if g == "" else 32,
+        value_axis="token", clip="calibrated", channel_group=int(g[2:] or 128),
         reorder=True, sinks=5, pre_rope=True,
         scale_dtype="float8_e4m3fn" if fp8 else None)
-       for v in (2, 1.5) for g in ("", "-g32") for fp8 in ("", "-fp8")},
+       for v in (2, 1.5) for g, fp8 in (("", ""), ("", "-fp8"), ("-g32", ""),
+                                        ("-g32", "-fp8"), ("-g16", "-fp8"))},
 }
 """Named cache methods; the CLI and the evals select from this one registry.
 "fp16" keeps the cache in the model's own dtype (float32, bfloat16 or float16)."""
