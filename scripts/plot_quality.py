@@ -82,7 +82,7 @@ def plot_kv_ppl(ax):
   ax.set_yticks([15, 20, 30, 50, 100, 150], labels=["15", "20", "30", "50", "100", "150"])
   ax.minorticks_off()
   ax.set_xlim(1.3, 24)
-  ax.set_xlabel("bits per cached element (16-bit scales and zeros)")
+  ax.set_xlabel("bits per cached element (scales and zeros at their stored width)")
   ax.set_ylabel("KV-perplexity (WikiText-2)")
   ax.set_title("SmolLM2-135M-Instruct: KV-perplexity against cache bits")
   ax.grid(True, which="both", alpha=0.3)
