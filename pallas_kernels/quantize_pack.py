@@ -35,7 +35,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.common import codes_per_word, levels
 
 
-
 def _round_half_even(y):
   """`jnp.round` (nearest integer, ties to even) from floor, which Triton has.
   `y - floor(y)` is exact, so the tie test is too."""
