@@ -87,8 +87,9 @@ def _check_codes(got, want, x, scale, zero, case):
   """Codes equal, but on a GPU a code may sit one level off where the float32
   quotient (x - zero) / scale is within a few ulps of a half-integer: the
   compiled kernel divides in IEEE float32, while XLA appears to rewrite some of
-  the reference's divisions as multiplications by a reciprocal (measured on an H100: 1 to 38
-  codes per case, at most 0.04%, each one level off; scales and zeros identical)."""
+  the reference's divisions as multiplications by a reciprocal (measured on an
+  H100: 1 to 38 codes per case, at most 0.04%, each one level off; scales and
+  zeros identical)."""
   bits, g, axis, d, n, starts, ntoks = case
   assert got.shape == want.shape and got.dtype == want.dtype
   a = np.asarray(quantization.unpack(got, bits, g)).astype(np.int64)
@@ -125,7 +126,7 @@ class _Shape:
                          ids=["kivi2", "kivi4", "ternary-sinks-clip", "k8v2-g64"])
 def test_cache_written_by_kernel_equals_reference(config):
   """A prefill then decode steps through `append`: the kernel's cache is the
-  reference's, bit for bit."""
+  reference's, bit for bit (on a GPU, codes up to ties as in `_check_codes`)."""
   assert kernel_writes("gpu", config, _Shape.head_dim)
   rng = np.random.default_rng(0)
   lengths = np.array([300, 170, 5])
