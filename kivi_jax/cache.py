@@ -28,7 +28,7 @@ from flax import struct
 from jax import Array
 
 from kivi_jax import quantization
-from kivi_jax.config import KIVIConfig, QuantAxis, channel_group, codes_per_word
+from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
 from pallas_kernels import quantize_pack
 from pallas_kernels.quantize_pack import scatter_tokens
 
@@ -188,9 +188,6 @@ def plain_channel_map(config: KIVIConfig, hidden: int, num_layers: int) -> Chann
       groups=jnp.broadcast_to(equal_groups(hidden, config.hidden_groups(hidden)),
                               (*lead, hidden)),
       clip=jnp.full(lead, config.clip, jnp.float32))
-
-
-IMPLS = ("auto", "reference", "gpu", "tpu")
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kivi_jax.config import PRESETS, KIVIConfig, get_preset
+from kivi_jax.config import IMPLS, PRESETS, KIVIConfig, get_preset
 
 
 def _bits(text: str) -> float:
@@ -75,7 +75,7 @@ def _generate(args) -> int:
   out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  seed=args.seed, eos_token_id=sorted(stops), streamer=stream,
-                 calibration=calibration)
+                 calibration=calibration, impl=args.impl)
   np.asarray(out)  # waits for the loop, and so for every streamed token
   sys.stdout.write("\n")
   return 0
@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--raw", action="store_true",
                    help="do not apply the tokenizer's chat template")
   gen.add_argument("--calibration", help="a `kivi-jax calibrate` JSON file (SKVQ methods)")
+  gen.add_argument("--impl", default="auto", choices=IMPLS,
+                   help="what reads the cache in decode steps: auto (the backend's Pallas "
+                   "kernel where it applies), reference (jnp), gpu or tpu (that kernel; "
+                   "gpu also writes the cache with the quantize-and-pack kernel)")
   gen.set_defaults(run=_generate)
 
   cal = sub.add_parser("calibrate", help="calibrate an SKVQ method on the tail of "

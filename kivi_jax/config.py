@@ -20,6 +20,9 @@ SCALE_DTYPES = (None, "float8_e4m3fn")
 QuantAxis = Literal["channel", "token"]
 _AXES = ("channel", "token")
 
+IMPLS = ("auto", "reference", "gpu", "tpu")
+"""Values of `KVCache.impl`: which code reads (and, for "gpu", writes) the cache."""
+
 
 def codes_per_word(bits: float) -> int:
   """How many `bits`-bit codes one 32-bit storage word holds (ternary: 5 per byte)."""

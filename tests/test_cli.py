@@ -22,6 +22,21 @@ def test_generate_streams_the_answer(smollm2_path):
 
 
 @pytest.mark.slow
+def test_generate_with_the_gpu_kernels_equals_the_reference(smollm2_path):
+  # On a CPU "gpu" runs the decode and quantize-and-pack kernels in interpret mode.
+  # 40 prompt tokens and 100 new ones: groups are flushed through the write
+  # kernel and read by the decode kernel.
+  out = {}
+  for impl in ("gpu", "reference"):
+    done = _run("generate", "Name three rivers of Europe and say where each one starts.",
+                "--model", str(smollm2_path), "--method", "kivi2", "--group-size", "16",
+                "--residual-length", "32", "--max-new-tokens", "100", "--impl", impl)
+    assert done.returncode == 0, done.stderr
+    out[impl] = done.stdout
+  assert out["gpu"] == out["reference"] and len(out["gpu"]) > 100
+
+
+@pytest.mark.slow
 def test_eval_passkey_writes_a_table_and_json(smollm2_path, tmp_path):
   out = tmp_path / "passkey.json"
   done = _run("eval", "passkey", "--model", str(smollm2_path), "--methods", "fp16,kivi2",
@@ -78,6 +93,7 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
     (["--group-size", "32", "--residual-length", "100"],
      "residual_length must be 0 or a positive multiple of group_size (32)"),
     (["--model", "/nonexistent/model.gguf"], "does not exist"),
+    (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
 ])
 def test_bad_arguments_exit_with_a_clear_error(args, message):
   done = _run("generate", "hi", *args)
