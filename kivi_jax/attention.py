@@ -18,6 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kivi_jax.cache import LayerKV, dequantize_block, n_quantized, ring_positions
 from kivi_jax.config import KIVIConfig
 from pallas_kernels import decode_attention as gpu_decode
+from pallas_kernels import decode_attention_hidden as gpu_hidden
 from pallas_kernels import decode_attention_tpu as tpu_decode
 
 # Finite, so a query that sees no key (a padding row) gets a uniform softmax, not NaN.
@@ -35,13 +36,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
-MAX_KERNEL_HIDDEN = 128
-"""The widest hidden dim the GPU kernel takes in SKVQ's layout: one program
-holds every query head's row over the whole hidden dim, compiled and checked on
-an H100 at 64 channels; real models' 1024 to 4096 need the hidden dim split
-across programs (not done), so they take the jnp reference."""
-
-
 def _rotate_keys(keys: Array, positions: Array, inv_freq: Array) -> Array:
   """`apply_rope` of keys `[B, Hkv, S, D]` at positions `[B, S]`."""
   return apply_rope(keys.swapaxes(1, 2), positions, inv_freq).swapaxes(1, 2)
@@ -54,9 +48,9 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
   Both read KIVI's axes with both tensors quantized in groups of a power of
   two (at least 16) tokens (values per channel group, or per head where the
   group is wider than the head, `check_head_dim`), in 2, 4, 8 bits or
-  ternary. The GPU kernel also reads keys cached before RoPE and SKVQ's layout
-  (`channel_group`) where the hidden dim is a power of two (a Triton block) of
-  at most `MAX_KERNEL_HIDDEN` channels.
+  ternary. The GPU kernels also read keys cached before RoPE and SKVQ's layout
+  (`channel_group`, `decode_attention_hidden`) where the hidden dim is a
+  multiple of 16 (tiles of a power of two channels).
   """
   g = config.group_size
   if not (config.quantizes_keys and config.quantizes_values and g >= 16
@@ -65,8 +59,7 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
   if which == "tpu" and (config.pre_rope or config.channel_group is not None):
     return False
   if config.channel_group is not None:
-    hidden = num_kv_heads * head_dim
-    return hidden & (hidden - 1) == 0 and hidden <= MAX_KERNEL_HIDDEN
+    return num_kv_heads * head_dim % 16 == 0
   return config.key_axis == "channel" and config.value_axis == "token"
 
 
@@ -210,7 +203,7 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
     o_blk, lse_blk = _block_kernel(which, pad(qg), *blocks, *rows, **rope, **kw)
     o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
   else:
-    o_blk, lse_blk = _hidden_block_attention(q[:, 0], layer, blocks, rows, rope, kw, which)
+    o_blk, lse_blk = _hidden_block_attention(q[:, 0], layer, blocks, rows, rope, kw)
 
   # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
   # positions and liveness.
@@ -245,7 +238,7 @@ def _block_kernel(which: str, *args, **kw):
   return tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
 
 
-def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw, which: str):
+def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw):
   """The block of SKVQ's layout (one "head" of the hidden dim `H`, channels in
   each tensor's calibrated order): `(o [B, Hkv, rep, D], lse [B, Hkv, rep])`
   for queries `q` `[B, Hq, D]` (and `rope`'s `q_rot` alike).
@@ -269,8 +262,10 @@ def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw, whi
   if rope:
     rope = dict(q_rot=spread(rope["q_rot"]),
                 rope_theta=jnp.tile(rope["rope_theta"], hkv)[layer.k_map.perm])
-  o, lse = _block_kernel(which, spread(q), *blocks, *rows, layer.k_map.groups,
-                         layer.v_map.groups, **rope, sm_scale=1.0 / math.sqrt(d), **kw)
+  # Only the GPU reads this layout (`kernel_applies`).
+  o, lse = gpu_hidden.hidden_decode_attention(
+      spread(q), *blocks, *rows, layer.k_map.groups, layer.v_map.groups, **rope,
+      sm_scale=1.0 / math.sqrt(d), **kw, interpret=jax.default_backend() != "gpu")
   # [B, Hq, Hkv, D] in hidden order, then each head's own kv head.
   o = jnp.take(o[:, 0, :hq], jnp.argsort(layer.v_map.perm), axis=-1).reshape(b, hq, hkv, d)
   o = jnp.take_along_axis(o, kv_of[None, :, None, None], axis=2)[:, :, 0]

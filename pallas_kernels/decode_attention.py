@@ -15,12 +15,9 @@ probabilities with no reshapes. The sequence is split across programs (flash
 decoding); the splits are merged by log-sum-exp outside the kernel, as is the
 full-precision ring (see `kivi_jax.attention`).
 
-SKVQ's layout (`k_groups`/`v_groups` given) quantizes a tensor per token over
-explicit channel groups: its scale and zero are `[B, K, C, n]` and the `[D]`
-int32 group map says which of the `n` applies to each channel; each group's
-scale is broadcast over its channels in registers and the tile dequantized
-before the dot. Ternary codes (1.5 bits) are base-3 digits, 5 to a byte
-(`kivi_jax.quantization`).
+Ternary codes (1.5 bits) are base-3 digits, 5 to a byte
+(`kivi_jax.quantization`). SKVQ's layout over the hidden dim has kernels of
+its own (`decode_attention_hidden`); the reference below reads both layouts.
 
 Shapes (B batch, K kv heads, M query rows per kv head padded to 16, D head dim,
 C block capacity in tokens, G group size, w codes per word):
@@ -29,8 +26,6 @@ C block capacity in tokens, G group size, w codes per word):
   v_codes  [B, K, C/w_v, D]  uint32        v_scale, v_zero [B, K, C, D/min(G, D)]
   n_valid  [B] int32: quantized tokens per row (a multiple of G)
   lo       [B] int32: first visible token per row (sliding window; 0 for none)
-  k_groups, v_groups (optional) [D] int32: the group map; k_scale, k_zero
-           (v_scale, v_zero) are then [B, K, C, n_k] ([B, K, C, n_v]).
   q_rot, rope_theta (optional, together): keys cached before RoPE (SKVQ's
            pre_rope). Block token t sits at position p = t + pos_offset, and
            q . rope(k_t) = (q * cos(p theta)) . k_t + (q_rot * sin(p theta)) . k_t
@@ -59,7 +54,7 @@ from pallas_kernels.common import codes_per_word
 _PIPELINE_SMEM_BYTES = 200 * 1024
 
 
-def _unpack_tile(words, first_slot, n_slots: int, bits: float):
+def unpack_tile(words, first_slot, n_slots: int, bits: float):
   """Slots `first_slot ..` of a `[G, D]` word tile as `[n_slots * G, D]` int32 codes,
   tokens in order (slot j holds the group after slot j - 1)."""
   slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, (n_slots, 1, 1), 0)
@@ -75,20 +70,10 @@ def _unpack_tile(words, first_slot, n_slots: int, bits: float):
   return codes.reshape(n_slots * words.shape[0], words.shape[1]).astype(jnp.int32)
 
 
-def _expand_groups(ref, rows, group_map, n_groups: int):
-  """Rows `rows` of a `[C, n]` scale ref broadcast over channels by the `[1, D]`
-  group map: `[P, D]` float32."""
-  out = jnp.zeros((rows.size, group_map.shape[1]), jnp.float32)
-  for g in range(n_groups):
-    col = ref[rows, g].astype(jnp.float32)  # [P]
-    out = jnp.where(group_map == g, col[:, None], out)
-  return out
-
-
 def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, *refs,
             k_bits: float, v_bits: float, group: int, block_tokens: int,
-            groups_per_split: int, sm_scale: float, compute_dtype,
-            k_groups: int | None, v_groups: int | None, rope: bool, pos_offset: int):
+            groups_per_split: int, sm_scale: float, compute_dtype, rope: bool,
+            pos_offset: int):
   """One program: batch row b, kv head h, split s over groups of the block.
 
   The outer loop walks steps of `w_min` groups, one packing block of the
@@ -98,12 +83,6 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   tokens of both tensors in registers and runs one score dot and one value
   dot on them.
   """
-  maps = [None, None]
-  if k_groups is not None:
-    maps[0], refs = refs[0][...][None, :], refs[1:]
-  if v_groups is not None:
-    maps[1], refs = refs[0][...][None, :], refs[1:]
-  k_map, v_map = maps
   if rope:
     qr_ref, theta, refs = refs[0], refs[1][...][None, :], refs[2:]
   acc_ref, m_ref, l_ref = refs
@@ -141,20 +120,14 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       tok0 = pl.multiple_of(g * g_sz, block_tokens)
       rows = pl.ds(tok0, block_tokens)
       kw_c, vw_c = (kw, vw) if aligned else (words(kw_ref, g, wk), words(vw_ref, g, wv))
-      kc = _unpack_tile(kw_c, g % wk, chunk_slots, k_bits).astype(jnp.float32)
+      kc = unpack_tile(kw_c, g % wk, chunk_slots, k_bits).astype(jnp.float32)
       # Keys [P, D], dequantized in float32 and rounded once to the dot's
       # dtype: bf16 arithmetic here (two roundings) measured 2-3x the error on
-      # the H100.
-      if k_map is None:
-        # Per-channel scale and zero of each group, broadcast over its tokens.
-        ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
-        kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
-        shape3 = (chunk_slots, g_sz, d)
-        k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
-      else:
-        # Per-token scale and zero of each channel group.
-        k = (kc * _expand_groups(ks_ref, rows, k_map, k_groups)
-             + _expand_groups(kz_ref, rows, k_map, k_groups))
+      # the H100. Each group's per-channel scale and zero, broadcast over its tokens.
+      ks = ks_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)  # [slots, D]
+      kz = kz_ref[pl.ds(g, chunk_slots), :].astype(jnp.float32)
+      shape3 = (chunk_slots, g_sz, d)
+      k = (kc.reshape(shape3) * ks[:, None, :] + kz[:, None, :]).reshape(block_tokens, d)
 
       def scores(q, k):
         return jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
@@ -176,16 +149,12 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
       p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)  # [M, P]
       l_new = l_prev * corr + jnp.sum(p, axis=1)
       # Values [P, D]: per-token scale and zero of each channel group.
-      if v_map is None:
-        vs = vs_ref[rows, :].astype(jnp.float32)  # [P, D/cg]
-        vz = vz_ref[rows, :].astype(jnp.float32)
-        full = (block_tokens, n_cgroups, cg)
-        vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
-        vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
-      else:
-        vs = _expand_groups(vs_ref, rows, v_map, v_groups)
-        vz = _expand_groups(vz_ref, rows, v_map, v_groups)
-      vc = _unpack_tile(vw_c, g % wv, chunk_slots, v_bits).astype(jnp.float32)
+      vs = vs_ref[rows, :].astype(jnp.float32)  # [P, D/cg]
+      vz = vz_ref[rows, :].astype(jnp.float32)
+      full = (block_tokens, n_cgroups, cg)
+      vs = jnp.broadcast_to(vs[:, :, None], full).reshape(block_tokens, d)
+      vz = jnp.broadcast_to(vz[:, :, None], full).reshape(block_tokens, d)
+      vc = unpack_tile(vw_c, g % wv, chunk_slots, v_bits).astype(jnp.float32)
       v = (vc * vs + vz).astype(compute_dtype)
       pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                                precision=precision,
@@ -218,6 +187,32 @@ def merge_partials(acc, m, l):
   return o, lse
 
 
+def pallas_call(kernel, inputs, in_specs, out_specs, out_shape, *, grid, poison: bool,
+                num_warps: int, num_stages: int, interpret: bool, name: str):
+  """`pl.pallas_call` on Triton, applied to `inputs`. With `poison` every output
+  starts as NaN (an aliased input the kernel does not see), so an element the
+  kernel fails to write shows."""
+  aliases = {}
+  if poison:
+    n_in, n_out = len(inputs), len(out_shape)
+    inputs = [*inputs, *(jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape)]
+    in_specs = [*in_specs, *out_specs]
+    aliases = {n_in + i: i for i in range(n_out)}
+    kernel = functools.partial(
+        lambda k, *refs: k(*refs[:n_in], *refs[n_in + n_out:]), kernel)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=name,
+  )(*inputs)
+
+
 def default_splits(batch: int, kv_heads: int, n_steps: int,
                    target_programs: int = 1024) -> int:
   """Enough sequence splits that batch x heads x splits fills a large GPU."""
@@ -226,20 +221,17 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "block_tokens", "splits",
+    "k_bits", "v_bits", "group_size", "pos_offset", "block_tokens", "splits",
     "num_warps", "num_stages", "interpret", "poison"))
 def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                              n_valid, lo, k_groups=None, v_groups=None, q_rot=None,
-                              rope_theta=None, *, k_bits: float, v_bits: float,
-                              group_size: int, sm_scale: float | None = None,
-                              pos_offset: int = 0,
+                              n_valid, lo, q_rot=None, rope_theta=None, *, k_bits: float,
+                              v_bits: float, group_size: int, pos_offset: int = 0,
                               block_tokens: int | None = None, splits: int | None = None,
                               num_warps: int = 2, num_stages: int | None = None,
                               interpret: bool = False, poison: bool = False):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`.
 
-  `sm_scale` multiplies the scores: `1 / sqrt(D)` by default (SKVQ's layout
-  passes its head dim's). `block_tokens` tokens are dequantized per inner step
+  `block_tokens` tokens are dequantized per inner step
   (a multiple of the group size dividing one packing block of each tensor);
   `splits` programs share each row's sequence. `num_stages` (Triton's
   software pipelining) defaults to 3 where that many copies of the two word
@@ -269,12 +261,8 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
     num_stages = 3 if 3 * (2 * g * d * 4) <= _PIPELINE_SMEM_BYTES else 1
   kernel = functools.partial(
       _kernel, k_bits=k_bits, v_bits=v_bits, group=g, block_tokens=block_tokens,
-      groups_per_split=groups_per_split,
-      sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
-      compute_dtype=compute_dtype,
-      k_groups=None if k_groups is None else k_scale.shape[-1],
-      v_groups=None if v_groups is None else v_scale.shape[-1],
-      rope=q_rot is not None, pos_offset=pos_offset)
+      groups_per_split=groups_per_split, sm_scale=1.0 / math.sqrt(d),
+      compute_dtype=compute_dtype, rope=q_rot is not None, pos_offset=pos_offset)
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
   out_specs = [
@@ -291,33 +279,15 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
             n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
   in_specs = [slab(q), slab(k_codes), slab(k_scale), slab(k_zero), slab(v_codes),
               slab(v_scale), slab(v_zero), row, row]
-  for group_map in (k_groups, v_groups):
-    if group_map is not None:
-      inputs.append(group_map.astype(jnp.int32))
-      in_specs.append(pl.BlockSpec((d,), lambda i, j, s: (0,)))
   if (q_rot is None) != (rope_theta is None):
     raise ValueError("q_rot and rope_theta go together")
   if q_rot is not None:
     inputs += [q_rot, rope_theta.astype(jnp.float32)]
     in_specs += [slab(q_rot), pl.BlockSpec((d,), lambda i, j, s: (0,))]
-  aliases = {}
-  if poison:
-    n_in = len(inputs)
-    inputs += [jnp.full(o.shape, jnp.nan, o.dtype) for o in out_shape]
-    in_specs += out_specs
-    aliases = {n_in + i: i for i in range(3)}
-    kernel = functools.partial(lambda k, *refs: k(*refs[:n_in], *refs[n_in + 3:]), kernel)
-  acc, m, l = pl.pallas_call(
-      kernel,
-      grid=(b, kh, splits),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="kivi_decode_attention",
-  )(*inputs)
+  acc, m, l = pallas_call(kernel, inputs, in_specs, out_specs, out_shape,
+                          grid=(b, kh, splits), poison=poison, num_warps=num_warps,
+                          num_stages=num_stages, interpret=interpret,
+                          name="kivi_decode_attention")
   # As JAX's own decode attention: keep XLA from fusing the merge into the
   # kernel's consumers in a way that produced NaNs there.
   return jax.lax.optimization_barrier((acc, m, l))

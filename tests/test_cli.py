@@ -80,6 +80,18 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
               "--max-new-tokens", "24")
   assert done.returncode == 0, done.stderr
   assert "Paris" in done.stdout
+  # SmolLM2's hidden dim of 3 x 64 channels in the GPU's SKVQ kernels (interpret
+  # mode on a CPU), 3 tiles of 64: with a 32-token window, 100 new tokens are
+  # read from the block through them, as through the reference.
+  out = {}
+  for impl in ("gpu", "reference"):
+    done = _run("generate", "Name three rivers of Europe and say where each one starts.",
+                "--model", str(smollm2_path), "--method", "skvq-k2v1.5-g32",
+                "--calibration", str(calib), "--residual-length", "32",
+                "--max-new-tokens", "100", "--impl", impl)
+    assert done.returncode == 0, done.stderr
+    out[impl] = done.stdout
+  assert out["gpu"] == out["reference"] and len(out["gpu"]) > 100
   # A calibration made for one config is refused by another.
   done = _run("generate", "hi", "--model", str(smollm2_path), "--method", "skvq-k2v2-g32",
               "--calibration", str(calib))

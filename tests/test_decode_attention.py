@@ -20,6 +20,7 @@ from kivi_jax.attention import resolve_impl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import decode_attention as da
+from pallas_kernels import decode_attention_hidden as da_hidden
 from pallas_kernels import decode_attention_tpu as da_tpu
 from conftest import tiny_hf_model, tiny_llama_config
 
@@ -150,15 +151,98 @@ def test_rejects_block_tokens_that_straddle_ternary_words():
                                   block_tokens=256, interpret=True)
 
 
+def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
+  """A random block in SKVQ's layout: `hidden` channels in `n_groups` unequal
+  groups, 9 query rows over the whole hidden dim, ragged lengths as `_inputs`."""
+  rng = np.random.default_rng(seed)
+  capacity = 2 * math.lcm(da.codes_per_word(k_bits) * g, da.codes_per_word(v_bits) * g)
+
+  def unequal_groups():
+    cuts = np.sort(rng.choice(np.arange(1, hidden), n_groups - 1, replace=False))
+    return np.repeat(np.arange(n_groups), np.diff([0, *cuts, hidden])).astype(np.int32)
+
+  ids = [unequal_groups() for _ in "kv"]  # each tensor's own
+  k = rng.standard_normal((b, 1, capacity, hidden)).astype(np.float32)
+  k[..., 1] *= 30  # an outlier channel
+  v = rng.standard_normal((b, 1, capacity, hidden)).astype(np.float32)
+  kc, ks, kz = quantization.quantize(jnp.asarray(k, dtype), k_bits, g, "token", dtype,
+                                     groups=(jnp.asarray(ids[0]), n_groups))
+  vc, vs, vz = quantization.quantize(jnp.asarray(v, dtype), v_bits, g, "token", dtype,
+                                     groups=(jnp.asarray(ids[1]), n_groups))
+  q = np.zeros((2, b, 1, 16, hidden), np.float32)
+  q[:, :, :, :9] = rng.standard_normal((2, b, 1, 9, hidden))
+  n_valid = np.array([0, g, capacity - 3 * g, capacity, 5 * g][:b]) % (capacity + 1)
+  lo = np.array([0, 0, g + 7, 0, 2 * g][:b])
+  args = (jnp.asarray(q[0], dtype), quantization.pack(kc, k_bits, g), ks, kz,
+          quantization.pack(vc, v_bits, g), vs, vz, jnp.asarray(n_valid), jnp.asarray(lo),
+          jnp.asarray(ids[0]), jnp.asarray(ids[1]))
+  if rope:
+    theta = 1.0 / 10000.0 ** rng.uniform(0, 1, hidden)
+    args += (jnp.asarray(q[1], dtype), jnp.asarray(theta, jnp.float32))
+  return args
+
+
+@pytest.mark.parametrize("hidden, n_groups, tile", [(64, 3, None), (192, 12, None),
+                                                    (256, 5, 32), (128, 40, 16)])
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
+                                               (8, 2, 16)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile, rope):
+  seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
+  dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+  args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
+  kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, sm_scale=0.125,
+            pos_offset=3 if rope else 0)
+  # Poisoned with NaN first: a live score or an output element the kernels
+  # leave unwritten reaches the output.
+  o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, splits=3, poison=True,
+                                             interpret=not ON_GPU)
+  o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
+                                                           dot_dtype=args[0].dtype)
+  o, o_ref = np.asarray(o[:, 0, :9]), np.asarray(o_ref[:, 0, :9])
+  assert np.isfinite(o).all() and np.isfinite(np.asarray(lse)).all()
+  live = np.asarray(args[7]) > np.asarray(args[8])
+  # float32 interpret mode: summation order only. bf16 on a GPU: both round the
+  # dots' operands alike (the probabilities at the block's maximum, as here).
+  rtol = BF16_RTOL if ON_GPU else 1e-5
+  for row in range(o.shape[0]):
+    if not live[row]:
+      assert np.all(o[row] == 0)
+      continue
+    err = np.linalg.norm(o[row] - o_ref[row]) / np.linalg.norm(o_ref[row])
+    assert err < rtol, (row, err)
+    np.testing.assert_allclose(np.asarray(lse[row, 0, :9]),
+                               np.asarray(lse_ref[row, 0, :9]), atol=rtol * 10)
+
+
+@pytest.mark.parametrize("hidden, tile, match", [
+    (200, None, r"hidden dim \(200\) must be a multiple of 16"),
+    (192, 128, r"tile=128 must be a power of two of at least 16 dividing the hidden dim "
+               r"\(192\)"),
+    (192, 8, r"tile=8 must be")])
+def test_hidden_kernels_reject_bad_tiles(hidden, tile, match):
+  args = _hidden_inputs(0, 2, hidden, 3, 16, 2, 2, jnp.float32, rope=False)
+  with pytest.raises(ValueError, match=match):
+    da_hidden.hidden_decode_attention(*args, k_bits=2, v_bits=2, group_size=16,
+                                      sm_scale=0.125, tile=tile, interpret=True)
+
+
+# SKVQ's layout with sinks, pre-RoPE keys and ternary values, without a
+# calibration (channels in order, a fixed clip).
+_SKVQ = kivi_jax.KIVIConfig(k_bits=2, v_bits=1.5, group_size=32, residual_length=128,
+                            key_axis="token", value_axis="token", channel_group=16,
+                            clip=0.9, sinks=5, pre_rope=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("method", ["kivi2", "kivi4"])
+@pytest.mark.parametrize("method", ["kivi2", "kivi4", "skvq"])
 def test_generation_with_kernel_equals_reference(method):
   # Head dim 32, 4 query heads per kv head: the kernel applies (checked below).
   model = kivi_jax.load_model(tiny_hf_model(tiny_llama_config(
       hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1)))
   prompt = np.random.default_rng(0).integers(0, 256, (3, 300))
-  kv = kivi_jax.PRESETS[method]
+  kv = _SKVQ if method == "skvq" else kivi_jax.PRESETS[method]
   assert resolve_impl("gpu", kv, model.config.head_dim, model.config.num_kv_heads, 1) == "gpu"
   out = {impl: np.asarray(kivi_jax.generate(model, prompt, kv_config=kv, max_new_tokens=40,
                                             impl=impl))

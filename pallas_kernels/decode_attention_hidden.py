@@ -1,0 +1,243 @@
+"""Decode attention over SKVQ's hidden-dim layout: two Pallas (Triton) GPU kernels.
+
+SKVQ (`channel_group`) quantizes keys and values per token over groups of the
+whole hidden dim `H = Hkv * Dh`, in a calibrated channel order that mixes the
+heads. `kivi_jax.attention` makes every query head a row over `H` (its own
+channels where its kv head's keys sit, zeros elsewhere), so each score is a
+dot over all of `H` and each output row has `H` channels: at real widths the
+output accumulator (`[M, H]` float32: 512 KiB for 32 heads over 4096 channels)
+fits no program. A step therefore runs in three parts, none of which
+dequantizes the block into memory:
+
+1. `_scores_kernel`, grid `(B, splits)`: walks its split's tokens one group of
+   `G` at a time and, per group, the hidden dim in tiles of `tile` channels;
+   each `[G, tile]` key tile is unpacked and dequantized in registers (each
+   channel's scale and zero picked from the few groups the tile spans) and
+   dotted with the query rows: raw scores `[B, M, C]`, float32.
+2. jnp: the mask, the block's maximum and sum, the probabilities.
+3. `_values_kernel`, grid `(B, H / tile, splits)`: `p @ v` over one split's
+   tokens for one tile of channels; the splits are summed in jnp.
+
+The reference is `decode_attention.quantized_decode_attention_reference` with
+`k_groups` and `v_groups`.
+
+Shapes (M query rows padded to 16, H hidden dim, n groups, C block capacity):
+  q, q_rot      [B, 1, M, H]     model dtype (q_rot and rope_theta [H]: keys
+                                 cached before RoPE, as in `decode_attention`)
+  k_codes       [B, 1, C/w_k, H] uint32     k_scale, k_zero [B, 1, C, n_k]
+  v_codes       [B, 1, C/w_v, H] uint32     v_scale, v_zero [B, 1, C, n_v]
+  n_valid, lo   [B] int32: the block's live tokens are `lo <= t < n_valid`
+  k_groups, v_groups [H] int32: nondecreasing group of each channel
+Returns `(o [B, 1, M, H] float32, lse [B, 1, M] float32)` as
+`decode_attention.quantized_decode_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import MASK_VALUE as _NEG
+from pallas_kernels.common import codes_per_word
+from pallas_kernels.decode_attention import (default_splits, merge_partials, pallas_call,
+                                             unpack_tile)
+
+# Largest key or value tile a program dequantizes at once, in elements: G x tile
+# float32 values live in registers.
+_TILE_ELEMENTS = 8192
+
+
+def hidden_tile(hidden: int, group_size: int) -> int:
+  """Channels per tile: the largest power of two dividing `hidden`, at most
+  `_TILE_ELEMENTS / group_size` (and at least 16, a Triton dot's least)."""
+  tile = min(hidden & -hidden, max(16, _TILE_ELEMENTS // group_size))
+  if tile < 16:
+    raise ValueError(f"the hidden dim ({hidden}) must be a multiple of 16 for the "
+                     "hidden-layout kernels")
+  return tile
+
+
+def _expand(ref, rows, group_map, g_lo, g_hi):
+  """Rows `rows` of a `[C, n]` scale ref broadcast over a tile's channels:
+  `[P, tile]` float32. `group_map` `[1, tile]` is nondecreasing, so the tile
+  spans groups `g_lo .. g_hi` only."""
+  def one(g, out):
+    return jnp.where(group_map == g, ref[rows, g].astype(jnp.float32)[:, None], out)
+  return jax.lax.fori_loop(g_lo, g_hi + 1, one,
+                           jnp.zeros((rows.size, group_map.shape[1]), jnp.float32))
+
+
+def _tile_map(map_ref, cols):
+  """The `[1, tile]` group map of channels `cols` and the first and last group."""
+  group_map = map_ref[cols][None, :]
+  return group_map, jnp.min(group_map), jnp.max(group_map)
+
+
+def _live_groups(split, n_ref, lo_ref, g_sz: int, groups_per_split: int):
+  """Groups `[first, last)` of split `split` that hold live tokens, and the
+  split's first group."""
+  base = split * groups_per_split
+  first = jnp.maximum(base, lo_ref[0] // g_sz)
+  last = jnp.minimum(base + groups_per_split, n_ref[0] // g_sz)
+  return first, last, base
+
+
+def _dot(a, b, contract, precision):
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _precision(compute_dtype):
+  # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
+  return jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+
+
+def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
+                   bits: float, group: int, tile: int, groups_per_split: int,
+                   sm_scale: float, compute_dtype, rope: bool, pos_offset: int):
+  """One program: batch row b, split s. Writes the scores of the split's live
+  groups into its `[M, groups_per_split * G]` block (the rest is never read)."""
+  if rope:
+    qr_ref, theta_ref, s_ref = refs
+  else:
+    (s_ref,) = refs
+  g_sz, w = group, codes_per_word(bits)
+  m_rows, hidden = q_ref.shape
+  precision = _precision(compute_dtype)
+  first, last, base = _live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
+
+  def group_scores(g, carry):
+    tok0 = pl.multiple_of(g * g_sz, g_sz)
+    rows = pl.ds(tok0, g_sz)
+    word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
+
+    def tile_scores(i, s):
+      cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
+      group_map, g_lo, g_hi = _tile_map(map_ref, cols)
+      codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
+      # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
+      k = (codes * _expand(ks_ref, rows, group_map, g_lo, g_hi)
+           + _expand(kz_ref, rows, group_map, g_lo, g_hi))
+      q = q_ref[:, cols].astype(compute_dtype)
+      if not rope:
+        return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
+      pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
+             ).astype(jnp.float32)
+      angle = pos * theta_ref[cols][None, :]
+      q_rot = qr_ref[:, cols].astype(compute_dtype)
+      return (s + _dot(q, (k * jnp.cos(angle)).astype(compute_dtype), ((1,), (1,)), precision)
+              + _dot(q_rot, (k * jnp.sin(angle)).astype(compute_dtype), ((1,), (1,)),
+                     precision))
+
+    s = jax.lax.fori_loop(0, hidden // tile, tile_scores,
+                          jnp.zeros((m_rows, g_sz), jnp.float32))
+    s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)] = s * sm_scale
+    return carry
+
+  jax.lax.fori_loop(first, last, group_scores, 0)
+
+
+def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_ref, *,
+                   bits: float, group: int, groups_per_split: int, compute_dtype):
+  """One program: batch row b, channel tile j, split s: `p @ v` over the
+  split's live groups for the tile's channels, `[M, tile]` float32."""
+  g_sz, w = group, codes_per_word(bits)
+  precision = _precision(compute_dtype)
+  first, last, base = _live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
+  group_map, g_lo, g_hi = _tile_map(map_ref, slice(None))
+
+  def group_values(g, acc):
+    rows = pl.ds(pl.multiple_of(g * g_sz, g_sz), g_sz)
+    word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
+    codes = unpack_tile(vw_ref[word_rows, :], g % w, 1, bits).astype(jnp.float32)
+    v = (codes * _expand(vs_ref, rows, group_map, g_lo, g_hi)
+         + _expand(vz_ref, rows, group_map, g_lo, g_hi))
+    p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)]
+    return acc + _dot(p.astype(compute_dtype), v.astype(compute_dtype), ((1,), (0,)),
+                      precision)
+
+  acc_ref[...] = jax.lax.fori_loop(first, last, group_values,
+                                   jnp.zeros(acc_ref.shape, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "splits",
+    "num_warps", "interpret", "poison"))
+def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                            n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
+                            k_bits: float, v_bits: float, group_size: int,
+                            sm_scale: float, pos_offset: int = 0, tile: int | None = None,
+                            splits: int | None = None, num_warps: int = 4,
+                            interpret: bool = False, poison: bool = False):
+  """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
+
+  `sm_scale` multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden
+  dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
+  `splits` programs share each row's tokens. With `poison`, both kernels'
+  outputs start as NaN, so a live score or an output element the kernels fail
+  to write shows.
+  """
+  if (q_rot is None) != (rope_theta is None):
+    raise ValueError("q_rot and rope_theta go together")
+  b, _, m_rows, hidden = q.shape
+  g = group_size
+  tile = hidden_tile(hidden, g) if tile is None else tile
+  if hidden % tile or tile < 16 or tile & (tile - 1):
+    raise ValueError(f"tile={tile} must be a power of two of at least 16 dividing the "
+                     f"hidden dim ({hidden})")
+  n_groups = k_codes.shape[2] * codes_per_word(k_bits) // g
+  if splits is None:
+    splits = default_splits(b, 1, n_groups)
+  groups_per_split = -(-n_groups // splits)
+  span = groups_per_split * g  # tokens per split
+  compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+  head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
+  whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
+  row = pl.BlockSpec((1,), lambda i, *_: (i,))
+  rows = [n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
+  cfg = dict(group=g, groups_per_split=groups_per_split, compute_dtype=compute_dtype)
+
+  # 1. Scores [B, M, splits * span].
+  inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]
+  in_specs = [whole(x) for x in (q, k_codes, k_scale, k_zero)] + [
+      pl.BlockSpec((hidden,), lambda i, s: (0,)), row, row]
+  inputs += rows
+  if q_rot is not None:
+    inputs += [head(q_rot), rope_theta.astype(jnp.float32)]
+    in_specs += [whole(q_rot), pl.BlockSpec((hidden,), lambda i, s: (0,))]
+  scores = pallas_call(
+      functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
+                        rope=q_rot is not None, pos_offset=pos_offset, **cfg),
+      inputs, in_specs,
+      [pl.BlockSpec((None, m_rows, span), lambda i, s: (i, 0, s))],
+      [jax.ShapeDtypeStruct((b, m_rows, splits * span), jnp.float32)],
+      grid=(b, splits), poison=poison, num_warps=num_warps, num_stages=1,
+      interpret=interpret, name="skvq_decode_scores")[0]
+
+  # 2. The block's softmax statistics and probabilities.
+  t = jnp.arange(splits * span)
+  live = ((t[None, :] >= lo[:, None]) & (t[None, :] < n_valid[:, None]))[:, None, :]
+  scores = jnp.where(live, scores, _NEG)
+  m = jnp.max(scores, axis=-1)
+  p = jnp.where(live, jnp.exp(scores - m[..., None]), 0.0)
+  l = jnp.sum(p, axis=-1)
+
+  # 3. Values: [B, splits, M, H], summed over the splits.
+  acc = pallas_call(
+      functools.partial(_values_kernel, bits=v_bits, **cfg),
+      [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
+      + [v_groups.astype(jnp.int32)] + rows,
+      [pl.BlockSpec((None, m_rows, span), lambda i, j, s: (i, 0, s)),
+       pl.BlockSpec((None, v_codes.shape[2], tile), lambda i, j, s: (i, 0, j)),
+       whole(v_scale), whole(v_zero),
+       pl.BlockSpec((tile,), lambda i, j, s: (j,)), row, row],
+      [pl.BlockSpec((None, None, m_rows, tile), lambda i, j, s: (i, s, 0, j))],
+      [jax.ShapeDtypeStruct((b, splits, m_rows, hidden), jnp.float32)],
+      grid=(b, hidden // tile, splits), poison=poison, num_warps=num_warps, num_stages=1,
+      interpret=interpret, name="skvq_decode_values")[0]
+  # One partial: every split's probabilities share the block's maximum.
+  o, lse = merge_partials(jnp.sum(acc, axis=1)[:, None], m[:, None], l[:, None])
+  return o[:, None], lse[:, None]
