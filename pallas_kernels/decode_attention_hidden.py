@@ -15,8 +15,9 @@ dequantizes the block into memory:
    channel's scale and zero picked from the few groups the tile spans) and
    dotted with the query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
-3. `_values_kernel`, grid `(B, H / tile, splits)`: `p @ v` over one split's
-   tokens for one tile of channels; the splits are summed in jnp.
+3. `_values_kernel`, grid `(B, H / span, splits)`: `p @ v` over one split's
+   tokens for a span of a few tiles of channels (the probabilities read once
+   for all of them); the splits are summed in jnp.
 
 The reference is `decode_attention.quantized_decode_attention_reference` with
 `k_groups` and `v_groups`.
@@ -45,15 +46,15 @@ from pallas_kernels.common import codes_per_word
 from pallas_kernels.decode_attention import (default_splits, merge_partials, pallas_call,
                                              unpack_tile)
 
-# Largest key or value tile a program dequantizes at once, in elements: G x tile
-# float32 values live in registers.
-_TILE_ELEMENTS = 8192
+# Channels per tile by default: on an H100 (groups of 32 tokens, bf16, 1024 and
+# 4096 channels) tiles of 32 channels beat 64, 128 and 256 (benchmarks/NOTES.md).
+_TILE = 32
 
 
-def hidden_tile(hidden: int, group_size: int) -> int:
+def hidden_tile(hidden: int) -> int:
   """Channels per tile: the largest power of two dividing `hidden`, at most
-  `_TILE_ELEMENTS / group_size` (and at least 16, a Triton dot's least)."""
-  tile = min(hidden & -hidden, max(16, _TILE_ELEMENTS // group_size))
+  `_TILE` and at least 16 (a Triton dot's least)."""
+  tile = min(hidden & -hidden, _TILE)
   if tile < 16:
     raise ValueError(f"the hidden dim ({hidden}) must be a multiple of 16 for the "
                      "hidden-layout kernels")
@@ -141,41 +142,51 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
 
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_ref, *,
-                   bits: float, group: int, groups_per_split: int, compute_dtype):
-  """One program: batch row b, channel tile j, split s: `p @ v` over the
-  split's live groups for the tile's channels, `[M, tile]` float32."""
+                   bits: float, group: int, tile: int, groups_per_split: int,
+                   compute_dtype):
+  """One program: batch row b, channel span j, split s: `p @ v` over the
+  split's live groups for the span's channels, `[M, span]` float32, one
+  `tile` of channels at a time (each group's probabilities loaded once for all)."""
   g_sz, w = group, codes_per_word(bits)
   precision = _precision(compute_dtype)
   first, last, base = _live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
-  group_map, g_lo, g_hi = _tile_map(map_ref, slice(None))
+  cols = [pl.ds(i * tile, tile) for i in range(acc_ref.shape[1] // tile)]
+  maps = [_tile_map(map_ref, c) for c in cols]
 
-  def group_values(g, acc):
+  def group_values(g, accs):
     rows = pl.ds(pl.multiple_of(g * g_sz, g_sz), g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
-    codes = unpack_tile(vw_ref[word_rows, :], g % w, 1, bits).astype(jnp.float32)
-    v = (codes * _expand(vs_ref, rows, group_map, g_lo, g_hi)
-         + _expand(vz_ref, rows, group_map, g_lo, g_hi))
-    p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)]
-    return acc + _dot(p.astype(compute_dtype), v.astype(compute_dtype), ((1,), (0,)),
-                      precision)
+    p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)].astype(compute_dtype)
+    out = []
+    for acc, c, (group_map, g_lo, g_hi) in zip(accs, cols, maps):
+      codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
+      v = (codes * _expand(vs_ref, rows, group_map, g_lo, g_hi)
+           + _expand(vz_ref, rows, group_map, g_lo, g_hi))
+      out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
+    return tuple(out)
 
-  acc_ref[...] = jax.lax.fori_loop(first, last, group_values,
-                                   jnp.zeros(acc_ref.shape, jnp.float32))
+  accs = jax.lax.fori_loop(first, last, group_values,
+                           tuple(jnp.zeros((acc_ref.shape[0], tile), jnp.float32)
+                                 for _ in cols))
+  for c, acc in zip(cols, accs):
+    acc_ref[:, c] = acc
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "splits",
-    "num_warps", "interpret", "poison"))
+    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "value_tiles",
+    "splits", "num_warps", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
                             k_bits: float, v_bits: float, group_size: int,
                             sm_scale: float, pos_offset: int = 0, tile: int | None = None,
-                            splits: int | None = None, num_warps: int = 4,
+                            value_tiles: int | None = None, splits: int | None = None,
+                            num_warps: int = 4,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
   `sm_scale` multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden
   dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
+  a values program covers `value_tiles` tiles (at most 8 by default);
   `splits` programs share each row's tokens. With `poison`, both kernels'
   outputs start as NaN, so a live score or an output element the kernels fail
   to write shows.
@@ -184,10 +195,16 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError("q_rot and rope_theta go together")
   b, _, m_rows, hidden = q.shape
   g = group_size
-  tile = hidden_tile(hidden, g) if tile is None else tile
+  tile = hidden_tile(hidden) if tile is None else tile
   if hidden % tile or tile < 16 or tile & (tile - 1):
     raise ValueError(f"tile={tile} must be a power of two of at least 16 dividing the "
                      f"hidden dim ({hidden})")
+  n_tiles = hidden // tile
+  if value_tiles is None:
+    value_tiles = max(n for n in range(1, 9) if n_tiles % n == 0)
+  if n_tiles % value_tiles:
+    raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
+                     f"{tile} channels")
   n_groups = k_codes.shape[2] * codes_per_word(k_bits) // g
   if splits is None:
     splits = default_splits(b, 1, n_groups)
@@ -226,17 +243,18 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   l = jnp.sum(p, axis=-1)
 
   # 3. Values: [B, splits, M, H], summed over the splits.
+  width = value_tiles * tile
   acc = pallas_call(
-      functools.partial(_values_kernel, bits=v_bits, **cfg),
+      functools.partial(_values_kernel, bits=v_bits, tile=tile, **cfg),
       [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
       + [v_groups.astype(jnp.int32)] + rows,
       [pl.BlockSpec((None, m_rows, span), lambda i, j, s: (i, 0, s)),
-       pl.BlockSpec((None, v_codes.shape[2], tile), lambda i, j, s: (i, 0, j)),
+       pl.BlockSpec((None, v_codes.shape[2], width), lambda i, j, s: (i, 0, j)),
        whole(v_scale), whole(v_zero),
-       pl.BlockSpec((tile,), lambda i, j, s: (j,)), row, row],
-      [pl.BlockSpec((None, None, m_rows, tile), lambda i, j, s: (i, s, 0, j))],
+       pl.BlockSpec((width,), lambda i, j, s: (j,)), row, row],
+      [pl.BlockSpec((None, None, m_rows, width), lambda i, j, s: (i, s, 0, j))],
       [jax.ShapeDtypeStruct((b, splits, m_rows, hidden), jnp.float32)],
-      grid=(b, hidden // tile, splits), poison=poison, num_warps=num_warps, num_stages=1,
+      grid=(b, hidden // width, splits), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="skvq_decode_values")[0]
   # One partial: every split's probabilities share the block's maximum.
   o, lse = merge_partials(jnp.sum(acc, axis=1)[:, None], m[:, None], l[:, None])

@@ -81,7 +81,7 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
   assert done.returncode == 0, done.stderr
   assert "Paris" in done.stdout
   # SmolLM2's hidden dim of 3 x 64 channels in the GPU's SKVQ kernels (interpret
-  # mode on a CPU), 3 tiles of 64: with a 32-token window, 100 new tokens are
+  # mode on a CPU), 6 tiles of 32: with a 32-token window, 100 new tokens are
   # read from the block through them, as through the reference.
   out = {}
   for impl in ("gpu", "reference"):

@@ -182,12 +182,15 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
   return args
 
 
-@pytest.mark.parametrize("hidden, n_groups, tile", [(64, 3, None), (192, 12, None),
-                                                    (256, 5, 32), (128, 40, 16)])
+# (hidden dim, groups, channels per tile, tiles per values program): default
+# tiles (2 and 6 of 32), SmolLM2's 192 channels, and explicit ones.
+@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles", [
+    (64, 3, None, None), (192, 12, None, None), (256, 5, 32, 2), (128, 40, 16, None)])
 @pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
                                                (8, 2, 16)])
 @pytest.mark.parametrize("rope", [False, True])
-def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile, rope):
+def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile,
+                                        value_tiles, rope):
   seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
@@ -195,8 +198,8 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
             pos_offset=3 if rope else 0)
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
-  o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, splits=3, poison=True,
-                                             interpret=not ON_GPU)
+  o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, value_tiles=value_tiles,
+                                             splits=3, poison=True, interpret=not ON_GPU)
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
                                                            dot_dtype=args[0].dtype)
   o, o_ref = np.asarray(o[:, 0, :9]), np.asarray(o_ref[:, 0, :9])
@@ -215,16 +218,18 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
                                np.asarray(lse_ref[row, 0, :9]), atol=rtol * 10)
 
 
-@pytest.mark.parametrize("hidden, tile, match", [
-    (200, None, r"hidden dim \(200\) must be a multiple of 16"),
-    (192, 128, r"tile=128 must be a power of two of at least 16 dividing the hidden dim "
-               r"\(192\)"),
-    (192, 8, r"tile=8 must be")])
-def test_hidden_kernels_reject_bad_tiles(hidden, tile, match):
+@pytest.mark.parametrize("hidden, tile, value_tiles, match", [
+    (200, None, None, r"hidden dim \(200\) must be a multiple of 16"),
+    (192, 128, None, r"tile=128 must be a power of two of at least 16 dividing the hidden "
+                     r"dim \(192\)"),
+    (192, 8, None, r"tile=8 must be"),
+    (192, 32, 4, r"value_tiles=4 must divide the 6 tiles of 32 channels")])
+def test_hidden_kernels_reject_bad_tiles(hidden, tile, value_tiles, match):
   args = _hidden_inputs(0, 2, hidden, 3, 16, 2, 2, jnp.float32, rope=False)
   with pytest.raises(ValueError, match=match):
     da_hidden.hidden_decode_attention(*args, k_bits=2, v_bits=2, group_size=16,
-                                      sm_scale=0.125, tile=tile, interpret=True)
+                                      sm_scale=0.125, tile=tile, value_tiles=value_tiles,
+                                      interpret=True)
 
 
 # SKVQ's layout with sinks, pre-RoPE keys and ternary values, without a
