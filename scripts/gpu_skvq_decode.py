@@ -6,8 +6,8 @@ ring and the new token). Shapes: SmolLM2-135M's heads (B=8, Hq=9, Hkv=3, d=64:
 192 hidden channels), Mistral-7B's (B=4, Hq=32, Hkv=8, d=128: 1024) and
 Llama-2-7B's (B=1, Hq=32, Hkv=32, d=128: 4096), bf16, random values. SKVQ is
 skvq-k2v2-g16-fp8's layout with its channels in order and a fixed clip (no
-calibration: speed depends on neither). Times are medians after warm-up
-(`kivi_jax.bench`). Writes JSON with device, jax version, date and commit.
+calibration: speed depends on neither), its arrays random (`random_layer`).
+Times are medians after warm-up (`kivi_jax.bench`). Writes JSON with device, jax version, date and commit.
 """
 
 import argparse
@@ -16,12 +16,14 @@ import datetime
 import functools
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 
 from kivi_jax import bench
 from kivi_jax.attention import cache_attention
+from kivi_jax.cache import init_cache
 from kivi_jax.config import PRESETS
 
 SHAPES = {"smollm2-135m": (8, 9, 3, 64), "mistral-7b": (4, 32, 8, 128),
@@ -30,10 +32,32 @@ LENGTHS = (4096, 32768)
 SKVQ = dataclasses.replace(PRESETS["skvq-k2v2-g16-fp8"], reorder=False, clip=0.9)
 
 
+def random_layer(key, config, b, hkv, length, d, dtype):
+  """A cache layer holding `length` tokens per row, every array random (codes,
+  scales, zeros, ring, sinks; the channel map kept): speed does not depend on
+  the values, and filling through `append`'s jnp quantization over hidden
+  groups ran the H100 out of memory at Mistral-7B's width (benchmarks/NOTES.md)."""
+  shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
+  layer = jax.tree.map(lambda x: x[0], init_cache(shape, config, b, length + 1).layers)
+  leaves, tree = jax.tree.flatten(layer)
+  maps = {id(x) for m in (layer.k_map, layer.v_map) if m is not None
+          for x in jax.tree.leaves(m)}
+  out = []
+  for i, x in enumerate(leaves):
+    k = jax.random.fold_in(key, i)
+    if id(x) in maps:
+      out.append(x)
+    elif x.dtype == jnp.uint32:
+      out.append(jax.random.bits(k, x.shape, jnp.uint32))
+    else:
+      out.append((jax.random.uniform(k, x.shape) * 0.1).astype(x.dtype))
+  return jax.tree.unflatten(tree, out), jnp.full((b,), length, jnp.int32)
+
+
 def step_ms(config, impl, b, hq, hkv, d, length, key):
   """Median ms of one decode step over a layer holding `length` tokens per row."""
   dtype = jnp.bfloat16
-  layer, lens = bench._kivi_layer(key, config, b, hkv, length - 1, d, dtype, impl)
+  layer, lens = random_layer(key, config, b, hkv, length - 1, d, dtype)
   inv_freq = (1.0 / 10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
               if config.pre_rope else None)
   step = jax.jit(lambda q, lay, kn, vn, ln: cache_attention(
