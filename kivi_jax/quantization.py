@@ -86,10 +86,26 @@ def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
   return x.reshape(*lead, t, d // c, c)
 
 
-def _segment(reduce, x: Array, ids: Array, n: int) -> Array:
-  """`reduce` over each group of channels: `[..., D]` -> `[..., n]`."""
-  out = reduce(jnp.moveaxis(x, -1, 0), ids, num_segments=n, indices_are_sorted=True)
-  return jnp.moveaxis(out, 0, -1)
+def _segment(reduce, identity: float, x: Array, ids: Array, n: int) -> Array:
+  """`reduce` (`jnp.minimum` or `jnp.maximum`) over each group of channels,
+  `[..., D]` -> `[..., n]`; an empty group gets `identity`.
+
+  A scan along the channels restarting at each group's first one, read at
+  each group's last: memory linear in `x`. (`jax.ops.segment_min` is a scatter,
+  which XLA's GPU backend expanded to 42 GB for a prefill of 4 x 4096 tokens
+  over Mistral-7B's 1024 channels.)
+  """
+  starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+
+  def combine(a, b):
+    return jnp.where(b[1], b[0], reduce(a[0], b[0])), a[1] | b[1]
+
+  runs, _ = jax.lax.associative_scan(combine, (x, jnp.broadcast_to(starts, x.shape)),
+                                     axis=-1)
+  groups = jnp.arange(n)
+  last = jnp.searchsorted(ids, groups, side="right") - 1
+  present = last >= jnp.searchsorted(ids, groups, side="left")
+  return jnp.where(present, jnp.take(runs, jnp.maximum(last, 0), axis=-1), identity)
 
 
 def quantize(
@@ -115,8 +131,8 @@ def quantize(
     if axis != "token":
       raise ValueError(f"explicit channel groups need axis='token', got {axis!r}")
     ids, n = groups
-    lo = _segment(jax.ops.segment_min, x32, ids, n)[..., None, :]  # [..., T, 1, n]
-    hi = _segment(jax.ops.segment_max, x32, ids, n)[..., None, :]
+    lo = _segment(jnp.minimum, jnp.inf, x32, ids, n)[..., None, :]  # [..., T, 1, n]
+    hi = _segment(jnp.maximum, -jnp.inf, x32, ids, n)[..., None, :]
     xg, red = x32[..., None, :], -2  # broadcasts against lo[..., ids]
   else:
     red = -2 if axis == "channel" else -1

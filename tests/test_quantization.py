@@ -183,6 +183,22 @@ def test_unequal_channel_groups_match_spec(bits):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_group_min_and_max_match_numpy(seed):
+  # The scan behind explicit groups: random widths, one-channel groups, and
+  # group ids that no channel has (they get the reduction's identity).
+  rng = np.random.default_rng(seed)
+  hidden = int(rng.integers(2, 300))
+  n = int(rng.integers(1, min(hidden, 40) + 1)) + 2
+  ids = np.sort(rng.integers(0, n, hidden)).astype(np.int32)
+  x = rng.standard_normal((3, 5, hidden)).astype(np.float32)
+  for reduce, ref, identity in ((jnp.minimum, np.min, np.inf), (jnp.maximum, np.max, -np.inf)):
+    got = quantization._segment(reduce, identity, jnp.asarray(x), jnp.asarray(ids), n)
+    want = np.stack([ref(x[..., ids == g], -1) if (ids == g).any()
+                     else np.full(x.shape[:-1], identity) for g in range(n)], -1)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_traced_clip_of_one_is_plain_quantization():
   # The per-layer clip of a calibration arrives traced; 1.0 must change nothing.
   x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 16, 48)), jnp.float32)
