@@ -90,7 +90,8 @@ def plot_kv_ppl(ax):
 
 
 def plot_passkey(ax):
-  for method in ("fp16", "kivi4", "kivi2", "skvq-k2v2-g32", "skvq-k2v1.5-g32"):
+  for method in ("fp16", "kivi4", "kivi2", "skvq-k2v2-g32", "skvq-k2v1.5-g32",
+                 "skvq-k2v2-g16-fp8", "skvq-k2v1.5-g16-fp8"):
     path = RESULTS / f"passkey_smollm2_{method}.json"
     if not path.exists():
       continue
