@@ -7,7 +7,8 @@ ring and the new token). Shapes: SmolLM2-135M's heads (B=8, Hq=9, Hkv=3, d=64:
 Llama-2-7B's (B=1, Hq=32, Hkv=32, d=128: 4096), bf16, random values. SKVQ is
 skvq-k2v2-g16-fp8's layout with its channels in order and a fixed clip (no
 calibration: speed depends on neither), its arrays random (`random_layer`).
-Times are medians after warm-up (`kivi_jax.bench`). Writes JSON with device, jax version, date and commit.
+Times are medians after warm-up (`kivi_jax.bench`). Writes JSON with device, jax
+version, date and commit.
 """
 
 import argparse
