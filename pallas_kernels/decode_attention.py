@@ -70,6 +70,20 @@ def unpack_tile(words, first_slot, n_slots: int, bits: float):
   return codes.reshape(n_slots * words.shape[0], words.shape[1]).astype(jnp.int32)
 
 
+def dot_precision(compute_dtype):
+  """A float32 model gets IEEE float32 dots (Triton's default would be tf32)."""
+  return jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+
+
+def live_groups(split, n_ref, lo_ref, g_sz: int, groups_per_split: int):
+  """Groups `[first, last)` of split `split` that hold live tokens (below
+  `n_ref[0]`, from the group of `lo_ref[0]` on), and the split's first group."""
+  base = split * groups_per_split
+  first = jnp.maximum(base, lo_ref[0] // g_sz)
+  last = jnp.minimum(base + groups_per_split, n_ref[0] // g_sz)
+  return first, last, base
+
+
 def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, *refs,
             k_bits: float, v_bits: float, group: int, block_tokens: int,
             groups_per_split: int, sm_scale: float, compute_dtype, rope: bool,
@@ -97,14 +111,11 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   n_cgroups = d // cg
   split = pl.program_id(2)
 
-  # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
-  precision = jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+  precision = dot_precision(compute_dtype)
   q = q_ref[...].astype(compute_dtype)  # [M, D]
   q_rot = qr_ref[...].astype(compute_dtype) if rope else None
-  n_tok = n_ref[0]
   lo_tok = lo_ref[0]
-  first = jnp.maximum(split * groups_per_split, lo_tok // g_sz)  # in groups
-  last = jnp.minimum((split + 1) * groups_per_split, n_tok // g_sz)
+  first, last, _ = live_groups(split, n_ref, lo_ref, g_sz, groups_per_split)
   tok_in_chunk = jax.lax.broadcasted_iota(jnp.int32, (1, block_tokens), 1)
 
   def words(ref, g, w):

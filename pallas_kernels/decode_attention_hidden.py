@@ -43,8 +43,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import MASK_VALUE as _NEG
 from pallas_kernels.common import codes_per_word
-from pallas_kernels.decode_attention import (default_splits, merge_partials, pallas_call,
-                                             unpack_tile)
+from pallas_kernels.decode_attention import (default_splits, dot_precision, live_groups,
+                                             merge_partials, pallas_call, unpack_tile)
 
 # Channels per tile by default: on an H100 (groups of 32 tokens, bf16, 1024 and
 # 4096 channels) tiles of 32 channels beat 64, 128 and 256 (benchmarks/NOTES.md).
@@ -77,23 +77,9 @@ def _tile_map(map_ref, cols):
   return group_map, jnp.min(group_map), jnp.max(group_map)
 
 
-def _live_groups(split, n_ref, lo_ref, g_sz: int, groups_per_split: int):
-  """Groups `[first, last)` of split `split` that hold live tokens, and the
-  split's first group."""
-  base = split * groups_per_split
-  first = jnp.maximum(base, lo_ref[0] // g_sz)
-  last = jnp.minimum(base + groups_per_split, n_ref[0] // g_sz)
-  return first, last, base
-
-
 def _dot(a, b, contract, precision):
   return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
-
-
-def _precision(compute_dtype):
-  # A float32 model gets IEEE float32 dots (Triton's default would be tf32).
-  return jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
 
 
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
@@ -107,8 +93,8 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
     (s_ref,) = refs
   g_sz, w = group, codes_per_word(bits)
   m_rows, hidden = q_ref.shape
-  precision = _precision(compute_dtype)
-  first, last, base = _live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
+  precision = dot_precision(compute_dtype)
+  first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
 
   def group_scores(g, carry):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
@@ -148,8 +134,8 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_re
   split's live groups for the span's channels, `[M, span]` float32, one
   `tile` of channels at a time (each group's probabilities loaded once for all)."""
   g_sz, w = group, codes_per_word(bits)
-  precision = _precision(compute_dtype)
-  first, last, base = _live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
+  precision = dot_precision(compute_dtype)
+  first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(acc_ref.shape[1] // tile)]
   maps = [_tile_map(map_ref, c) for c in cols]
 
