@@ -35,24 +35,21 @@ SKVQ = dataclasses.replace(PRESETS["skvq-k2v2-g16-fp8"], reorder=False, clip=0.9
 
 def random_layer(key, config, b, hkv, length, d, dtype):
   """A cache layer holding `length` tokens per row, every array random (codes,
-  scales, zeros, ring, sinks; the channel map kept): speed does not depend on
-  the values, and filling through `append`'s jnp quantization over hidden
-  groups ran the H100 out of memory at Mistral-7B's width (benchmarks/NOTES.md)."""
+  scales, zeros, ring, sinks) but the channel maps: speed does not depend on
+  the values. (It was written when `append`'s quantization over hidden groups
+  ran the H100 out of memory at Mistral-7B's width, fixed since: NOTES.md.)"""
   shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
   layer = jax.tree.map(lambda x: x[0], init_cache(shape, config, b, length + 1).layers)
-  leaves, tree = jax.tree.flatten(layer)
-  maps = {id(x) for m in (layer.k_map, layer.v_map) if m is not None
-          for x in jax.tree.leaves(m)}
+  leaves, tree = jax.tree.flatten(layer.replace(k_map=None, v_map=None))
   out = []
   for i, x in enumerate(leaves):
     k = jax.random.fold_in(key, i)
-    if id(x) in maps:
-      out.append(x)
-    elif x.dtype == jnp.uint32:
+    if x.dtype == jnp.uint32:
       out.append(jax.random.bits(k, x.shape, jnp.uint32))
     else:
       out.append((jax.random.uniform(k, x.shape) * 0.1).astype(x.dtype))
-  return jax.tree.unflatten(tree, out), jnp.full((b,), length, jnp.int32)
+  layer = jax.tree.unflatten(tree, out).replace(k_map=layer.k_map, v_map=layer.v_map)
+  return layer, jnp.full((b,), length, jnp.int32)
 
 
 def step_ms(config, impl, b, hq, hkv, d, length, key):
