@@ -83,6 +83,45 @@ def test_codes_match_spec_in_float32(bits, axis, g):
   np.testing.assert_array_equal(np.asarray(zero), z_ref)
 
 
+@pytest.mark.parametrize("axis,groups", [
+    ("channel", None), ("token", None), ("token", np.repeat(np.arange(4), [5, 1, 20, 6]))],
+    ids=["channel", "token", "token-explicit-groups"])
+def test_codes_divide_as_ieee_float32(axis, groups):
+  """Codes are `round((x - zero) / scale)` with the float32 division correctly
+  rounded (SPEC.md; the GPU kernel divides so): values placed on and next to
+  half-steps, where multiplying by the reciprocal instead moves codes a level."""
+  rng = np.random.default_rng(7)
+  n, g, top = 4096, 32, 3
+  lo = rng.standard_normal((n, 1)).astype(np.float32)
+  hi = lo + rng.uniform(0.1, 3.0, (n, 1)).astype(np.float32)
+  step = (hi - lo) * np.float32(1 / top)
+  tie = lo + (rng.integers(0, top, (n, g)) + 0.5) * step
+  x = np.where(rng.random((n, g)) < 0.5, tie,
+               np.nextafter(tie, np.where(rng.random((n, g)) < 0.5, -np.inf, np.inf)))
+  x[:, :1], x[:, 1:2] = lo, hi
+  x = np.asarray(x, np.float32)
+  if axis == "channel":
+    x = x.T  # [T = G, D]: one group per channel
+  grp = None if groups is None else (jnp.asarray(groups, jnp.int32), 4)
+  codes, scale, zero = quantization.quantize(jnp.asarray(x), 2, g, axis, jnp.float32,
+                                             groups=grp)
+  scale, zero = np.asarray(scale), np.asarray(zero)
+  if groups is not None:
+    scale, zero = scale[:, groups], zero[:, groups]
+  elif axis == "channel":
+    scale, zero = np.repeat(scale, g, axis=0), np.repeat(zero, g, axis=0)
+  else:
+    scale, zero = np.repeat(scale, g, axis=1), np.repeat(zero, g, axis=1)
+  num = (x - zero).astype(np.float32)
+  safe = np.where(scale > 0, scale, np.float32(1))
+  # A float32 quotient computed in float64 and rounded once is correctly rounded.
+  y = (num.astype(np.float64) / safe).astype(np.float32)
+  want = np.where(scale > 0, np.clip(np.round(y), 0, top), 0)
+  shortcut = np.clip(np.round(num * (np.float32(1) / safe)), 0, top)
+  assert np.count_nonzero(shortcut != want) > 100  # the inputs do sit on ties
+  np.testing.assert_array_equal(np.asarray(codes), want)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_constant_groups_dequantize_exactly(bits):
   x = jnp.full((1, 64, 64), -3.140625, jnp.bfloat16)
