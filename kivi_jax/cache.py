@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import Array
+from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax import quantization
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
-from pallas_kernels import quantize_pack
+from pallas_kernels import quantize_pack, quantize_pack_tpu
 from pallas_kernels.quantize_pack import scatter_tokens
 
 
@@ -105,8 +106,8 @@ class KVCache:
   impl: static; which code reads the cache in a decode step: "auto" (the
     Pallas kernel for the backend where it applies, else the jnp reference),
     "reference", "gpu" or "tpu" (that kernel; in interpret mode on a CPU).
-    "gpu" also writes the blocks with the quantize-and-pack kernel
-    (`kernel_writes`).
+    The same choice picks what writes the blocks: the backend's
+    quantize-and-pack kernel or the jnp reference (`write_kernel`).
   """
 
   layers: LayerKV
@@ -167,8 +168,11 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVICo
 
 
 def block_granularity(config: KIVIConfig) -> int:
-  """Capacity is a whole number of packing blocks (`w * G` tokens) of each tensor."""
-  return math.lcm(*(codes_per_word(b) * config.group_size
+  """Capacity is a whole number of each tensor's spans of the TPU write kernel:
+  packing blocks (`w * G` tokens), two where `w` is 4 or 20 so that the
+  per-channel scales of a span fill 8 rows (`quantize_pack_tpu`)."""
+  return math.lcm(*(quantize_pack_tpu.tiles_per_program(b) * codes_per_word(b)
+                    * config.group_size
                     for b in (config.k_bits, config.v_bits) if b < 16),
                   config.group_size)
 
@@ -307,15 +311,22 @@ def _gather(x: Array, idx: Array) -> Array:
   return jax.vmap(lambda a, i: a[:, i])(x, idx)
 
 
-def kernel_writes(impl: str, config: KIVIConfig, head_dim: int) -> bool:
-  """Whether the GPU quantize-and-pack kernel writes the blocks: only where
-  `KVCache.impl` is "gpu" (not "auto": compiled, its codes can sit one level
-  off the reference's at rounding ties, benchmarks/NOTES.md), for KIVI's
-  layouts (not SKVQ's `channel_group`) with power-of-two groups of at least 16
-  and head dims. Elsewhere, the TPU included, the jnp reference writes them."""
+def write_kernel(impl: str, config: KIVIConfig, head_dim: int) -> str | None:
+  """Which quantize-and-pack kernel writes the blocks: "gpu", "tpu" or None
+  (the jnp reference). `impl` (`KVCache.impl`) "auto" means the backend's
+  kernel. Both kernels write KIVI's layouts (not SKVQ's `channel_group`) in
+  power-of-two groups of at least 16 tokens; the GPU's also needs a
+  power-of-two head dim of at least 32 (Triton blocks)."""
+  which = impl
+  if impl == "auto":
+    which = jax.default_backend()
   g = config.group_size
-  return (impl == "gpu" and config.channel_group is None and g >= 16
-          and g & (g - 1) == 0 and head_dim >= 32 and head_dim & (head_dim - 1) == 0)
+  if (which not in ("gpu", "tpu") or config.channel_group is not None or g < 16
+      or g & (g - 1)):
+    return None
+  if which == "gpu" and (head_dim < 32 or head_dim & (head_dim - 1)):
+    return None
+  return which
 
 
 def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
@@ -331,10 +342,16 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(scatter_tokens(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   kw = dict(bits=bits, group_size=config.group_size, axis=axis)
-  if kernel_writes(impl, config, x.shape[-1]):
+  which = write_kernel(impl, config, x.shape[-1])
+  if which == "gpu":
     out = quantize_pack.quantize_pack(x, block.codes, block.scale, block.zero, start,
                                       n_tokens, clip=config.clip,
                                       interpret=jax.default_backend() != "gpu", **kw)
+  elif which == "tpu":
+    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+    out = quantize_pack_tpu.quantize_pack(x, block.codes, block.scale, block.zero, start,
+                                          n_tokens, clip=config.clip, interpret=interpret,
+                                          **kw)
   elif cmap is not None:
     out = quantize_pack.quantize_pack_reference(
         to_hidden(x, cmap), block.codes, block.scale, block.zero, start, n_tokens,
@@ -354,8 +371,8 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
     k_new, v_new: `[B, Hkv, T, D]`, the new tokens (right-padded per row).
     lengths: int32 `[B]`, tokens cached per row before the append.
     n_new: int32 `[B]`, real new tokens per row (`<= T`).
-    impl: `KVCache.impl`; where `kernel_writes` says so, the GPU
-      quantize-and-pack kernel writes the block.
+    impl: `KVCache.impl`; where `write_kernel` names one, a quantize-and-pack
+      kernel writes the block.
 
   New tokens at positions below `S` go to the sinks. Of the body, the ring's
   live tokens followed by the new ones form a "tail" starting at body token

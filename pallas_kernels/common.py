@@ -1,4 +1,7 @@
-"""Constants and packing facts the kernels share (kernels do not import kivi_jax)."""
+"""Constants, packing facts and quantization arithmetic the kernels share
+(kernels do not import kivi_jax)."""
+
+import jax.numpy as jnp
 
 # A finite "minus infinity" for masked scores and empty running maxima, so that
 # splits and programs that see no key merge without NaN (JAX's own decode
@@ -15,3 +18,35 @@ def codes_per_word(bits: float) -> int:
 def levels(bits: float) -> int:
   """As `kivi_jax.config.levels`: the largest code, `2^bits - 1` (ternary: 2)."""
   return 2 if bits == 1.5 else 2**bits - 1
+
+
+def round_half_even(y):
+  """`jnp.round` (nearest integer, ties to even) from floor, which Triton and
+  Mosaic have. `y - floor(y)` is exact, so the tie test is too."""
+  f = jnp.floor(y)
+  frac = y - f
+  odd = f - 2.0 * jnp.floor(f * 0.5)
+  return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+
+
+def quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, divide):
+  """Quantizes one group `x` `[G, W]` float32 as `kivi_jax.quantization.quantize`:
+  per channel (axis "channel", one scale per column) or per token over the
+  tile's columns (axis "token"). `divide(a, b)` must be IEEE float32 division
+  (the reference's). Returns `(codes uint32 [G, W], scale, zero)` with scale,
+  zero `[1, W]` or `[G, 1]` in `scale_dtype`, rounded before the codes are
+  computed (as the reference)."""
+  red = 0 if axis == "channel" else 1
+  lo = jnp.min(x, axis=red, keepdims=True)
+  hi = jnp.max(x, axis=red, keepdims=True)
+  if clip != 1:
+    spread = hi > lo
+    lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
+  top = levels(bits)
+  scale = ((hi - lo) * (1.0 / top)).astype(scale_dtype)  # as the reference
+  zero = lo.astype(scale_dtype)
+  s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
+  safe = jnp.where(s32 > 0, s32, 1.0)
+  y = jnp.where(s32 > 0, divide(x - z32, safe), 0.0)
+  codes = jnp.clip(round_half_even(y), 0, top).astype(jnp.int32).astype(jnp.uint32)
+  return codes, scale, zero

@@ -32,16 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import codes_per_word, levels
-
-
-def _round_half_even(y):
-  """`jnp.round` (nearest integer, ties to even) from floor, which Triton has.
-  `y - floor(y)` is exact, so the tie test is too."""
-  f = jnp.floor(y)
-  frac = y - f
-  odd = f - 2.0 * jnp.floor(f * 0.5)
-  return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+from pallas_kernels.common import codes_per_word, quantize_tile
 
 
 def _slot_place(slot, bits: float, width: int):
@@ -61,35 +52,15 @@ def _slot_place(slot, bits: float, width: int):
 def _divide(a, b, interpret: bool):
   """`a / b` in float32, correctly rounded as in the reference. Triton's `/`
   is an approximate division (up to 2 ulp), which moved codes by one level at
-  near-ties on an H100; compiled, this is `div.rn.f32`. In interpret mode `/`
-  is already IEEE division."""
+  near-ties on an H100; compiled, this is `div.rn.f32`. In interpret mode XLA
+  divides, once kept from turning a division by a broadcast into a
+  multiplication by a reciprocal (as `kivi_jax.quantization.quantize`)."""
   a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
   if interpret:
-    return a / b
+    return a / jax.lax.optimization_barrier(b)
   return pltriton.elementwise_inline_asm(
       "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
-
-
-def _quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, interpret: bool):
-  """Quantizes one group `x` `[G, W]` float32: per channel (axis "channel", one
-  scale per column) or per token over the tile's columns (axis "token").
-  Returns `(codes uint32 [G, W], scale, zero)` with scale, zero `[W]` or `[G]`
-  in `scale_dtype`, rounded before the codes are computed (as the reference)."""
-  red = 0 if axis == "channel" else 1
-  lo = jnp.min(x, axis=red)
-  hi = jnp.max(x, axis=red)
-  if clip != 1:
-    spread = hi > lo
-    lo, hi = jnp.where(spread, lo * clip, lo), jnp.where(spread, hi * clip, hi)
-  top = levels(bits)
-  scale = ((hi - lo) * (1.0 / top)).astype(scale_dtype)  # as the reference
-  zero = lo.astype(scale_dtype)
-  s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
-  s32, z32 = (s32[None, :], z32[None, :]) if red == 0 else (s32[:, None], z32[:, None])
-  safe = jnp.where(s32 > 0, s32, 1.0)
-  y = jnp.where(s32 > 0, _divide(x - z32, safe, interpret), 0.0)
-  return jnp.clip(_round_half_even(y), 0, top).astype(jnp.int32).astype(jnp.uint32), scale, zero
 
 
 def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, scale_ref,
@@ -114,13 +85,14 @@ def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, 
       def slot(j, acc):
         tok0 = first_tok + j * g
         x = x_ref[pl.ds(pl.multiple_of(tok0 - start, g), g), cols].astype(jnp.float32)
-        codes, scale, zero = _quantize_tile(x, axis, bits, clip, scale_ref.dtype, interpret)
+        codes, scale, zero = quantize_tile(x, axis, bits, clip, scale_ref.dtype,
+                                           functools.partial(_divide, interpret=interpret))
         if axis == "channel":
-          scale_ref[tok0 // g, cols] = scale
-          zero_ref[tok0 // g, cols] = zero
+          scale_ref[tok0 // g, cols] = scale[0]
+          zero_ref[tok0 // g, cols] = zero[0]
         else:
-          scale_ref[pl.ds(tok0, g), c0 // col_block] = scale
-          zero_ref[pl.ds(tok0, g), c0 // col_block] = zero
+          scale_ref[pl.ds(tok0, g), c0 // col_block] = scale[:, 0]
+          zero_ref[pl.ds(tok0, g), c0 // col_block] = zero[:, 0]
         mult, shift = _slot_place(j, bits, col_block)
         return acc + ((codes * mult) << shift)
 
