@@ -3,7 +3,7 @@ kernel against the jnp reference's scatter, in the same run.
 
 P1's shapes (B=8, Hkv=8, d=128, bf16). The flush: one decode step whose new token
 makes every row quantize one group (the layer donated, as `generate` donates
-it). The prefill: `append` of L tokens into an empty layer. Each call takes the
+it); the step: one whose new token completes no group (31 of 32 steps). The prefill: `append` of L tokens into an empty layer. Each call takes the
 previous call's layer, so the donated buffers are reused in place. Writes JSON
 with device, jax version, date and commit.
 """
@@ -54,11 +54,13 @@ def main():
       layer, lens = bench._kivi_layer(key, config, B, HKV, length, D, jnp.bfloat16,
                                       "reference")
       new = jax.random.normal(key, (B, HKV, 1, D), jnp.bfloat16)
-      for impl in ("gpu", "reference"):
-        ms = chained_ms(lambda lay, *a, impl=impl: write(lay, *a, config, impl),
-                        jax.tree.map(jnp.copy, layer), (new, new, lens, jnp.ones_like(lens)))
-        rows.append(dict(op="flush", method=method, L=length, impl=impl, ms=ms))
-        print(rows[-1], flush=True)
+      # One more cached token: the next one completes no group (no flush).
+      for op, at in (("flush", lens), ("step", lens + 1)):
+        for impl in ("gpu", "reference"):
+          ms = chained_ms(lambda lay, *a, impl=impl: write(lay, *a, config, impl),
+                          jax.tree.map(jnp.copy, layer), (new, new, at, jnp.ones_like(at)))
+          rows.append(dict(op=op, method=method, L=length, impl=impl, ms=ms))
+          print(rows[-1], flush=True)
       del layer
     for length in (4096, 32768):
       # A layer of the right capacity; writing over its tokens costs the same.
