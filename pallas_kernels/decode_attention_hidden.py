@@ -165,14 +165,15 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
                             n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
                             k_bits: float, v_bits: float, group_size: int,
                             sm_scale: float, pos_offset: int = 0, tile: int | None = None,
-                            value_tiles: int | None = None, splits: int | None = None,
+                            value_tiles: int = 1, splits: int | None = None,
                             num_warps: int = 4,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
   `sm_scale` multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden
   dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
-  a values program covers `value_tiles` tiles (at most 8 by default);
+  a values program covers `value_tiles` tiles (one by default: fastest on
+  average over the 7B widths, `scripts/gpu_skvq_tiles.py`);
   `splits` programs share each row's tokens. With `poison`, both kernels'
   outputs start as NaN, so a live score or an output element the kernels fail
   to write shows.
@@ -186,8 +187,6 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError(f"tile={tile} must be a power of two of at least 16 dividing the "
                      f"hidden dim ({hidden})")
   n_tiles = hidden // tile
-  if value_tiles is None:
-    value_tiles = max(n for n in range(1, 9) if n_tiles % n == 0)
   if n_tiles % value_tiles:
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
                      f"{tile} channels")

@@ -190,9 +190,10 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
 
 
 # (hidden dim, groups, channels per tile, tiles per values program): default
-# tiles (2 and 6 of 32), SmolLM2's 192 channels, and explicit ones.
+# tiles (2 and 6 of 32, one per values program), SmolLM2's 192 channels, and
+# explicit ones.
 @pytest.mark.parametrize("hidden, n_groups, tile, value_tiles", [
-    (64, 3, None, None), (192, 12, None, None), (256, 5, 32, 2), (128, 40, 16, None)])
+    (64, 3, None, 1), (192, 12, None, 1), (256, 5, 32, 2), (128, 40, 16, 4)])
 @pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
                                                (8, 2, 16)])
 @pytest.mark.parametrize("rope", [False, True])
