@@ -48,18 +48,17 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
   Both read KIVI's axes with both tensors quantized in groups of a power of
   two (at least 16) tokens (values per channel group, or per head where the
   group is wider than the head, `check_head_dim`), in 2, 4, 8 bits or
-  ternary. The GPU kernels also read keys cached before RoPE and SKVQ's layout
-  (`channel_group`, `decode_attention_hidden`) where the hidden dim is a
-  multiple of 16 (tiles of a power of two channels).
+  ternary, keys cached after or before RoPE, and SKVQ's layout
+  (`channel_group`): the TPU kernel at any width, the GPU's
+  (`decode_attention_hidden`) where the hidden dim is a multiple of 16 (tiles
+  of a power of two channels).
   """
   g = config.group_size
   if not (config.quantizes_keys and config.quantizes_values and g >= 16
           and g & (g - 1) == 0):
     return False
-  if which == "tpu" and (config.pre_rope or config.channel_group is not None):
-    return False
   if config.channel_group is not None:
-    return num_kv_heads * head_dim % 16 == 0
+    return which == "tpu" or num_kv_heads * head_dim % 16 == 0
   return config.key_axis == "channel" and config.value_axis == "token"
 
 
@@ -203,7 +202,7 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
     o_blk, lse_blk = _block_kernel(which, pad(qg), *blocks, *rows, **rope, **kw)
     o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
   else:
-    o_blk, lse_blk = _hidden_block_attention(q[:, 0], layer, blocks, rows, rope, kw)
+    o_blk, lse_blk = _hidden_block_attention(which, q[:, 0], layer, blocks, rows, rope, kw)
 
   # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
   # positions and liveness.
@@ -228,20 +227,23 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
   return out.reshape(b, 1, hq, d).astype(q.dtype)
 
 
-def _block_kernel(which: str, *args, **kw):
-  """`(o, lse)` of the `which` kernel over the block; off its own backend a
-  kernel runs in Pallas interpret mode (tests on a CPU)."""
+def _block_kernel(which: str, *args, hidden: bool = False, **kw):
+  """`(o, lse)` of the `which` kernel over the block (SKVQ's layout with
+  `hidden`); off its own backend a kernel runs in Pallas interpret mode (tests
+  on a CPU)."""
   if which == "gpu":
-    return gpu_decode.quantized_decode_attention(
-        *args, **kw, interpret=jax.default_backend() != "gpu")
+    kernel = (gpu_hidden.hidden_decode_attention if hidden
+              else gpu_decode.quantized_decode_attention)
+    return kernel(*args, **kw, interpret=jax.default_backend() != "gpu")
   interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
   return tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
 
 
-def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw):
+def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: dict, kw):
   """The block of SKVQ's layout (one "head" of the hidden dim `H`, channels in
-  each tensor's calibrated order): `(o [B, Hkv, rep, D], lse [B, Hkv, rep])`
-  for queries `q` `[B, Hq, D]` (and `rope`'s `q_rot` alike).
+  each tensor's calibrated order) read by the `which` kernel:
+  `(o [B, Hkv, rep, D], lse [B, Hkv, rep])` for queries `q` `[B, Hq, D]` (and
+  `rope`'s `q_rot` alike).
 
   Every query head becomes a row over the whole hidden dim holding its own
   channels where its kv head's keys sit (zeros elsewhere), so `q' . k` over
@@ -252,7 +254,7 @@ def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw):
   hkv = layer.ring_k.shape[1]
   rep = hq // hkv
   kv_of = jnp.arange(hq) // rep
-  m_rows = max(16, 1 << (hq - 1).bit_length())
+  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (hq - 1).bit_length())
 
   def spread(x):  # [B, Hq, D] -> [B, 1, M, H] in the keys' channel order
     x = jax.nn.one_hot(kv_of, hkv, dtype=x.dtype)[None, :, :, None] * x[:, :, None, :]
@@ -262,10 +264,9 @@ def _hidden_block_attention(q, layer: LayerKV, blocks, rows, rope: dict, kw):
   if rope:
     rope = dict(q_rot=spread(rope["q_rot"]),
                 rope_theta=jnp.tile(rope["rope_theta"], hkv)[layer.k_map.perm])
-  # Only the GPU reads this layout (`kernel_applies`).
-  o, lse = gpu_hidden.hidden_decode_attention(
-      spread(q), *blocks, *rows, layer.k_map.groups, layer.v_map.groups, **rope,
-      sm_scale=1.0 / math.sqrt(d), **kw, interpret=jax.default_backend() != "gpu")
+  o, lse = _block_kernel(which, spread(q), *blocks, *rows, layer.k_map.groups,
+                         layer.v_map.groups, **rope, sm_scale=1.0 / math.sqrt(d), **kw,
+                         hidden=True)
   # [B, Hq, Hkv, D] in hidden order, then each head's own kv head.
   o = jnp.take(o[:, 0, :hq], jnp.argsort(layer.v_map.perm), axis=-1).reshape(b, hq, hkv, d)
   o = jnp.take_along_axis(o, kv_of[None, :, None, None], axis=2)[:, :, 0]

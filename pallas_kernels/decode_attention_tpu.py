@@ -1,15 +1,25 @@
-"""Decode attention over a KIVI-packed block: Pallas Mosaic TPU kernel.
+"""Decode attention over a packed block: Pallas Mosaic TPU kernel, both layouts.
 
-The same function as `decode_attention.quantized_decode_attention` (its jnp
-reference, `quantized_decode_attention_reference`, is the specification for
-both), laid out for the TPU: the grid's last axis walks the block sequentially,
-one step of `gcd(w_k, w_v)` groups (a whole packing block of the tensor with
-fewer codes per word, or 4 groups where ternary's 20 codes per word meet
-another tensor's 16) at a time, accumulating an online softmax in VMEM scratch;
-per-row lengths arrive by scalar prefetch. Word tiles are `[G, D]` uint32
-(lane-dense for D = 128), widened shifts only (no int8 shifts), ternary digits
-taken apart in float32 (no vector integer division), and per-token value scales
-are expanded to `[P, D]` with a 0/1 matrix on the MXU instead of a lane reshape.
+The same function as `decode_attention.quantized_decode_attention_reference`
+(the specification for every decode kernel), laid out for the TPU: the grid's
+last axis walks the block sequentially, one step of `gcd(w_k, w_v)` groups (a
+whole packing block of the tensor with fewer codes per word, or 4 groups where
+ternary's 20 codes per word meet another tensor's 16) at a time, accumulating an
+online softmax in VMEM scratch; per-row lengths arrive by scalar prefetch. Word
+tiles are `[G, D]` uint32 (lane-dense for D = 128), widened shifts only (no int8
+shifts), ternary digits taken apart in float32 (no vector integer division).
+
+Both layouts of the cache:
+- KIVI's: per kv head, keys per channel (`[w_step, D]` scale rows, one per
+  group), values per token in contiguous channel groups.
+- SKVQ's (`k_groups`, `v_groups` given): the hidden dim as one head `D = H`,
+  both tensors per token over explicit channel groups. Every query head is a
+  row over the whole hidden dim (`kivi_jax.attention._hidden_block_attention`).
+Per-token scales `[P, n]` reach the channels through a 0/1 matrix `[n, D]` on
+the MXU (float32 at full precision, so exact) instead of a lane gather. Keys
+cached before RoPE (`q_rot`, `rope_theta`) are rotated as in the GPU kernel:
+`(q * cos) . k + (q_rot * sin) . k`. A step is dequantized `chunk_slots` groups
+at a time, so wide hidden dims keep their temporaries small.
 
 Verified in TPU interpret mode only (no TPU was available).
 
@@ -30,16 +40,50 @@ from pallas_kernels.common import MASK_VALUE as _NEG
 from pallas_kernels.common import codes_per_word
 
 MIN_ROWS = 8  # sublanes
+# Dequantized float32 elements per chunk of a step ([tokens, D], 256 KiB).
+_CHUNK_ELEMENTS = 64 * 1024
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
-            o_ref, lse_ref, m_sc, l_sc, acc_sc, *, k_bits: float, v_bits: float,
-            group: int, sm_scale: float, compute_dtype):
+def _unpack(words, first_slot, n_slots: int, bits: float):
+  """Slots `first_slot ..` of a `[G, D]` word tile as `[n_slots * G, D]` codes in
+  float32, tokens in order."""
+  g, d = words.shape
+  slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, (n_slots, 1, 1), 0)
+  if bits == 1.5:
+    # Slot j is base-3 digit j % 5 of byte j // 5; small integers are exact in
+    # float32, so floor((x + 1/2) / n) is x // n without integer division.
+    fdiv = lambda x, n: jnp.floor((x + 0.5) * (1.0 / n))  # noqa: E731
+    sf = slot.astype(jnp.float32)
+    byte_idx = fdiv(sf, 5)
+    digit = sf - 5.0 * byte_idx
+    power = jnp.where(digit == 0, 1.0, jnp.where(digit == 1, 3.0, jnp.where(
+        digit == 2, 9.0, jnp.where(digit == 3, 27.0, 81.0))))
+    byte = ((words[None] >> (8 * byte_idx.astype(jnp.int32)).astype(jnp.uint32))
+            & jnp.uint32(255)).astype(jnp.int32).astype(jnp.float32)
+    t = fdiv(byte, power)
+    codes = t - 3.0 * fdiv(t, 3)
+  else:
+    codes = ((words[None] >> (slot * bits).astype(jnp.uint32))
+             & jnp.uint32(2**bits - 1)).astype(jnp.int32).astype(jnp.float32)
+  return codes.reshape(n_slots * g, d)
+
+
+def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, *refs,
+            k_bits: float, v_bits: float, group: int, sm_scale: float, compute_dtype,
+            hidden: bool, rope: bool, pos_offset: int, chunk_slots: int):
+  refs = list(refs)
+  k_map = refs.pop(0) if hidden else None
+  v_map = refs.pop(0)
+  if rope:
+    qr_ref, theta_ref = refs.pop(0), refs.pop(0)
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
   g_sz = group
   wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
   w_step = math.gcd(wk, wv)
   p_tok = w_step * g_sz
-  m_rows, d = q_ref.shape
+  chunk_tok = chunk_slots * g_sz
   b, st = pl.program_id(0), pl.program_id(2)
   n_tok, lo_tok = n_ref[b], lo_ref[b]
   tok0 = st * p_tok
@@ -50,56 +94,60 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  def unpack(words, first_slot, bits):
-    # [G, D] uint32 -> [w_step * G, D] codes as float32, tokens in order.
-    slot = first_slot + jax.lax.broadcasted_iota(jnp.int32, (w_step, 1, 1), 0)
-    if bits == 1.5:
-      # Slot j is base-3 digit j % 5 of byte j // 5; small integers are exact in
-      # float32, so floor((x + 1/2) / n) is x // n without integer division.
-      fdiv = lambda x, n: jnp.floor((x + 0.5) * (1.0 / n))  # noqa: E731
-      sf = slot.astype(jnp.float32)
-      byte_idx = fdiv(sf, 5)
-      digit = sf - 5.0 * byte_idx
-      power = jnp.where(digit == 0, 1.0, jnp.where(digit == 1, 3.0, jnp.where(
-          digit == 2, 9.0, jnp.where(digit == 3, 27.0, 81.0))))
-      byte = ((words[None] >> (8 * byte_idx.astype(jnp.int32)).astype(jnp.uint32))
-              & jnp.uint32(255)).astype(jnp.int32).astype(jnp.float32)
-      t = fdiv(byte, power)
-      codes = t - 3.0 * fdiv(t, 3)
-    else:
-      codes = ((words[None] >> (slot * bits).astype(jnp.uint32))
-               & jnp.uint32(2**bits - 1)).astype(jnp.int32).astype(jnp.float32)
-    return codes.reshape(p_tok, d)
+  def per_token(ref, rows, group_map):
+    # [chunk_tok, D]: each token's scale (or zero) of each channel's group.
+    return jnp.dot(ref[rows, :].astype(jnp.float32), group_map,
+                   precision=_HIGHEST, preferred_element_type=jnp.float32)
 
-  @pl.when((tok0 < n_tok) & (tok0 + p_tok > lo_tok))
-  def _step():
-    g0 = st * w_step
+  def chunk(c, carry):
+    m_prev, l_prev, acc = carry
+    g0 = st * w_step + c * chunk_slots  # first group of the chunk
+    t0 = tok0 + c * chunk_tok
+    rows = pl.ds(pl.multiple_of(c * chunk_tok, chunk_tok), chunk_tok)
+    k = _unpack(kw_ref[...], g0 % wk, chunk_slots, k_bits)  # [chunk_tok, D]
+    if hidden:
+      k = k * per_token(ks_ref, rows, k_map[...]) + per_token(kz_ref, rows, k_map[...])
+    else:
+      # One scale row per group, broadcast over its tokens.
+      slots = pl.ds(pl.multiple_of(c * chunk_slots, chunk_slots), chunk_slots)
+      ks = ks_ref[slots, :].astype(jnp.float32)[:, None, :]
+      kz = kz_ref[slots, :].astype(jnp.float32)[:, None, :]
+      k = (k.reshape(chunk_slots, g_sz, -1) * ks + kz).reshape(chunk_tok, -1)
     q = q_ref[...].astype(compute_dtype)
-    ks = ks_ref[...].astype(jnp.float32)  # [w_step, D]
-    kz = kz_ref[...].astype(jnp.float32)
-    k = unpack(kw_ref[...], g0 % wk, k_bits).reshape(w_step, g_sz, d)
-    k = (k * ks[:, None, :] + kz[:, None, :]).reshape(p_tok, d).astype(compute_dtype)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32) * sm_scale  # [M, P]
-    tok = tok0 + jax.lax.broadcasted_iota(jnp.int32, (1, p_tok), 1)
+
+    def scores(q, k):
+      return jax.lax.dot_general(q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)  # [M, chunk_tok]
+    if rope:
+      pos = (t0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, 1), 0)
+             ).astype(jnp.float32)
+      angle = pos * theta_ref[...]  # [chunk_tok, D], as apply_rope: position times frequency
+      s = scores(q, k * jnp.cos(angle)) + scores(qr_ref[...].astype(compute_dtype),
+                                                 k * jnp.sin(angle))
+    else:
+      s = scores(q, k)
+    s = s * sm_scale
+    tok = t0 + jax.lax.broadcasted_iota(jnp.int32, (1, chunk_tok), 1)
     live = (tok < n_tok) & (tok >= lo_tok)
     s = jnp.where(live, s, _NEG)
-    m_prev = m_sc[...]  # [M, 1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     corr = jnp.exp(m_prev - m_new)
     p = jnp.where(live, jnp.exp(s - m_new), 0.0)
-    l_sc[...] = l_sc[...] * corr + jnp.sum(p, axis=1, keepdims=True)
-    m_sc[...] = m_new
-    # [D/cg, D] 0/1: channel j belongs to group c. Expands [P, D/cg] scales to [P, D].
-    cg = min(g_sz, d)  # channels per value group (kivi_jax.config.channel_group)
-    expand = (jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 1) // cg
-              == jax.lax.broadcasted_iota(jnp.int32, (d // cg, d), 0)).astype(jnp.float32)
-    vs = jnp.dot(vs_ref[...].astype(jnp.float32), expand, preferred_element_type=jnp.float32)
-    vz = jnp.dot(vz_ref[...].astype(jnp.float32), expand, preferred_element_type=jnp.float32)
-    v = (unpack(vw_ref[...], g0 % wv, v_bits) * vs + vz).astype(compute_dtype)  # [P, D]
+    l_new = l_prev * corr + jnp.sum(p, axis=1, keepdims=True)
+    v = _unpack(vw_ref[...], g0 % wv, chunk_slots, v_bits)
+    v = (v * per_token(vs_ref, rows, v_map[...])
+         + per_token(vz_ref, rows, v_map[...])).astype(compute_dtype)
     pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
-    acc_sc[...] = acc_sc[...] * corr + pv
+    return m_new, l_new, acc * corr + pv
+
+  @pl.when((tok0 < n_tok) & (tok0 + p_tok > lo_tok))
+  def _step():
+    m, l, acc = jax.lax.fori_loop(0, w_step // chunk_slots, chunk,
+                                  (m_sc[...], l_sc[...], acc_sc[...]))
+    m_sc[...] = m
+    l_sc[...] = l
+    acc_sc[...] = acc
 
   @pl.when(st == pl.num_programs(2) - 1)
   def _finish():
@@ -108,14 +156,27 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     lse_ref[...] = jnp.where(l > 0, m_sc[...] + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "interpret"))
+def _group_map(ids, n: int):
+  """`[n, D]` float32, 1 where channel `j` is in group `i`."""
+  return (ids[None, :] == jnp.arange(n)[:, None]).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "sm_scale",
+                                             "pos_offset", "interpret"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                               n_valid, lo, *, k_bits: float, v_bits: float,
-                               group_size: int, interpret=False):
-  """`(o [B, K, M, D], lse [B, K, M])` over the quantized block; see the module doc.
+                               n_valid, lo, k_groups=None, v_groups=None, q_rot=None,
+                               rope_theta=None, *, k_bits: float, v_bits: float,
+                               group_size: int, sm_scale: float | None = None,
+                               pos_offset: int = 0, interpret=False):
+  """`(o [B, K, M, D], lse [B, K, M])` over the quantized block; see the module
+  doc and the reference's arguments.
 
   `interpret`: False on a TPU, or `pltpu.InterpretParams(...)` / True elsewhere.
   """
+  if (k_groups is None) != (v_groups is None):
+    raise ValueError("k_groups and v_groups go together (SKVQ's layout)")
+  if (q_rot is None) != (rope_theta is None):
+    raise ValueError("q_rot and rope_theta go together")
   b, kh, m_rows, d = q.shape
   g = group_size
   wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
@@ -123,24 +184,45 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   p_tok = w_step * g
   capacity = k_codes.shape[2] * wk
   n_steps = capacity // p_tok
+  hidden = k_groups is not None
+  # Groups per chunk: a divisor of the step within the temporaries' budget.
+  chunk_slots = max(n for n in range(1, w_step + 1)
+                    if w_step % n == 0 and (n == 1 or n * g * d <= _CHUNK_ELEMENTS))
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
-  kernel = functools.partial(_kernel, k_bits=k_bits, v_bits=v_bits, group=g,
-                             sm_scale=1.0 / math.sqrt(d), compute_dtype=compute_dtype)
+  kernel = functools.partial(
+      _kernel, k_bits=k_bits, v_bits=v_bits, group=g,
+      sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
+      compute_dtype=compute_dtype, hidden=hidden, rope=q_rot is not None,
+      pos_offset=pos_offset, chunk_slots=chunk_slots)
   blk = lambda rows, cols, index: pl.BlockSpec((None, None, rows, cols), index)
+  whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
+  tokens = lambda x: blk(p_tok, x.shape[-1], lambda i, j, s, n, lo: (i, j, s, 0))  # noqa: E731
+  if hidden:
+    k_specs = [tokens(k_scale), tokens(k_zero)]
+    maps = [_group_map(k_groups, k_scale.shape[-1]), _group_map(v_groups, v_scale.shape[-1])]
+  else:
+    k_specs = [blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0))] * 2
+    cg = min(g, d)  # channels per value group (kivi_jax.config.channel_group)
+    maps = [_group_map(jnp.arange(d) // cg, d // cg)]
+  inputs = [q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *maps]
+  in_specs = [
+      blk(m_rows, d, lambda i, j, s, n, lo: (i, j, 0, 0)),
+      # The key (value) packing block holding groups s*w_step ..: word-row
+      # block (s * w_step) // wk of G rows each.
+      blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wk, 0)),
+      *k_specs,
+      blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wv, 0)),
+      tokens(v_scale), tokens(v_zero),
+      *(whole(x) for x in maps),
+  ]
+  if q_rot is not None:
+    theta = rope_theta.astype(jnp.float32)[None, :]
+    inputs += [q_rot, theta]
+    in_specs += [in_specs[0], whole(theta)]
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
       grid=(b, kh, n_steps),
-      in_specs=[
-          blk(m_rows, d, lambda i, j, s, n, lo: (i, j, 0, 0)),
-          # The key (value) packing block holding groups s*w_step ..: word-row
-          # block (s * w_step) // wk of G rows each.
-          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wk, 0)),
-          blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(g, d, lambda i, j, s, n, lo: (i, j, s * w_step // wv, 0)),
-          blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
-          blk(p_tok, d // min(g, d), lambda i, j, s, n, lo: (i, j, s, 0)),
-      ],
+      in_specs=in_specs,
       out_specs=[
           blk(m_rows, d, lambda i, j, s, n, lo: (i, j, 0, 0)),
           blk(m_rows, 1, lambda i, j, s, n, lo: (i, j, 0, 0)),
@@ -158,6 +240,5 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="kivi_decode_attention_tpu",
-  )(n_valid.astype(jnp.int32), lo.astype(jnp.int32), q, k_codes, k_scale, k_zero,
-    v_codes, v_scale, v_zero)
+  )(n_valid.astype(jnp.int32), lo.astype(jnp.int32), *inputs)
   return o, lse[..., 0]

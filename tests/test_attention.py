@@ -95,9 +95,7 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   if impl == "tpu" and jax.default_backend() == "gpu":
     pytest.skip("the TPU kernel runs on TPUs and in interpret mode on CPUs")
   config = CONFIGS[name]
-  if not kernel_applies(config, D, HKV, impl):
-    assert impl == "tpu" and (config.channel_group or config.pre_rope)
-    pytest.skip("the TPU kernel reads KIVI's layout (2, 4, 8 bits or ternary), keys after RoPE")
+  assert kernel_applies(config, D, HKV, impl)
   hq = HKV * rep
   k, v = _kv(300, seed=11)
   lengths = np.array([299, 150, 1])
@@ -112,6 +110,16 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   # JAX ops of their own and can deadlock against concurrent work on a CPU.
   out = jax.block_until_ready(_attend(q, layer, k_new, v_new, lens, n_new, config, window,
                                       impl))
-  # float32 throughout (interpret mode on the CPU): summation order only.
-  np.testing.assert_allclose(np.asarray(out[:2]), np.asarray(ref[:2]), rtol=1e-5, atol=1e-5)
+  # float32 throughout, so the bound is float32's own error: the kernel against
+  # the same reference run in float64, within 1e-5 or twice the float32
+  # reference's own distance from it where that is larger. (Scores reach 35
+  # with the keys' outlier channel: kivi2-prerope-sinks at rep 7 puts the
+  # float32 reference 6e-6 from float64, the kernels up to 1e-5.)
+  with jax.enable_x64(True):
+    to64 = lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x  # noqa: E731
+    ref64 = np.asarray(_attend(*jax.tree.map(to64, (q, layer, k_new, v_new)), lens, n_new,
+                               config, window, "reference"))[:2]
+  assert ref64.dtype == np.float64
+  atol = max(1e-5, 2 * np.abs(np.asarray(ref[:2]) - ref64).max())
+  np.testing.assert_allclose(np.asarray(out[:2]), ref64, rtol=1e-5, atol=atol)
   assert np.isfinite(np.asarray(out)).all()

@@ -108,6 +108,13 @@ def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
   _check(args, 8, k_bits, v_bits, g, rtol=BF16_RTOL)
 
 
+def _tpu_params():
+  """TPU interpret mode: NaN-initialized memory stands in for poisoned outputs;
+  races and stray reads raise."""
+  return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
+                               detect_races=True)
+
+
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
 @pytest.mark.parametrize("rep", [1, 7])
 @pytest.mark.parametrize("d, g", DIMS)
@@ -116,13 +123,10 @@ def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   seed = hash((k_bits, v_bits, d, g, rep, -1)) % 2**32
   args = _inputs(seed, 5, 2, rep, d, g, k_bits, v_bits, jnp.float32)
   kwargs = dict(k_bits=k_bits, v_bits=v_bits, group_size=g)
-  # NaN-initialized memory stands in for poisoned outputs; races and stray reads raise.
-  params = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
-                                 detect_races=True)
   # The TPU interpreter's callbacks issue JAX ops of their own: dispatching more
   # work before they finish can deadlock a small CPU, so wait for them first.
   o, lse = jax.block_until_ready(
-      da_tpu.quantized_decode_attention(*args, **kwargs, interpret=params))
+      da_tpu.quantized_decode_attention(*args, **kwargs, interpret=_tpu_params()))
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kwargs)
   assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
   np.testing.assert_allclose(np.asarray(o[:, :, :rep]), np.asarray(o_ref[:, :, :rep]),
@@ -130,6 +134,54 @@ def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   live = np.asarray(args[7]) > np.asarray(args[8])
   np.testing.assert_allclose(np.asarray(lse)[live][:, :, :rep],
                              np.asarray(lse_ref)[live][:, :, :rep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
+@pytest.mark.parametrize("d, g, k_bits, v_bits", [(64, 32, 2, 2), (128, 16, 2, 1.5),
+                                                  (64, 128, 8, 4)])
+def test_tpu_kernel_rotates_keys_cached_before_rope(d, g, k_bits, v_bits):
+  rep = 4
+  args = _inputs(hash((d, g, k_bits, v_bits, "rope")) % 2**32, 5, 2, rep, d, g, k_bits,
+                 v_bits, jnp.float32)
+  rng = np.random.default_rng(d + g)
+  q_rot = jnp.asarray(rng.standard_normal(args[0].shape), jnp.float32)
+  theta = jnp.asarray(1.0 / 10000.0 ** rng.uniform(0, 1, d), jnp.float32)
+  kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, pos_offset=5)
+  o, lse = jax.block_until_ready(da_tpu.quantized_decode_attention(
+      *args, q_rot=q_rot, rope_theta=theta, **kw, interpret=_tpu_params()))
+  o_ref, lse_ref = da.quantized_decode_attention_reference(*args, q_rot=q_rot,
+                                                           rope_theta=theta, **kw)
+  live = np.asarray(args[7]) > np.asarray(args[8])
+  _check_rows(o[:, :, :rep], o_ref[:, :, :rep], lse[:, :, :rep], lse_ref[:, :, :rep], live,
+              1e-5)
+
+
+# (hidden dim, groups): unequal groups; SmolLM2's 192 channels; 512 channels
+# make a step of 16 groups of 16 tokens two chunks.
+@pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
+@pytest.mark.parametrize("hidden, n_groups", [(64, 3), (192, 12), (512, 20)])
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (8, 2, 16)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_tpu_kernel_in_hidden_layout_matches_reference(k_bits, v_bits, g, hidden, n_groups,
+                                                       rope):
+  seed = hash((k_bits, v_bits, g, hidden, n_groups, rope, "tpu")) % 2**32
+  args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, jnp.float32, rope)
+  kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, sm_scale=0.125,
+            pos_offset=3 if rope else 0)
+  o, lse = jax.block_until_ready(
+      da_tpu.quantized_decode_attention(*args, **kw, interpret=_tpu_params()))
+  o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw)
+  live = np.asarray(args[7]) > np.asarray(args[8])
+  _check_rows(o[:, 0, :9], o_ref[:, 0, :9], lse[:, 0, :9], lse_ref[:, 0, :9], live, 1e-5)
+
+
+def test_tpu_kernel_rejects_half_a_layout():
+  args = _hidden_inputs(0, 2, 64, 3, 16, 2, 2, jnp.float32, rope=True)
+  kw = dict(k_bits=2, v_bits=2, group_size=16, interpret=True)
+  with pytest.raises(ValueError, match="k_groups and v_groups go together"):
+    da_tpu.quantized_decode_attention(*args[:10], None, **kw)
+  with pytest.raises(ValueError, match="q_rot and rope_theta go together"):
+    da_tpu.quantized_decode_attention(*args[:12], None, **kw)
 
 
 @pytest.mark.parametrize("block_tokens", [32, 64, 128])
