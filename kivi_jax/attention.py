@@ -132,14 +132,15 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
     visible &= key_pos[:, None, :] > new_pos[:, :, None] - sliding_window
 
   qg = q.reshape(b, t, hkv, hq // hkv, d)
+  acc = jnp.promote_types(dtype, jnp.float32)  # float32, or float64 for float64 inputs
   # [B, Hkv, rep, T, S]
   scores = jnp.einsum("BTKGD,BKSD->BKGTS", qg, keys,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+                      preferred_element_type=acc) / jnp.sqrt(jnp.float32(d))
   scores = jnp.where(visible[:, None, None], scores, _MASKED)
   probs = jnp.exp(scores - scores.max(-1, keepdims=True))
   probs = probs / probs.sum(-1, keepdims=True)
   out = jnp.einsum("BKGTS,BKSD->BTKGD", probs.astype(values.dtype), values,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=acc)
   return out.reshape(b, t, hq, d).astype(dtype)
 
 
