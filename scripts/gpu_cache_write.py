@@ -3,9 +3,10 @@ kernel against the jnp reference's scatter, in the same run.
 
 P1's shapes (B=8, Hkv=8, d=128, bf16). The flush: one decode step whose new token
 makes every row quantize one group (the layer donated, as `generate` donates
-it); the step: one whose new token completes no group (31 of 32 steps). The prefill: `append` of L tokens into an empty layer. Each call takes the
-previous call's layer, so the donated buffers are reused in place. Writes JSON
-with device, jax version, date and commit.
+it); the step: one whose new token completes no group (31 of 32 steps). The
+prefill: `append` of L tokens into an empty layer. Each call takes the previous
+call's layer, so the donated buffers are reused in place. Writes JSON with
+device, jax version, date and commit.
 """
 
 import argparse

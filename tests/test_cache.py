@@ -227,7 +227,8 @@ def test_init_cache_validates():
     kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 0, 64)
   with pytest.raises(ValueError, match="max_length"):
     kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 1, -5)
-  with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'reference', 'gpu', 'tpu'\)"):
+  with pytest.raises(ValueError,
+                     match=r"impl must be one of \('auto', 'reference', 'gpu', 'tpu'\)"):
     kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 1, 64, impl="cuda")
   with pytest.raises(TypeError, match="kv_config"):
     kivi_jax.init_cache(_Shape(), {"k_bits": 2}, 1, 64)
