@@ -1,15 +1,16 @@
 """The `kivi-jax` command line, run as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def _run(*args):
+def _run(*args, env=None):
   return subprocess.run([sys.executable, "-m", "kivi_jax.cli", *args], capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -25,12 +26,16 @@ def test_generate_streams_the_answer(smollm2_path):
 def test_generate_with_the_gpu_kernels_equals_the_reference(smollm2_path):
   # On a CPU "gpu" runs the decode and quantize-and-pack kernels in interpret mode.
   # 40 prompt tokens and 100 new ones: groups are flushed through the write
-  # kernel and read by the decode kernel.
+  # kernel and read by the decode kernel. Matmuls at full float32 precision: on
+  # a GPU XLA's default float32 dot is TF32, the kernels' dots are not, and the
+  # texts drifted apart after about 30 tokens on an H100.
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
   out = {}
   for impl in ("gpu", "reference"):
     done = _run("generate", "Name three rivers of Europe and say where each one starts.",
                 "--model", str(smollm2_path), "--method", "kivi2", "--group-size", "16",
-                "--residual-length", "32", "--max-new-tokens", "100", "--impl", impl)
+                "--residual-length", "32", "--max-new-tokens", "100", "--impl", impl,
+                env=env)
     assert done.returncode == 0, done.stderr
     out[impl] = done.stdout
   assert out["gpu"] == out["reference"] and len(out["gpu"]) > 100
@@ -82,13 +87,15 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
   assert "Paris" in done.stdout
   # SmolLM2's hidden dim of 3 x 64 channels in the GPU's SKVQ kernels (interpret
   # mode on a CPU), 6 tiles of 32: with a 32-token window, 100 new tokens are
-  # read from the block through them, as through the reference.
+  # read from the block through them, as through the reference (full float32
+  # matmuls, as above).
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
   out = {}
   for impl in ("gpu", "reference"):
     done = _run("generate", "Name three rivers of Europe and say where each one starts.",
                 "--model", str(smollm2_path), "--method", "skvq-k2v1.5-g32",
                 "--calibration", str(calib), "--residual-length", "32",
-                "--max-new-tokens", "100", "--impl", impl)
+                "--max-new-tokens", "100", "--impl", impl, env=env)
     assert done.returncode == 0, done.stderr
     out[impl] = done.stdout
   assert out["gpu"] == out["reference"] and len(out["gpu"]) > 100
