@@ -13,9 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jax.experimental.pallas import tpu as pltpu
 
-from kivi_jax.cache import LayerKV, dequantize_block, n_quantized, ring_positions
+from kivi_jax.cache import (LayerKV, dequantize_block, kernel_backend, kernel_interpret,
+                            n_quantized, ring_positions)
 from kivi_jax.config import KIVIConfig
 from pallas_kernels import decode_attention as gpu_decode
 from pallas_kernels import decode_attention_hidden as gpu_hidden
@@ -65,10 +65,7 @@ def kernel_applies(config: KIVIConfig, head_dim: int, num_kv_heads: int,
 def resolve_impl(impl: str, config: KIVIConfig, head_dim: int, num_kv_heads: int,
                  t: int) -> str:
   """Which implementation reads the cache: "reference", "gpu" or "tpu"."""
-  which = impl
-  if impl == "auto":
-    backend = jax.default_backend()
-    which = backend if backend in ("gpu", "tpu") else "reference"
+  which = kernel_backend(impl)
   if which == "reference" or t != 1 or not kernel_applies(config, head_dim, num_kv_heads,
                                                           which):
     return "reference"
@@ -235,9 +232,9 @@ def _block_kernel(which: str, *args, hidden: bool = False, **kw):
   if which == "gpu":
     kernel = (gpu_hidden.hidden_decode_attention if hidden
               else gpu_decode.quantized_decode_attention)
-    return kernel(*args, **kw, interpret=jax.default_backend() != "gpu")
-  interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
-  return tpu_decode.quantized_decode_attention(*args, **kw, interpret=interpret)
+  else:
+    kernel = tpu_decode.quantized_decode_attention
+  return kernel(*args, **kw, interpret=kernel_interpret(which))
 
 
 def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: dict, kw):

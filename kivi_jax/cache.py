@@ -311,15 +311,30 @@ def _gather(x: Array, idx: Array) -> Array:
   return jax.vmap(lambda a, i: a[:, i])(x, idx)
 
 
+def kernel_backend(impl: str) -> str:
+  """`KVCache.impl` with "auto" resolved: "gpu" or "tpu" on those backends (their
+  kernels), else "reference"."""
+  if impl != "auto":
+    return impl
+  backend = jax.default_backend()
+  return backend if backend in ("gpu", "tpu") else "reference"
+
+
+def kernel_interpret(which: str):
+  """The `interpret` argument of a `which` ("gpu" or "tpu") kernel: compiled on
+  its own backend, else Pallas interpret mode (tests on a CPU)."""
+  if which == "gpu":
+    return jax.default_backend() != "gpu"
+  return False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
+
+
 def write_kernel(impl: str, config: KIVIConfig, head_dim: int) -> str | None:
   """Which quantize-and-pack kernel writes the blocks: "gpu", "tpu" or None
   (the jnp reference). `impl` (`KVCache.impl`) "auto" means the backend's
   kernel. Both kernels write KIVI's layouts (not SKVQ's `channel_group`) in
   power-of-two groups of at least 16 tokens; the GPU's also needs a
   power-of-two head dim of at least 32 (Triton blocks)."""
-  which = impl
-  if impl == "auto":
-    which = jax.default_backend()
+  which = kernel_backend(impl)
   g = config.group_size
   if (which not in ("gpu", "tpu") or config.channel_group is not None or g < 16
       or g & (g - 1)):
@@ -343,15 +358,10 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
                           None, None)
   kw = dict(bits=bits, group_size=config.group_size, axis=axis)
   which = write_kernel(impl, config, x.shape[-1])
-  if which == "gpu":
-    out = quantize_pack.quantize_pack(x, block.codes, block.scale, block.zero, start,
-                                      n_tokens, clip=config.clip,
-                                      interpret=jax.default_backend() != "gpu", **kw)
-  elif which == "tpu":
-    interpret = False if jax.default_backend() == "tpu" else pltpu.InterpretParams()
-    out = quantize_pack_tpu.quantize_pack(x, block.codes, block.scale, block.zero, start,
-                                          n_tokens, clip=config.clip, interpret=interpret,
-                                          **kw)
+  if which is not None:
+    kernel = quantize_pack if which == "gpu" else quantize_pack_tpu
+    out = kernel.quantize_pack(x, block.codes, block.scale, block.zero, start, n_tokens,
+                               clip=config.clip, interpret=kernel_interpret(which), **kw)
   elif cmap is not None:
     out = quantize_pack.quantize_pack_reference(
         to_hidden(x, cmap), block.codes, block.scale, block.zero, start, n_tokens,

@@ -38,6 +38,7 @@ import numpy as np
 from jax import Array
 
 from kivi_jax.config import QuantAxis, channel_group, codes_per_word, levels
+from pallas_kernels.common import ieee_divide
 
 
 def slot_fields(bits: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -152,12 +153,8 @@ def quantize(
     s32, z32 = s32[..., ids], z32[..., ids]
   # A constant group has scale 0: every code is 0 and x' = zero = x exactly.
   safe = jnp.where(s32 > 0, s32, 1.0)
-  # IEEE division, as the GPU kernel divides: XLA rewrites a division by a
-  # broadcast into a multiplication by the broadcast reciprocal, which rounds
-  # the quotient differently near half-steps (a code one level off). The
-  # barrier keeps the divisor a full array, so XLA divides element by element.
-  divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe, xg.shape))
-  q = jnp.where(s32 > 0, jnp.round((xg - z32) / divisor), 0.0)
+  # IEEE division, as the GPU write kernel divides.
+  q = jnp.where(s32 > 0, jnp.round(ieee_divide(xg - z32, safe)), 0.0)
   codes = jnp.clip(q, 0, top).astype(jnp.uint8).reshape(x.shape)
   return codes, jnp.squeeze(scale, red), jnp.squeeze(zero, red)
 

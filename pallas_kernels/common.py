@@ -1,6 +1,7 @@
 """Constants, packing facts and quantization arithmetic the kernels share
 (kernels do not import kivi_jax)."""
 
+import jax
 import jax.numpy as jnp
 
 # A finite "minus infinity" for masked scores and empty running maxima, so that
@@ -27,6 +28,17 @@ def round_half_even(y):
   frac = y - f
   odd = f - 2.0 * jnp.floor(f * 0.5)
   return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+
+
+def ieee_divide(a, b):
+  """`a / b` (`b` broadcast to `a`'s shape) as IEEE float32 division under XLA.
+
+  XLA rewrites a division by a broadcast into a multiplication by the
+  broadcast reciprocal, which rounds the quotient differently near half-steps
+  (a code one level off). The barrier keeps the divisor a full array, so XLA
+  divides element by element. For the jnp reference and for kernels in
+  interpret mode; a compiled kernel divides by its own means."""
+  return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
 
 
 def quantize_tile(x, axis: str, bits: float, clip: float, scale_dtype, divide):

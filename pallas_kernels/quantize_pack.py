@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import codes_per_word, quantize_tile
+from pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
 
 
 def _slot_place(slot, bits: float, width: int):
@@ -53,11 +53,10 @@ def _divide(a, b, interpret: bool):
   """`a / b` in float32, correctly rounded as in the reference. Triton's `/`
   is an approximate division (up to 2 ulp), which moved codes by one level at
   near-ties on an H100; compiled, this is `div.rn.f32`. In interpret mode XLA
-  divides, once kept from turning a division by a broadcast into a
-  multiplication by a reciprocal (as `kivi_jax.quantization.quantize`)."""
+  divides (`ieee_divide`)."""
   a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
   if interpret:
-    return a / jax.lax.optimization_barrier(b)
+    return ieee_divide(a, b)
   return pltriton.elementwise_inline_asm(
       "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]

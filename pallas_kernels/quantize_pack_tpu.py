@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import codes_per_word, quantize_tile
+from pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
 
 
 def tiles_per_program(bits: float) -> int:
@@ -100,12 +100,6 @@ def _first_block(start, span: int, n_blocks: int, programs):
   return jnp.clip(start // span, 0, jnp.maximum(n_blocks - programs, 0))
 
 
-def _ieee_divide(a, b):
-  """`a / b` with XLA kept from multiplying by the reciprocal of a broadcast
-  `b` (interpret mode; `kivi_jax.quantization.quantize` does the same)."""
-  return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "axis", "clip",
                                              "interpret"))
 def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_size: int,
@@ -151,7 +145,7 @@ def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_
   )
   kernel = functools.partial(_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              n_blocks=n_blocks,
-                             divide=_ieee_divide if interpret else jnp.divide)
+                             divide=ieee_divide if interpret else jnp.divide)
   return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,

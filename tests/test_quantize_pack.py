@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 import kivi_jax
 from kivi_jax import quantization
@@ -20,6 +19,7 @@ from kivi_jax.cache import n_quantized, write_kernel
 from kivi_jax.config import codes_per_word
 from pallas_kernels import quantize_pack as qp
 from pallas_kernels import quantize_pack_tpu as qp_tpu
+from test_decode_attention import _tpu_params
 
 ON_GPU = jax.default_backend() == "gpu"
 CPU = jax.devices("cpu")[0]
@@ -71,10 +71,8 @@ def _run_kernel(kernel, *args, **kwargs):
   if kernel == "tpu":
     if ON_GPU:
       pytest.skip("TPU interpret mode is a CPU check")
-    params = pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
-                                   detect_races=True)
     # Waited for: the interpreter's callbacks dispatch JAX work of their own.
-    return jax.block_until_ready(KERNELS[kernel](*args, **kwargs, interpret=params))
+    return jax.block_until_ready(KERNELS[kernel](*args, **kwargs, interpret=_tpu_params()))
   return KERNELS[kernel](*args, **kwargs, interpret=not ON_GPU)
 
 
