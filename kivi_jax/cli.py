@@ -280,6 +280,22 @@ def _bench_attention(args) -> int:
   return 0
 
 
+def _eval_parser(sub, name: str, help: str, data_help: str, run):
+  """An `eval` subcommand with the options every evaluation takes."""
+  parser = sub.add_parser(name, help=help)
+  parser.add_argument("--model", help="HF checkpoint directory or .gguf file "
+                      "(default: SmolLM2-135M-Instruct)")
+  parser.add_argument("--methods", default="fp16,kivi4,kivi2",
+                      help=f"comma-separated methods from: {', '.join(PRESETS)}")
+  parser.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
+                      help=data_help)
+  parser.add_argument("--dtype", default="float32",
+                      choices=("float32", "bfloat16", "float16"))
+  parser.add_argument("--out", help="write the results as JSON here")
+  parser.set_defaults(run=run)
+  return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="kivi-jax", description="KIVI / SKVQ quantized KV caches for JAX LLM inference")
@@ -323,37 +339,22 @@ def build_parser() -> argparse.ArgumentParser:
 
   ev = sub.add_parser("eval", help="quality of cache methods on a real model")
   ev_sub = ev.add_subparsers(dest="eval_command", required=True)
-  ppl = ev_sub.add_parser("ppl", help="KV-perplexity on WikiText-2 (PROTOCOLS.md Q1)")
-  ppl.add_argument("--model", help="HF checkpoint directory or .gguf file "
-                   "(default: SmolLM2-135M-Instruct)")
-  ppl.add_argument("--methods", default="fp16,kivi4,kivi2",
-                   help=f"comma-separated methods from: {', '.join(PRESETS)}")
+  ppl = _eval_parser(ev_sub, "ppl", "KV-perplexity on WikiText-2 (PROTOCOLS.md Q1)",
+                     "WikiText-2 raw test file", _eval_ppl)
   ppl.add_argument("--setting", choices=("quick", "full"), default="quick",
                    help="quick: P=512, D=256, 4 windows; full: P=2048, D=512, 8 windows")
   for name in ("prefill", "decode", "windows"):
     ppl.add_argument(f"--{name}", type=int, help="override the setting's value")
-  ppl.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
-                   help="WikiText-2 raw test file")
-  ppl.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  ppl.add_argument("--out", help="write the results as JSON here")
-  ppl.set_defaults(run=_eval_ppl)
 
-  pk = ev_sub.add_parser("passkey", help="passkey retrieval (PROTOCOLS.md Q2)")
-  pk.add_argument("--model", help="HF checkpoint directory or .gguf file "
-                  "(default: SmolLM2-135M-Instruct)")
-  pk.add_argument("--methods", default="fp16,kivi4,kivi2",
-                  help=f"comma-separated methods from: {', '.join(PRESETS)}")
+  pk = _eval_parser(ev_sub, "passkey", "passkey retrieval (PROTOCOLS.md Q2)",
+                    "WikiText-2 raw test file, whose tail calibrates SKVQ methods",
+                    _eval_passkey)
   pk.add_argument("--lengths", default="512,1024,2048,4096,8192",
                   help="context lengths in tokens, prompt and answer together")
   pk.add_argument("--depths", type=int, default=5, help="equal depth buckets of [0, 1]")
   pk.add_argument("--trials", type=int, default=20, help="trials per length and bucket")
   pk.add_argument("--seed", type=int, default=0)
   pk.add_argument("--batch-size", type=int, default=4, help="prompts per generate call")
-  pk.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
-                  help="WikiText-2 raw test file, whose tail calibrates SKVQ methods")
-  pk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  pk.add_argument("--out", help="write the results as JSON here")
-  pk.set_defaults(run=_eval_passkey)
 
   bench = sub.add_parser("bench", help="speed benchmarks (need a GPU)")
   bench_sub = bench.add_subparsers(dest="bench_command", required=True)

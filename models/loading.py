@@ -250,17 +250,23 @@ def load_model(source, dtype: str = "float32") -> Model:
     raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
   if hasattr(source, "state_dict") and hasattr(source, "config"):
     return _load_transformers_model(source, dtype)
-  if not isinstance(source, (str, os.PathLike)):
-    raise TypeError(f"source must be a path or a transformers model, got "
-                    f"{type(source).__name__}")
-  path = Path(source).expanduser()
-  if not path.exists():
-    raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+  path = _source_path(source, "model")
   if path.is_dir():
     return _load_hf_dir(path, dtype)
   if path.suffix == ".gguf":
     return _load_gguf(path, dtype)
   raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
+
+
+def _source_path(source, what: str) -> Path:
+  """`source` (a path, or else a transformers `what`) as an existing path."""
+  if not isinstance(source, (str, os.PathLike)):
+    raise TypeError(f"source must be a path or a transformers {what}, got "
+                    f"{type(source).__name__}")
+  path = Path(source).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"{what} path {str(path)!r} does not exist")
+  return path
 
 
 def _gguf_tokenizer(path: Path):
@@ -298,12 +304,7 @@ def load_tokenizer(source):
   """
   if hasattr(source, "encode") and hasattr(source, "decode"):
     return source
-  if not isinstance(source, (str, os.PathLike)):
-    raise TypeError(f"source must be a path or a transformers tokenizer, got "
-                    f"{type(source).__name__}")
-  path = Path(source).expanduser()
-  if not path.exists():
-    raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist")
+  path = _source_path(source, "tokenizer")
   if path.is_dir():
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path))
