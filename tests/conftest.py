@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random transformers models and the real SmolLM2 model."""
+"""Shared fixtures and helpers: tiny random transformers models, the real SmolLM2 model,
+TPU interpret-mode parameters."""
 
 import jax
 import pytest
@@ -21,6 +22,14 @@ def smollm2_path():
   """SmolLM2-135M-Instruct's GGUF file, fetched on first use like the CLI does."""
   from kivi_jax.default_model import default_model_path
   return default_model_path(quiet=True)
+
+
+def tpu_interpret_params():
+  """TPU interpret mode for kernel tests: NaN-initialized memory stands in for
+  poisoned outputs; races and stray reads raise."""
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
+                               detect_races=True)
 
 
 def tiny_llama_config(**overrides):

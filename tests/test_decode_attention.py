@@ -17,12 +17,11 @@ import pytest
 import kivi_jax
 from kivi_jax import quantization
 from kivi_jax.attention import resolve_impl
-from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import decode_attention as da
 from pallas_kernels import decode_attention_hidden as da_hidden
 from pallas_kernels import decode_attention_tpu as da_tpu
-from conftest import tiny_hf_model, tiny_llama_config
+from conftest import tiny_hf_model, tiny_llama_config, tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -108,13 +107,6 @@ def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
   _check(args, 8, k_bits, v_bits, g, rtol=BF16_RTOL)
 
 
-def _tpu_params():
-  """TPU interpret mode: NaN-initialized memory stands in for poisoned outputs;
-  races and stray reads raise."""
-  return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
-                               detect_races=True)
-
-
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
 @pytest.mark.parametrize("rep", [1, 7])
 @pytest.mark.parametrize("d, g", DIMS)
@@ -126,7 +118,7 @@ def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
   # The TPU interpreter's callbacks issue JAX ops of their own: dispatching more
   # work before they finish can deadlock a small CPU, so wait for them first.
   o, lse = jax.block_until_ready(
-      da_tpu.quantized_decode_attention(*args, **kwargs, interpret=_tpu_params()))
+      da_tpu.quantized_decode_attention(*args, **kwargs, interpret=tpu_interpret_params()))
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kwargs)
   assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
   np.testing.assert_allclose(np.asarray(o[:, :, :rep]), np.asarray(o_ref[:, :, :rep]),
@@ -148,7 +140,7 @@ def test_tpu_kernel_rotates_keys_cached_before_rope(d, g, k_bits, v_bits):
   theta = jnp.asarray(1.0 / 10000.0 ** rng.uniform(0, 1, d), jnp.float32)
   kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, pos_offset=5)
   o, lse = jax.block_until_ready(da_tpu.quantized_decode_attention(
-      *args, q_rot=q_rot, rope_theta=theta, **kw, interpret=_tpu_params()))
+      *args, q_rot=q_rot, rope_theta=theta, **kw, interpret=tpu_interpret_params()))
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, q_rot=q_rot,
                                                            rope_theta=theta, **kw)
   live = np.asarray(args[7]) > np.asarray(args[8])
@@ -169,7 +161,7 @@ def test_tpu_kernel_in_hidden_layout_matches_reference(k_bits, v_bits, g, hidden
   kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, sm_scale=0.125,
             pos_offset=3 if rope else 0)
   o, lse = jax.block_until_ready(
-      da_tpu.quantized_decode_attention(*args, **kw, interpret=_tpu_params()))
+      da_tpu.quantized_decode_attention(*args, **kw, interpret=tpu_interpret_params()))
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw)
   live = np.asarray(args[7]) > np.asarray(args[8])
   _check_rows(o[:, 0, :9], o_ref[:, 0, :9], lse[:, 0, :9], lse_ref[:, 0, :9], live, 1e-5)

@@ -19,7 +19,7 @@ from kivi_jax.cache import n_quantized, write_kernel
 from kivi_jax.config import codes_per_word
 from pallas_kernels import quantize_pack as qp
 from pallas_kernels import quantize_pack_tpu as qp_tpu
-from test_decode_attention import _tpu_params
+from conftest import tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"
 CPU = jax.devices("cpu")[0]
@@ -72,7 +72,7 @@ def _run_kernel(kernel, *args, **kwargs):
     if ON_GPU:
       pytest.skip("TPU interpret mode is a CPU check")
     # Waited for: the interpreter's callbacks dispatch JAX work of their own.
-    return jax.block_until_ready(KERNELS[kernel](*args, **kwargs, interpret=_tpu_params()))
+    return jax.block_until_ready(KERNELS[kernel](*args, **kwargs, interpret=tpu_interpret_params()))
   return KERNELS[kernel](*args, **kwargs, interpret=not ON_GPU)
 
 
