@@ -1,11 +1,30 @@
-"""Prototype: KIVI-2 decode block attention as a Mosaic GPU kernel (keys and values).
+"""Prototype: the KIVI-2 decode block kernel in Mosaic GPU (see README.md here).
 
-S^T = Kdq Q^T per 64 tokens (two groups), online softmax over the token axis,
-O^T += Vdq^T P^T. Word tiles arrive by TMA (double-buffered), each loaded twice
-into a 64-row buffer so that one WGMMA-layout array holds two slots.
+Per (batch row, kv head, split), one warpgroup walks the split's packing blocks
+(16 groups of 32 tokens in a [32, 128] uint32 word tile). Each word tile
+arrives by TMA twice, into the two halves of a 64-row buffer, so that one
+WGMMA-layout array holds a pair of slots (two groups, 64 tokens). Per pair:
+keys dequantized in registers and stored to shared memory as bf16,
+S^T = K Q^T by `wgmma` (the query padded to N = 16 rows), an online softmax
+over the token axis, values dequantized likewise and O^T += V^T P^T by `wgmma`.
+Outputs the split's unnormalized O^T [D, N], max m [N] and sum l [N], as
+`pallas_kernels.decode_attention.quantized_decode_partials` does (transposed).
+
+Inputs: q [B, K, N, D] bf16; k_codes, v_codes [B, K, C/16, D] uint32 (2-bit,
+`kivi_jax.quantization.pack`'s slot layout); k_scale, k_zero [B, K, C/32, D];
+v_scale, v_zero TRANSPOSED [B, K, D/32, C] (the cache holds [B, K, C, D/32]: a
+TMA box needs 16 bytes on its inner dimension); n_valid [B] int32.
+
+`Options` are the versions measured (benchmarks/NOTES.md "Mosaic GPU prototype").
+With `interpret` (jax 0.10.2's Mosaic GPU interpret mode, CPU), operations the
+interpreter lacks (`plgpu.load` layouts, `layout_cast`, `transpose_ref`,
+`run_state`) take equivalent plain paths.
 """
+import dataclasses
 import math
-import jax, jax.numpy as jnp
+
+import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -16,11 +35,25 @@ PB = W * G  # tokens per packing block
 NEG = -1e30
 
 
-def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
-          reload_words=False, magic=False, prealign=False, chunk=1,
-          defer_sum=False):
+@dataclasses.dataclass(frozen=True)
+class Options:
+  stages: int = 2           # TMA buffers of word tiles and scales
+  unrolled: bool = False    # the 8 slot pairs of a tile unrolled in Python, not a loop
+  shared_dq: bool = False   # keys and values dequantized into one buffer (swizzle 32)
+  reload_words: bool = False  # word tiles loaded from shared memory per pair, not held
+  magic: bool = False       # codes to float32 by an OR into 2^23 and a subtraction
+  prealign: bool = False    # the pair's second slot shifted once per tile
+  chunk: int = 1            # slot pairs per softmax update (one cross-warp max)
+  defer_sum: bool = False   # the softmax sum kept per element, reduced once
+  swizzle_words: bool = False  # word tiles swizzled in shared memory, optimized loads
+  keys_only: bool = False   # timing only: no values (wrong output)
+  const_scales: bool = False  # timing only: constants for scales and zeros (wrong output)
+
+
+def build(B, K, C, splits, opts=Options(), interpret=None):
   n_pb = C // PB
   pb_per_split = -(-n_pb // splits)
+  stages = opts.stages
   sm_scale = 1 / math.sqrt(D)
   WG = plgpu.Layout.WGMMA
   interp = interpret is not None
@@ -33,12 +66,11 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
       return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WG)
 
-  def ld(ref, layout):
-    return ref[...] if interp else plgpu.load(ref, (), layout=layout, optimized=False)
+  def ld(ref, layout, optimized=False):
+    return ref[...] if interp else plgpu.load(ref, (), layout=layout, optimized=optimized)
 
   def to_f32(c):
-    # Codes (u32, < 2^23) to float32: exact, without an int-to-float conversion.
-    if not magic:
+    if not opts.magic:
       return c.astype(jnp.float32)
     return lax.bitcast_convert_type(c | jnp.uint32(0x4B000000), jnp.float32) - 8388608.0
 
@@ -49,7 +81,7 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
              o_out, m_out, l_out,
              q_smem, kw_smem, ks_smem, kz_smem, vw_smem, vs_smem, vz_smem,
              kdq_smem, *rest):
-    if shared_dq:
+    if opts.shared_dq:
       p_smem, bar_q, bars = rest
       vdq_smem = kdq_smem
     else:
@@ -78,40 +110,44 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
     for i in range(min(stages - 1, pb_per_split)):
       pl.when(i < n_steps)(lambda i=i: fetch(i, i))
     plgpu.barrier_wait(bar_q)
-    row = iota((2 * G, D), 0)
-    upper = row < G
-    cgrp = iota((2 * G, D), 1) // G
+    upper = iota((2 * G, D), 0) < G  # rows of the pair's first slot
+    cgrp = iota((2 * G, D), 1) // G  # channel group of each column
     tok_in = iota((2 * G, N), 0)
     bc_col = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [1])
     bc_row = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [0])
 
     def step(i, carry):
       slot = lax.rem(i, stages)
+
       @pl.when(i + stages - 1 < n_steps)
       def _():
         fetch(i + stages - 1, lax.rem(i + stages - 1, stages))
       plgpu.barrier_wait(bars.at[slot])
+
+      def words(ref):
+        w = ld(ref.at[slot], WG, opts.swizzle_words)
+        return jnp.where(upper, w, w >> 2) if opts.prealign else w
       kwords = vwords = None
-      if not reload_words:
-        kwords = ld(kw_smem.at[slot], WG)
-        vwords = ld(vw_smem.at[slot], WG)
-        if prealign:  # the lower half's slot is the pair's second: shift it once
-          kwords = jnp.where(upper, kwords, kwords >> 2)
-          vwords = jnp.where(upper, vwords, vwords >> 2)
+      if not opts.reload_words:
+        kwords, vwords = words(kw_smem), words(vw_smem)
+
       def keys(jp):
-        """Scores S^T [64 tokens, N] of slot pair `jp`, masked and scaled."""
-        if prealign:
-          shift = (4 * jp).astype(jnp.uint32)
+        """Scores S^T [64 tokens, N] of slot pair `jp`, scaled and masked."""
+        if opts.prealign:
+          shift = jnp.asarray(4 * jp).astype(jnp.uint32)
         else:
           shift = jnp.where(upper, 4 * jp, 4 * jp + 2).astype(jnp.uint32)
-        kws = ld(kw_smem.at[slot], WG) if reload_words else kwords
+        kws = words(kw_smem) if opts.reload_words else kwords
         kc = to_f32((kws >> shift) & 3)
-        sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
-              for u in (0, 1)]
-        zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
-              for u in (0, 1)]
-        k = kc * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
-            upper, bc_col(zk[0]), bc_col(zk[1]))
+        if opts.const_scales:
+          k = kc * jnp.where(upper, 0.5, 0.25) + jnp.where(upper, 0.1, 0.2)
+        else:
+          sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
+                for u in (0, 1)]
+          zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
+                for u in (0, 1)]
+          k = kc * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
+              upper, bc_col(zk[0]), bc_col(zk[1]))
         kdq_smem[...] = k.astype(jnp.bfloat16)
         plgpu.commit_smem()
 
@@ -123,35 +159,35 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
         return jnp.where(tok < n_valid, st, NEG), shift
 
       def values(jp, shift, p, acc):
-        vws = ld(vw_smem.at[slot], WG) if reload_words else vwords
+        """acc + V^T P^T over slot pair `jp`."""
+        vws = words(vw_smem) if opts.reload_words else vwords
         vc = to_f32((vws >> shift) & 3)
-        pick = lambda xs: jnp.where(cgrp == 0, xs[0], jnp.where(
-            cgrp == 1, xs[1], jnp.where(cgrp == 2, xs[2], xs[3])))
-        vsg = [bc_row(ld(vs_smem.at[slot, jp // 4, g, pl.ds(2 * G * (jp % 4), 2 * G)],
-                         WG.reduce(1)).astype(jnp.float32)) for g in range(D // G)]
-        vzg = [bc_row(ld(vz_smem.at[slot, jp // 4, g, pl.ds(2 * G * (jp % 4), 2 * G)],
-                         WG.reduce(1)).astype(jnp.float32)) for g in range(D // G)]
-        v = vc * pick(vsg) + pick(vzg)
-        if interp:
-          vdq_smem[...] = v.astype(jnp.bfloat16).T
+        if opts.const_scales:
+          v = vc * jnp.where(cgrp == 0, 0.5, 0.25) + jnp.where(cgrp == 1, 0.1, 0.2)
         else:
-          vdq_smem[...] = v.astype(jnp.bfloat16)
+          def per_group(ref):  # [64, D]: each token's value of each column's group
+            cols = [bc_row(ld(ref.at[slot, jp // 4, g, pl.ds(2 * G * (jp % 4), 2 * G)],
+                              WG.reduce(1)).astype(jnp.float32)) for g in range(D // G)]
+            return jnp.where(cgrp == 0, cols[0], jnp.where(
+                cgrp == 1, cols[1], jnp.where(cgrp == 2, cols[2], cols[3])))
+          v = vc * per_group(vs_smem) + per_group(vz_smem)
+        vdq_smem[...] = v.astype(jnp.bfloat16).T if interp else v.astype(jnp.bfloat16)
         p_smem[...] = p.astype(jnp.bfloat16)
         plgpu.commit_smem()
-
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, T(vdq_smem), p_smem)
         if interp:
           def pv_new(acc_ref):
             plgpu.wgmma(acc_ref, vdq_smem, p_smem)
             return acc_ref[...]
           return acc + pl.run_scoped(pv_new, plgpu.ACC((D, N), jnp.float32))
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, T(vdq_smem), p_smem)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
 
       def pairs(c, carry):
         """`chunk` slot pairs: their scores, one softmax update, their values."""
         m, l, acc = carry
-        jps = [c * chunk + u for u in range(chunk)]
+        jps = [c * opts.chunk + u for u in range(opts.chunk)]
         sts, shifts = zip(*[keys(jp) for jp in jps])
         smax = sts[0]
         for st in sts[1:]:
@@ -162,22 +198,30 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
         psum = ps[0]
         for p in ps[1:]:
           psum = psum + p
-        if defer_sum:
+        if opts.defer_sum:
           l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + psum
         else:
           l = l * alpha + psum.sum(axis=0)
+        if opts.keys_only:
+          return m_new, l, acc
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
         for jp, shift, p in zip(jps, shifts, ps):
           acc = values(jp, shift, p, acc)
         return m_new, l, acc
-      return lax.fori_loop(0, W // 2 // chunk, pairs, carry, unroll=unroll)
+
+      n_chunks = W // 2 // opts.chunk
+      if opts.unrolled:
+        for c in range(n_chunks):
+          carry = pairs(c, carry)
+        return carry
+      return lax.fori_loop(0, n_chunks, pairs, carry)
 
     m0 = lc(jnp.full((N,), NEG, jnp.float32), WG.reduce(0))
-    l0 = (lc(jnp.full((2 * G, N), 0.0, jnp.float32), WG) if defer_sum
+    l0 = (lc(jnp.full((2 * G, N), 0.0, jnp.float32), WG) if opts.defer_sum
           else lc(jnp.full((N,), 0.0, jnp.float32), WG.reduce(0)))
     a0 = lc(jnp.full((D, N), 0.0, jnp.float32), WG)
     m, l, acc = lax.fori_loop(0, n_steps, step, (m0, l0, a0))
-    if defer_sum:
+    if opts.defer_sum:
       l = l.sum(axis=0)
     o_out[b, h, s] = acc
     m_out[b, h, s] = m
@@ -188,16 +232,24 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
       return plgpu.SMEM(shape, dt)
     return plgpu.SMEM(shape, dt, transforms=(
         plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz)))
-  kswz = 32 if shared_dq else 128
+
+  def word_tiles():
+    shape = (stages, 2 * G, D)
+    if opts.swizzle_words and not interp:
+      return plgpu.SMEM(shape, jnp.uint32, transforms=(
+          plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+    return plgpu.SMEM(shape, jnp.uint32)
+
+  kswz = 32 if opts.shared_dq else 128
   scratch = [
       tiled((D, N), jnp.bfloat16) if interp else tiled((N, D), jnp.bfloat16, kswz),
-      plgpu.SMEM((stages, 2 * G, D), jnp.uint32),
+      word_tiles(),
       plgpu.SMEM((stages, W, D), jnp.bfloat16), plgpu.SMEM((stages, W, D), jnp.bfloat16),
-      plgpu.SMEM((stages, 2 * G, D), jnp.uint32),
+      word_tiles(),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
       tiled((2 * G, D), jnp.bfloat16, kswz),
-      *([] if shared_dq else [
+      *([] if opts.shared_dq else [
           tiled((D, 2 * G), jnp.bfloat16) if interp else tiled((2 * G, D), jnp.bfloat16, 32)]),
       tiled((2 * G, N), jnp.bfloat16, 32),
       plgpu.Barrier(num_barriers=1),
@@ -211,21 +263,3 @@ def build(B, K, C, splits, interpret=None, stages=2, unroll=1, shared_dq=False,
       scratch_types=scratch,
       grid=(B, K, splits), grid_names=("b", "h", "s"),
       **({} if interpret is None else dict(interpret=interpret)))
-
-
-def example_args(B, K, C):
-  return (jax.ShapeDtypeStruct((B, K, N, D), jnp.bfloat16),
-          jax.ShapeDtypeStruct((B, K, C // W, D), jnp.uint32),
-          jax.ShapeDtypeStruct((B, K, C // G, D), jnp.bfloat16),
-          jax.ShapeDtypeStruct((B, K, C // G, D), jnp.bfloat16),
-          jax.ShapeDtypeStruct((B, K, C // W, D), jnp.uint32),
-          jax.ShapeDtypeStruct((B, K, D // G, C), jnp.bfloat16),
-          jax.ShapeDtypeStruct((B, K, D // G, C), jnp.bfloat16),
-          jax.ShapeDtypeStruct((B,), jnp.int32))
-
-
-if __name__ == "__main__":
-  B, K, C, S = 1, 1, 1024, 1
-  txt = jax.jit(build(B, K, C, S)).trace(*example_args(B, K, C)).lower(
-      lowering_platforms=("cuda",)).as_text()
-  print("lowered", len(txt))

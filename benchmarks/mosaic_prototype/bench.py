@@ -1,0 +1,151 @@
+"""The prototype's versions on a GPU, main's Triton kernel beside them in the same run.
+
+  python benchmarks/mosaic_prototype/bench.py           # checks, then every version
+  python benchmarks/mosaic_prototype/bench.py ncu NAME  # three launches of one, for ncu
+
+(from the repository root, `PYTHONPATH=$PWD`; JSON to $OUT/mosaic_decode.json).
+P1's shape: B=8, Hq=32 (16 padded query rows per kv head), Hkv=8, d=128, bf16, KIVI-2
+with group 32, 128 tokens in the ring, random codes. Times are the block kernel alone
+(per-split partials, no merge), median of 30 batches of 10 calls after 3 warm-up
+calls; the transpose of the value scales the prototype reads is timed apart.
+"""
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kernel  # noqa: E402
+import reference  # noqa: E402
+from kernel import Options  # noqa: E402
+from pallas_kernels import decode_attention as da  # noqa: E402
+
+B, K = 8, 8
+CAPACITY = {32768: 33280, 131072: 131584}  # bench._kivi_layer's block capacity
+SHARED = dict(shared_dq=True, stages=1)  # 2 blocks per SM
+# name -> (L, splits, options)
+VERSIONS = {
+    "unrolled": (32768, 16, Options(unrolled=True)),
+    "unrolled_keys_only": (32768, 16, Options(unrolled=True, keys_only=True)),
+    "unrolled_const_scales": (32768, 16, Options(unrolled=True, const_scales=True)),
+    "loop": (32768, 16, Options()),
+    "loop_keys_only": (32768, 16, Options(keys_only=True)),
+    "loop_const_scales": (32768, 16, Options(const_scales=True)),
+    "shared_s16": (32768, 16, Options(**SHARED)),
+    "shared_s32": (32768, 32, Options(**SHARED)),
+    "shared": (32768, 64, Options(**SHARED)),
+    "shared_magic": (32768, 64, Options(**SHARED, magic=True)),
+    "shared_prealign": (32768, 64, Options(**SHARED, prealign=True)),
+    "shared_magic_prealign": (32768, 64, Options(**SHARED, magic=True, prealign=True)),
+    "shared_magic_prealign_const_scales": (
+        32768, 64, Options(**SHARED, magic=True, prealign=True, const_scales=True)),
+    "shared_magic_prealign_keys_only": (
+        32768, 64, Options(**SHARED, magic=True, prealign=True, keys_only=True)),
+    "shared_chunk2": (32768, 64, Options(**SHARED, chunk=2)),
+    "shared_chunk4": (32768, 64, Options(**SHARED, chunk=4)),
+    "shared_chunk8": (32768, 64, Options(**SHARED, chunk=8)),
+    "shared_chunk2_defer": (32768, 64, Options(**SHARED, chunk=2, defer_sum=True)),
+    "shared_chunk4_defer": (32768, 64, Options(**SHARED, chunk=4, defer_sum=True)),
+    "shared_chunk8_defer": (32768, 64, Options(**SHARED, chunk=8, defer_sum=True)),
+    "shared_reload": (32768, 64, Options(**SHARED, reload_words=True)),
+    "shared_swizzled": (32768, 64, Options(**SHARED, swizzle_words=True)),
+    "shared_swizzled_reload": (
+        32768, 64, Options(**SHARED, swizzle_words=True, reload_words=True)),
+    "128k_unrolled": (131072, 64, Options(unrolled=True)),
+    "128k_shared": (131072, 64, Options(**SHARED)),
+    "128k_shared_s128": (131072, 128, Options(**SHARED)),
+    "128k_shared_chunk2_defer": (131072, 64, Options(**SHARED, chunk=2, defer_sum=True)),
+    "128k_shared_swizzled": (131072, 64, Options(**SHARED, swizzle_words=True)),
+}
+TIMING_ONLY = ("keys_only", "const_scales")
+
+
+def med(fn, args, reps=30):
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    ts.append((time.perf_counter() - t0) / 10 * 1e3)
+  return statistics.median(ts)
+
+
+def inputs(L):
+  """Cache arrays in the layout of main's kernel (value scales [B, K, C, D/G])."""
+  C = CAPACITY[L]
+  rng = np.random.default_rng(0)
+  return (jnp.asarray(rng.normal(size=(B, K, kernel.N, kernel.D)), jnp.bfloat16),
+          jnp.asarray(rng.integers(0, 2**32, (B, K, C // kernel.W, kernel.D), np.uint32)),
+          jnp.asarray(rng.uniform(0.1, 1, (B, K, C // kernel.G, kernel.D)), jnp.bfloat16),
+          jnp.asarray(rng.uniform(-1, 1, (B, K, C // kernel.G, kernel.D)), jnp.bfloat16),
+          jnp.asarray(rng.integers(0, 2**32, (B, K, C // kernel.W, kernel.D), np.uint32)),
+          jnp.asarray(rng.uniform(0.1, 1, (B, K, C, kernel.D // kernel.G)), jnp.bfloat16),
+          jnp.asarray(rng.uniform(-1, 1, (B, K, C, kernel.D // kernel.G)), jnp.bfloat16),
+          jnp.asarray(np.full((B,), L - 128), jnp.int32))
+
+
+def transposed(args):
+  return (*args[:5], jnp.swapaxes(args[5], 2, 3), jnp.swapaxes(args[6], 2, 3), args[7])
+
+
+def main():
+  if sys.argv[1:2] == ["ncu"]:
+    L, splits, opts = VERSIONS[sys.argv[2]]
+    f = jax.jit(kernel.build(B, K, CAPACITY[L], splits, opts))
+    margs = transposed(inputs(L))
+    for _ in range(3):
+      jax.block_until_ready(f(*margs))
+    return
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+         "date": datetime.date.today().isoformat(), "commit": commit, "checks": {},
+         "triton_ms": {}, "transpose_ms": {}, "versions": {}}
+  # Compiled checks against float64 numpy: one row with 1000 of 2048 tokens live.
+  q, kc, vc, kw, vw, ks, kz, vs, vz = reference.make(2, 2, 2048)
+  nv = jnp.asarray([2048, 1000], jnp.int32)
+  ref = reference.reference(q, kc, vc, ks, kz, vs, vz, nv, 2)
+  for name, (_, _, opts) in VERSIONS.items():
+    if name.startswith("128k") or any(t in name for t in TIMING_ONLY):
+      continue
+    f = kernel.build(2, 2, 2048, 2, opts)
+    res["checks"][name] = reference.check(
+        reference.run(f, q, kw, ks, kz, vw, vs, vz, nv, False), ref)
+  for L in CAPACITY:
+    args = inputs(L)
+    tri = jax.jit(lambda *a: da.quantized_decode_partials(
+        *a, jnp.zeros_like(a[-1]), k_bits=2, v_bits=2, group_size=32))
+    res["triton_ms"][L] = med(tri, args)
+    want = da.merge_partials(*tri(*args))[0]
+    res["transpose_ms"][L] = med(jax.jit(transposed), args)
+    margs = transposed(args)
+    print(L, "triton", res["triton_ms"][L], "transpose", res["transpose_ms"][L], flush=True)
+    for name, (length, splits, opts) in VERSIONS.items():
+      if length != L:
+        continue
+      f = jax.jit(kernel.build(B, K, CAPACITY[L], splits, opts))
+      o, m, l = f(*margs)
+      got = da.merge_partials(jnp.swapaxes(o, 3, 4), m, l)[0]
+      row = {"L": L, "splits": splits, "options": {
+          k: v for k, v in vars(opts).items() if v != getattr(Options(), k)},
+          "ms": med(f, margs)}
+      if not any(t in name for t in TIMING_ONLY):
+        row["err_vs_triton"] = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+      res["versions"][name] = row
+      print(name, row, flush=True)
+  out = os.path.join(os.environ.get("OUT", "/tmp"), "mosaic_decode.json")
+  json.dump(res, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+  main()
