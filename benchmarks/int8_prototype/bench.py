@@ -1,6 +1,10 @@
 """The prototype on a GPU: compiled checks, then times beside main's kernel and cuDNN.
 
-  python benchmarks/int8_prototype/bench.py   # from the repository root, PYTHONPATH=$PWD
+  python benchmarks/int8_prototype/bench.py               # checks, then every config
+  python benchmarks/int8_prototype/bench.py ncu MODE S W   # three launches at 32k, for ncu
+  python benchmarks/int8_prototype/bench.py warps          # checks with 8 warps
+
+(from the repository root, PYTHONPATH=$PWD).
 
 JSON to $OUT/int8_decode.json. P1's shape: B=8, Hq=32, Hkv=8, d=128, bf16, KIVI-2 with
 group 32, 128 tokens in the ring (not read here), random codes. Times are the block
@@ -30,6 +34,16 @@ CONFIGS = {"splits": (16, 32, 64), "num_warps": (4, 8), "num_stages": (2, 3)}
 
 
 def main():
+  if sys.argv[1:2] == ["ncu"]:
+    mode, splits, warps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    pargs = reference.prototype_args(reference.make(B, K, CAPACITY[32768]), [32640] * B, mode)
+    for _ in range(3):
+      jax.block_until_ready(kernel.partials(*pargs, splits=splits, mode=mode, num_warps=warps))
+    return
+  if sys.argv[1:2] == ["warps"]:
+    for mode, asm in itertools.product(("int8", "bf16"), (True, False)):
+      print(mode, asm, reference.check(mode, asm, False, num_warps=8), flush=True)
+    return
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
   res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

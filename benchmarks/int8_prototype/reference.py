@@ -121,11 +121,13 @@ def rel(got, want):
   return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def check(mode: str, asm: bool, interpret: bool, B=2, K=2, C=2048, n_valid=(2048, 992), splits=2):
+def check(mode: str, asm: bool, interpret: bool, B=2, K=2, C=2048, n_valid=(2048, 992), splits=2,
+          **opts):
   """The prototype against its mirror and exact attention, main's kernel against exact."""
   x = make(B, K, C)
   got = da.merge_partials(*kernel.partials(*prototype_args(x, n_valid, mode), splits=splits,
-                                           mode=mode, asm=asm, interpret=interpret))[0]
+                                           mode=mode, asm=asm, interpret=interpret,
+                                           **opts))[0]
   main = da.merge_partials(*da.quantized_decode_partials(
       *main_args(x, n_valid), k_bits=2, v_bits=2, group_size=G, interpret=interpret))[0]
   want = exact(x, n_valid)
