@@ -14,53 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import kernel  # noqa: E402
 from kernel import D, G, H, T  # noqa: E402
-from kivi_jax import quantization  # noqa: E402
+from prototype_inputs import exact, main_args, make, rel  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
-
-f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
-
-
-def make(B, K, C, seed=0):
-  """Random codes, bf16 scales and zeros, a bf16 query (dict of numpy / jnp arrays)."""
-  rng = np.random.default_rng(seed)
-  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-  return dict(
-      q=bf(rng.normal(size=(B, K, H, D)) * 2),
-      kcodes=rng.integers(0, 4, (B, K, C, D), np.uint8),
-      vcodes=rng.integers(0, 4, (B, K, C, D), np.uint8),
-      ks=bf(rng.uniform(0.1, 1, (B, K, C // G, D))), kz=bf(rng.uniform(-1, 1, (B, K, C // G, D))),
-      vs=bf(rng.uniform(0.1, 1, (B, K, C, D // G))), vz=bf(rng.uniform(-1, 1, (B, K, C, D // G))))
 
 
 def prototype_args(x, n_valid, mode):
   return (x["q"], jnp.asarray(kernel.pack_keys(x["kcodes"], mode)), x["ks"], x["kz"],
           jnp.asarray(kernel.pack_values(x["vcodes"], mode)), x["vs"], x["vz"],
           jnp.asarray(n_valid, jnp.int32))
-
-
-def main_args(x, n_valid, m_rows=16):
-  """Main's kernel's arguments: main's packing, the query padded to 16 rows."""
-  q = jnp.pad(x["q"], ((0, 0), (0, 0), (0, m_rows - H), (0, 0)))
-  pack = lambda c: quantization.pack(jnp.asarray(c, jnp.uint32), 2, G)  # noqa: E731
-  n = jnp.asarray(n_valid, jnp.int32)
-  return (q, pack(x["kcodes"]), x["ks"], x["kz"], pack(x["vcodes"]), x["vs"], x["vz"], n,
-          jnp.zeros_like(n))
-
-
-def exact(x, n_valid):
-  """Attention over the dequantized block in float64: o [B, K, H, D]."""
-  C = x["kcodes"].shape[2]
-  keys = x["kcodes"] * np.repeat(f64(x["ks"]), G, axis=2) + np.repeat(f64(x["kz"]), G, axis=2)
-  values = (x["vcodes"] * np.repeat(f64(x["vs"]), G, axis=3)
-            + np.repeat(f64(x["vz"]), G, axis=3))
-  s = np.einsum("bkhd,bktd->bkht", f64(x["q"]), keys) / math.sqrt(D)
-  live = np.arange(C)[None, :] < np.asarray(n_valid)[:, None]
-  s = np.where(live[:, None, None, :], s, -np.inf)
-  p = np.exp(s - s.max(-1, keepdims=True))
-  return np.einsum("bkht,bktd->bkhd", p / p.sum(-1, keepdims=True), values)
 
 
 def _fold(x, axis, mode):
@@ -114,11 +79,6 @@ def mirror(x, n_valid, splits, mode):
       m[:, :, s] = np.where(active, m_new, m[:, :, s])
   w = np.exp(m - m.max(2, keepdims=True))
   return np.sum(w[..., None] * acc, 2) / np.sum(w * l, 2)[..., None]
-
-
-def rel(got, want):
-  """Largest absolute error over the largest absolute value."""
-  return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
 def check(mode: str, asm: bool, interpret: bool, B=2, K=2, C=2048, n_valid=(2048, 992), splits=2,
