@@ -8,17 +8,15 @@ tokens). Read as two int16 halves, a half holds slots 8 h .. 8 h + 7.
 Codes without shifts. `lop3(x, 3 << 2 j, M_j)` on a register of two halves keeps bits
 2 j .. 2 j + 1 of each half under the fp16 exponent of M_j = 2^(10 - 2 j): each lane
 is the fp16 number M_j + code, exactly (j = 0 .. 3; slots 4 .. 7 of a half after one
-shift right by 8). Lanes never mix, so the inline PTX is elementwise whichever two
-elements Triton puts in a register. The dot then carries M_j times the operand's
-sum, which is taken off with the zero points:
+shift right by 8), and `sub.f16x2` of M_j leaves the code: two instructions per two
+codes. Lanes never mix, so the inline PTX is elementwise whichever two elements
+Triton puts in a register. Scales fold into the dots' other operands:
 
-  keys    s[h, t] = q'_g . (M + code_t) + sum_c (q[h, c] z_g[c] - M q'_g[c]),
-          q'_g = fp16(q[h] * s_g): 16 rows (4 heads x the step's 4 key groups),
-          each token keeping the row of its own group;
-  values  o[h, c] = sum_t P'[t, (h, cg)] (M_t + code_t[c])
-                    + sum_t (p[h, t] z_t[cg] - M_t P'[t, (h, cg)]),
+  keys    s[h, t] = q'_g . code_t + q[h] . z_g,  q'_g = fp16(q[h] * s_g): 16 rows
+          (4 heads x the step's 4 key groups), each token keeping its group's row;
+  values  o[h, c] = sum_t P'[t, (h, cg)] code_t[c] + sum_t p[h, t] z_t[cg],
           P'[t, (h, cg)] = fp16(p[h, t] s_t[cg]): 16 columns (4 heads x 4 channel
-          groups), each channel keeping the column of its own group.
+          groups), each channel keeping its group's column.
 
 A program (row, kv head, split) loads one packing block's word tiles at a time and
 runs four steps j of 128 tokens on them: slots 8 h + 4 b + j for h, b in {0, 1}.
@@ -45,28 +43,23 @@ NCG = D // G  # value channel groups
 NEG = -1e30
 
 
-def magic(j):
-  """M_j = 2^(10 - 2 j), the fp16 number whose mantissa's unit is bit 2 j."""
-  return 2.0 ** (10 - 2 * j)
-
-
 def _splat(x, value):
   return jnp.full(x.shape, value, jnp.int16)
 
 
 def codes(halves, j, asm: bool):
-  """int16 `halves` (bits 2 j .. 2 j + 1 of each, j traced in 0 .. 3) -> fp16 M_j + code."""
+  """int16 `halves` (bits 2 j .. 2 j + 1 of each, j traced in 0 .. 3) -> fp16 codes."""
   mask = 3 << (2 * j)
   bits = ((25 - 2 * j) << 10).astype(jnp.int16)  # M_j's fp16 bit pattern
   if asm:
     [out] = pltriton.elementwise_inline_asm(
-        "lop3.b32 $0, $1, $2, $3, 0xea;",  # (a & b) | c
+        # (a & b) | c, then minus M_j: the code itself, as fp16.
+        "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xea; sub.rn.f16x2 $0, t, $3; }",
         args=[halves, _splat(halves, mask.astype(jnp.int16)), _splat(halves, bits)],
         constraints="=r,r,r,r", pack=2,
         result_shape_dtypes=[jax.ShapeDtypeStruct(halves.shape, jnp.float16)])
     return out
-  code = ((halves.astype(jnp.int32) >> (2 * j)) & 3).astype(jnp.float32)
-  return (code + jnp.exp2((10 - 2 * j).astype(jnp.float32))).astype(jnp.float16)
+  return ((halves.astype(jnp.int32) >> (2 * j)) & 3).astype(jnp.float16)
 
 
 def high_bytes(halves, asm: bool):
@@ -81,9 +74,10 @@ def high_bytes(halves, asm: bool):
 
 def step_codes(halves, high, j, asm: bool):
   """Step j's codes [D, 128] from a block tile [G, D, 2] of int16 halves and the same
-  shifted right by 8 (`high`): slot 8 h + 4 b + j of row rr at column 4 rr + 2 h + b."""
-  x = jnp.stack([codes(halves, j, asm), codes(high, j, asm)], axis=-1)  # [G, D, 2, 2]
-  return jnp.transpose(x, (1, 0, 2, 3)).reshape(D, 4 * G)
+  shifted right by 8 (`high`): slot 8 h + 4 b + j of row rr at column 4 rr + 2 b + h
+  (h, the half, fastest: the two halves of a register are neighbours)."""
+  x = jnp.stack([codes(halves, j, asm), codes(high, j, asm)], axis=-1)  # [G, D, h, b]
+  return jnp.transpose(x, (1, 0, 3, 2)).reshape(D, 4 * G)
 
 
 def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
@@ -94,9 +88,10 @@ def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
   first = split * blocks_per_split
   last = jnp.minimum(first + blocks_per_split, (n + BLOCK - 1) // BLOCK)
   col = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * G), 1)
-  slot_of_col = 8 * (col % 4 // 2) + 4 * (col % 2)  # + j
+  slot_of_col = 8 * (col % 2) + 4 * (col // 2 % 2)  # + j
+  col3 = jax.lax.broadcasted_iota(jnp.int32, (1, 4, 4 * G), 2)
   own_group = (jax.lax.broadcasted_iota(jnp.int32, (1, 4, 4 * G), 1)
-               == jax.lax.broadcasted_iota(jnp.int32, (1, 4, 4 * G), 2) % 4)
+               == 2 * (col3 % 2) + col3 // 2 % 2)  # row 2 h + b
   own_cgroup = (jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 0) // G
                 == jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 2))
 
@@ -107,13 +102,11 @@ def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
 
     def step(j, carry):
       m_prev, l_prev, acc, zacc = carry
-      mj = jnp.exp2((10 - 2 * j).astype(jnp.float32))  # M_j
-      # Scores: folded fp16 query rows (head, 2 h + b), M_j taken off with the zeros.
+      # Scores: folded fp16 query rows (head, 2 h + b).
       ks = ks_ref[blk, :, :, j].astype(jnp.float32).reshape(4, D)
       kz = kz_ref[blk, :, :, j].astype(jnp.float32).reshape(4, D)
       qh = (q[:, None, :] * ks[None]).astype(jnp.float16)  # [H, 4, D]
-      bias = jnp.sum(q[:, None, :] * kz[None] - mj * qh.astype(jnp.float32),
-                     axis=2, keepdims=True)  # [H, 4, 1]
+      bias = jnp.sum(q[:, None, :] * kz[None], axis=2, keepdims=True)  # [H, 4, 1]
       kc = step_codes(kh, khi, j, asm)  # [D, 128]
       s_all = jax.lax.dot_general(qh.reshape(H * 4, D), kc, (((1,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32)
@@ -127,13 +120,13 @@ def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
       l_new = l_prev * corr + jnp.sum(p, axis=1)
       # Values: folded fp16 probabilities [128, (head, channel group)].
       vs = jnp.transpose(vs_ref[blk, :, :, j].astype(jnp.float32),
-                         (2, 0, 1, 3)).reshape(4 * G, NCG)
+                         (2, 1, 0, 3)).reshape(4 * G, NCG)
       vz = jnp.transpose(vz_ref[blk, :, :, j].astype(jnp.float32),
-                         (2, 0, 1, 3)).reshape(4 * G, NCG)
+                         (2, 1, 0, 3)).reshape(4 * G, NCG)
       pt = p.T  # [128, H]
       ph = (pt[:, :, None] * vs[:, None, :]).reshape(4 * G, H * NCG).astype(jnp.float16)
-      zterm = jnp.sum((pt[:, :, None] * vz[:, None, :]).reshape(4 * G, H * NCG)
-                      - mj * ph.astype(jnp.float32), axis=0)  # [16]
+      zterm = jnp.sum((pt[:, :, None] * vz[:, None, :]).reshape(4 * G, H * NCG),
+                      axis=0)  # [16]
       vc = step_codes(vh, vhi, j, asm)  # [D, 128]
       pv = jax.lax.dot_general(vc, ph, (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)  # [D, 16]
