@@ -12,14 +12,15 @@ shift right by 8), and `sub.f16x2` of M_j leaves the code: two instructions per 
 codes. Lanes never mix, so the inline PTX is elementwise whichever two elements
 Triton puts in a register. Scales fold into the dots' other operands:
 
-  keys    s[h, t] = q'_g . code_t + q[h] . z_g,  q'_g = fp16(q[h] * s_g): 16 rows
-          (4 heads x the step's 4 key groups), each token keeping its group's row;
+  keys    s[h, t] = q'_g . code_t + q[h] . z_g,  q'_g = fp16(q[h] * s_g);
   values  o[h, c] = sum_t P'[t, (h, cg)] code_t[c] + sum_t p[h, t] z_t[cg],
           P'[t, (h, cg)] = fp16(p[h, t] s_t[cg]): 16 columns (4 heads x 4 channel
           groups), each channel keeping its group's column.
 
 A program (row, kv head, split) loads one packing block's word tiles at a time and
-runs four steps j of 128 tokens on them: slots 8 h + 4 b + j for h, b in {0, 1}.
+runs four steps j of 128 tokens on them: slots 8 h + 4 b + j for h, b in {0, 1}, one
+pair of dots per b (b = 1 from the tiles shifted right by 8). Keys have 16 query
+rows (head, h, b); each token keeps the row of its own group.
 
 Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; k_codes, v_codes [B, K, C/16, D] uint32 (main's `pack`);
@@ -72,12 +73,11 @@ def high_bytes(halves, asm: bool):
   return (halves.astype(jnp.int32) >> 8).astype(jnp.int16)
 
 
-def step_codes(halves, high, j, asm: bool):
-  """Step j's codes [D, 128] from a block tile [G, D, 2] of int16 halves and the same
-  shifted right by 8 (`high`): slot 8 h + 4 b + j of row rr at column 4 rr + 2 b + h
-  (h, the half, fastest: the two halves of a register are neighbours)."""
-  x = jnp.stack([codes(halves, j, asm), codes(high, j, asm)], axis=-1)  # [G, D, h, b]
-  return jnp.transpose(x, (1, 0, 3, 2)).reshape(D, 4 * G)
+def step_codes(halves, j, asm: bool):
+  """Codes [D, 64] of slots 8 h + j of a block tile [G, D, 2] of int16 halves (of its
+  slots 4 .. 7 for a tile shifted right by 8): row rr's at column 2 rr + h (h, the
+  half, fastest: the two halves of a register are neighbours)."""
+  return jnp.transpose(codes(halves, j, asm), (1, 0, 2)).reshape(D, 2 * G)
 
 
 def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
@@ -87,51 +87,52 @@ def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
   n = n_ref[0]
   first = split * blocks_per_split
   last = jnp.minimum(first + blocks_per_split, (n + BLOCK - 1) // BLOCK)
-  col = jax.lax.broadcasted_iota(jnp.int32, (1, 4 * G), 1)
-  slot_of_col = 8 * (col % 2) + 4 * (col // 2 % 2)  # + j
-  col3 = jax.lax.broadcasted_iota(jnp.int32, (1, 4, 4 * G), 2)
-  own_group = (jax.lax.broadcasted_iota(jnp.int32, (1, 4, 4 * G), 1)
-               == 2 * (col3 % 2) + col3 // 2 % 2)  # row 2 h + b
+  col = jax.lax.broadcasted_iota(jnp.int32, (1, 2 * G), 1)  # 2 rr + h
+  shape = (1, 2, 2, 2 * G)  # query rows (h', b') of a head, columns
+  row_h = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  row_b = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
+  own_row = [(row_h == jax.lax.broadcasted_iota(jnp.int32, shape, 3) % 2) & (row_b == b)
+             for b in (0, 1)]
   own_cgroup = (jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 0) // G
                 == jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 2))
 
   def block(blk, carry):
     rows = pl.ds(pl.multiple_of(blk * G, G), G)
     kh, vh = kh_ref[rows], vh_ref[rows]  # [G, D, 2] int16
-    khi, vhi = high_bytes(kh, asm), high_bytes(vh, asm)
+    tiles = ((kh, vh), (high_bytes(kh, asm), high_bytes(vh, asm)))  # b = 0, 1
 
     def step(j, carry):
       m_prev, l_prev, acc, zacc = carry
-      # Scores: folded fp16 query rows (head, 2 h + b).
-      ks = ks_ref[blk, :, :, j].astype(jnp.float32).reshape(4, D)
-      kz = kz_ref[blk, :, :, j].astype(jnp.float32).reshape(4, D)
-      qh = (q[:, None, :] * ks[None]).astype(jnp.float16)  # [H, 4, D]
-      bias = jnp.sum(q[:, None, :] * kz[None], axis=2, keepdims=True)  # [H, 4, 1]
-      kc = step_codes(kh, khi, j, asm)  # [D, 128]
-      s_all = jax.lax.dot_general(qh.reshape(H * 4, D), kc, (((1,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-      s = jnp.sum(jnp.where(own_group, s_all.reshape(H, 4, 4 * G) + bias, 0.0), axis=1)
-      tok = blk * BLOCK + (slot_of_col + j) * G + col // 4  # [1, 128]
-      live = tok < n
-      s = jnp.where(live, s, NEG)  # [H, 128]
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      # Folded fp16 query rows (head, h, b): slot 8 h + 4 b + j's group.
+      ks = ks_ref[blk, :, :, j].astype(jnp.float32)  # [2, 2, D]
+      kz = kz_ref[blk, :, :, j].astype(jnp.float32)
+      qh = (q[:, None, None, :] * ks[None]).astype(jnp.float16).reshape(4 * H, D)
+      bias = jnp.sum(q[:, None, None, :] * kz[None], axis=3)[..., None]  # [H, 2, 2, 1]
+      s, live = [], []
+      for b, (kt, _) in enumerate(tiles):
+        s_all = jax.lax.dot_general(qh, step_codes(kt, j, asm), (((1,), (0,)), ((), ())),
+                                    preferred_element_type=jnp.float32)  # [16, 64]
+        s_all = s_all.reshape(H, 2, 2, 2 * G) + bias
+        tok = blk * BLOCK + (8 * (col % 2) + 4 * b + j) * G + col // 2
+        live.append(tok < n)
+        s.append(jnp.where(live[b], jnp.sum(jnp.where(own_row[b], s_all, 0.0), axis=(1, 2)),
+                           NEG))  # [H, 64]
+      m_new = jnp.maximum(m_prev, jnp.maximum(jnp.max(s[0], axis=1), jnp.max(s[1], axis=1)))
       corr = jnp.exp(m_prev - m_new)
-      p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)
-      l_new = l_prev * corr + jnp.sum(p, axis=1)
-      # Values: folded fp16 probabilities [128, (head, channel group)].
-      vs = jnp.transpose(vs_ref[blk, :, :, j].astype(jnp.float32),
-                         (2, 1, 0, 3)).reshape(4 * G, NCG)
-      vz = jnp.transpose(vz_ref[blk, :, :, j].astype(jnp.float32),
-                         (2, 1, 0, 3)).reshape(4 * G, NCG)
-      pt = p.T  # [128, H]
-      ph = (pt[:, :, None] * vs[:, None, :]).reshape(4 * G, H * NCG).astype(jnp.float16)
-      zterm = jnp.sum((pt[:, :, None] * vz[:, None, :]).reshape(4 * G, H * NCG),
-                      axis=0)  # [16]
-      vc = step_codes(vh, vhi, j, asm)  # [D, 128]
-      pv = jax.lax.dot_general(vc, ph, (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # [D, 16]
+      p = [jnp.where(lv, jnp.exp(sb - m_new[:, None]), 0.0) for sb, lv in zip(s, live)]
+      l_new = l_prev * corr + jnp.sum(p[0], axis=1) + jnp.sum(p[1], axis=1)
       corr16 = jnp.broadcast_to(corr[:, None], (H, NCG)).reshape(1, H * NCG)
-      return m_new, l_new, acc * corr16 + pv, zacc * corr16[0] + zterm
+      acc, zacc = acc * corr16, zacc * corr16[0]
+      for b, (_, vt) in enumerate(tiles):
+        # Folded fp16 probabilities [64, (head, channel group)].
+        vs = jnp.transpose(vs_ref[blk, :, b, j].astype(jnp.float32), (1, 0, 2))
+        vz = jnp.transpose(vz_ref[blk, :, b, j].astype(jnp.float32), (1, 0, 2))
+        pt = p[b].T[:, :, None]  # [64, H, 1]
+        ph = (pt * vs.reshape(2 * G, 1, NCG)).reshape(2 * G, H * NCG).astype(jnp.float16)
+        zacc = zacc + jnp.sum((pt * vz.reshape(2 * G, 1, NCG)).reshape(2 * G, H * NCG), axis=0)
+        acc = acc + jax.lax.dot_general(step_codes(vt, j, asm), ph, (((1,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)  # [D, 16]
+      return m_new, l_new, acc, zacc
 
     return jax.lax.fori_loop(0, 4, step, carry)
 
