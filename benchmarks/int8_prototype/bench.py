@@ -4,7 +4,8 @@
   python benchmarks/int8_prototype/bench.py ncu MODE S W   # three launches at 32k, for ncu
   python benchmarks/int8_prototype/bench.py warps          # checks with 8 warps
 
-(from the repository root, PYTHONPATH=$PWD).
+(from the repository root, PYTHONPATH=$PWD, KIVI_JAX_COMMIT=<commit> on the GPU
+machine).
 
 JSON to $OUT/int8_decode.json. P1's shape: B=8, Hq=32, Hkv=8, d=128, bf16, KIVI-2 with
 group 32, 128 tokens in the ring (not read here), random codes. Times are the block
@@ -12,11 +13,9 @@ kernel alone (per-split partials, no merge; main's kernel with its 16 padded que
 rows), `kivi_jax.bench._time` (median of 30 batches of 10 calls after warm-up);
 cuDNN is the whole bf16 attention over L tokens, in the same run.
 """
-import datetime
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import kernel  # noqa: E402
 import reference  # noqa: E402
 from kivi_jax.bench import _time  # noqa: E402
+from kivi_jax.cli import run_metadata  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 
 B, K, HQ = 8, 8, 32
@@ -44,10 +44,7 @@ def main():
     for mode, asm in itertools.product(("int8", "bf16"), (True, False)):
       print(mode, asm, reference.check(mode, asm, False, num_warps=8), flush=True)
     return
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "date": datetime.date.today().isoformat(), "commit": commit, "checks": {},
+  res = {**run_metadata(), "checks": {},
          "cudnn_ms": {}, "main_ms": {}, "runs": []}
   for mode, asm in itertools.product(("int8", "bf16"), (True, False)):
     res["checks"][f"{mode}_asm{int(asm)}"] = c = reference.check(mode, asm, False)

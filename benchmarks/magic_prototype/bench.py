@@ -3,18 +3,17 @@
   python benchmarks/magic_prototype/bench.py             # checks, then every config
   python benchmarks/magic_prototype/bench.py ncu S W G   # three launches at 32k, for ncu
 
-(from the repository root, PYTHONPATH=$PWD; JSON to $OUT/magic_decode.json). P1's
-shape: B=8, Hq=32, Hkv=8, d=128, bf16, KIVI-2 with group 32, 128 tokens in the ring
-(not read here), random codes, main's cache layout. Times are the block kernel alone
+(from the repository root, PYTHONPATH=$PWD, KIVI_JAX_COMMIT=<commit> on the GPU
+machine; JSON to $OUT/magic_decode.json). P1's shape: B=8, Hq=32, Hkv=8, d=128, bf16,
+KIVI-2 with group 32, 128 tokens in the ring (not read here), random codes, main's
+cache layout. Times are the block kernel alone
 (per-split partials, no merge; main's kernel with its 16 padded query rows),
 `kivi_jax.bench._time` (median of 30 batches of 10 calls after warm-up); cuDNN is the
 whole bf16 attention over L tokens, in the same run.
 """
-import datetime
 import itertools
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import check  # noqa: E402
 import kernel  # noqa: E402
 from kivi_jax.bench import _time  # noqa: E402
+from kivi_jax.cli import run_metadata  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 
 B, K, HQ = 8, 8, 32
@@ -39,10 +39,7 @@ def main():
       jax.block_until_ready(kernel.partials(*args, splits=splits, num_warps=warps,
                                             num_stages=stages))
     return
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "date": datetime.date.today().isoformat(), "commit": commit, "checks": {},
+  res = {**run_metadata(), "checks": {},
          "cudnn_ms": {}, "main_ms": {}, "runs": []}
   for asm, warps in itertools.product((True, False), (4, 8)):
     res["checks"][f"asm{int(asm)}_w{warps}"] = c = check.check(asm, False, num_warps=warps)
