@@ -29,7 +29,10 @@ def prototype_args(x, n_valid, mode):
 
 
 def _fold(x, axis, mode):
-  """kernel.fold in float32 numpy."""
+  """kernel.fold in float32 numpy ("exact": no rounding, for `attribution`)."""
+  if mode == "exact":
+    amax = np.max(np.abs(x), axis=axis, keepdims=True)
+    return x * np.float32(127) / np.where(amax > 0, amax, 1), amax * np.float32(1 / 127)
   if mode == "bf16":
     return np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float32), np.float32(1)
   amax = np.max(np.abs(x), axis=axis, keepdims=True)
@@ -37,9 +40,10 @@ def _fold(x, axis, mode):
   return np.floor(x * inv + np.float32(0.5)), amax * np.float32(1 / 127)
 
 
-def mirror(x, n_valid, splits, mode):
+def mirror(x, n_valid, splits, mode, q_mode=None):
   """The kernel's arithmetic step by step (float32 where the kernel rounds, float64
-  elsewhere), splits merged as `merge_partials` merges them: o [B, K, H, D]."""
+  elsewhere), splits merged as `merge_partials` merges them: o [B, K, H, D]. `q_mode`
+  (default `mode`) folds the query apart from the probabilities."""
   f32 = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
   B, K, C, _ = x["kcodes"].shape
   per_split = -(-(C // T) // splits)
@@ -56,7 +60,8 @@ def mirror(x, n_valid, splits, mode):
       if not live.any():
         continue
       g = t // G
-      qi, qsc = _fold(q[:, :, :, None, :] * ks[:, :, None, i * 4:(i + 1) * 4, :], 4, mode)
+      qi, qsc = _fold(q[:, :, :, None, :] * ks[:, :, None, i * 4:(i + 1) * 4, :], 4,
+                      q_mode or mode)
       bias = np.sum(q[:, :, :, None, :] * kz[:, :, None, i * 4:(i + 1) * 4, :], axis=4)
       s_all = np.einsum("bkhgd,bktd->bkhgt", qi, x["kcodes"][:, :, t].astype(np.float64))
       s_all = s_all * qsc + bias[..., None]
@@ -81,6 +86,16 @@ def mirror(x, n_valid, splits, mode):
   return np.sum(w[..., None] * acc, 2) / np.sum(w * l, 2)[..., None]
 
 
+def attribution(B=2, K=2, C=1024, n_valid=(1024, 480), splits=2):
+  """int8's error against exact attention, and with only the query or only the
+  probabilities rounded to int8 (the mirror, float64 numpy)."""
+  x = make(B, K, C)
+  want = exact(x, n_valid)
+  return {"both": rel(mirror(x, n_valid, splits, "int8"), want),
+          "query_only": rel(mirror(x, n_valid, splits, "exact", "int8"), want),
+          "probabilities_only": rel(mirror(x, n_valid, splits, "int8", "exact"), want)}
+
+
 def check(mode: str, asm: bool, interpret: bool, B=2, K=2, C=2048, n_valid=(2048, 992), splits=2,
           **opts):
   """The prototype against its mirror and exact attention, main's kernel against exact."""
@@ -99,3 +114,4 @@ if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")
   for mode in ("int8", "bf16"):
     print(mode, check(mode, asm=False, interpret=True, C=1024, n_valid=(1024, 480)))
+  print("int8 error by fold", attribution())
