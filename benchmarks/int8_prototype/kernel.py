@@ -1,27 +1,37 @@
-"""KIVI-2 decode attention on 8-bit tensor-core operands: a Pallas (Triton) prototype.
+"""KIVI-2 decode attention on 8-bit or bf16 tensor-core operands made without
+dequantizing: a Pallas (Triton) prototype.
 
 Not product code (see README.md). One program per (row, kv head, split) walks its
 part of the packed block in steps of T = 128 tokens (four key groups of 32):
 
   keys    s[h, t] = sum_c (q[h, c] s_g[c]) code[t, c] + q[h] . z_g      (g = t // 32)
-          The folded query q[h] * s_g is rounded to int8 per (h, g) row with its
-          own scale: 16 rows (4 heads x 4 groups), one int8 dot against the step's
-          key codes [T, 128], and each token keeps the row of its own group.
+          The folded query q[h] * s_g is one operand row per (h, g): 16 rows (4 heads
+          x 4 groups), one dot against the step's key codes [T, 128], and each token
+          keeps the row of its own group.
   values  o[h, c] = sum_t (p[h, t] s_t[cg]) code[t, c] + sum_t p[h, t] z_t[cg]
-          (cg = c // 32). The folded probabilities p[h, t] * s_t[cg] are rounded to
-          int8 per (h, cg) row with its own scale: 16 rows again, one int8 dot
-          against the value codes, and each channel keeps the row of its group.
+          (cg = c // 32). The folded probabilities p[h, t] * s_t[cg] are one operand
+          row per (h, cg): 16 rows again, one dot against the value codes, and each
+          channel keeps the row of its group.
 
-The codes reach the dots four to a register: `(w >> 2j) & 0x03030303` (inline PTX,
-`unpack`) turns one word into four int8 codes in one 32-bit register, two
-instructions per four codes. That needs each word's bytes to be four consecutive
-elements of the dot's contraction, so the prototype packs the cache differently
-from main (`pack_keys`, `pack_values`):
+Mode "int8": the folded rows are rounded to int8 with a scale per row, the codes are
+int8 and the dots accumulate in int32. Mode "bf16": the folded rows are rounded to
+bf16 and each code is the bf16 number 128 + code (`MAGIC`), whose 128 times the
+row's sum is taken off after the dot.
+
+The codes reach the dots several to a register: inline PTX (`unpack`) turns one word
+into four int8 codes (`(w >> 2j) & 0x03030303`) or two bf16 ones (shift, then `lop3`
+into 0x4300) in two instructions. That needs a word's lanes to be consecutive
+elements of the dot's contraction, so the prototype packs the cache differently from
+main (`pack_keys`, `pack_values`; with four lanes, two lanes pack codes 2j + b at bits
+16 b + 2 j):
 
   keys    words [C, D / 16]: word i of token t holds channel 16 i + 4 j + b at
           bits 8 b + 2 j (contraction over channels);
   values  words [C / 16, D]: word r of channel c holds token 16 r + 4 j + b at
           bits 8 b + 2 j (contraction over tokens).
+
+The PTX treats a register's lanes as consecutive elements of the last axis, which
+Triton does not promise: with 8 warps the results are wrong (NOTES.md).
 
 Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; kw [B, K, C, D/16] int32; ks, kz [B, K, C/32, D];
