@@ -22,8 +22,8 @@ The codes reach the dots several to a register: inline PTX (`unpack`) turns one 
 into four int8 codes (`(w >> 2j) & 0x03030303`) or two bf16 ones (shift, then `lop3`
 into 0x4300) in two instructions. That needs a word's lanes to be consecutive
 elements of the dot's contraction, so the prototype packs the cache differently from
-main (`pack_keys`, `pack_values`; with four lanes, two lanes pack codes 2j + b at bits
-16 b + 2 j):
+main (`pack_keys`, `pack_values`; below for int8's four lanes, while bf16's two lanes
+hold element 2 j + b of a word's 16 at bits 16 b + 2 j):
 
   keys    words [C, D / 16]: word i of token t holds channel 16 i + 4 j + b at
           bits 8 b + 2 j (contraction over channels);
