@@ -1,26 +1,29 @@
 """KIVI-2 decode attention over main's packed cache, codes turned into fp16 operands
-by one logic instruction per two codes: a Pallas (Triton) prototype.
+by two instructions per two codes: a Pallas (Triton) prototype.
 
-Not product code (see README.md). Main's layout is unchanged: a word holds 16 slots
-of 2-bit codes, slot s at bits 2 s (token s * 32 + row of its packing block of 512
-tokens). Read as two int16 halves, a half holds slots 8 h .. 8 h + 7.
+Not product code (see README.md). Main's layout is unchanged: the word of row rr and
+channel d of a packing block holds 16 slots of 2-bit codes, slot s at bits 2 s (token
+s * 32 + rr of the block's 512).
 
-Codes without shifts. `lop3(x, 3 << 2 j, M_j)` on a register of two halves keeps bits
-2 j .. 2 j + 1 of each half under the fp16 exponent of M_j = 2^(10 - 2 j): each lane
-is the fp16 number M_j + code, exactly (j = 0 .. 3; slots 4 .. 7 of a half after one
-shift right by 8), and `sub.f16x2` of M_j leaves the code: two instructions per two
-codes. Lanes never mix, so the inline PTX is elementwise whichever two elements
-Triton puts in a register. Scales fold into the dots' other operands:
+Codes as operands, two channels to a register. `prmt` puts byte `hb` of the words of
+two neighbouring channels into the two 16-bit lanes of one register (`select_byte`;
+slots 4 hb .. 4 hb + 3). `lop3(x, 3 << 2 j, M_j)` then keeps bits 2 j .. 2 j + 1 of
+each lane under the fp16 exponent of M_j = 2^(10 - 2 j), so each lane is the fp16
+number M_j + code, exactly, and `sub.f16x2` of M_j leaves the code (`codes`). Each
+output lane comes from its own input element alone, so the inline PTX is
+elementwise whichever two elements Triton puts in a register. A step's operand is a
+[32 tokens, D] tile whose registers hold neighbouring channels, as the dots' shared
+memory layouts want them. Scales fold into the dots' other operands:
 
   keys    s[h, t] = q'_g . code_t + q[h] . z_g,  q'_g = fp16(q[h] * s_g);
-  values  o[h, c] = sum_t P'[t, (h, cg)] code_t[c] + sum_t p[h, t] z_t[cg],
-          P'[t, (h, cg)] = fp16(p[h, t] s_t[cg]): 16 columns (4 heads x 4 channel
-          groups), each channel keeping its group's column.
+  values  o[h, c] = sum_t P'[(h, cg), t] code_t[c] + sum_t p[h, t] z_t[cg],
+          P'[(h, cg), t] = fp16(p[h, t] s_t[cg]): 16 rows (4 heads x 4 channel
+          groups), each channel keeping its group's row.
 
 A program (row, kv head, split) loads one packing block's word tiles at a time and
-runs four steps j of 128 tokens on them: slots 8 h + 4 b + j for h, b in {0, 1}, one
-pair of dots per b (b = 1 from the tiles shifted right by 8). Keys have 16 query
-rows (head, h, b); each token keeps the row of its own group.
+runs one step per group (slot) on them, as main's kernel: the query rows (head,
+channel group) repeat each head's row 4 times, so the probabilities come out in the
+value dot's 16 rows.
 
 Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; k_codes, v_codes [B, K, C/16, D] uint32 (main's `pack`);
@@ -44,106 +47,94 @@ NCG = D // G  # value channel groups
 NEG = -1e30
 
 
-def _splat(x, value):
-  return jnp.full(x.shape, value, jnp.int16)
+def _splat(x, value, dtype):
+  return jnp.full(x.shape, value, dtype)
 
 
-def codes(halves, j, asm: bool):
-  """int16 `halves` (bits 2 j .. 2 j + 1 of each, j traced in 0 .. 3) -> fp16 codes."""
-  mask = 3 << (2 * j)
+def select_byte(words, hb, asm: bool):
+  """int32 `words` [G, D] -> int16 [G, D] whose low byte is byte `hb` of the word."""
+  if asm:
+    sel = hb * 0x11 + (4 + hb) * 0x1100  # lane 0 from the first word, lane 1 the second
+    [out] = pltriton.elementwise_inline_asm(
+        "prmt.b32 $0, $1, $2, $3;", args=[words, _splat(words, sel, jnp.int32)],
+        constraints="=r,r,r,r,r", pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int16)])
+    return out  # the high byte of each lane is masked off by `codes`
+  return ((words >> (8 * hb)) & 255).astype(jnp.int16)
+
+
+def codes(x, j, asm: bool):
+  """int16 `x` (bits 2 j .. 2 j + 1 of each, j traced in 0 .. 3) -> fp16 codes."""
+  mask = (3 << (2 * j)).astype(jnp.int16)
   bits = ((25 - 2 * j) << 10).astype(jnp.int16)  # M_j's fp16 bit pattern
   if asm:
     [out] = pltriton.elementwise_inline_asm(
         # (a & b) | c, then minus M_j: the code itself, as fp16.
         "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xea; sub.rn.f16x2 $0, t, $3; }",
-        args=[halves, _splat(halves, mask.astype(jnp.int16)), _splat(halves, bits)],
+        args=[x, _splat(x, mask, jnp.int16), _splat(x, bits, jnp.int16)],
         constraints="=r,r,r,r", pack=2,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(halves.shape, jnp.float16)])
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float16)])
     return out
-  return ((halves.astype(jnp.int32) >> (2 * j)) & 3).astype(jnp.float16)
+  return ((x.astype(jnp.int32) >> (2 * j)) & 3).astype(jnp.float16)
 
 
-def high_bytes(halves, asm: bool):
-  """Each int16 half shifted right by 8 (its slots 4 .. 7 at bits 0 .. 7)."""
-  if asm:
-    [out] = pltriton.elementwise_inline_asm(
-        "shr.b32 $0, $1, 8;", args=[halves], constraints="=r,r", pack=2,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(halves.shape, jnp.int16)])
-    return out  # the lanes' stray high bits are masked off by `codes`
-  return (halves.astype(jnp.int32) >> 8).astype(jnp.int16)
-
-
-def step_codes(halves, j, asm: bool):
-  """Codes [D, 64] of slots 8 h + j of a block tile [G, D, 2] of int16 halves (of its
-  slots 4 .. 7 for a tile shifted right by 8): row rr's at column 2 rr + h (h, the
-  half, fastest: the two halves of a register are neighbours)."""
-  return jnp.transpose(codes(halves, j, asm), (1, 0, 2)).reshape(D, 2 * G)
-
-
-def _kernel(q_ref, kh_ref, ks_ref, kz_ref, vh_ref, vs_ref, vz_ref, n_ref,
+def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref,
             acc_ref, m_ref, l_ref, *, blocks_per_split: int, sm_scale: float, asm: bool):
   split = pl.program_id(2)
   q = q_ref[...].astype(jnp.float32) * sm_scale  # [H, D]
   n = n_ref[0]
   first = split * blocks_per_split
   last = jnp.minimum(first + blocks_per_split, (n + BLOCK - 1) // BLOCK)
-  col = jax.lax.broadcasted_iota(jnp.int32, (1, 2 * G), 1)  # 2 rr + h
-  shape = (1, 2, 2, 2 * G)  # query rows (h', b') of a head, columns
-  row_h = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-  row_b = jax.lax.broadcasted_iota(jnp.int32, shape, 2)
-  own_row = [(row_h == jax.lax.broadcasted_iota(jnp.int32, shape, 3) % 2) & (row_b == b)
-             for b in (0, 1)]
-  own_cgroup = (jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 0) // G
-                == jax.lax.broadcasted_iota(jnp.int32, (D, H, NCG), 2))
+  rr = jax.lax.broadcasted_iota(jnp.int32, (1, G), 1)
+  own_cgroup = (jax.lax.broadcasted_iota(jnp.int32, (H, NCG, D), 2) // G
+                == jax.lax.broadcasted_iota(jnp.int32, (H, NCG, D), 1))
+  rep = lambda x: jnp.broadcast_to(x[:, None], (H, NCG, *x.shape[1:])).reshape(  # noqa: E731
+      H * NCG, *x.shape[1:])  # each head's row 4 times: rows (head, channel group)
 
   def block(blk, carry):
     rows = pl.ds(pl.multiple_of(blk * G, G), G)
-    kh, vh = kh_ref[rows], vh_ref[rows]  # [G, D, 2] int16
-    tiles = ((kh, vh), (high_bytes(kh, asm), high_bytes(vh, asm)))  # b = 0, 1
+    kw, vw = kw_ref[rows], vw_ref[rows]  # [G, D] int32
 
-    def step(j, carry):
-      m_prev, l_prev, acc, zacc = carry
-      # Folded fp16 query rows (head, h, b): slot 8 h + 4 b + j's group.
-      ks = ks_ref[blk, :, :, j].astype(jnp.float32)  # [2, 2, D]
-      kz = kz_ref[blk, :, :, j].astype(jnp.float32)
-      qh = (q[:, None, None, :] * ks[None]).astype(jnp.float16).reshape(4 * H, D)
-      bias = jnp.sum(q[:, None, None, :] * kz[None], axis=3)[..., None]  # [H, 2, 2, 1]
-      s, live = [], []
-      for b, (kt, _) in enumerate(tiles):
-        s_all = jax.lax.dot_general(qh, step_codes(kt, j, asm), (((1,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32)  # [16, 64]
-        s_all = s_all.reshape(H, 2, 2, 2 * G) + bias
-        tok = blk * BLOCK + (8 * (col % 2) + 4 * b + j) * G + col // 2
-        live.append(tok < n)
-        s.append(jnp.where(live[b], jnp.sum(jnp.where(own_row[b], s_all, 0.0), axis=(1, 2)),
-                           NEG))  # [H, 64]
-      m_new = jnp.maximum(m_prev, jnp.maximum(jnp.max(s[0], axis=1), jnp.max(s[1], axis=1)))
-      corr = jnp.exp(m_prev - m_new)
-      p = [jnp.where(lv, jnp.exp(sb - m_new[:, None]), 0.0) for sb, lv in zip(s, live)]
-      l_new = l_prev * corr + jnp.sum(p[0], axis=1) + jnp.sum(p[1], axis=1)
-      corr16 = jnp.broadcast_to(corr[:, None], (H, NCG)).reshape(1, H * NCG)
-      acc, zacc = acc * corr16, zacc * corr16[0]
-      for b, (_, vt) in enumerate(tiles):
-        # Folded fp16 probabilities [64, (head, channel group)].
-        vs = jnp.transpose(vs_ref[blk, :, b, j].astype(jnp.float32), (1, 0, 2))
-        vz = jnp.transpose(vz_ref[blk, :, b, j].astype(jnp.float32), (1, 0, 2))
-        pt = p[b].T[:, :, None]  # [64, H, 1]
-        ph = (pt * vs.reshape(2 * G, 1, NCG)).reshape(2 * G, H * NCG).astype(jnp.float16)
-        zacc = zacc + jnp.sum((pt * vz.reshape(2 * G, 1, NCG)).reshape(2 * G, H * NCG), axis=0)
-        acc = acc + jax.lax.dot_general(step_codes(vt, j, asm), ph, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)  # [D, 16]
-      return m_new, l_new, acc, zacc
+    def byte(hb, carry):
+      kx, vx = select_byte(kw, hb, asm), select_byte(vw, hb, asm)
 
-    return jax.lax.fori_loop(0, 4, step, carry)
+      def step(j, carry):
+        m_prev, l_prev, acc, zacc = carry
+        g = blk * 16 + 4 * hb + j  # the group (slot 4 hb + j)
+        ks = ks_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, D]
+        kz = kz_ref[pl.ds(g, 1), :].astype(jnp.float32)
+        qh = rep((q * ks).astype(jnp.float16))  # [16, D]
+        bias = rep(jnp.sum(q * kz, axis=1))  # [16]
+        s = jax.lax.dot_general(qh, codes(kx, j, asm), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32) + bias[:, None]
+        live = g * G + rr < n  # [1, G]
+        s = jnp.where(live, s, NEG)  # [16, G]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        corr = jnp.exp(m_prev - m_new)
+        p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)
+        l_new = l_prev * corr + jnp.sum(p, axis=1)
+        toks = pl.ds(pl.multiple_of(g * G, G), G)
+        vs = vs_ref[toks, :].astype(jnp.float32).T  # [NCG, G]
+        vz = vz_ref[toks, :].astype(jnp.float32).T
+        p3 = p.reshape(H, NCG, G)
+        ph = (p3 * vs[None]).reshape(H * NCG, G).astype(jnp.float16)
+        zacc = zacc * corr + jnp.sum((p3 * vz[None]).reshape(H * NCG, G), axis=1)
+        pv = jax.lax.dot_general(ph, codes(vx, j, asm), (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)  # [16, D]
+        return m_new, l_new, acc * corr[:, None] + pv, zacc
 
-  init = (jnp.full((H,), NEG, jnp.float32), jnp.zeros((H,), jnp.float32),
-          jnp.zeros((D, H * NCG), jnp.float32), jnp.zeros((H * NCG,), jnp.float32))
+      return jax.lax.fori_loop(0, 4, step, carry)
+
+    return jax.lax.fori_loop(0, 4, byte, carry)
+
+  init = (jnp.full((H * NCG,), NEG, jnp.float32), jnp.zeros((H * NCG,), jnp.float32),
+          jnp.zeros((H * NCG, D), jnp.float32), jnp.zeros((H * NCG,), jnp.float32))
   m, l, acc, zacc = jax.lax.fori_loop(first, jnp.maximum(first, last), block, init)
-  # Each channel keeps the column of its own channel group.
-  full = (acc + zacc[None, :]).reshape(D, H, NCG)
-  acc_ref[...] = jnp.sum(jnp.where(own_cgroup, full, 0.0), axis=2).T
-  m_ref[...] = m
-  l_ref[...] = l
+  # Each channel keeps the row of its own channel group.
+  full = (acc + zacc[:, None]).reshape(H, NCG, D)
+  acc_ref[...] = jnp.sum(jnp.where(own_cgroup, full, 0.0), axis=1)
+  m_ref[...] = jnp.max(m.reshape(H, NCG), axis=1)  # the 4 copies of a head are equal
+  l_ref[...] = jnp.max(l.reshape(H, NCG), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("splits", "num_warps", "num_stages", "asm",
@@ -160,15 +151,12 @@ def partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid, *,
     raise ValueError(f"capacity {capacity} is not a multiple of {BLOCK}")
   nblk = capacity // BLOCK
   blocks_per_split = -(-nblk // splits)
-  halves = lambda w: jax.lax.bitcast_convert_type(w, jnp.int16)  # [.., C/16, D, 2]
-  per_block = lambda x, *tail: x.reshape(b, k, nblk, 2, 2, 4, *tail)  # slot 8 h + 4 b + j
-  inputs = [q, halves(k_codes), per_block(k_scale, D), per_block(k_zero, D),
-            halves(v_codes), per_block(v_scale, G, NCG), per_block(v_zero, G, NCG),
+  as_int = lambda w: jax.lax.bitcast_convert_type(w, jnp.int32)  # noqa: E731
+  inputs = [q, as_int(k_codes), k_scale, k_zero, as_int(v_codes), v_scale, v_zero,
             n_valid.astype(jnp.int32)]
   kernel = functools.partial(_kernel, blocks_per_split=blocks_per_split,
                              sm_scale=1.0 / math.sqrt(d), asm=asm)
-  slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]),
-                                lambda i, j, s, n=x.ndim - 2: (i, j) + (0,) * n)
+  slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   out = lambda *dims: pl.BlockSpec((None, None, None, *dims),
                                    lambda i, j, s: (i, j, s) + (0,) * len(dims))
   return pl.pallas_call(
