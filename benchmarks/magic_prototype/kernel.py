@@ -20,10 +20,10 @@ memory layouts want them. Scales fold into the dots' other operands:
           P'[(h, cg), t] = fp16(p[h, t] s_t[cg]): 16 rows (4 heads x 4 channel
           groups), each channel keeping its group's row.
 
-A program (row, kv head, split) loads one packing block's word tiles at a time and
-runs one step per group (slot) on them, as main's kernel: the query rows (head,
-channel group) repeat each head's row 4 times, so the probabilities come out in the
-value dot's 16 rows.
+A program (row, kv head, split) walks its packing blocks a byte at a time: it loads
+the block's word tiles, selects one byte (4 slots), and runs one step per group
+(slot) on it, as main's kernel. The query rows (head, channel group) repeat each
+head's row 4 times, so the probabilities come out in the value dot's 16 rows.
 
 Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; k_codes, v_codes [B, K, C/16, D] uint32 (main's `pack`);
@@ -91,45 +91,43 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref,
   rep = lambda x: jnp.broadcast_to(x[:, None], (H, NCG, *x.shape[1:])).reshape(  # noqa: E731
       H * NCG, *x.shape[1:])  # each head's row 4 times: rows (head, channel group)
 
-  def block(blk, carry):
+  def byte(c, carry):
+    # Byte hb of block blk's words: loaded again for each byte, so that the word
+    # tiles are not held in registers across the block.
+    blk, hb = c // 4, c % 4
     rows = pl.ds(pl.multiple_of(blk * G, G), G)
-    kw, vw = kw_ref[rows], vw_ref[rows]  # [G, D] int32
+    kx, vx = select_byte(kw_ref[rows], hb, asm), select_byte(vw_ref[rows], hb, asm)
 
-    def byte(hb, carry):
-      kx, vx = select_byte(kw, hb, asm), select_byte(vw, hb, asm)
+    def step(j, carry):
+      m_prev, l_prev, acc, zacc = carry
+      g = blk * 16 + 4 * hb + j  # the group (slot 4 hb + j)
+      ks = ks_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, D]
+      kz = kz_ref[pl.ds(g, 1), :].astype(jnp.float32)
+      qh = rep((q * ks).astype(jnp.float16))  # [16, D]
+      bias = rep(jnp.sum(q * kz, axis=1))  # [16]
+      s = jax.lax.dot_general(qh, codes(kx, j, asm), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32) + bias[:, None]
+      live = g * G + rr < n  # [1, G]
+      s = jnp.where(live, s, NEG)  # [16, G]
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      corr = jnp.exp(m_prev - m_new)
+      p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)
+      l_new = l_prev * corr + jnp.sum(p, axis=1)
+      toks = pl.ds(pl.multiple_of(g * G, G), G)
+      vs = vs_ref[toks, :].astype(jnp.float32).T  # [NCG, G]
+      vz = vz_ref[toks, :].astype(jnp.float32).T
+      p3 = p.reshape(H, NCG, G)
+      ph = (p3 * vs[None]).reshape(H * NCG, G).astype(jnp.float16)
+      zacc = zacc * corr + jnp.sum((p3 * vz[None]).reshape(H * NCG, G), axis=1)
+      pv = jax.lax.dot_general(ph, codes(vx, j, asm), (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # [16, D]
+      return m_new, l_new, acc * corr[:, None] + pv, zacc
 
-      def step(j, carry):
-        m_prev, l_prev, acc, zacc = carry
-        g = blk * 16 + 4 * hb + j  # the group (slot 4 hb + j)
-        ks = ks_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, D]
-        kz = kz_ref[pl.ds(g, 1), :].astype(jnp.float32)
-        qh = rep((q * ks).astype(jnp.float16))  # [16, D]
-        bias = rep(jnp.sum(q * kz, axis=1))  # [16]
-        s = jax.lax.dot_general(qh, codes(kx, j, asm), (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) + bias[:, None]
-        live = g * G + rr < n  # [1, G]
-        s = jnp.where(live, s, NEG)  # [16, G]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        corr = jnp.exp(m_prev - m_new)
-        p = jnp.where(live, jnp.exp(s - m_new[:, None]), 0.0)
-        l_new = l_prev * corr + jnp.sum(p, axis=1)
-        toks = pl.ds(pl.multiple_of(g * G, G), G)
-        vs = vs_ref[toks, :].astype(jnp.float32).T  # [NCG, G]
-        vz = vz_ref[toks, :].astype(jnp.float32).T
-        p3 = p.reshape(H, NCG, G)
-        ph = (p3 * vs[None]).reshape(H * NCG, G).astype(jnp.float16)
-        zacc = zacc * corr + jnp.sum((p3 * vz[None]).reshape(H * NCG, G), axis=1)
-        pv = jax.lax.dot_general(ph, codes(vx, j, asm), (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [16, D]
-        return m_new, l_new, acc * corr[:, None] + pv, zacc
-
-      return jax.lax.fori_loop(0, 4, step, carry)
-
-    return jax.lax.fori_loop(0, 4, byte, carry)
+    return jax.lax.fori_loop(0, 4, step, carry)
 
   init = (jnp.full((H * NCG,), NEG, jnp.float32), jnp.zeros((H * NCG,), jnp.float32),
           jnp.zeros((H * NCG, D), jnp.float32), jnp.zeros((H * NCG,), jnp.float32))
-  m, l, acc, zacc = jax.lax.fori_loop(first, jnp.maximum(first, last), block, init)
+  m, l, acc, zacc = jax.lax.fori_loop(4 * first, 4 * jnp.maximum(first, last), byte, init)
   # Each channel keeps the row of its own channel group.
   full = (acc + zacc[:, None]).reshape(H, NCG, D)
   acc_ref[...] = jnp.sum(jnp.where(own_cgroup, full, 0.0), axis=1)
