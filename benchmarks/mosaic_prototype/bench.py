@@ -3,17 +3,16 @@
   python benchmarks/mosaic_prototype/bench.py           # checks, then every version
   python benchmarks/mosaic_prototype/bench.py ncu NAME  # three launches of one, for ncu
 
-(from the repository root, `PYTHONPATH=$PWD`; JSON to $OUT/mosaic_decode.json).
+(from the repository root, `PYTHONPATH=$PWD`, `KIVI_JAX_COMMIT=<commit>` on the GPU
+machine; JSON to $OUT/mosaic_decode.json).
 P1's shape: B=8, Hq=32 (16 padded query rows per kv head), Hkv=8, d=128, bf16, KIVI-2
 with group 32, 128 tokens in the ring, random codes. Times are the block kernel alone
 (per-split partials, no merge), median of 30 batches of 10 calls after 3 warm-up
 calls; the transpose of the value scales the prototype reads is timed apart.
 """
-import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import kernel  # noqa: E402
 import reference  # noqa: E402
 from kernel import Options  # noqa: E402
+from kivi_jax.cli import run_metadata  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
 
 B, K = 8, 8
@@ -106,10 +106,7 @@ def main():
     for _ in range(3):
       jax.block_until_ready(f(*margs))
     return
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-         "date": datetime.date.today().isoformat(), "commit": commit, "checks": {},
+  res = {**run_metadata(), "checks": {},
          "triton_ms": {}, "transpose_ms": {}, "versions": {}}
   # Compiled checks against float64 numpy: one row with 1000 of 2048 tokens live.
   q, kc, vc, kw, vw, ks, kz, vs, vz = reference.make(2, 2, 2048)
