@@ -50,6 +50,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import decode_attention as da
+
 H, D, G, T = 4, 128, 32, 128  # query heads per kv head, head dim, group, step tokens
 NG, NCG = T // G, D // G  # key groups per step, value channel groups
 NEG = -1e30
@@ -200,16 +202,12 @@ def partials(q, kw, ks, kz, vw, vs, vz, n_valid, *, splits: int, mode: str, num_
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   out = lambda *dims: pl.BlockSpec((None, None, None, *dims),
                                    lambda i, j, s: (i, j, s) + (0,) * len(dims))
-  return pl.pallas_call(
-      kernel,
-      grid=(b, k, splits),
-      in_specs=[slab(q), slab(kw), slab(ks), slab(kz), slab(vw), slab(vs), slab(vz),
-                pl.BlockSpec((1,), lambda i, j, s: (i,))],
-      out_specs=[out(H, D), out(H), out(H)],
-      out_shape=[jax.ShapeDtypeStruct((b, k, splits, H, D), jnp.float32),
-                 jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32),
-                 jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32)],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="kivi_decode_int8",
-  )(q, kw, ks, kz, vw, vs, vz, n_valid.astype(jnp.int32))
+  inputs = [q, kw, ks, kz, vw, vs, vz, n_valid.astype(jnp.int32)]
+  return da.pallas_call(
+      kernel, inputs, [*map(slab, inputs[:-1]), pl.BlockSpec((1,), lambda i, j, s: (i,))],
+      [out(H, D), out(H), out(H)],
+      [jax.ShapeDtypeStruct((b, k, splits, H, D), jnp.float32),
+       jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32),
+       jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32)],
+      grid=(b, k, splits), poison=False, num_warps=num_warps, num_stages=num_stages,
+      interpret=interpret, name="kivi_decode_int8")

@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import decode_attention as da
+
 H, D, G = 4, 128, 32  # query heads per kv head, head dim, group size
 BLOCK = 16 * G  # tokens per packing block
 NCG = D // G  # value channel groups
@@ -157,15 +159,11 @@ def partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid, *,
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   out = lambda *dims: pl.BlockSpec((None, None, None, *dims),
                                    lambda i, j, s: (i, j, s) + (0,) * len(dims))
-  return pl.pallas_call(
-      kernel,
-      grid=(b, k, splits),
-      in_specs=[*map(slab, inputs[:-1]), pl.BlockSpec((1,), lambda i, j, s: (i,))],
-      out_specs=[out(H, D), out(H), out(H)],
-      out_shape=[jax.ShapeDtypeStruct((b, k, splits, H, D), jnp.float32),
-                 jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32),
-                 jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32)],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="kivi_decode_magic",
-  )(*inputs)
+  return da.pallas_call(
+      kernel, inputs, [*map(slab, inputs[:-1]), pl.BlockSpec((1,), lambda i, j, s: (i,))],
+      [out(H, D), out(H), out(H)],
+      [jax.ShapeDtypeStruct((b, k, splits, H, D), jnp.float32),
+       jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32),
+       jax.ShapeDtypeStruct((b, k, splits, H), jnp.float32)],
+      grid=(b, k, splits), poison=False, num_warps=num_warps, num_stages=num_stages,
+      interpret=interpret, name="kivi_decode_magic")
