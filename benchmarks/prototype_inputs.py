@@ -1,12 +1,16 @@
-"""What the prototypes' checks share: random KIVI-2 inputs (4 query heads per kv head,
-d = 128, group 32), main's kernel's arguments for them, exact attention in float64.
+"""What the prototypes' checks and benches share: random KIVI-2 inputs (4 query heads
+per kv head, d = 128, group 32), main's kernel's arguments for them, exact attention
+in float64, and the baselines a bench times beside a prototype.
 """
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kivi_jax import quantization
+from kivi_jax.bench import _time
+from pallas_kernels import decode_attention as da
 
 H, D, G = 4, 128, 32
 f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
@@ -49,3 +53,22 @@ def exact(x, n_valid):
 def rel(got, want):
   """Largest absolute error over the largest absolute value."""
   return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+def baselines(x, n_valid, L, q_heads):
+  """cuDNN's bf16 attention over L tokens and main's kernel over `x`'s block, timed
+  (`kivi_jax.bench._time`, median of 30), and main's output for the real query heads:
+  (cudnn_ms, main_ms, want [B, K, H, D])."""
+  b, k = x["kcodes"].shape[:2]
+  base = [jax.random.normal(key, shape, jnp.bfloat16) for key, shape in zip(
+      jax.random.split(jax.random.key(0), 3),
+      [(b, 1, q_heads, D), (b, L, k, D), (b, L, k, D)])]
+  cudnn = jax.jit(lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v,
+                                                                 implementation="cudnn"))
+  cudnn_ms = _time(cudnn, [base], 30)
+  del base
+  margs = main_args(x, n_valid)
+  tri = jax.jit(lambda *a: da.quantized_decode_partials(*a, k_bits=2, v_bits=2,
+                                                        group_size=G))
+  main_ms = _time(tri, [margs], 30)
+  return cudnn_ms, main_ms, da.merge_partials(*tri(*margs))[0][:, :, :H]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 import check  # noqa: E402
 import kernel  # noqa: E402
+import prototype_inputs  # noqa: E402  (on the path once `check` is imported)
 from kivi_jax.bench import _time  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
@@ -47,18 +48,8 @@ def main():
   for L, C in CAPACITY.items():
     x = check.make(B, K, C)
     n_valid = [L - 128] * B
-    base = [jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(
-        jax.random.split(jax.random.key(0), 3), [(B, 1, HQ, 128), (B, L, K, 128), (B, L, K, 128)])]
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
-                                                                implementation="cudnn"))
-    res["cudnn_ms"][L] = _time(cudnn, [base], 30)
-    del base
-    margs = check.main_args(x, n_valid)
-    tri = jax.jit(lambda *a: da.quantized_decode_partials(*a, k_bits=2, v_bits=2,
-                                                          group_size=32))
-    res["main_ms"][L] = _time(tri, [margs], 30)
-    want = da.merge_partials(*tri(*margs))[0][:, :, :kernel.H]
-    del margs
+    res["cudnn_ms"][L], res["main_ms"][L], want = prototype_inputs.baselines(
+        x, n_valid, L, HQ)
     print(L, "cudnn", res["cudnn_ms"][L], "main", res["main_ms"][L], flush=True)
     pargs = check.prototype_args(x, n_valid)
     for asm, *cfg in [(False, 32, 2, 3), *itertools.product((True,), *CONFIGS.values())]:
