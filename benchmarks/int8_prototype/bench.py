@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import kernel  # noqa: E402
-import prototype_inputs  # noqa: E402  (on the path once `reference` is imported)
+import prototype_inputs  # noqa: E402
 import reference  # noqa: E402
 from kivi_jax.bench import _time  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import check  # noqa: E402
 import kernel  # noqa: E402
-import prototype_inputs  # noqa: E402  (on the path once `check` is imported)
+import prototype_inputs  # noqa: E402
 from kivi_jax.bench import _time  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402
 from pallas_kernels import decode_attention as da  # noqa: E402
