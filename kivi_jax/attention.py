@@ -12,14 +12,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
-from kivi_jax.cache import (LayerKV, dequantize_block, kernel_backend, kernel_interpret,
-                            n_quantized, ring_positions)
+from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_backend,
+                            kernel_interpret, n_quantized, ring_positions)
 from kivi_jax.config import KIVIConfig
 from pallas_kernels import decode_attention as gpu_decode
 from pallas_kernels import decode_attention_hidden as gpu_hidden
 from pallas_kernels import decode_attention_tpu as tpu_decode
+from pallas_kernels.common import MASK_VALUE as _NEG
 
 # Finite, so a query that sees no key (a padding row) gets a uniform softmax, not NaN.
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -96,10 +98,10 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
   """
   if config.pre_rope != (rope_inv_freq is not None):
     raise ValueError("rope_inv_freq must be given exactly when config.pre_rope is set")
-  which = resolve_impl(impl, config, q.shape[-1], k_new.shape[1], q.shape[1])
-  if which != "reference":
-    return _decode_with_kernel(q, layer, k_new, v_new, lengths, n_new, config,
-                               sliding_window, which, rope_inv_freq)
+  if q.shape[1] == 1:
+    layer, flushed = append_flushing(layer, k_new, v_new, lengths, n_new, config, impl)
+    return decode_attention(q, layer, flushed, lengths, n_new, config, sliding_window, impl,
+                            rope_inv_freq)
   b, t, hq, d = q.shape
   hkv = k_new.shape[1]
   dtype = q.dtype
@@ -141,6 +143,59 @@ def cache_attention(q: Array, layer: LayerKV, k_new: Array, v_new: Array,
   return out.reshape(b, t, hq, d).astype(dtype)
 
 
+def prompt_attention(q: Array, k: Array, v: Array, n_valid: Array,
+                     sliding_window: int | None = None, impl: str = "reference",
+                     query_chunk: int = 512) -> Array:
+  """Causal attention of a prompt over itself (a prefill into an empty cache).
+
+  Args:
+    q: `[B, T, Hq, D]` (RoPE applied); k, v: `[B, T, Hkv, D]` (keys rotated).
+    n_valid: int32 `[B]`: row `b`'s real tokens are its first `n_valid[b]`.
+    sliding_window: if set, a query at position `i` sees keys at `p > i - W`.
+    impl: `KVCache.impl`. On a GPU, bf16 and fp16 go to cuDNN's flash
+      attention; elsewhere scores are formed `query_chunk` queries at a time,
+      so a long prompt never holds `[B, H, T, T]` scores.
+
+  Returns:
+    `[B, T, Hq, D]` in `q.dtype`; rows past `n_valid` are meaningless.
+  """
+  b, t, hq, d = q.shape
+  if (kernel_backend(impl) == "gpu" and jax.default_backend() == "gpu"
+      and q.dtype in (jnp.bfloat16, jnp.float16)):
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=n_valid, key_value_seq_lengths=n_valid,
+        local_window_size=window, implementation="cudnn")
+  hkv = k.shape[2]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  n_chunks = -(-t // query_chunk)
+  chunk = -(-t // n_chunks)
+  # [n, B, c, Hkv, rep, D]: query chunks, padded at the end.
+  qc = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - t), (0, 0), (0, 0)))
+  qc = qc.reshape(b, n_chunks, chunk, hkv, hq // hkv, d).swapaxes(0, 1)
+  key_pos = jnp.arange(t)
+
+  def one(args):
+    i, qi = args
+    q_pos = i * chunk + jnp.arange(chunk)
+    # [B, c, S]
+    visible = ((key_pos[None, :] <= q_pos[:, None])[None]
+               & (key_pos[None, None, :] < n_valid[:, None, None]))
+    if sliding_window is not None:
+      visible &= (key_pos[None, :] > q_pos[:, None] - sliding_window)[None]
+    # [B, Hkv, rep, c, S]
+    s = jnp.einsum("BCKGD,BSKD->BKGCS", qi, k,
+                   preferred_element_type=acc) / jnp.sqrt(jnp.float32(d))
+    s = jnp.where(visible[:, None, None], s, _MASKED)
+    p = jnp.exp(s - s.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    return jnp.einsum("BKGCS,BSKD->BCKGD", p.astype(v.dtype), v,
+                      preferred_element_type=acc).astype(q.dtype)
+
+  out = jax.lax.map(one, (jnp.arange(n_chunks), qc))  # [n, B, c, Hkv, rep, D]
+  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, hq, d)[:, :t]
+
+
 def _full_precision_parts(layer: LayerKV, k_new, v_new, lengths, n_new,
                           config: KIVIConfig) -> list[tuple[Array, Array, Array, Array]]:
   """What attention reads unquantized, in order: (the sinks,) the ring and the
@@ -151,9 +206,14 @@ def _full_precision_parts(layer: LayerKV, k_new, v_new, lengths, n_new,
   parts = [(layer.ring_k, layer.ring_v, ring_pos, ring_valid),
            (k_new, v_new, new_pos, jnp.arange(t)[None, :] < n_new[:, None])]
   if config.sinks:
-    sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
-    parts.insert(0, (layer.sink_k, layer.sink_v, sink_pos, sink_pos < lengths[:, None]))
+    parts.insert(0, _sink_part(layer, lengths, config))
   return parts
+
+
+def _sink_part(layer: LayerKV, lengths, config: KIVIConfig):
+  b = lengths.shape[0]
+  sink_pos = jnp.broadcast_to(jnp.arange(config.sinks)[None, :], (b, config.sinks))
+  return layer.sink_k, layer.sink_v, sink_pos, sink_pos < lengths[:, None]
 
 
 def _concat(parts, dtype) -> tuple[Array, Array, Array, Array]:
@@ -164,18 +224,139 @@ def _concat(parts, dtype) -> tuple[Array, Array, Array, Array]:
           jnp.concatenate(pos, 1), jnp.concatenate(live, 1))
 
 
-def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
-                        config: KIVIConfig, sliding_window, which: str, rope_inv_freq):
-  """One decode step: a kernel over the packed block, jnp over the sinks, the
-  ring and the new token (at most S + R + 1 keys), merged by their log-sum-exps."""
+def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: Array,
+                     config: KIVIConfig, sliding_window: int | None = None,
+                     impl: str = "reference", rope_inv_freq: Array | None = None) -> Array:
+  """Attention of one new token per row, read after the token is appended.
+
+  Args:
+    q: `[B, 1, Hq, D]`, as `cache_attention`'s.
+    layer, flushed: `append_flushing`'s results for the new token.
+    lengths: int32 `[B]`, tokens cached per row before the token; n_new:
+      int32 `[B]`, 1 for a real token, 0 for padding (a finished row).
+    sliding_window, impl, rope_inv_freq: as `cache_attention`'s.
+
+  The block below `n_quantized(lengths)` is read by a kernel (by cuDNN where
+  it is 16-bit, on a GPU; by jnp where neither applies); the sinks,
+  `flushed` and the ring (the new token is in one of them) by jnp. The two
+  are merged by their log-sum-exps. Nothing is concatenated: each part is
+  read where it lies.
+
+  Returns:
+    `[B, 1, Hq, D]` in `q.dtype`.
+  """
   b, _, hq, d = q.shape
-  hkv = k_new.shape[1]
+  hkv = layer.ring_k.shape[1]
   rep = hq // hkv
   # [B, Hkv, rep, D]
   qg = q[:, 0].reshape(b, hkv, rep, d)
   nq = n_quantized(lengths, config)
   lo = jnp.zeros_like(lengths) if sliding_window is None else jnp.maximum(
       lengths - sliding_window + 1, 0)
+  which = resolve_impl(impl, config, d, hkv, 1)
+  if which != "reference":
+    o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
+  elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
+    o_blk, lse_blk = _cudnn_block_attention(q, layer, nq)
+  else:
+    o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+
+  # [B, Hkv, rep, (S +) F + R]: scores of (the sinks,) the flushed tokens and
+  # the ring, each part read in place.
+  new_lengths = lengths + n_new
+  ring_pos, ring_live = ring_positions(new_lengths, config)
+  parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
+  if config.sinks:
+    parts.insert(0, _sink_part(layer, new_lengths, config))
+  scores, lives = [], []
+  for keys, _, pos, live in parts:
+    if rope_inv_freq is not None:
+      keys = _rotate_keys(keys, pos, rope_inv_freq)
+    scores.append(jnp.einsum("BKGD,BKSD->BKGS", qg, keys.astype(q.dtype),
+                             preferred_element_type=jnp.float32))
+    lives.append(live & (pos >= lo[:, None]))
+  live = jnp.concatenate(lives, 1)[:, None, None]
+  s = jnp.concatenate(scores, -1) / jnp.sqrt(jnp.float32(d))
+  s = jnp.where(live, s, _MASKED)
+  m = jnp.max(s, -1)
+  p = jnp.where(live, jnp.exp(s - m[..., None]), 0.0)
+  l = jnp.sum(p, -1)
+  sizes = np.cumsum([x.shape[2] for x, *_ in parts])[:-1]
+  acc = sum(jnp.einsum("BKGS,BKSD->BKGD", pi.astype(values.dtype), values,
+                       preferred_element_type=jnp.float32)
+            for pi, (_, values, _, _) in zip(jnp.split(p, sizes, -1), parts))
+  # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
+  out, _ = gpu_decode.merge_partials(
+      jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
+      jnp.stack([jnp.ones_like(l), l], 2))
+  return out.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def _jnp_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig, rope_inv_freq):
+  """`(o [B, Hkv, rep, D], lse [B, Hkv, rep])` of queries `qg` over the block,
+  in jnp: a 16-bit block is read as it lies, a quantized one dequantized
+  whole (the reference's shortcut)."""
+  b, hkv, rep, d = qg.shape
+  dtype = qg.dtype
+  k_block = dequantize_block(layer.k, config.k_bits, config.key_axis, config, dtype,
+                             layer.k_map, d)
+  v_block = dequantize_block(layer.v, config.v_bits, config.value_axis, config, dtype,
+                             layer.v_map, d)
+  c = k_block.shape[2]
+  pos = config.sinks + jnp.arange(c)
+  live = (jnp.arange(c)[None, :] < nq[:, None]) & (pos[None, :] >= lo[:, None])  # [B, C]
+  if rope_inv_freq is not None:
+    k_block = _rotate_keys(k_block, jnp.broadcast_to(pos, (b, c)), rope_inv_freq)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  s = jnp.einsum("BKGD,BKCD->BKGC", qg, k_block,
+                 preferred_element_type=acc) / jnp.sqrt(jnp.float32(d))
+  s = jnp.where(live[:, None, None], s, _MASKED)
+  m = jnp.max(s, -1)
+  p = jnp.where(live[:, None, None], jnp.exp(s - m[..., None]), 0.0)
+  l = jnp.sum(p, -1)
+  o = jnp.einsum("BKGC,BKCD->BKGD", p.astype(v_block.dtype), v_block,
+                 preferred_element_type=acc)
+  # As the kernels' merge_partials: no live token gives o = 0 and a very
+  # negative lse.
+  return gpu_decode.merge_partials(o[:, :, None], m[:, :, None], l[:, :, None])
+
+
+def _cudnn_reads_block(impl: str, config: KIVIConfig, dtype, sliding_window) -> bool:
+  """Whether cuDNN's flash attention reads a 16-bit block: on a GPU, in bf16
+  or fp16, for a plain KIVI layout (no sinks, keys after RoPE) and no
+  sliding window (cuDNN's window is relative to the query's own row)."""
+  return (kernel_backend(impl) == "gpu" and jax.default_backend() == "gpu"
+          and config.k_bits == 16 and config.v_bits == 16 and not config.sinks
+          and not config.pre_rope and config.channel_group is None
+          and sliding_window is None and dtype in (jnp.bfloat16, jnp.float16))
+
+
+def _cudnn_block_attention(q, layer: LayerKV, nq):
+  """`(o, lse)` as `_jnp_block_attention`, by cuDNN's flash attention over the
+  16-bit block in its own `[B, Hkv, C, D]` layout (cuDNN's "BNTH": no
+  transpose of the cache), each row's first `nq[b]` tokens."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  b, _, hq, d = q.shape
+  hkv = layer.ring_k.shape[1]
+  o, lse = cudnn.dot_product_attention(
+      q.reshape(b, hq, 1, d), layer.k.codes, layer.v.codes,
+      q_seqlen=jnp.ones((b,), jnp.int32), kv_seqlen=nq.astype(jnp.int32),
+      scale=1.0 / math.sqrt(d), mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH",
+      return_residual=True)
+  # A row with no block token has nothing to merge: o = 0, lse very negative.
+  some = (nq > 0)[:, None, None]
+  o = jnp.where(some[..., None], o.reshape(b, hkv, hq // hkv, d).astype(jnp.float32), 0.0)
+  lse = jnp.where(some, lse.reshape(b, hkv, hq // hkv).astype(jnp.float32), _NEG)
+  return o, lse
+
+
+def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIConfig,
+                            rope_inv_freq):
+  """`(o [B, Hkv, rep, D], lse [B, Hkv, rep])` of the `which` kernel over the
+  packed block."""
+  b, _, hq, d = q.shape
+  hkv = layer.ring_k.shape[1]
+  rep = hq // hkv
   # The block holds body tokens: token S + i at index i.
   rows = (nq, jnp.maximum(lo - config.sinks, 0))
   blocks = (layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
@@ -188,41 +369,17 @@ def _decode_with_kernel(q, layer: LayerKV, k_new, v_new, lengths, n_new,
     rope = dict(q_rot=jnp.concatenate([q2, -q1], -1),  # [B, Hq, D]
                 rope_theta=jnp.concatenate([rope_inv_freq, rope_inv_freq]))
     kw["pos_offset"] = config.sinks
-  if config.channel_group is None:
-    # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
-    # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
-    m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS,
-                 1 << (rep - 1).bit_length())
-    pad = lambda x: jnp.pad(x.reshape(b, hkv, rep, d),  # noqa: E731
-                            ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
-    if rope:
-      rope["q_rot"] = pad(rope["q_rot"])
-    o_blk, lse_blk = _block_kernel(which, pad(qg), *blocks, *rows, **rope, **kw)
-    o_blk, lse_blk = o_blk[:, :, :rep], lse_blk[:, :, :rep]
-  else:
-    o_blk, lse_blk = _hidden_block_attention(which, q[:, 0], layer, blocks, rows, rope, kw)
-
-  # [B, Hkv, (S +) R + 1, D]: (the sinks,) the ring and the new token, with
-  # positions and liveness.
-  keys, values, pos, live = _concat(
-      _full_precision_parts(layer, k_new, v_new, lengths, n_new, config),
-      layer.ring_k.dtype)
-  live &= pos >= lo[:, None]
-  if rope_inv_freq is not None:
-    keys = _rotate_keys(keys, pos, rope_inv_freq)
-  # [B, Hkv, rep, (S +) R + 1]
-  s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys,
-                 preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-  s = jnp.where(live[:, None, None], s, _MASKED)
-  m = jnp.max(s, -1)
-  p = jnp.where(live[:, None, None], jnp.exp(s - m[..., None]), 0.0)
-  l = jnp.sum(p, -1)
-  acc = jnp.einsum("BKGS,BKSD->BKGD", p, values.astype(jnp.float32))
-  # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
-  out, _ = gpu_decode.merge_partials(
-      jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
-      jnp.stack([jnp.ones_like(l), l], 2))
-  return out.reshape(b, 1, hq, d).astype(q.dtype)
+  if config.channel_group is not None:
+    return _hidden_block_attention(which, q[:, 0], layer, blocks, rows, rope, kw)
+  # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
+  # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
+  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (rep - 1).bit_length())
+  pad = lambda x: jnp.pad(x.reshape(b, hkv, rep, d),  # noqa: E731
+                          ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+  if rope:
+    rope["q_rot"] = pad(rope["q_rot"])
+  o, lse = _block_kernel(which, pad(q[:, 0]), *blocks, *rows, **rope, **kw)
+  return o[:, :, :rep], lse[:, :, :rep]
 
 
 def _block_kernel(which: str, *args, hidden: bool = False, **kw):

@@ -30,13 +30,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax import quantization
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
-from pallas_kernels import quantize_pack, quantize_pack_tpu
+from pallas_kernels import quantize_pack, quantize_pack_tpu, ring_update
 from pallas_kernels.quantize_pack import scatter_tokens
 
 
 @struct.dataclass
 class QuantizedBlock:
-  """The quantized part of one tensor (keys or values); `...` = `[Ly, B, Hkv]`.
+  """The quantized part of one tensor (keys or values); `...` = `[B, Hkv]`.
 
   With `channel_group` (SKVQ) the head axis has size 1 and `D` is the hidden
   dim `Hkv * Dh` in the `ChannelMap`'s order, with scale and zero `[..., C, n]`
@@ -58,15 +58,15 @@ class QuantizedBlock:
 
 @struct.dataclass
 class ChannelMap:
-  """How one tensor's hidden dim is grouped (SKVQ; per layer, leading `Ly` axis).
+  """How one tensor's hidden dim is grouped (SKVQ; one layer's).
 
   perm: int32 `[H]`, `H = Hkv * Dh`: cache channel `j` holds hidden channel
     `perm[j]` (head `perm[j] // Dh`, channel `perm[j] % Dh` of it).
   groups: int32 `[H]`: the group of cache channel `j`, nondecreasing.
   clip: float32 `[]`: the clip factor of this layer and tensor.
 
-  Constant for the cache's life; arrays rather than static configuration only
-  so the layer scan can read each layer's own.
+  Constant for the cache's life; arrays rather than static configuration so
+  that a calibration is data, not a recompilation.
   """
 
   perm: Array
@@ -76,12 +76,12 @@ class ChannelMap:
 
 @struct.dataclass
 class LayerKV:
-  """Keys and values of the cache for all layers (leading `Ly` axis) or one.
+  """Keys and values of one layer of the cache.
 
   k, v: `QuantizedBlock`s of capacity `C` tokens (body tokens, see module).
-  ring_k, ring_v: model dtype `[..., B, Hkv, R, D]` (`R = config.ring_size`);
+  ring_k, ring_v: model dtype `[B, Hkv, R, D]` (`R = config.ring_size`);
     body token `t` at slot `t % R`.
-  sink_k, sink_v: model dtype `[..., B, Hkv, S, D]`, tokens `0 .. S - 1`, or
+  sink_k, sink_v: model dtype `[B, Hkv, S, D]`, tokens `0 .. S - 1`, or
     None without sinks.
   k_map, v_map: `ChannelMap`s with `channel_group`, else None.
   """
@@ -100,7 +100,9 @@ class LayerKV:
 class KVCache:
   """The whole cache.
 
-  layers: `LayerKV` with every array stacked on a leading layer axis `Ly`.
+  layers: one `LayerKV` per layer, each its own arrays: a decode step reads
+    and updates every layer's buffers in place (a stack of layers would be
+    sliced, that is copied, layer by layer).
   lengths: int32 `[B]`, tokens cached per row (block plus ring).
   config: the static `KIVIConfig`.
   impl: static; which code reads the cache in a decode step: "auto" (the
@@ -118,7 +120,7 @@ class KVCache:
   @property
   def capacity(self) -> int:
     """Largest length a row can reach (the block's capacity `C` plus `S` sinks)."""
-    return _block_tokens(self.layers.k, self.config.k_bits) + self.config.sinks
+    return _block_tokens(self.layers[0].k, self.config.k_bits) + self.config.sinks
 
   def n_quantized(self) -> Array:
     """int32 `[B]`: tokens of each row that sit in the quantized block."""
@@ -183,15 +185,12 @@ def equal_groups(hidden: int, n: int) -> np.ndarray:
   return (np.arange(hidden) * n // hidden).astype(np.int32)
 
 
-def plain_channel_map(config: KIVIConfig, hidden: int, num_layers: int) -> ChannelMap:
+def plain_channel_map(config: KIVIConfig, hidden: int) -> ChannelMap:
   """Hidden channels in their own order in equal contiguous groups, clipped by
   `config.clip`: the map of `channel_group` without calibration."""
-  lead = (num_layers,)
-  return ChannelMap(
-      perm=jnp.broadcast_to(jnp.arange(hidden, dtype=jnp.int32), (*lead, hidden)),
-      groups=jnp.broadcast_to(equal_groups(hidden, config.hidden_groups(hidden)),
-                              (*lead, hidden)),
-      clip=jnp.full(lead, config.clip, jnp.float32))
+  return ChannelMap(perm=jnp.arange(hidden, dtype=jnp.int32),
+                    groups=jnp.asarray(equal_groups(hidden, config.hidden_groups(hidden))),
+                    clip=jnp.asarray(config.clip, jnp.float32))
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
@@ -226,32 +225,35 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
   step = block_granularity(kv_config)
   capacity = -(-max_length // step) * step
   ly, hkv, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
-  lead = (ly, batch_size, hkv)
-  ring_shape = (*lead, kv_config.ring_size, d)
-  maps = {}
+  lead = (batch_size, hkv)
   block_lead, block_d = lead, d
   if kv_config.channel_group is not None:
-    block_lead, block_d = (ly, batch_size, 1), hkv * d
+    block_lead, block_d = (batch_size, 1), hkv * d
     if calibration is not None:
-      k_map, v_map = calibration.channel_maps(model_config, kv_config)
+      maps = calibration.channel_maps(model_config, kv_config)
     else:
-      # Two maps, not one shared: the forward donates every cache buffer.
-      k_map, v_map = (plain_channel_map(kv_config, block_d, ly) for _ in "kv")
-    maps = dict(k_map=k_map, v_map=v_map)
-  sinks = {}
-  if kv_config.sinks:
-    sink_shape = (*lead, kv_config.sinks, d)
-    sinks = dict(sink_k=jnp.zeros(sink_shape, dtype), sink_v=jnp.zeros(sink_shape, dtype))
-  layers = LayerKV(
-      k=_empty_block(block_lead, capacity, block_d, kv_config.k_bits, kv_config.key_axis,
-                     kv_config, dtype),
-      v=_empty_block(block_lead, capacity, block_d, kv_config.v_bits,
-                     kv_config.value_axis, kv_config, dtype),
-      ring_k=jnp.zeros(ring_shape, dtype),
-      ring_v=jnp.zeros(ring_shape, dtype),
-      **sinks, **maps,
-  )
-  return KVCache(layers, jnp.zeros((batch_size,), jnp.int32), kv_config, impl)
+      maps = [(plain_channel_map(kv_config, block_d), plain_channel_map(kv_config, block_d))
+              for _ in range(ly)]
+
+  def layer(i):
+    # Every array its own buffer (the forward donates each one): no map or
+    # zeros shared between layers or tensors.
+    extra = {}
+    if kv_config.sinks:
+      sink_shape = (*lead, kv_config.sinks, d)
+      extra.update(sink_k=jnp.zeros(sink_shape, dtype), sink_v=jnp.zeros(sink_shape, dtype))
+    if kv_config.channel_group is not None:
+      extra.update(k_map=maps[i][0], v_map=maps[i][1])
+    ring_shape = (*lead, kv_config.ring_size, d)
+    return LayerKV(
+        k=_empty_block(block_lead, capacity, block_d, kv_config.k_bits, kv_config.key_axis,
+                       kv_config, dtype),
+        v=_empty_block(block_lead, capacity, block_d, kv_config.v_bits,
+                       kv_config.value_axis, kv_config, dtype),
+        ring_k=jnp.zeros(ring_shape, dtype), ring_v=jnp.zeros(ring_shape, dtype), **extra)
+
+  return KVCache(tuple(layer(i) for i in range(ly)), jnp.zeros((batch_size,), jnp.int32),
+                 kv_config, impl)
 
 
 def ring_positions(lengths: Array, config: KIVIConfig) -> tuple[Array, Array]:
@@ -377,7 +379,7 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   """Appends each row's first `n_new[b]` tokens of `k_new`, `v_new` to one layer.
 
   Args:
-    layer: one layer's `LayerKV` (no layer axis).
+    layer: one layer's `LayerKV`.
     k_new, v_new: `[B, Hkv, T, D]`, the new tokens (right-padded per row).
     lengths: int32 `[B]`, tokens cached per row before the append.
     n_new: int32 `[B]`, real new tokens per row (`<= T`).
@@ -389,6 +391,24 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
   `nq0 = n_quantized(lengths)`. Its first `n_quantized(lengths + n_new) - nq0`
   tokens (whole groups, at most `G * ceil(T / G)`) are quantized into the
   block; the rest become the new ring.
+  """
+  return append_flushing(layer, k_new, v_new, lengths, n_new, config, impl)[0]
+
+
+def append_flushing(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
+                    n_new: Array, config: KIVIConfig, impl: str = "reference"
+                    ) -> tuple[LayerKV, tuple[Array, Array, Array, Array]]:
+  """`append`, and the tokens it quantized as they were before quantization.
+
+  Returns `(layer, flushed)`, `flushed = (keys, values, positions, live)`:
+  keys and values `[B, Hkv, F, D]` in the cache dtype, positions (of the
+  whole row, sinks counted) and liveness `[B, F]`. A decode step attends to
+  the appended layer's block below `n_quantized(lengths)`, to `flushed` and
+  to the appended ring, sinks and all: the same keys as the cache before the
+  step plus the new token (SPEC.md, "Attention in a decode step"), read from
+  the buffers the append wrote. Reading after writing is what lets XLA
+  update the buffers in place: a read of the old buffers unordered with the
+  write would make it copy them.
   """
   t = k_new.shape[2]
   dtype = layer.ring_k.dtype
@@ -405,43 +425,82 @@ def append(layer: LayerKV, k_new: Array, v_new: Array, lengths: Array,
     idx = jnp.clip(j0[:, None] + jnp.arange(t)[None, :], 0, t - 1)
     k_new, v_new = _gather(k_new, idx), _gather(v_new, idx)
     n_new = n_new - j0
-  return _append_body(layer, k_new, v_new, body_lengths(lengths, config), n_new, config,
-                      impl)
+  body = body_lengths(lengths, config)
+  nq0 = _body_n_quantized(body, config)
+  nq1 = _body_n_quantized(body + n_new, config)
+  if t == 1:
+    k_flush, v_flush, ring_k, ring_v = _ring_window_step(layer, k_new, v_new, body, n_new,
+                                                         nq0, config, impl)
+  else:
+    k_flush, v_flush, ring_k, ring_v = _ring_tail(layer, k_new, v_new, body, n_new, nq0,
+                                                  nq1, config)
+  n_flush = nq1 - nq0
+  layer = layer.replace(
+      k=_write_tokens(layer.k, k_flush, nq0, n_flush, config.k_bits, config.key_axis,
+                      config, layer.k_map, impl),
+      v=_write_tokens(layer.v, v_flush, nq0, n_flush, config.v_bits, config.value_axis,
+                      config, layer.v_map, impl),
+      ring_k=ring_k, ring_v=ring_v)
+  i = jnp.arange(k_flush.shape[2])[None, :]
+  return layer, (k_flush, v_flush, config.sinks + nq0[:, None] + i, i < n_flush[:, None])
 
 
-def _append_body(layer: LayerKV, k_new: Array, v_new: Array, body: Array,
-                 n_new: Array, config: KIVIConfig, impl: str) -> LayerKV:
-  """`append` past the sinks: `body` and `n_new` count body tokens."""
+def _ring_window_step(layer: LayerKV, k_new, v_new, body, n_new, nq0, config: KIVIConfig,
+                      impl: str):
+  """The ring's part of appending one body token per row: `(k_flush, v_flush,
+  ring_k, ring_v)`, flushed tokens `[B, Hkv, G, D]`.
+
+  Body token `t` sits at ring slot `t % R`. The new token's slot lies in a
+  window of `G` slots aligned to `G`; when the step flushes, the flushed
+  group occupies exactly that window (the ring is full and its oldest group
+  starts at slot `nq0 % R`, where the new token lands; with `R = 0` the group
+  is the window's `G - 1` tokens and the new one). So one read of the window,
+  made before the new token is written (`pallas_kernels.ring_update`), gives
+  the flushed group.
+  """
+  g, r = config.group_size, config.ring_size
+  d = k_new.shape[-1]
+  # Where the flushed group holds the new token (R = 0): its window index.
+  new_at = jnp.where((body - nq0 >= 0) & (body - nq0 < g), body - nq0, g)
+  args = (layer.ring_k, layer.ring_v, k_new, v_new, body % r, n_new, new_at)
+  if kernel_backend(impl) == "gpu" and not (g & (g - 1) or d & (d - 1)):
+    ring_k, ring_v, k_flush, v_flush = ring_update.ring_update(
+        *args, group_size=g, interpret=kernel_interpret("gpu"))
+  else:
+    ring_k, ring_v, k_flush, v_flush = ring_update.ring_update_reference(*args,
+                                                                         group_size=g)
+  return k_flush, v_flush, ring_k, ring_v
+
+
+def _ring_tail(layer: LayerKV, k_new, v_new, body, n_new, nq0, nq1, config: KIVIConfig):
+  """The ring's part of appending any `T` body tokens per row (a prefill):
+  `(k_flush, v_flush, ring_k, ring_v)`, flushed tokens `[B, Hkv, F, D]`,
+  `F = G * ceil(T / G)` (the ring keeps `R - G + 1` to `R`)."""
   g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
-  nq0 = _body_n_quantized(body, config)
-  new_body = body + n_new
-  nq1 = _body_n_quantized(new_body, config)
+  # Flushed token i is body token nq0 + i, from the ring or the new tokens.
+  flush_pos = nq0[:, None] + jnp.arange(g * -(-t // g))[None, :]
+  from_ring = (flush_pos < body[:, None])[:, None, :, None]
+  new_idx = jnp.clip(flush_pos - body[:, None], 0, t - 1)
+  k_flush = jnp.where(from_ring, _gather(layer.ring_k, flush_pos % r), _gather(k_new, new_idx))
+  v_flush = jnp.where(from_ring, _gather(layer.ring_v, flush_pos % r), _gather(v_new, new_idx))
+  # New token j stays in the ring if it is not quantized: at most R of them,
+  # so their slots are distinct; the others are dropped (slot R is out of range).
+  pos = body[:, None] + jnp.arange(t)[None, :]
+  stays = (jnp.arange(t)[None, :] < n_new[:, None]) & (pos >= nq1[:, None])
+  slot = jnp.where(stays, pos % r, r)
+  return (k_flush, v_flush, scatter_tokens(layer.ring_k, slot, k_new),
+          scatter_tokens(layer.ring_v, slot, v_new))
 
-  # [B, R + T]: tail index i is body token nq0 + i, from the ring or the new tokens.
-  tail_pos = nq0[:, None] + jnp.arange(r + t)[None, :]
-  from_ring = tail_pos < body[:, None]
-  ring_slot = tail_pos % r
-  new_idx = jnp.clip(tail_pos - body[:, None], 0, t - 1)
 
-  def tail_of(ring, new):
-    return jnp.where(from_ring[:, None, :, None], _gather(ring, ring_slot),
-                     _gather(new, new_idx))
+def concat_rows(chunks: KVCache, template: KVCache) -> KVCache:
+  """Caches of `n` chunks of rows stacked on a leading axis (as `lax.map`
+  returns them: `[n, rows, ...]`) as one cache of `n * rows` rows, in chunk
+  order; the channel maps, which are not per row, are `template`'s."""
+  def layer(stacked: LayerKV, own: LayerKV) -> LayerKV:
+    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]),
+                        stacked.replace(k_map=None, v_map=None))
+    return rows.replace(k_map=own.k_map, v_map=own.v_map)
 
-  k_tail = tail_of(layer.ring_k, k_new)
-  v_tail = tail_of(layer.ring_v, v_new)
-
-  n_flush = nq1 - nq0
-  flush_len = g * -(-t // g)
-  k_block = _write_tokens(layer.k, k_tail[:, :, :flush_len], nq0, n_flush, config.k_bits,
-                          config.key_axis, config, layer.k_map, impl)
-  v_block = _write_tokens(layer.v, v_tail[:, :, :flush_len], nq0, n_flush, config.v_bits,
-                          config.value_axis, config, layer.v_map, impl)
-
-  # Ring slot s now holds body token nq1 + ((s - nq1) mod R), tail index that - nq0.
-  pos, valid = _body_ring_positions(new_body, config)
-  src = jnp.clip(pos - nq0[:, None], 0, r + t - 1)
-  keep = valid[:, None, :, None]
-  ring_k = jnp.where(keep, _gather(k_tail, src), layer.ring_k)
-  ring_v = jnp.where(keep, _gather(v_tail, src), layer.ring_v)
-  return layer.replace(k=k_block, v=v_block, ring_k=ring_k, ring_v=ring_v)
+  return chunks.replace(layers=tuple(map(layer, chunks.layers, template.layers)),
+                        lengths=chunks.lengths.reshape(-1))

@@ -50,7 +50,8 @@ def model_fingerprint(model) -> str:
   cfg = model.config
   h.update(repr((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)).encode())
   for name in ("wk", "wv"):
-    h.update(np.asarray(model.params["layers"][name], np.float32).tobytes())
+    h.update(np.stack([np.asarray(layer[name], np.float32)
+                       for layer in model.params["layers"]]).tobytes())
   return h.hexdigest()[:16]
 
 
@@ -59,7 +60,7 @@ class Calibration:
   """Per-layer channel maps of keys and values (`Ly` layers, `H` hidden channels).
 
   perm_k, perm_v: int32 `[Ly, H]`, groups_k, groups_v: int32 `[Ly, H]`, clip_k,
-  clip_v: float32 `[Ly]` (`kivi_jax.cache.ChannelMap`, stacked).
+  clip_v: float32 `[Ly]` (one `kivi_jax.cache.ChannelMap` per layer and tensor).
   model: `model_fingerprint` of the model calibrated.
   config: the values of `CALIBRATED_FIELDS` it was calibrated for.
   source: free-form description of the calibration data.
@@ -85,17 +86,18 @@ class Calibration:
             f"config has {field}={value!r}: calibrate again for this config")
 
   def channel_maps(self, model_config, kv_config: KIVIConfig
-                   ) -> tuple[ChannelMap, ChannelMap]:
-    """The stacked `ChannelMap`s of keys and values for `init_cache`."""
+                   ) -> list[tuple[ChannelMap, ChannelMap]]:
+    """Each layer's `ChannelMap`s of keys and values, for `init_cache`."""
     self.check(kv_config)
     shape = (model_config.num_layers, model_config.num_kv_heads * model_config.head_dim)
     if self.perm_k.shape != shape:
       raise ValueError(f"calibration has [layers, hidden] = {self.perm_k.shape}, the "
                        f"model {shape}")
-    return (ChannelMap(jnp.asarray(self.perm_k), jnp.asarray(self.groups_k),
-                       jnp.asarray(self.clip_k)),
-            ChannelMap(jnp.asarray(self.perm_v), jnp.asarray(self.groups_v),
-                       jnp.asarray(self.clip_v)))
+    return [(ChannelMap(jnp.asarray(self.perm_k[i]), jnp.asarray(self.groups_k[i]),
+                        jnp.asarray(self.clip_k[i])),
+             ChannelMap(jnp.asarray(self.perm_v[i]), jnp.asarray(self.groups_v[i]),
+                        jnp.asarray(self.clip_v[i])))
+            for i in range(shape[0])]
 
   def save(self, path) -> None:
     """Writes the calibration as JSON, creating `path`'s directory."""
@@ -195,8 +197,9 @@ def best_clip(x: np.ndarray, groups: np.ndarray, bits: float, scale_dtype,
 @functools.partial(jax.jit, static_argnames=("config",))
 def _collect(params, tokens, cache, *, config):
   from models import llama
-  _, cache = llama.forward(params, tokens, cache, config=config)
-  return cache.layers.k.codes, cache.layers.v.codes
+  _, cache = llama.prefill(params, tokens, cache, config=config)
+  return (jnp.stack([layer.k.codes for layer in cache.layers]),
+          jnp.stack([layer.v.codes for layer in cache.layers]))
 
 
 def collect_kv(model, token_batches, pre_rope: bool, progress: bool = True

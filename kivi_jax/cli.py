@@ -280,6 +280,35 @@ def _bench_attention(args) -> int:
   return 0
 
 
+def _bench_generate(args) -> int:
+  import jax
+
+  from kivi_jax import bench_generate
+  # This process only plans and collects; each measurement runs in a worker
+  # process that must find the accelerator's memory untouched.
+  jax.config.update("jax_platforms", "cpu")
+  methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+  for m in methods:
+    get_preset(m)
+  if args.shape not in bench_generate.SHAPES:
+    raise ValueError(f"unknown shape {args.shape!r}; known: {', '.join(bench_generate.SHAPES)}")
+  requests = []
+  for r in args.requests.split(","):
+    prompt, _, new = r.partition("+")
+    if not (prompt.isdigit() and new.isdigit() and int(prompt) > 0 and int(new) > 0):
+      raise ValueError(f"--requests takes PROMPT+NEW pairs such as 1024+512, got {r!r}")
+    requests.append((int(prompt), int(new)))
+  ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+  bench_generate.generate_benchmark(
+      shape=args.shape, methods=methods, requests=tuple(requests), batches=ints(args.batches),
+      step_batches=ints(args.step_batches), step_context=args.step_context,
+      largest=not args.no_largest, hf_batches=ints(args.hf_batches), out=args.out,
+      progress=lambda s: print(s, flush=True))
+  if args.out:
+    print(f"wrote {args.out}")
+  return 0
+
+
 def _eval_parser(sub, name: str, help: str, data_help: str, run):
   """An `eval` subcommand with the options every evaluation takes."""
   parser = sub.add_parser(name, help=help)
@@ -369,6 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
   att.add_argument("--repeats", type=int, default=30)
   att.add_argument("--out", help="write the results as JSON here")
   att.set_defaults(run=_bench_attention)
+  gen_bench = bench_sub.add_parser(
+      "generate", help="end-to-end generate: tokens/s, largest batch, peak memory, the "
+      "decode step against its floor, HF transformers beside (PROTOCOLS.md P2)")
+  gen_bench.add_argument("--shape", default="llama2-7b",
+                         help="llama2-7b or llama3-8b (random bf16 weights)")
+  gen_bench.add_argument("--methods", default="fp16,kivi4,kivi2,skvq-k2v2-g16-fp8")
+  gen_bench.add_argument("--requests", default="1024+512,4096+512",
+                         help="prompt+new tokens per row, comma-separated")
+  gen_bench.add_argument("--batches", default="1,8,32",
+                         help="fixed batches (those below the largest that fits)")
+  gen_bench.add_argument("--no-largest", action="store_true",
+                         help="skip the largest batch that fits")
+  gen_bench.add_argument("--step-batches", default="1,32",
+                         help="batches of the decode-step measurement ('' for none)")
+  gen_bench.add_argument("--step-context", type=int, default=1280,
+                         help="tokens cached per row in the decode-step measurement")
+  gen_bench.add_argument("--hf-batches", default="32,64,128",
+                         help="batches of HF transformers' generate ('' for none)")
+  gen_bench.add_argument("--out", help="JSON results, written after every row and added "
+                         "to the rows already in the file")
+  gen_bench.set_defaults(run=_bench_generate)
   return parser
 
 

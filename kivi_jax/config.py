@@ -206,7 +206,9 @@ class KIVIConfig:
 
 
 PRESETS: dict[str, KIVIConfig] = {
-    "fp16": KIVIConfig(k_bits=16, v_bits=16),
+    # Every token straight into the block (groups of one, no ring): a 16-bit
+    # ring would only hold a copy of what the block holds as well.
+    "fp16": KIVIConfig(k_bits=16, v_bits=16, group_size=1, residual_length=0),
     "kivi8": KIVIConfig(k_bits=8, v_bits=8, group_size=32, residual_length=128),
     "kivi4": KIVIConfig(k_bits=4, v_bits=4, group_size=32, residual_length=128),
     "kivi2": KIVIConfig(k_bits=2, v_bits=2, group_size=32, residual_length=128),

@@ -42,8 +42,8 @@ def _nll(logits, targets):
 @functools.partial(jax.jit, static_argnames=("config", "prefill"))
 def _window_nll(params, tokens, cache, *, config: ModelConfig, prefill: int):
   """NLL `[B, D]` of tokens `[prefill, prefill + D)` of each row of `tokens` `[B, P + D]`."""
-  logits, cache = llama.forward(params, tokens[:, :prefill], cache, config=config)
-  first = _nll(logits[:, -1], tokens[:, prefill])
+  logits, cache = llama.prefill(params, tokens[:, :prefill], cache, config=config)
+  first = _nll(logits, tokens[:, prefill])
 
   def step(cache, xs):
     token, target = xs

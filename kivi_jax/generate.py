@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from kivi_jax.cache import KVCache, init_cache
+from kivi_jax import memory
+from kivi_jax.cache import KVCache, concat_rows, init_cache
 from kivi_jax.config import KIVIConfig
 from models import llama
 from models.config import ModelConfig
@@ -41,13 +42,24 @@ def sample(logits: Array, rng: Array, temperature: float, top_k: int | None,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _prefill(params, input_ids, cache, attention_mask, *, config: ModelConfig):
-  logits, cache = llama.forward(params, input_ids, cache, attention_mask, config=config)
-  # Each row's prediction comes from its last real token, wherever the padding is.
-  t = input_ids.shape[1]
-  last = jnp.max(jnp.where(attention_mask > 0, jnp.arange(t)[None, :], -1), axis=1)
-  return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], cache
+@functools.partial(jax.jit, static_argnames=("config",))
+def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: ModelConfig):
+  """Prefills `B` prompts in chunks of the `R` rows of `empty` (an empty cache):
+  `(logits [B, V], cache of B rows)`.
+
+  Each chunk starts from `empty` and its cache is written into the result's
+  rows, so the result is the only full-size cache and the activations are a
+  chunk's (`kivi_jax.memory.prefill_rows`)."""
+  b, t = input_ids.shape
+  rows = empty.lengths.shape[0]
+
+  def chunk(ids_mask):
+    ids, mask = ids_mask
+    return llama.prefill(params, ids, empty, mask, config=config)
+
+  logits, caches = jax.lax.map(chunk, (input_ids.reshape(-1, rows, t),
+                                       attention_mask.reshape(-1, rows, t)))
+  return logits.reshape(b, -1), concat_rows(caches, empty)
 
 
 @functools.partial(
@@ -169,10 +181,16 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
 
-  cache = init_cache(model.config, kv_config, b, max_length, impl=impl,
+  cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
+  rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
+                             memory.workspace_bytes(cache_total),
+                             memory.uses_flash_attention(model.config, impl))
+  empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
                      calibration=calibration)
-  logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32), cache,
-                           jnp.asarray(attention_mask, jnp.int32), config=model.config)
+  logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32),
+                           jnp.asarray(attention_mask, jnp.int32), empty,
+                           config=model.config)
+  del empty
   tokens, _ = _decode(
       model.params, cache, logits, jax.random.key(seed),
       jnp.asarray(eos if eos else [-1], jnp.int32), config=model.config,

@@ -24,10 +24,12 @@ from models.config import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A loaded model: static config, parameter pytree and a pure jitted forward.
+  """A loaded model: static config, parameter pytree and pure jitted steps.
 
   `forward(params, input_ids, cache, attention_mask=None) -> (logits, new_cache)`
-  is jitted with the cache donated (updated in place on accelerators).
+  and `prefill` (the same for a prompt into an empty cache, logits of each
+  row's last token) are jitted with the cache donated (updated in place on
+  accelerators).
   """
 
   config: ModelConfig
@@ -38,9 +40,14 @@ class Model:
     return jax.jit(functools.partial(llama.forward, config=self.config),
                    donate_argnames="cache")
 
+  @functools.cached_property
+  def prefill(self) -> Callable:
+    return jax.jit(functools.partial(llama.prefill, config=self.config),
+                   donate_argnames="cache")
+
 
 # ----------------------------------------------------------------------------
-# HF layout (torch `Linear` weights are [out, in]) -> the stacked pytree.
+# HF layout (torch `Linear` weights are [out, in]) -> the parameter pytree.
 
 
 def _hf_layer_params(get: Callable[[str], np.ndarray], cfg: ModelConfig, i: int):
@@ -87,10 +94,7 @@ def _assemble(get: Callable[[str], np.ndarray], cfg: ModelConfig, has_lm_head: b
       if arr.shape != expected[name]:
         raise ValueError(f"{source}: layer {i} {name} has shape {arr.shape}, the config "
                          f"implies {expected[name]}")
-  dtype = jnp.dtype(cfg.dtype)
-  stacked = {name: jnp.asarray(np.stack([l[name] for l in layers]), dtype)
-             for name in expected}
-  params = {"embed": get("model.embed_tokens.weight"), "layers": stacked,
+  params = {"embed": get("model.embed_tokens.weight"), "layers": tuple(layers),
             "final_norm": get("model.norm.weight")}
   if params["embed"].shape != (cfg.vocab_size, cfg.hidden_size):
     raise ValueError(f"{source}: embed_tokens has shape {params['embed'].shape}, the config "
@@ -99,6 +103,7 @@ def _assemble(get: Callable[[str], np.ndarray], cfg: ModelConfig, has_lm_head: b
     if not has_lm_head:
       raise ValueError(f"{source}: missing weight 'lm_head.weight' (embeddings are not tied)")
     params["lm_head"] = get("lm_head.weight").T
+  dtype = jnp.dtype(cfg.dtype)
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 
 

@@ -144,7 +144,7 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
 
   def fill(impl):
     cache = kivi_jax.init_cache(_Shape(), config, B, 340, impl=impl)
-    layer = jax.tree.map(lambda a: a[0], cache.layers)
+    layer = cache.layers[0]
     done = jnp.zeros(B, jnp.int32)
     for n in (jnp.asarray(lengths - 20), *[jnp.ones(B, jnp.int32)] * 20):
       t = int(n.max())

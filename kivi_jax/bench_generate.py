@@ -1,0 +1,429 @@
+"""PROTOCOLS.md P2: end-to-end decode throughput, capacity and the decode step's floor.
+
+Shapes of Llama-2-7B and Llama-3-8B with random bf16 weights (speed does not
+depend on the values). Each measurement runs in a fresh process
+(`python -m kivi_jax.bench_generate WORKER_JSON`), so a peak-memory figure is
+that run's own and an out-of-memory ends only that run. What a run measures:
+
+- `generate`: tokens/s = batch x new tokens / the whole call (prefill
+  included), the prefill's seconds alone, peak device memory; the second
+  call is timed (the first compiles), with greedy decoding and no EOS.
+- `step`: one decode step (`model.forward` on one token per row, the cache
+  donated) at a given context, median of timed steps after warm-up, against
+  its floor: the bytes a step must read (the weights it multiplies by, the
+  cache's live part) over the copy bandwidth measured in the same process.
+  With `profile`, a `jax.profiler` trace of a few steps is summarized by
+  kind of device work (matmuls, the attention and write kernels, copies,
+  transposes, ...).
+- `hf`: HF transformers' eager `generate` in bf16 on the same shapes, the
+  baseline (when torch and transformers are importable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kivi_jax import memory
+from kivi_jax.bench import copy_bandwidth_tbps
+from kivi_jax.cache import init_cache, n_quantized
+from kivi_jax.config import get_preset
+from kivi_jax.generate import _prefill, generate
+from models import llama
+from models.config import ModelConfig
+from models.loading import Model
+
+SHAPES = {
+    "llama2-7b": ModelConfig(
+        architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, dtype="bfloat16"),
+    "llama3-8b": ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, dtype="bfloat16"),
+}
+"""The P2 shapes; Llama-3-8B's window is Llama 3.1's 128k (rope scaling
+changes values only)."""
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> Model:
+  """`config`'s model with normal weights (std 0.02, norms 1), made on the
+  device layer by layer."""
+  key = jax.random.key(seed)
+  dtype = jnp.dtype(config.dtype)
+  d, f = config.hidden_size, config.intermediate_size
+  hq, hkv, dh = config.num_heads, config.num_kv_heads, config.head_dim
+
+  @jax.jit
+  def layer(key):
+    k = jax.random.split(key, 7)
+    w = lambda i, *shape: (0.02 * jax.random.normal(k[i], shape, jnp.float32)).astype(dtype)  # noqa: E731
+    return {"attn_norm": jnp.ones((d,), dtype), "mlp_norm": jnp.ones((d,), dtype),
+            "wq": w(0, d, hq, dh), "wk": w(1, d, hkv, dh), "wv": w(2, d, hkv, dh),
+            "wo": w(3, hq, dh, d), "w_gate": w(4, d, f), "w_up": w(5, d, f),
+            "w_down": w(6, f, d)}
+
+  normal = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape)).astype(dtype),
+                   static_argnums=1)
+  keys = jax.random.split(key, config.num_layers + 2)
+  params = {"embed": normal(keys[0], (config.vocab_size, d)),
+            "layers": tuple(layer(keys[2 + i]) for i in range(config.num_layers)),
+            "final_norm": jnp.ones((d,), dtype)}
+  if not config.tie_word_embeddings:
+    params["lm_head"] = normal(keys[1], (d, config.vocab_size))
+  return Model(config, params)
+
+
+def weight_bytes_read(model: Model) -> int:
+  """Bytes of weights a decode step multiplies by: all but the embedding
+  table (a gather of B rows), which is read whole only as a tied head."""
+  total = sum(x.nbytes for x in jax.tree.leaves(model.params))
+  return total if model.config.tie_word_embeddings else total - model.params["embed"].nbytes
+
+
+def cache_bytes_read(cache) -> int:
+  """Bytes of the cache a decode step reads: the ring and sinks whole, the
+  block's live share (its quantized tokens over its capacity)."""
+  live = float(np.mean(np.asarray(n_quantized(cache.lengths, cache.config))))
+  capacity = cache.capacity - cache.config.sinks
+  total = 0
+  for layer in cache.layers:
+    for block in (layer.k, layer.v):
+      total += sum(x.nbytes for x in jax.tree.leaves(block)) * live / capacity
+    total += sum(x.nbytes for x in (layer.ring_k, layer.ring_v))
+    if layer.sink_k is not None:
+      total += layer.sink_k.nbytes + layer.sink_v.nbytes
+  return int(total)
+
+
+def peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _calibration(model: Model, kv_config):
+  """For SKVQ presets that need one: a calibration with a random channel
+  order and clip factors of 0.95 (speed does not depend on them)."""
+  if not kv_config.needs_calibration:
+    return None
+  from kivi_jax.cache import equal_groups
+  from kivi_jax.calibration import CALIBRATED_FIELDS, Calibration, model_fingerprint
+  cfg = model.config
+  hidden = cfg.num_kv_heads * cfg.head_dim
+  rng = np.random.default_rng(0)
+  perm = np.stack([rng.permutation(hidden) for _ in range(cfg.num_layers)]).astype(np.int32)
+  groups = np.broadcast_to(equal_groups(hidden, kv_config.hidden_groups(hidden)),
+                           perm.shape).astype(np.int32)
+  clip = np.full(cfg.num_layers, 0.95, np.float32)
+  return Calibration(model=model_fingerprint(model),
+                     config={f: getattr(kv_config, f) for f in CALIBRATED_FIELDS},
+                     perm_k=perm, groups_k=groups, clip_k=clip, perm_v=perm.copy(),
+                     groups_v=groups.copy(), clip_v=clip.copy(), source="random (speed only)")
+
+
+def _prompt(batch: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, vocab, (batch, tokens), dtype=np.int32)
+
+
+def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
+                  impl: str = "auto") -> dict:
+  """`generate` timed on its second call; the first compiles. That first call
+  stops after one step: its EOS ids are each row's first token (the same
+  number of ids as the timed call's, which never occur, so both calls share
+  one compiled program). The prefill is timed alone too, in `generate`'s
+  chunks of rows."""
+  kv = get_preset(method)
+  calib = _calibration(model, kv)
+  ids = _prompt(batch, prompt, model.config.vocab_size)
+  length = prompt + new
+  cache_total = memory.cache_bytes(model.config, kv, batch, length)
+  rows = memory.prefill_rows(batch, model.config, kv, prompt, length,
+                             memory.workspace_bytes(cache_total),
+                             memory.uses_flash_attention(model.config, impl))
+  empty = init_cache(model.config, kv, rows, length, impl=impl, calibration=calib)
+  args = (model.params, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), empty)
+  # Each result is dropped before the next call: two caches of the largest
+  # batch do not fit at once.
+  firsts = sorted(set(np.asarray(jnp.argmax(_prefill(*args, config=model.config)[0],
+                                            -1)).tolist()))
+  t0 = time.perf_counter()
+  jax.block_until_ready(_prefill(*args, config=model.config)[0])
+  prefill_s = time.perf_counter() - t0
+  del empty, args
+
+  def run(eos):
+    return np.asarray(generate(model, ids, kv_config=kv, max_new_tokens=new, impl=impl,
+                               calibration=calib, eos_token_id=eos, pad_token_id=0))
+
+  run(firsts)
+  t0 = time.perf_counter()
+  out = run([-1] * len(firsts))
+  total = time.perf_counter() - t0
+  assert out.shape == (batch, new)
+  return {"tokens_per_s": batch * new / total, "total_s": total, "prefill_s": prefill_s,
+          "prefill_rows": rows, "cache_bytes": cache_total,
+          "predicted_peak_bytes": memory.generate_bytes(
+              model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl))}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("cache",))
+def _decode_steps(params, tok, cache, *, config: ModelConfig, steps: int):
+  """`steps` greedy decode steps in one `fori_loop`, as `generate` runs them."""
+  def step(_, carry):
+    tok, cache = carry
+    logits, cache = llama.forward(params, tok, cache, config=config)
+    return jnp.argmax(logits, -1).astype(jnp.int32), cache
+  return jax.lax.fori_loop(0, steps, step, (tok, cache))
+
+
+def time_decode_step(model: Model, method: str, batch: int, context: int, steps: int = 16,
+                     repeats: int = 3, impl: str = "auto", copy_tbps: float | None = None,
+                     profile_dir: str | None = None) -> dict:
+  """Median ms of one decode step with `context` tokens cached per row (a
+  loop of `steps` steps timed `repeats` times after a warm-up), against its
+  floor; with `profile_dir`, a trace of one more loop summarized."""
+  kv = get_preset(method)
+  calib = _calibration(model, kv)
+  ids = jnp.asarray(_prompt(batch, context, model.config.vocab_size))
+  capacity = context + steps * (repeats + 2)
+  empty = init_cache(model.config, kv, batch, capacity, impl=impl, calibration=calib)
+  logits, cache = _prefill(model.params, ids, jnp.ones_like(ids), empty, config=model.config)
+  del empty
+  tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+  run = functools.partial(_decode_steps, model.params, config=model.config, steps=steps)
+  copy_tbps = copy_tbps or copy_bandwidth_tbps()
+  weights, kv_read = weight_bytes_read(model), cache_bytes_read(cache)
+  tok, cache = jax.block_until_ready(run(tok, cache))  # compiles
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    tok, cache = jax.block_until_ready(run(tok, cache))
+    times.append((time.perf_counter() - t0) / steps)
+  ms = 1e3 * statistics.median(times)
+  floor_ms = (weights + kv_read) / (copy_tbps * 1e12) * 1e3
+  row = {"step_ms": ms, "floor_ms": floor_ms, "weight_bytes": weights,
+         "cache_bytes_read": kv_read, "cache_bytes": cache.nbytes(), "copy_tbps": copy_tbps,
+         "weights_floor_ms": weights / (copy_tbps * 1e12) * 1e3}
+  if profile_dir is not None:
+    hlo = _decode_steps.lower(model.params, tok, cache, config=model.config,
+                              steps=steps).compile().as_text()
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready(run(tok, cache))
+    row["profile"] = summarize_trace(profile_dir, steps, hlo)
+  return row
+
+
+_KINDS = (
+    ("attention kernel", r"kivi_decode|hidden_decode|decode_attention"),
+    ("write kernel", r"kivi_quantize_pack|quantize_pack"),
+    ("cudnn attention", r"cudnn|fmha|flash|sdpa"),
+    ("matmul", r"gemm|cublas|sm90_xmma|cutlass|nvjet|dot"),
+    ("copy", r"memcpy|^copy|copy_fusion|\bcopy\b"),
+    ("transpose", r"transpose"),
+    ("reduction", r"reduce|reduction"),
+    ("scatter/gather", r"scatter|gather|dynamic.update.slice|dynamic.slice"),
+)
+
+
+def kernel_kind(name: str) -> str:
+  low = name.lower()
+  for kind, pattern in _KINDS:
+    if re.search(pattern, low):
+      return kind
+  return "other fusion"
+
+
+def summarize_trace(log_dir: str, steps: int, hlo: str = "") -> dict:
+  """Device time per step by kind of work, and the 15 costliest kernels,
+  from the perfetto trace `jax.profiler.trace` wrote under `log_dir`; with
+  the program's optimized `hlo`, each kernel's JAX operations beside it."""
+  path = sorted(Path(log_dir).rglob("perfetto_trace.json.gz"))[-1]
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, name in procs.items() if "GPU" in name or "TPU" in name}
+  by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in device:
+      ms = e.get("dur", 0) / 1e3
+      by_kind[kernel_kind(e["name"])] += ms / steps
+      by_name[e["name"]][0] += ms / steps
+      by_name[e["name"]][1] += 1
+  top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+  ops = {m[1]: m[2] for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)}
+  return {"device_ms_per_step": sum(by_kind.values()),
+          "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+          "top_kernels": [{"name": n[:120], "ms_per_step": v[0], "launches_per_step":
+                           v[1] / steps, "op": _op_of(n, ops)[:160]} for n, v in top]}
+
+
+def _op_of(kernel: str, ops: dict) -> str:
+  """The JAX operation an XLA kernel name comes from: its fusion's name with
+  `_` for `.` (as the profiler shows it), looked up in the HLO's metadata."""
+  for name in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+    if name in ops:
+      return ops[name]
+  return ""
+
+
+def hf_generate(shape: str, batch: int, prompt: int, new: int) -> dict:
+  """HF transformers' eager `generate` (bf16, greedy, `new` tokens, no EOS) on
+  `shape` with random weights, timed after a warm-up of 8 tokens (eager
+  mode compiles nothing)."""
+  import torch
+  from transformers import AutoModelForCausalLM, LlamaConfig
+  c = SHAPES[shape]
+  hf_config = LlamaConfig(
+      vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+      num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+      rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps,
+      max_position_embeddings=c.max_position_embeddings)
+  torch.manual_seed(0)
+  with torch.device("cuda"):
+    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch.bfloat16,
+                                             attn_implementation="eager").eval()
+  ids = torch.as_tensor(_prompt(batch, prompt, c.vocab_size), device="cuda")
+  kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            attention_mask=torch.ones_like(ids), pad_token_id=0)
+  with torch.no_grad():
+    model.generate(ids, **{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+  assert out.shape == (batch, prompt + new)
+  return {"tokens_per_s": batch * new / total, "total_s": total,
+          "peak_bytes": torch.cuda.max_memory_allocated(), "torch": torch.__version__}
+
+
+def _worker(spec: dict) -> dict:
+  """One measurement (the module docstring's kinds), in this process."""
+  kind = spec["kind"]
+  if kind == "device":
+    return {"device": jax.devices()[0].device_kind,
+            "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps()}
+  if kind == "hf":
+    return hf_generate(spec["shape"], spec["batch"], spec["prompt"], spec["new"])
+  jax.config.update("jax_compilation_cache_dir", spec.get("compile_cache") or
+                    os.path.join(tempfile.gettempdir(), "kivi-jax-compile-cache"))
+  model = random_model(SHAPES[spec["shape"]])
+  if kind == "generate":
+    row = time_generate(model, spec["method"], spec["batch"], spec["prompt"], spec["new"])
+  elif kind == "step":
+    row = time_decode_step(model, spec["method"], spec["batch"], spec["context"],
+                           copy_tbps=spec.get("copy_tbps"),
+                           profile_dir=spec.get("profile_dir"))
+  else:
+    raise ValueError(f"unknown measurement kind {kind!r}")
+  row["peak_bytes"] = peak_bytes()
+  return row
+
+
+def measure(spec: dict, timeout: int = 1800) -> dict:
+  """`spec` measured in a fresh process: its row, or `{"error": ...}` (out of
+  memory, say) with the process's last lines."""
+  env = dict(os.environ)
+  # Let the allocator hand out nearly the whole device (the default is 75%).
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  proc = subprocess.run([sys.executable, "-m", "kivi_jax.bench_generate", json.dumps(spec)],
+                        capture_output=True, text=True, env=env, timeout=timeout)
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("{"):
+      return {**spec, **json.loads(line)}
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  oom = any("RESOURCE_EXHAUSTED" in l or "out of memory" in l.lower() for l in tail)
+  return {**spec, "error": "out of memory" if oom else "failed", "log": tail}
+
+
+def device_info() -> dict:
+  """The device, its allocator's limit and its copy bandwidth, measured in a
+  worker (this process keeps off the device, so its children can take it)."""
+  return measure({"kind": "device"})
+
+
+def generate_benchmark(shape: str = "llama2-7b",
+                       methods=("fp16", "kivi4", "kivi2", "skvq-k2v2-g16-fp8"),
+                       requests=((1024, 512), (4096, 512)), batches=(1, 8, 32),
+                       step_batches=(1, 32), step_context: int = 1280, largest: bool = True,
+                       hf_batches=(32, 64, 128), out: str | None = None,
+                       progress=print) -> dict:
+  """P2 for one shape, every measurement in its own process (`measure`).
+
+  One decode step of each method at `step_batches` with `step_context`
+  tokens cached, profiled; then for each request (prompt, new tokens) and
+  method, `generate` at `batches` and at the largest batch
+  `kivi_jax.memory.max_batch` predicts (a tenth fewer rows while that runs
+  out of memory); and HF's `generate` at `hf_batches` (until one runs out of
+  memory). With `out`, the result is written after every row, added to the
+  rows already there: a sweep longer than one session on a machine can go on
+  in the next.
+  """
+  info = device_info()
+  if "error" in info:
+    raise RuntimeError(f"the device worker failed: {info}")
+  progress(f"{info['device']}: {info['bytes_limit'] / 2**30:.1f} GiB for the allocator, "
+           f"copy {info['copy_tbps']:.2f} TB/s")
+  config = SHAPES[shape]
+  shapes = Model(config, jax.eval_shape(lambda: random_model(config).params))
+  from kivi_jax.cli import run_metadata
+  result = {"protocol": "P2 end-to-end decode", **run_metadata(), **info, "rows": []}
+  if out and Path(out).is_file():
+    result["rows"] = json.loads(Path(out).read_text())["rows"]
+
+  def run(spec):
+    row = {**measure({"shape": shape, **spec}), **run_metadata()}
+    result["rows"].append(row)
+    if out:
+      Path(out).parent.mkdir(parents=True, exist_ok=True)
+      Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+             if k in ("kind", "method", "batch", "prompt", "new", "step_ms", "floor_ms",
+                      "tokens_per_s", "prefill_s", "peak_bytes", "error")}
+    progress(json.dumps(shown))
+    return row
+
+  for method in methods:
+    for batch in step_batches:
+      run({"kind": "step", "method": method, "batch": batch, "context": step_context,
+           "copy_tbps": info["copy_tbps"], "profile_dir": tempfile.mkdtemp()})
+  for prompt, new in requests:
+    for method in methods:
+      best = memory.max_batch(shapes, get_preset(method), prompt, new,
+                              memory_bytes=info["bytes_limit"], flash=True)
+      for batch in sorted({b for b in batches if b < best}):
+        run({"kind": "generate", "method": method, "batch": batch, "prompt": prompt,
+             "new": new})
+      while largest and best > 0:
+        row = run({"kind": "generate", "method": method, "batch": best, "prompt": prompt,
+                   "new": new, "predicted_largest": True})
+        if row.get("error") != "out of memory":
+          break
+        best = best * 9 // 10
+    for batch in hf_batches:
+      if run({"kind": "hf", "batch": batch, "prompt": prompt, "new": new}).get("error"):
+        break
+  return result
+
+
+if __name__ == "__main__":
+  print(json.dumps(_worker(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,177 @@
+"""What `generate` holds on a device, and how many rows of a request fit.
+
+Peak device memory of `generate` is the weights, the cache (its whole
+capacity, allocated before the prefill) and a workspace: the prefill's
+activations for one chunk of rows, or a decode step's temporaries, whichever
+is larger. The prefill takes its rows in chunks (`prefill_rows`) so that its
+activations stay within `workspace_bytes`; a decode step's temporaries grow
+with the batch (logits, the flushed group) but stay small beside the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from kivi_jax.cache import init_cache
+from kivi_jax.config import KIVIConfig
+
+FIXED_WORKSPACE = 1 << 30
+"""Bytes kept free beyond the per-row estimates (XLA's own scratch, cuBLAS
+and cuDNN workspaces, the token buffers)."""
+
+ACTIVATION_MARGIN = 3
+"""Factor on the layer-by-layer sum of a prefill row's activations
+(`prefill_bytes_per_row`), from the compiled prefill's measured temporaries."""
+
+QUERY_CHUNK = 512
+"""Queries per chunk of the prompt attention where cuDNN does not run it
+(`kivi_jax.attention.prompt_attention`)."""
+
+
+def cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int) -> int:
+  """Bytes of `init_cache(model_config, kv_config, batch, max_length)`, every
+  array counted (codes, scales, zeros, ring, sinks, channel maps, lengths)."""
+  if kv_config.needs_calibration:
+    # A calibration changes values, not shapes.
+    kv_config = dataclasses.replace(kv_config, reorder=False, clip=1.0)
+  return _bytes(jax.eval_shape(lambda: init_cache(model_config, kv_config, batch, max_length)))
+
+
+def _bytes(tree) -> int:
+  """Bytes of a pytree of arrays or of `jax.ShapeDtypeStruct`s."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: int,
+                          max_length: int, flash: bool) -> int:
+  """An upper estimate of what one row of a chunk adds to the prefill's
+  workspace: the chunk's own cache (it lands in the result's rows at the
+  chunk's end) and the row's activations in one layer (XLA frees a layer's
+  before the next): the residual stream and the normed input, q, k (before
+  and after RoPE), v and the attention output, the MLP's gate, up and their
+  product, the flushed keys and values with the float32 temporaries of their
+  quantization, and, without flash attention, one query chunk's scores and
+  probabilities."""
+  c = model_config
+  t = prompt_tokens
+  itemsize = np.dtype(c.dtype).itemsize
+  kv = c.num_kv_heads * c.head_dim
+  act = t * (2 * c.hidden_size + 2 * c.num_heads * c.head_dim + 3 * kv
+             + 3 * c.intermediate_size + 2 * kv) * itemsize
+  act += t * 2 * kv * 4 * 3
+  if not flash:
+    act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4
+  # XLA keeps more than that alive at once: compiled for an H200 (jax 0.11.2),
+  # a KIVI-2 prefill of 9 rows of 1024 tokens over Llama-2-7B shapes asked
+  # for 7.7 GB of temporaries, 2.6 times this sum plus the rows' caches.
+  act *= ACTIVATION_MARGIN
+  own_cache = (cache_bytes(c, kv_config, 2, max_length)
+               - cache_bytes(c, kv_config, 1, max_length))
+  return int(act + c.vocab_size * 4 + own_cache)
+
+
+def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
+  """An upper estimate of one row's decode-step temporaries: the float32
+  logits and their sampling copy, the flushed group's keys and values as
+  read and as written, and the decode kernel's float32 partials (query rows
+  padded to 16)."""
+  c = model_config
+  itemsize = np.dtype(c.dtype).itemsize
+  kv = c.num_kv_heads * c.head_dim
+  group = kv_config.group_size
+  return int(2 * c.vocab_size * 4 + 4 * group * kv * itemsize
+             + c.num_kv_heads * max(16, c.num_heads // c.num_kv_heads) * c.head_dim * 4)
+
+
+def prefill_rows(batch: int, model_config, kv_config: KIVIConfig, prompt_tokens: int,
+                 max_length: int, budget_bytes: int, flash: bool) -> int:
+  """The largest divisor of `batch` whose rows' prefill workspace
+  (`prefill_bytes_per_row`) fits in `budget_bytes` (at least 1)."""
+  per_row = prefill_bytes_per_row(model_config, kv_config, prompt_tokens, max_length, flash)
+  fits = max(1, budget_bytes // per_row)
+  return max(r for r in range(1, batch + 1) if batch % r == 0 and r <= fits)
+
+
+def workspace_bytes(cache_total: int) -> int:
+  """What the prefill's activations may take: a tenth of the cache, and at
+  least `FIXED_WORKSPACE`."""
+  return max(FIXED_WORKSPACE, cache_total // 10)
+
+
+def device_memory_bytes(device=None) -> int:
+  """Bytes the device's allocator may hand out (`memory_stats()["bytes_limit"]`)."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    raise ValueError(f"{device.platform} device {device} reports no memory limit: pass "
+                     "memory_bytes=")
+  return int(stats["bytes_limit"])
+
+
+def uses_flash_attention(model_config, impl: str = "auto") -> bool:
+  """Whether the prompt attention runs cuDNN's flash attention
+  (`kivi_jax.attention.prompt_attention`)."""
+  from kivi_jax.cache import kernel_backend
+  return (kernel_backend(impl) == "gpu" and jax.default_backend() == "gpu"
+          and model_config.dtype in ("bfloat16", "float16"))
+
+
+def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
+                   new_tokens: int, flash: bool) -> int:
+  """An upper estimate of `generate`'s peak device memory for `batch` rows:
+  weights, the cache, `FIXED_WORKSPACE`, and the larger of the prefill's
+  chunk of activations and a decode step's temporaries; `flash`: whether the
+  prompt attention is cuDNN's (`uses_flash_attention`)."""
+  config = model.config
+  weights = _bytes(model.params)
+  length = prompt_tokens + new_tokens
+  cache = cache_bytes(config, kv_config, batch, length)
+  rows = prefill_rows(batch, config, kv_config, prompt_tokens, length, workspace_bytes(cache),
+                      flash)
+  prefill = rows * prefill_bytes_per_row(config, kv_config, prompt_tokens, length, flash)
+  decode = batch * decode_bytes_per_row(config, kv_config)
+  return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
+
+
+def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int, *,
+              memory_bytes: int | None = None, flash: bool | None = None) -> int:
+  """How many rows of `prompt_tokens + new_tokens` `generate` can hold at once.
+
+  Args:
+    model: a `models.Model` (its weights are counted as they are; they may be
+      `jax.ShapeDtypeStruct`s).
+    kv_config: the cache method.
+    prompt_tokens, new_tokens: per row; the cache holds their sum.
+    memory_bytes: what the device may hold; by default the allocator's limit
+      on the first device (on a GPU, `XLA_PYTHON_CLIENT_MEM_FRACTION` of it).
+    flash: whether the prompt attention is cuDNN's flash attention; by
+      default `uses_flash_attention` on this backend.
+
+  Returns:
+    The largest batch whose `generate_bytes` fit in `memory_bytes`; 0 if not
+    even one row fits.
+  """
+  for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if memory_bytes is None:
+    memory_bytes = device_memory_bytes()
+  if flash is None:
+    flash = uses_flash_attention(model.config)
+
+  def fits(batch):
+    return generate_bytes(model, kv_config, batch, prompt_tokens, new_tokens,
+                          flash) <= memory_bytes
+
+  if not fits(1):
+    return 0
+  lo, hi = 1, 2
+  while fits(hi):
+    lo, hi = hi, hi * 2
+  while hi - lo > 1:  # fits(lo), not fits(hi)
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo
