@@ -320,7 +320,7 @@ def _worker(spec: dict) -> dict:
   """One measurement (the module docstring's kinds), in this process."""
   kind = spec["kind"]
   if kind == "device":
-    return {"device": jax.devices()[0].device_kind,
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps()}
   if kind == "hf":
     return hf_generate(spec["shape"], spec["batch"], spec["prompt"], spec["new"])
@@ -386,12 +386,15 @@ def generate_benchmark(shape: str = "llama2-7b",
   config = SHAPES[shape]
   shapes = Model(config, jax.eval_shape(lambda: random_model(config).params))
   from kivi_jax.cli import run_metadata
+  info = {k: v for k, v in info.items() if k != "kind"}
   result = {"protocol": "P2 end-to-end decode", **run_metadata(), **info, "rows": []}
   if out and Path(out).is_file():
     result["rows"] = json.loads(Path(out).read_text())["rows"]
 
   def run(spec):
-    row = {**measure({"shape": shape, **spec}), **run_metadata()}
+    # The worker measured on the device; this process knows the date and commit.
+    meta = {k: v for k, v in run_metadata().items() if k in ("date", "commit")}
+    row = {**measure({"shape": shape, **spec}), **meta}
     result["rows"].append(row)
     if out:
       Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -284,9 +284,6 @@ def _bench_generate(args) -> int:
   import jax
 
   from kivi_jax import bench_generate
-  # This process only plans and collects; each measurement runs in a worker
-  # process that must find the accelerator's memory untouched.
-  jax.config.update("jax_platforms", "cpu")
   methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
   for m in methods:
     get_preset(m)
@@ -299,6 +296,9 @@ def _bench_generate(args) -> int:
       raise ValueError(f"--requests takes PROMPT+NEW pairs such as 1024+512, got {r!r}")
     requests.append((int(prompt), int(new)))
   ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+  # This process only plans and collects; each measurement runs in a worker
+  # process that must find the accelerator's memory untouched.
+  jax.config.update("jax_platforms", "cpu")
   bench_generate.generate_benchmark(
       shape=args.shape, methods=methods, requests=tuple(requests), batches=ints(args.batches),
       step_batches=ints(args.step_batches), step_context=args.step_context,

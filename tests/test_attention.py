@@ -126,3 +126,25 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   atol = max(1e-5, 2 * np.abs(np.asarray(ref[:2]) - ref64).max())
   np.testing.assert_allclose(np.asarray(out[:2]), ref64, rtol=1e-5, atol=atol)
   assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("rep", [1, 3])
+def test_prompt_attention_equals_attention_over_an_empty_cache(rep, window):
+  # In query chunks of 7 (and one of 40): the same as the cache's reference
+  # attention of the whole prompt into an empty cache, rows padded at the end.
+  from kivi_jax.attention import prompt_attention
+  config = CONFIGS["fp16"]
+  t, hq = 40, HKV * rep
+  k, v = _kv(t, seed=3)
+  q = jax.random.normal(jax.random.key(3), (B, t, hq, D), jnp.float32)
+  n_valid = jnp.array([40, 17, 1])
+  layer, lens = _fill(config, k[:, :, :1], v[:, :, :1], np.zeros(B, int), chunk=1)
+  ref = _attend(q, layer, k, v, lens, n_valid, config, window)
+  for chunk in (7, 40):
+    out = prompt_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), n_valid, window,
+                           query_chunk=chunk)
+    # Both float32, summed in another order over at most 40 keys (seen: 1.2e-6).
+    for b in range(B):
+      np.testing.assert_allclose(np.asarray(out[b, :n_valid[b]]),
+                                 np.asarray(ref[b, :n_valid[b]]), rtol=1e-5, atol=1e-5)

@@ -105,3 +105,27 @@ def test_bad_inputs_raise_before_compute(model, kwargs, match):
 def test_bad_input_ids(model, ids, match):
   with pytest.raises(ValueError, match=match):
     kivi_jax.generate(model, ids, kv_config=METHODS["kivi2"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_prefill_in_chunks_of_rows_equals_one_chunk(model, method, monkeypatch):
+  rng = np.random.default_rng(11)
+  ids, mask = _pad([rng.integers(0, 256, n) for n in (9, 40, 33, 70)], "left")
+  whole = kivi_jax.generate(model, ids, attention_mask=mask, kv_config=METHODS[method],
+                            max_new_tokens=24)
+  # A budget of nothing: the prefill takes one row at a time.
+  monkeypatch.setattr(kivi_jax.memory, "workspace_bytes", lambda cache_total: 0)
+  chunked = kivi_jax.generate(model, ids, attention_mask=mask, kv_config=METHODS[method],
+                              max_new_tokens=24)
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
+def test_prefill_of_a_filled_cache_gives_nan(model):
+  # `prefill` assumes an empty cache; a row that has tokens must not get a
+  # silent wrong answer.
+  kv = METHODS["kivi2"]
+  cache = kivi_jax.init_cache(model.config, kv, 2, 64)
+  _, cache = model.prefill(model.params, np.zeros((2, 5), np.int32), cache)
+  cache = cache.replace(lengths=cache.lengths.at[1].set(0))
+  logits, _ = model.prefill(model.params, np.zeros((2, 5), np.int32), cache)
+  assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()

@@ -55,6 +55,12 @@ def test_prefill_and_greedy_decode_match_transformers(name):
     ours.append(np.asarray(logits[:, 0]))
   np.testing.assert_allclose(np.stack(ours, 1), step_ref, atol=TOL, rtol=0)
 
+  # The prompt path: flash-style attention over the prompt alone, the last
+  # token's logits only.
+  fresh = kivi_jax.init_cache(model.config, FP, 2, prompt.shape[1] + steps)
+  last, _ = model.prefill(model.params, jnp.asarray(prompt), fresh)
+  np.testing.assert_allclose(np.asarray(last), prefill_ref[:, -1], atol=TOL, rtol=0)
+
   tokens = kivi_jax.generate(model, prompt, kv_config=FP, max_new_tokens=steps)
   np.testing.assert_array_equal(np.asarray(tokens), full[:, prompt.shape[1]:])
 

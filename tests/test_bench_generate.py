@@ -1,0 +1,65 @@
+"""kivi-jax bench generate's pieces on the CPU: a tiny shape measured end to end,
+the trace summary, the command's argument checks."""
+
+import gzip
+import json
+
+import pytest
+
+from kivi_jax import bench_generate as bg
+from kivi_jax.cli import main
+from models.config import ModelConfig
+
+TINY = ModelConfig(architecture="llama", vocab_size=512, hidden_size=128,
+                   intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                   head_dim=32, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+  return bg.random_model(TINY)
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2", "skvq-k2v2-g16-fp8"])
+def test_generate_and_step_measure(model, method):
+  row = bg.time_generate(model, method, batch=2, prompt=40, new=6)
+  assert row["tokens_per_s"] > 0 and 0 < row["prefill_s"] < row["total_s"]
+  assert row["cache_bytes"] < row["predicted_peak_bytes"]
+  step = bg.time_decode_step(model, method, batch=2, context=100, steps=3, repeats=2,
+                             copy_tbps=1.0)
+  assert step["step_ms"] > 0 and step["floor_ms"] > step["weights_floor_ms"] > 0
+  # A decode step reads every weight but the embedding table's gather.
+  assert step["weight_bytes"] == sum(
+      x.nbytes for x in __import__("jax").tree.leaves(model.params)) - \
+      model.params["embed"].nbytes
+
+
+def test_trace_summary_groups_device_kernels(tmp_path):
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "name": "kivi_decode_attention", "dur": 300},
+      {"ph": "X", "pid": 1, "name": "gemm_fusion_dot_7", "dur": 500},
+      {"ph": "X", "pid": 1, "name": "memcpy128", "dur": 100},
+      {"ph": "X", "pid": 1, "name": "input_transpose_fusion", "dur": 100},
+      {"ph": "X", "pid": 2, "name": "PjitFunction", "dur": 9999},
+  ]
+  (tmp_path / "run").mkdir()
+  with gzip.open(tmp_path / "run" / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  hlo = '%gemm_fusion_dot.7 = bf16[8] fusion(), metadata={op_name="jit(f)/BTD,DE->BTE"}'
+  out = bg.summarize_trace(str(tmp_path), steps=2, hlo=hlo)
+  assert out["device_ms_per_step"] == pytest.approx(0.5)
+  assert out["by_kind_ms"] == pytest.approx({"matmul": 0.25, "attention kernel": 0.15,
+                                             "copy": 0.05, "transpose": 0.05})
+  assert out["top_kernels"][0]["op"] == "jit(f)/BTD,DE->BTE"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--requests", "1024"], "PROMPT\\+NEW pairs"),
+    (["--methods", "kivi3"], "unknown cache method"),
+    (["--shape", "llama-70b"], "unknown shape"),
+])
+def test_bench_generate_rejects_bad_arguments(args, match, capsys):
+  assert main(["bench", "generate", *args]) == 2
+  assert __import__("re").search(match, capsys.readouterr().err)

@@ -1,0 +1,93 @@
+"""The compiled decode step: weights and cache read in place, never copied, and
+temporaries that do not grow with the cache."""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import kivi_jax
+from kivi_jax import bench_generate
+from models import llama
+from models.config import ModelConfig
+
+
+def _model(num_layers=3, dtype="float32"):
+  config = ModelConfig(architecture="llama", vocab_size=256, hidden_size=128,
+                       intermediate_size=256, num_layers=num_layers, num_heads=4,
+                       num_kv_heads=2, head_dim=32, dtype=dtype)
+  return bench_generate.random_model(config)
+
+
+def _compiled_step(model, kv_config, batch=4, capacity=1024, tokens=1, impl="reference"):
+  cache = kivi_jax.init_cache(model.config, kv_config, batch, capacity, impl=impl)
+  step = jax.jit(functools.partial(llama.forward, config=model.config),
+                 donate_argnames="cache")
+  ids = jnp.zeros((batch, tokens), jnp.int32)
+  return step.lower(model.params, ids, cache).compile(), cache
+
+
+def copied_inputs(hlo: str, min_bytes: int) -> list[str]:
+  """Copies in an optimized HLO module of an input (a weight or a cache
+  buffer, by name or by the operation's metadata) of at least `min_bytes`."""
+  sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "u8": 1, "pred": 1}
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r"= (\w+)\[([\d,]*)\]\S* copy\(%([\w.-]+)\)", line)
+    if not m:
+      continue
+    dtype, dims, operand = m.groups()
+    size = sizes.get(dtype, 4)
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    meta = re.search(r'op_name="([^"]*)"', line)
+    source = operand + " " + (meta.group(1) if meta else "")
+    if size >= min_bytes and re.search(r"^(params|cache)|params\[|cache\.", source):
+      found.append(line.strip()[:200])
+  return found
+
+
+@pytest.mark.parametrize("method, impl", [
+    ("fp16", "reference"), ("kivi2", "reference"), ("kivi4", "reference"),
+    ("kivi2", "tpu"), ("skvq-k2v2-g32", "reference")])
+def test_decode_step_copies_no_weight_or_cache_buffer(method, impl):
+  model = _model()
+  kv = kivi_jax.get_preset(method)
+  if kv.needs_calibration:
+    kv = dataclasses.replace(kv, reorder=False, clip=0.9)
+  compiled, cache = _compiled_step(model, kv, impl=impl)
+  # Below a hundredth of the cache: the lengths, fp16's one-slot ring.
+  assert copied_inputs(compiled.as_text(), cache.nbytes() // 100) == []
+
+
+def test_copy_check_sees_a_cache_read_before_its_write():
+  # Guards the test above: two new tokens take the reference path, which
+  # reads the cache and then writes it, so XLA copies the cache's buffers.
+  model = _model()
+  compiled, cache = _compiled_step(model, kivi_jax.get_preset("kivi2"), tokens=2)
+  assert copied_inputs(compiled.as_text(), cache.nbytes() // 100)
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2"])
+def test_decode_step_temporaries_do_not_grow_with_layers_or_the_cache(method):
+  # A step's temporaries are one layer's at a time: a deeper model adds
+  # nothing, a longer cache only what one layer's attention forms over it.
+  kv = kivi_jax.get_preset(method)
+  temp = {}
+  for layers, capacity in ((2, 1024), (6, 1024), (6, 4096)):
+    compiled, cache = _compiled_step(_model(layers), kv, capacity=capacity)
+    temp[layers, capacity] = compiled.memory_analysis().temp_size_in_bytes
+    if method == "fp16":  # the block is read in place
+      assert temp[layers, capacity] < cache.nbytes() / 20
+  # Per extra layer at most its flushed group (keys and values of G tokens,
+  # float32), which XLA may keep until the layer's block write, scheduled late.
+  flushed = 2 * 4 * 2 * kv.group_size * 32 * 4
+  assert temp[6, 1024] - temp[2, 1024] <= 4 * flushed
+  # Per extra token: fp16's float32 scores and probabilities of 4 rows x 4
+  # heads; the reference's dequantized float32 keys and values on top for
+  # KIVI-2 (4 rows x 2 heads x 32 channels x 2 tensors).
+  per_token = 2 * 4 * 4 * 4 + (0 if method == "fp16" else 2 * 4 * 2 * 32 * 4)
+  assert temp[6, 4096] - temp[6, 1024] <= 1.05 * per_token * (4096 - 1024)

@@ -1,0 +1,71 @@
+"""kivi_jax.memory: the cache's bytes, the prefill's chunks of rows, max_batch."""
+
+import jax
+import pytest
+
+import kivi_jax
+from kivi_jax import bench_generate, memory
+from models.config import ModelConfig
+from models.loading import Model
+
+CONFIG = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096,
+                     intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                     head_dim=128, dtype="bfloat16")
+# Weights as shapes only: nothing of 7B size is allocated.
+MODEL = Model(CONFIG, jax.eval_shape(lambda: bench_generate.random_model(CONFIG).params))
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2", "skvq-k2v2-g16-fp8"])
+def test_cache_bytes_is_what_init_cache_allocates(method):
+  small = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=32, dtype="bfloat16")
+  kv = kivi_jax.get_preset(method)
+  calib = None
+  if kv.needs_calibration:
+    calib = bench_generate._calibration(bench_generate.random_model(small), kv)
+  cache = kivi_jax.init_cache(small, kv, 3, 700, calibration=calib)
+  assert memory.cache_bytes(small, kv, 3, 700) == cache.nbytes()
+
+
+def test_prefill_rows_divide_the_batch_within_the_budget():
+  kv = kivi_jax.get_preset("kivi2")
+  per_row = memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=True)
+  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 8
+  assert memory.prefill_rows(97, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 1
+  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 0, True) == 1
+  # Without flash attention a query chunk's scores join each row's share.
+  assert memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=False) > per_row
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2"])
+def test_max_batch_is_the_largest_that_fits(method):
+  kv = kivi_jax.get_preset(method)
+  limit = 140 * 10**9
+  best = memory.max_batch(MODEL, kv, 1024, 512, memory_bytes=limit, flash=True)
+  assert memory.generate_bytes(MODEL, kv, best, 1024, 512, True) <= limit
+  assert memory.generate_bytes(MODEL, kv, best + 1, 1024, 512, True) > limit
+  # The cache dominates: KIVI-2 holds 3 bits per element and a 128-token ring.
+  per_row = memory.cache_bytes(CONFIG, kv, 1, 1536)
+  assert best * per_row > 0.85 * (limit - 13.5e9)
+
+
+def test_max_batch_of_a_device_too_small_is_zero():
+  assert memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), 1024, 512,
+                          memory_bytes=10**9, flash=True) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_tokens=0, new_tokens=5), "prompt_tokens must be a positive integer"),
+    (dict(prompt_tokens=5, new_tokens=2.5), "new_tokens must be a positive integer"),
+])
+def test_max_batch_rejects_bad_requests(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), memory_bytes=10**12, **kwargs)
+
+
+def test_a_device_without_a_memory_limit_asks_for_one():
+  if jax.default_backend() != "cpu":
+    pytest.skip("accelerators report their limit")
+  with pytest.raises(ValueError, match="memory_bytes="):
+    memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), 1024, 512)
