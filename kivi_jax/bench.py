@@ -1,7 +1,8 @@
 """PROTOCOLS.md P1: one decode step of attention, cache methods against cuDNN bf16.
 
-Each method runs the whole decode-step attention that `generate` runs (for KIVI:
-the kernel over the packed block, the ring and the new token, the merge);
+Each method runs the attention of a decode step as `generate` runs it, after the
+new token's append (for KIVI: the kernel over the packed block, the ring, the
+flushed group and the new token, the merge);
 the baseline is `jax.nn.dot_product_attention(implementation="cudnn")` on a bf16
 cache of the same shape with distinct K and V arrays, in the same run. Times
 are medians over `repeats` timed batches of calls after warm-up; inputs rotate
@@ -18,8 +19,8 @@ import types
 import jax
 import jax.numpy as jnp
 
-from kivi_jax.attention import cache_attention
-from kivi_jax.cache import LayerKV, append, init_cache, n_quantized
+from kivi_jax.attention import decode_attention
+from kivi_jax.cache import LayerKV, append, append_flushing, init_cache, n_quantized
 from kivi_jax.config import PRESETS, KIVIConfig
 
 _L2_DODGE_BYTES = 512 * 2**20
@@ -57,8 +58,7 @@ def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype, impl="gpu"):
   """A cache layer holding `length` random tokens per row, filled by one prefill
   `append` (as `generate` fills it)."""
   shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
-  layer = jax.tree.map(lambda x: x[0],
-                       init_cache(shape, config, b, length + 1, impl=impl).layers)
+  layer = init_cache(shape, config, b, length + 1, impl=impl).layers[0]
   k = jax.random.normal(rng, (b, hkv, length, d), dtype)
   v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, length, d), dtype)
   lengths = jnp.full((b,), length, jnp.int32)
@@ -108,16 +108,18 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
                                 impl)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
+      # The new token appended beforehand (the writes have their own
+      # benchmark, scripts/gpu_cache_write.py): the step's attention alone.
+      ones = jnp.ones_like(lens)
+      appended = jax.jit(append_flushing, static_argnames=("config", "impl"))
       inputs = []
       for c in range(_copies(nbytes)):
         ks = jax.random.split(jax.random.fold_in(key, 100 + c), 3)
+        new = [jax.random.normal(k, (batch, kv_heads, 1, head_dim), dtype) for k in ks[1:]]
         inputs.append((jax.random.normal(ks[0], (batch, 1, q_heads, head_dim), dtype),
-                       jax.tree.map(lambda x, c=c: x if c == 0 else x + 0, layer),
-                       jax.random.normal(ks[1], (batch, kv_heads, 1, head_dim), dtype),
-                       jax.random.normal(ks[2], (batch, kv_heads, 1, head_dim), dtype),
-                       lens))
-      step = jax.jit(lambda q, lay, kn, vn, ln, config=config: cache_attention(
-          q, lay, kn, vn, ln, jnp.ones_like(ln), config, None, impl))
+                       *appended(layer, *new, lens, ones, config, impl), lens))
+      step = jax.jit(lambda q, lay, flushed, ln, config=config: decode_attention(
+          q, lay, flushed, ln, jnp.ones_like(ln), config, None, impl))
       ms = _time(step, inputs, repeats)
       rows.append(dict(method=method, B=batch, Hq=q_heads, Hkv=kv_heads, d=head_dim,
                        L=length, ms=ms, baseline_ms=base_ms, speedup=base_ms / ms,

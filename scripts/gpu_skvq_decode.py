@@ -39,7 +39,7 @@ def random_layer(key, config, b, hkv, length, d, dtype):
   the values. (It was written when `append`'s quantization over hidden groups
   ran the H100 out of memory at Mistral-7B's width, fixed since: NOTES.md.)"""
   shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
-  layer = jax.tree.map(lambda x: x[0], init_cache(shape, config, b, length + 1).layers)
+  layer = init_cache(shape, config, b, length + 1).layers[0]
   leaves, tree = jax.tree.flatten(layer.replace(k_map=None, v_map=None))
   out = []
   for i, x in enumerate(leaves):

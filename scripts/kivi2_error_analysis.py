@@ -70,8 +70,11 @@ def layer_activations(model, tokens):
     return x + jnp.einsum("BTF,FD->BTD", up, p["w_down"]), (q[0], k[0], v[0], k_pre[0])
 
   x = params["embed"][tokens[None]]
-  _, acts = jax.lax.scan(layer, x, params["layers"])
-  return acts
+  acts = []
+  for p in params["layers"]:
+    x, a = layer(x, p)
+    acts.append(a)
+  return jax.tree.map(lambda *a: jnp.stack(a), *acts)
 
 
 def _dequantized(x, bits, axis, group):
