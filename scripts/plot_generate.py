@@ -1,0 +1,61 @@
+"""Plot of the committed end-to-end results (PROTOCOLS.md P2): tokens/s against
+batch for each cache method and HF transformers, and peak memory beside it.
+
+  pip install -e ".[plot]"
+  python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+def main(name: str = "generate_h200", shape: str = "llama2-7b",
+         request: tuple[int, int] = (1024, 512)) -> None:
+  data = json.loads((RESULTS / f"{name}.json").read_text())
+  series = defaultdict(list)
+  for row in data["rows"]:
+    if (row.get("shape") != shape or row["kind"] not in ("generate", "hf")
+        or (row["prompt"], row["new"]) != request or "error" in row):
+      continue
+    label = "HF transformers eager, bf16" if row["kind"] == "hf" else f"kivi-jax {row['method']}"
+    series[label].append((row["batch"], row["tokens_per_s"], row["peak_bytes"] / 2**30))
+  fig, (ax, mem) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for label, points in sorted(series.items()):
+    batch, tps, gib = zip(*sorted(points))
+    ax.plot(batch, tps, "o-", label=label)
+    mem.plot(batch, gib, "o-", label=label)
+    for b, t in zip(batch, tps):
+      ax.annotate(f"{t:.0f}", (b, t), textcoords="offset points", xytext=(4, 4), fontsize=7)
+  ax.set_xlabel("batch (rows)")
+  ax.set_ylabel("tokens/s (prefill included)")
+  mem.set_xlabel("batch (rows)")
+  mem.set_ylabel("peak device memory (GiB)")
+  limit = data["bytes_limit"] / 2**30
+  mem.axhline(limit, color="gray", ls=":", lw=1)
+  mem.text(0.02, limit, "allocator limit", transform=mem.get_yaxis_transform(), fontsize=7,
+           color="gray", va="bottom")
+  mem.set_ylim(0, 1.1 * limit)
+  for a in (ax, mem):
+    a.set_xscale("log", base=2)
+    a.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.suptitle(f"{shape} shapes (random bf16 weights), prompt {request[0]} + {request[1]} "
+               f"new tokens, {data['device']}, jax {data['jax']}, {data['date']}", fontsize=9)
+  fig.tight_layout()
+  out = RESULTS / f"{name}.png"
+  fig.savefig(out, dpi=130)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
