@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kivi_jax.attention import cache_attention, kernel_applies
-from kivi_jax.cache import n_quantized
+from kivi_jax.attention import cache_attention, decode_attention, kernel_applies
+from kivi_jax.cache import append_flushing, n_quantized
 import spec_reference
 from test_cache import B, CONFIGS, D, HKV, _channel_maps, _fill, _kv, spec_block
 
@@ -17,6 +17,15 @@ INV_FREQ = 1.0 / 10000.0 ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D)
 
 def _attend(q, layer, k_new, v_new, lengths, n_new, config, window, impl="reference"):
   return _attend_jit(q, layer, k_new, v_new, lengths, n_new, config, window, impl,
+                     INV_FREQ if config.pre_rope else None)
+
+
+_append_flushing = jax.jit(append_flushing, static_argnames=("config", "impl"))
+_decode_jit = jax.jit(decode_attention, static_argnames=("config", "sliding_window", "impl"))
+
+
+def _decode(q, layer, flushed, lengths, n_new, config, window, impl):
+  return _decode_jit(q, layer, flushed, lengths, n_new, config, window, impl,
                      INV_FREQ if config.pre_rope else None)
 
 
@@ -104,12 +113,14 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   v_new = jnp.stack([v[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
   q = jax.random.normal(jax.random.key(rep), (B, 1, hq, D), jnp.float32)
   n_new = jnp.array([1, 1, 0])  # row 2 is a finished row feeding padding
+  # The step's append once (its writes have tests of their own), then its
+  # attention read by the kernel and by the reference.
+  layer, flushed = _append_flushing(layer, k_new, v_new, lens, n_new, config, "reference")
   ref = jax.block_until_ready(
-      _attend(q, layer, k_new, v_new, lens, n_new, config, window, "reference"))
+      _decode(q, layer, flushed, lens, n_new, config, window, "reference"))
   # Waited on before any other dispatch: the TPU interpreter's callbacks issue
   # JAX ops of their own and can deadlock against concurrent work on a CPU.
-  out = jax.block_until_ready(_attend(q, layer, k_new, v_new, lens, n_new, config, window,
-                                      impl))
+  out = jax.block_until_ready(_decode(q, layer, flushed, lens, n_new, config, window, impl))
   # float32 throughout, so the bound is float32's own error: the kernel against
   # the same reference run in float64 (on the CPU), within 1e-5 or twice the
   # float32 reference's own distance from it where that is larger. (Scores
@@ -119,8 +130,8 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   cpu = jax.devices("cpu")[0]
   with jax.enable_x64(True), jax.default_device(cpu):
     to64 = lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x  # noqa: E731
-    args64 = jax.device_put(jax.tree.map(to64, (q, layer, k_new, v_new)), cpu)
-    ref64 = np.asarray(_attend(*args64, jax.device_put(lens, cpu),
+    args64 = jax.device_put(jax.tree.map(to64, (q, layer, flushed)), cpu)
+    ref64 = np.asarray(_decode(*args64, jax.device_put(lens, cpu),
                                jax.device_put(n_new, cpu), config, window, "reference"))[:2]
   assert ref64.dtype == np.float64
   atol = max(1e-5, 2 * np.abs(np.asarray(ref[:2]) - ref64).max())
