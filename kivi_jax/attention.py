@@ -1,9 +1,12 @@
-"""Attention of new tokens over one layer of the cache, in pure jnp.
+"""Attention of new tokens over one layer of the cache.
 
-This is the reference the decode kernels must match: scores against the
-quantized block (dequantized here; a kernel never materializes it), the
-full-precision ring and the new tokens, under one softmax (SPEC.md, "Attention
-in a decode step").
+`cache_attention` is the reference the decode kernels must match: scores
+against the quantized block (dequantized here; a kernel never materializes
+it), the full-precision ring and the new tokens, under one softmax (SPEC.md,
+"Attention in a decode step"). `decode_attention` is what a decode step runs:
+the same attention read after the new token's append, the block by a Pallas
+kernel (by cuDNN where it is 16-bit, on a GPU) and the rest in jnp.
+`prompt_attention` is a prompt's attention over itself (a prefill).
 """
 
 from __future__ import annotations

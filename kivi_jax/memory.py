@@ -49,10 +49,10 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
                           max_length: int, flash: bool) -> int:
   """An upper estimate of what one row of a chunk adds to the prefill's
   workspace: the chunk's own cache (it lands in the result's rows at the
-  chunk's end) and the row's activations in one layer (XLA frees a layer's
-  before the next): the residual stream and the normed input, q, k (before
-  and after RoPE), v and the attention output, the MLP's gate, up and their
-  product, the flushed keys and values with the float32 temporaries of their
+  chunk's end) and `ACTIVATION_MARGIN` times the row's activations in one
+  layer: the residual stream and the normed input, q, k (before and after
+  RoPE), v and the attention output, the MLP's gate, up and their product,
+  the flushed keys and values with the float32 temporaries of their
   quantization, and, without flash attention, one query chunk's scores and
   probabilities."""
   c = model_config
