@@ -10,7 +10,7 @@ import numpy as np
 
 from kivi_jax import quantization
 from kivi_jax.bench import _time
-from pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention as da
 
 H, D, G = 4, 128, 32
 f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731

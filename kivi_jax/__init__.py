@@ -5,7 +5,7 @@ from kivi_jax.calibration import Calibration, calibrate
 from kivi_jax.config import PRESETS, KIVIConfig, get_preset
 from kivi_jax.generate import generate
 from kivi_jax.memory import max_batch
-from models import Model, ModelConfig, load_model, load_tokenizer
+from kivi_jax.models import Model, ModelConfig, load_model, load_tokenizer
 
 __all__ = [
     "Calibration", "KIVIConfig", "KVCache", "Model", "ModelConfig", "PRESETS", "calibrate",

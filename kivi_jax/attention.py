@@ -21,10 +21,10 @@ from jax import Array
 from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_backend,
                             kernel_interpret, n_quantized, ring_positions)
 from kivi_jax.config import KIVIConfig
-from pallas_kernels import decode_attention as gpu_decode
-from pallas_kernels import decode_attention_hidden as gpu_hidden
-from pallas_kernels import decode_attention_tpu as tpu_decode
-from pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels import decode_attention as gpu_decode
+from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden
+from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 
 # Finite, so a query that sees no key (a padding row) gets a uniform softmax, not NaN.
 _MASKED = float(jnp.finfo(jnp.float32).min)

@@ -44,9 +44,9 @@ from kivi_jax.bench import copy_bandwidth_tbps
 from kivi_jax.cache import init_cache, n_quantized
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, generate
-from models import llama
-from models.config import ModelConfig
-from models.loading import Model
+from kivi_jax.models import llama
+from kivi_jax.models.config import ModelConfig
+from kivi_jax.models.loading import Model
 
 SHAPES = {
     "llama2-7b": ModelConfig(

@@ -30,8 +30,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax import quantization
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
-from pallas_kernels import quantize_pack, quantize_pack_tpu, ring_update
-from pallas_kernels.quantize_pack import scatter_tokens
+from kivi_jax.pallas_kernels import quantize_pack, quantize_pack_tpu, ring_update
+from kivi_jax.pallas_kernels.quantize_pack import scatter_tokens
 
 
 @struct.dataclass
@@ -199,7 +199,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
 
   Args:
     model_config: anything with `num_layers`, `num_kv_heads`, `head_dim` and
-      `dtype` (a `models.ModelConfig`).
+      `dtype` (a `kivi_jax.ModelConfig`).
     kv_config: how keys and values are quantized.
     batch_size, max_length: positive; the block capacity is `max_length` rounded
       up to a whole number of packing blocks (`block_granularity`).
@@ -455,7 +455,7 @@ def _ring_window_step(layer: LayerKV, k_new, v_new, body, n_new, nq0, config: KI
   group occupies exactly that window (the ring is full and its oldest group
   starts at slot `nq0 % R`, where the new token lands; with `R = 0` the group
   is the window's `G - 1` tokens and the new one). So one read of the window,
-  made before the new token is written (`pallas_kernels.ring_update`), gives
+  made before the new token is written (`kivi_jax.pallas_kernels.ring_update`), gives
   the flushed group.
   """
   g, r = config.group_size, config.ring_size

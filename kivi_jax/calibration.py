@@ -196,7 +196,7 @@ def best_clip(x: np.ndarray, groups: np.ndarray, bits: float, scale_dtype,
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _collect(params, tokens, cache, *, config):
-  from models import llama
+  from kivi_jax.models import llama
   _, cache = llama.prefill(params, tokens, cache, config=config)
   return (jnp.stack([layer.k.codes for layer in cache.layers]),
           jnp.stack([layer.v.codes for layer in cache.layers]))
@@ -238,7 +238,7 @@ def calibrate(model, token_batches, kv_config: KIVIConfig, *, seed: int = 0,
   """Calibrates `kv_config`'s channel order, groups and clip factors on `model`.
 
   Args:
-    model: a `models.Model`.
+    model: a `kivi_jax.Model`.
     token_batches: an iterable of int `[batch, tokens]` arrays of calibration
       text (keep it disjoint from evaluation text).
     kv_config: a config with `channel_group` (SKVQ).

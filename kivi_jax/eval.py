@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from kivi_jax.cache import init_cache
 from kivi_jax.config import KIVIConfig
-from models import llama
-from models.config import ModelConfig
+from kivi_jax.models import llama
+from kivi_jax.models.config import ModelConfig
 
 QUICK = dict(prefill=512, decode=256, windows=4)
 FULL = dict(prefill=2048, decode=512, windows=8)
@@ -61,7 +61,7 @@ def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
   """KV-perplexity of `model` with a `kv_config` cache (PROTOCOLS.md Q1).
 
   Args:
-    model: a `models.Model`.
+    model: a `kivi_jax.Model`.
     token_ids: int `[N]`, the whole tokenized text; window `w` covers tokens
       `[w (P + D), (w + 1) (P + D))`.
     kv_config: the cache method.

@@ -18,8 +18,8 @@ from jax import Array
 from kivi_jax import memory
 from kivi_jax.cache import KVCache, concat_rows, init_cache
 from kivi_jax.config import KIVIConfig
-from models import llama
-from models.config import ModelConfig
+from kivi_jax.models import llama
+from kivi_jax.models.config import ModelConfig
 
 
 def sample(logits: Array, rng: Array, temperature: float, top_k: int | None,
@@ -116,7 +116,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   """Generates `max_new_tokens` tokens for each prompt of a batch.
 
   Args:
-    model: a `models.Model` (from `kivi_jax.load_model`).
+    model: a `kivi_jax.Model` (from `kivi_jax.load_model`).
     input_ids: int `[B, T]` prompts, padded on either side.
     kv_config: how the cache is quantized.
     max_new_tokens: tokens to generate per row.
@@ -166,6 +166,13 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   if t + max_new_tokens > max_length:
     raise ValueError(f"max_new_tokens={max_new_tokens} after a {t}-token prompt runs "
                      f"past max_length={max_length}")
+  window = model.config.max_position_embeddings
+  if max_length > window:
+    raise ValueError(
+        f"max_length={max_length} (the cache's tokens per row) exceeds the model's context "
+        f"window, max_position_embeddings={window}; to go past it on purpose, pass "
+        f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
+        f"max_position_embeddings=...))")
   if not temperature >= 0:
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
   if top_k is not None and not 0 < _positive_int("top_k", top_k) <= vocab:
@@ -182,6 +189,13 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
     pad_token_id = eos[0] if eos else 0
 
   cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
+  free = memory.free_memory_bytes()
+  if free is not None and cache_total > free:
+    raise ValueError(
+        f"the cache of {b} rows x {max_length} tokens (max_length) takes "
+        f"{cache_total / 2**30:.2f} GiB and the device has {free / 2**30:.2f} GiB free: "
+        f"pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how many "
+        f"rows fit)")
   rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
                              memory.workspace_bytes(cache_total),
                              memory.uses_flash_attention(model.config, impl))

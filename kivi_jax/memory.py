@@ -111,6 +111,25 @@ def device_memory_bytes(device=None) -> int:
   return int(stats["bytes_limit"])
 
 
+def free_memory_bytes(device=None) -> int | None:
+  """Bytes a new allocation may take on `device` now: its allocator's limit
+  less what is in use; for a CPU, the host's available memory (Linux's
+  `MemAvailable`). None where neither is known."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats()
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        for line in f:
+          if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    except OSError:
+      pass
+  return None
+
+
 def uses_flash_attention(model_config, impl: str = "auto") -> bool:
   """Whether the prompt attention runs cuDNN's flash attention
   (`kivi_jax.attention.prompt_attention`)."""
@@ -141,7 +160,7 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
   """How many rows of `prompt_tokens + new_tokens` `generate` can hold at once.
 
   Args:
-    model: a `models.Model` (its weights are counted as they are; they may be
+    model: a `kivi_jax.Model` (its weights are counted as they are; they may be
       `jax.ShapeDtypeStruct`s).
     kv_config: the cache method.
     prompt_tokens, new_tokens: per row; the cache holds their sum.

@@ -38,7 +38,7 @@ import numpy as np
 from jax import Array
 
 from kivi_jax.config import QuantAxis, channel_group, codes_per_word, levels
-from pallas_kernels.common import ieee_divide
+from kivi_jax.pallas_kernels.common import ieee_divide
 
 
 def slot_fields(bits: float) -> tuple[np.ndarray, np.ndarray, int]:

@@ -30,7 +30,7 @@ from jax import Array
 
 from kivi_jax.attention import apply_rope, cache_attention, decode_attention, prompt_attention
 from kivi_jax.cache import KVCache, append, append_flushing
-from models.config import ModelConfig
+from kivi_jax.models.config import ModelConfig
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:

@@ -18,8 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import llama
-from models.config import ModelConfig
+from kivi_jax.models import llama
+from kivi_jax.models.config import ModelConfig
+
+# transformers serves tokenizers here and nothing needs torch; without this its
+# import advises every run that "PyTorch was not found".
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,10 +214,22 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _load_gguf(path: Path, dtype: str) -> Model:
+@functools.lru_cache(maxsize=2)
+def _gguf_reader_cached(path: str, mtime_ns: int, size: int):
   import gguf
+  return gguf.GGUFReader(path)
+
+
+def _gguf_reader(path: Path):
+  """A GGUF file's reader, parsed once for the model and its tokenizer (parsing
+  SmolLM2's 49152-token vocabulary takes seconds); a changed file is reread."""
+  stat = path.stat()
+  return _gguf_reader_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def _load_gguf(path: Path, dtype: str) -> Model:
   from gguf.quants import dequantize
-  reader = gguf.GGUFReader(str(path))
+  reader = _gguf_reader(path)
   cfg = gguf_model_config(reader, dtype)
   tensors = {}
   for t in reader.tensors:
@@ -276,10 +292,9 @@ def _source_path(source, what: str) -> Path:
 
 def _gguf_tokenizer(path: Path):
   """A GPT-2-style byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*`."""
-  import gguf
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  reader = gguf.GGUFReader(str(path))
+  reader = _gguf_reader(path)
   kind = _gguf_field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' BPE)")

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import MASK_VALUE as _NEG
-from pallas_kernels.common import codes_per_word
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels.common import codes_per_word
 
 # Shared memory the pipelined word tiles may take (an H100 has 227 KiB per block).
 _PIPELINE_SMEM_BYTES = 200 * 1024

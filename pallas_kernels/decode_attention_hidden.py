@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import MASK_VALUE as _NEG
-from pallas_kernels.common import codes_per_word
-from pallas_kernels.decode_attention import (default_splits, dot_precision, live_groups,
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels.common import codes_per_word
+from kivi_jax.pallas_kernels.decode_attention import (default_splits, dot_precision, live_groups,
                                              merge_partials, pallas_call, unpack_tile)
 
 # Channels per tile by default: on an H100 (groups of 32 tokens, bf16, 1024 and

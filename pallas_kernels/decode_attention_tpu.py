@@ -36,8 +36,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import MASK_VALUE as _NEG
-from pallas_kernels.common import codes_per_word
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels.common import codes_per_word
 
 MIN_ROWS = 8  # sublanes
 # Dequantized float32 elements per chunk of a step ([tokens, D], 256 KiB).

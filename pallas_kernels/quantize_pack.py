@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
+from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
 
 
 def _slot_place(slot, bits: float, width: int):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
+from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
 
 
 def tiles_per_program(bits: float) -> int:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from kivi_jax import bench
 from kivi_jax.cache import n_quantized
 from kivi_jax.config import KIVIConfig
-from pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention as da
 
 
 def check(config, b, hkv, rep, d, length):

@@ -25,7 +25,7 @@ from gpu_skvq_decode import SKVQ, random_layer  # noqa: E402
 
 from kivi_jax import bench  # noqa: E402
 from kivi_jax.cache import n_quantized  # noqa: E402
-from pallas_kernels import decode_attention_hidden as gpu_hidden  # noqa: E402
+from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden  # noqa: E402
 
 SHAPES = {"mistral-7b": (4, 32, 8, 128), "llama-2-7b": (1, 32, 32, 128)}
 LENGTH = 32768

@@ -32,7 +32,7 @@ from kivi_jax import quantization
 from kivi_jax.cache import n_quantized
 from kivi_jax.cli import run_metadata
 from kivi_jax.default_model import default_model_path
-from models import llama
+from kivi_jax.models import llama
 
 VARIANTS = {
     # name: (k_bits, v_bits, key axis, value axis)

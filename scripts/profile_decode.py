@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from kivi_jax import bench
 from kivi_jax.config import PRESETS
-from pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention as da
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--length", type=int, default=32768)

@@ -8,7 +8,7 @@ import pytest
 
 from kivi_jax import bench_generate as bg
 from kivi_jax.cli import main
-from models.config import ModelConfig
+from kivi_jax.models.config import ModelConfig
 
 TINY = ModelConfig(architecture="llama", vocab_size=512, hidden_size=128,
                    intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,

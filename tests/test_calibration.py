@@ -9,7 +9,7 @@ import pytest
 import kivi_jax
 from kivi_jax import calibration as calib_lib
 from kivi_jax.calibration import Calibration, calibrate
-from models import load_model
+from kivi_jax.models import load_model
 from conftest import tiny_hf_model, tiny_llama_config
 import spec_reference
 from test_cache import random_calibration

@@ -18,9 +18,9 @@ import kivi_jax
 from kivi_jax import quantization
 from kivi_jax.attention import resolve_impl
 
-from pallas_kernels import decode_attention as da
-from pallas_kernels import decode_attention_hidden as da_hidden
-from pallas_kernels import decode_attention_tpu as da_tpu
+from kivi_jax.pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention_hidden as da_hidden
+from kivi_jax.pallas_kernels import decode_attention_tpu as da_tpu
 from conftest import tiny_hf_model, tiny_llama_config, tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -90,11 +90,43 @@ def test_sampling_is_deterministic_per_seed(model):
     (dict(max_new_tokens=4, attention_mask=np.zeros((2, 12))), "at least one real token"),
     (dict(max_new_tokens=4, attention_mask=np.ones((2, 11))), "attention_mask has shape"),
     (dict(max_new_tokens=4, attention_mask=np.full((2, 12), 2)), "only 0"),
+    # The tiny model's window is 512 tokens; ten million would be a 10 GB cache.
+    (dict(max_new_tokens=10**7), r"max_length=10000012 \(the cache's tokens per row\) exceeds "
+     r"the model's context window, max_position_embeddings=512"),
 ])
 def test_bad_inputs_raise_before_compute(model, kwargs, match):
   p = np.zeros((2, 12), np.int32)
   with pytest.raises(ValueError, match=match):
     kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], **kwargs)
+
+
+def test_a_cache_past_the_free_memory_is_refused_before_allocation(model, monkeypatch):
+  import importlib
+  need = kivi_jax.memory.cache_bytes(model.config, METHODS["fp16"], 2, 112)
+  monkeypatch.setattr(kivi_jax.memory, "free_memory_bytes", lambda device=None: need - 1)
+  allocated = []
+  monkeypatch.setattr(importlib.import_module("kivi_jax.generate"), "init_cache",
+                      lambda *a, **k: allocated.append(1))
+  with pytest.raises(ValueError, match=r"the cache of 2 rows x 112 tokens \(max_length\) "
+                     r"takes 0.00 GiB and the device has 0.00 GiB free"):
+    kivi_jax.generate(model, np.zeros((2, 12), np.int32), kv_config=METHODS["fp16"],
+                      max_new_tokens=100)
+  assert not allocated
+
+
+def test_free_memory_of_the_cpu_is_the_hosts_available_memory():
+  import os
+  free = kivi_jax.memory.free_memory_bytes()
+  assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_a_longer_window_on_purpose_is_allowed(model):
+  import dataclasses
+  wide = dataclasses.replace(model, config=dataclasses.replace(model.config,
+                                                               max_position_embeddings=600))
+  out = kivi_jax.generate(wide, np.zeros((1, 510), np.int32), kv_config=METHODS["kivi2"],
+                          max_new_tokens=4)
+  assert out.shape == (1, 4)
 
 
 @pytest.mark.parametrize("ids, match", [

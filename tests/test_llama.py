@@ -11,8 +11,8 @@ import pytest
 
 import kivi_jax
 from kivi_jax import bench_generate
-from models import llama
-from models.config import ModelConfig
+from kivi_jax.models import llama
+from kivi_jax.models.config import ModelConfig
 
 
 def _model(num_layers=3, dtype="float32"):

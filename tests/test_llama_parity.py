@@ -74,7 +74,7 @@ def test_sliding_window_is_exercised():
   prompt = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 24)))
   import dataclasses
   unwindowed = dataclasses.replace(model.config, sliding_window=None)
-  from models.llama import forward
+  from kivi_jax.models.llama import forward
   a, _ = forward(model.params, prompt, kivi_jax.init_cache(model.config, FP, 1, 24),
                  config=model.config)
   b, _ = forward(model.params, prompt, kivi_jax.init_cache(model.config, FP, 1, 24),

@@ -9,7 +9,7 @@ import torch
 
 import kivi_jax
 from conftest import tiny_hf_model, tiny_llama_config
-from models.config import ModelConfig
+from kivi_jax.models.config import ModelConfig
 
 FP = kivi_jax.KIVIConfig(16, 16)
 

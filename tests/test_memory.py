@@ -5,8 +5,8 @@ import pytest
 
 import kivi_jax
 from kivi_jax import bench_generate, memory
-from models.config import ModelConfig
-from models.loading import Model
+from kivi_jax.models.config import ModelConfig
+from kivi_jax.models.loading import Model
 
 CONFIG = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096,
                      intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,

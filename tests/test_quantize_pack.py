@@ -17,8 +17,8 @@ import kivi_jax
 from kivi_jax import quantization
 from kivi_jax.cache import n_quantized, write_kernel
 from kivi_jax.config import codes_per_word
-from pallas_kernels import quantize_pack as qp
-from pallas_kernels import quantize_pack_tpu as qp_tpu
+from kivi_jax.pallas_kernels import quantize_pack as qp
+from kivi_jax.pallas_kernels import quantize_pack_tpu as qp_tpu
 from conftest import tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kivi_jax.cache import append_flushing
-from pallas_kernels import ring_update
+from kivi_jax.pallas_kernels import ring_update
 from test_cache import B, CONFIGS, _fill, _kv
 
 

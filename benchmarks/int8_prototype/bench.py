@@ -28,7 +28,7 @@ import prototype_inputs  # noqa: E402
 import reference  # noqa: E402
 from kivi_jax.bench import _time  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402
-from pallas_kernels import decode_attention as da  # noqa: E402
+from kivi_jax.pallas_kernels import decode_attention as da  # noqa: E402
 
 B, K, HQ = 8, 8, 32
 CAPACITY = {32768: 33280, 131072: 131584}  # bench._kivi_layer's block capacity

@@ -37,7 +37,7 @@ Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; kw [B, K, C, D/16] int32; ks, kz [B, K, C/32, D];
   vw [B, K, C/16, D] int32; vs, vz [B, K, C, D/32]; n_valid [B] int32.
 Returns per-split partials (acc [B, K, S, H, D], m [B, K, S, H], l [B, K, S, H])
-for `pallas_kernels.decode_attention.merge_partials`.
+for `kivi_jax.pallas_kernels.decode_attention.merge_partials`.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention as da
 
 H, D, G, T = 4, 128, 32, 128  # query heads per kv head, head dim, group, step tokens
 NG, NCG = T // G, D // G  # key groups per step, value channel groups

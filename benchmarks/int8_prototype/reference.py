@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import kernel  # noqa: E402
 from kernel import D, G, H, T  # noqa: E402
 from prototype_inputs import exact, main_args, make, rel  # noqa: E402
-from pallas_kernels import decode_attention as da  # noqa: E402
+from kivi_jax.pallas_kernels import decode_attention as da  # noqa: E402
 
 
 def prototype_args(x, n_valid, mode):

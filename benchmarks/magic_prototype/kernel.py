@@ -29,7 +29,7 @@ Shapes (B rows, K kv heads, H = 4 query heads per kv head, D = 128, C capacity):
   q [B, K, H, D]; k_codes, v_codes [B, K, C/16, D] uint32 (main's `pack`);
   k_scale, k_zero [B, K, C/32, D]; v_scale, v_zero [B, K, C, D/32]; n_valid [B].
 Returns per-split partials (acc [B, K, S, H, D], m [B, K, S, H], l [B, K, S, H]) for
-`pallas_kernels.decode_attention.merge_partials`.
+`kivi_jax.pallas_kernels.decode_attention.merge_partials`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention as da
 
 H, D, G = 4, 128, 32  # query heads per kv head, head dim, group size
 BLOCK = 16 * G  # tokens per packing block

@@ -25,7 +25,7 @@ import kernel  # noqa: E402
 import reference  # noqa: E402
 from kernel import Options  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402
-from pallas_kernels import decode_attention as da  # noqa: E402
+from kivi_jax.pallas_kernels import decode_attention as da  # noqa: E402
 
 B, K = 8, 8
 CAPACITY = {32768: 33280, 131072: 131584}  # bench._kivi_layer's block capacity

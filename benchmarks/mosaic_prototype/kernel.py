@@ -8,7 +8,7 @@ keys dequantized in registers and stored to shared memory as bf16,
 S^T = K Q^T by `wgmma` (the query padded to N = 16 rows), an online softmax
 over the token axis, values dequantized likewise and O^T += V^T P^T by `wgmma`.
 Outputs the split's unnormalized O^T [D, N], max m [N] and sum l [N], as
-`pallas_kernels.decode_attention.quantized_decode_partials` does (transposed).
+`kivi_jax.pallas_kernels.decode_attention.quantized_decode_partials` does (transposed).
 
 Inputs: q [B, K, N, D] bf16; k_codes, v_codes [B, K, C/16, D] uint32 (2-bit,
 `kivi_jax.quantization.pack`'s slot layout); k_scale, k_zero [B, K, C/32, D];
