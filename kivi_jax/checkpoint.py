@@ -1,0 +1,146 @@
+"""A cache saved with orbax and restored in another process.
+
+Prefill a long document once, `save_cache`, and answer questions about it
+later: `restore_cache` returns the cache as it was saved, every array as
+stored (packed codes, scales and zeros, the full-precision ring, sinks, SKVQ's
+channel maps, lengths); nothing is dequantized or quantized again.
+
+A checkpoint is a directory: `kivi_jax.json` says what the cache is for (the
+model's fingerprint, the `KIVIConfig`, rows, capacity, dtype) and `arrays/`
+holds orbax's `StandardCheckpointer` output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from kivi_jax.cache import IMPLS, KVCache, init_cache
+from kivi_jax.calibration import model_fingerprint
+from kivi_jax.config import KIVIConfig
+
+FORMAT = 1
+META = "kivi_jax.json"
+
+
+def _names(tree) -> tuple[list[str], jax.tree_util.PyTreeDef]:
+  """Each leaf's path as a name orbax can store (`layers_3__k__codes`)."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+
+  def part(key):
+    for attr in ("name", "key", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    raise TypeError(f"unexpected pytree key {key!r}")
+
+  return ["__".join(part(k) for k in path) for path, _ in paths], treedef
+
+
+def _describe(cache: KVCache, model) -> dict:
+  return {"format": FORMAT, "model": model_fingerprint(model),
+          "kv_config": dataclasses.asdict(cache.config), "batch": int(cache.lengths.shape[0]),
+          "capacity": cache.capacity, "dtype": np.dtype(cache.layers[0].ring_k.dtype).name,
+          "impl": cache.impl}
+
+
+def save_cache(path, cache: KVCache, model, *, overwrite: bool = False) -> Path:
+  """Writes `cache` (made for `model`) to the directory `path`.
+
+  The checkpoint is written beside `path` and moved into place once complete:
+  a save that fails leaves whatever `path` held untouched. An existing `path`
+  is replaced only with `overwrite=True`.
+
+  Returns:
+    `path`, absolute.
+  """
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+  path = Path(path).expanduser().absolute()
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
+  meta = _describe(cache, model)
+  names, _ = _names(cache)
+  tmp = path.with_name(f".{path.name}.saving-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    tmp.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp / "arrays", dict(zip(names, jax.tree.leaves(cache))))
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+    if path.exists():
+      path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return path
+
+
+def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
+                  impl: str | None = None, device=None) -> KVCache:
+  """The cache `save_cache` wrote to `path`, on `device` (the first by default).
+
+  Args:
+    path: a checkpoint directory.
+    model: the model the cache was made for; another model is refused.
+    kv_config: if given, the config the caller expects; another is refused.
+    impl: `KVCache.impl` of the result; the saved cache's by default.
+    device: where the arrays go.
+
+  Raises:
+    ValueError: `path` is not a checkpoint, was made for another model or
+      config, or its arrays cannot be read. Nothing on disk is changed.
+  """
+  path = Path(path).expanduser().absolute()
+  meta_path = path / META
+  if not meta_path.is_file():
+    raise ValueError(f"{path} is not a kivi-jax cache checkpoint (no {META})")
+  try:
+    meta = json.loads(meta_path.read_text())
+    saved = KIVIConfig(**meta["kv_config"])
+    batch, capacity, dtype = int(meta["batch"]), int(meta["capacity"]), meta["dtype"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{meta_path} is damaged: {e}") from e
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this kivi-jax "
+                     f"reads format {FORMAT}")
+  fingerprint = model_fingerprint(model)
+  if meta.get("model") != fingerprint:
+    raise ValueError(f"{path} holds a cache of model {meta.get('model')}, not of this one "
+                     f"({fingerprint})")
+  if kv_config is not None and kv_config != saved:
+    field = next(f.name for f in dataclasses.fields(KIVIConfig)
+                 if getattr(kv_config, f.name) != getattr(saved, f.name))
+    raise ValueError(f"{path} holds a cache with {field}={getattr(saved, field)!r}, not "
+                     f"{field}={getattr(kv_config, field)!r}")
+  impl = meta.get("impl", "auto") if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  # A calibration changes the channel maps' values, not their shapes: the
+  # target is built without one and the saved maps fill it.
+  plain = dataclasses.replace(saved, reorder=False, clip=1.0) if saved.needs_calibration \
+      else saved
+  shapes = jax.eval_shape(lambda: init_cache(model.config, plain, batch,
+                                             capacity - saved.sinks, dtype=dtype, impl=impl))
+  if shapes.capacity != capacity:
+    raise ValueError(f"{meta_path} is damaged: capacity {capacity} is no cache's capacity "
+                     f"for this config")
+  names, treedef = _names(shapes)
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+  target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+            for n, s in zip(names, jax.tree.leaves(shapes))}
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      arrays = ckpt.restore(path / "arrays", target)
+  except Exception as e:  # orbax and tensorstore raise many kinds
+    raise ValueError(f"{path}: the cache's arrays cannot be read: {e}") from e
+  cache = jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])
+  return cache.replace(config=saved)
