@@ -2,14 +2,14 @@
 
 from kivi_jax.cache import KVCache, init_cache
 from kivi_jax.calibration import Calibration, calibrate
-from kivi_jax.checkpoint import restore_cache, save_cache
+from kivi_jax.checkpoint import cache_info, restore_cache, save_cache
 from kivi_jax.config import PRESETS, KIVIConfig, get_preset
-from kivi_jax.generate import generate
+from kivi_jax.generate import generate, prefill_cache
 from kivi_jax.memory import max_batch
 from kivi_jax.models import Model, ModelConfig, load_model, load_tokenizer
 
 __all__ = [
-    "Calibration", "KIVIConfig", "KVCache", "Model", "ModelConfig", "PRESETS", "calibrate",
-    "generate", "get_preset", "init_cache", "load_model", "load_tokenizer", "max_batch",
-    "restore_cache", "save_cache",
+    "Calibration", "KIVIConfig", "KVCache", "Model", "ModelConfig", "PRESETS", "cache_info",
+    "calibrate", "generate", "get_preset", "init_cache", "load_model", "load_tokenizer",
+    "max_batch", "prefill_cache", "restore_cache", "save_cache",
 ]

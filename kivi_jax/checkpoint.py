@@ -43,19 +43,25 @@ def _names(tree) -> tuple[list[str], jax.tree_util.PyTreeDef]:
   return ["__".join(part(k) for k in path) for path, _ in paths], treedef
 
 
-def _describe(cache: KVCache, model) -> dict:
+def _describe(cache: KVCache, model, metadata) -> dict:
   return {"format": FORMAT, "model": model_fingerprint(model),
           "kv_config": dataclasses.asdict(cache.config), "batch": int(cache.lengths.shape[0]),
           "capacity": cache.capacity, "dtype": np.dtype(cache.layers[0].ring_k.dtype).name,
-          "impl": cache.impl}
+          "impl": cache.impl, "lengths": np.asarray(cache.lengths).tolist(),
+          "metadata": metadata}
 
 
-def save_cache(path, cache: KVCache, model, *, overwrite: bool = False) -> Path:
+def save_cache(path, cache: KVCache, model, *, metadata: dict | None = None,
+               overwrite: bool = False) -> Path:
   """Writes `cache` (made for `model`) to the directory `path`.
 
   The checkpoint is written beside `path` and moved into place once complete:
   a save that fails leaves whatever `path` held untouched. An existing `path`
   is replaced only with `overwrite=True`.
+
+  Args:
+    metadata: anything JSON can hold, kept beside the arrays for the caller
+      (what the cache holds, how its text was formatted); `cache_info` reads it.
 
   Returns:
     `path`, absolute.
@@ -65,7 +71,11 @@ def save_cache(path, cache: KVCache, model, *, overwrite: bool = False) -> Path:
   path = Path(path).expanduser().absolute()
   if path.exists() and not overwrite:
     raise FileExistsError(f"{path} exists: pass overwrite=True to replace it")
-  meta = _describe(cache, model)
+  meta = _describe(cache, model, metadata)
+  try:
+    text = json.dumps(meta, indent=1) + "\n"
+  except TypeError as e:
+    raise ValueError(f"metadata must be JSON-serializable: {e}") from e
   names, _ = _names(cache)
   tmp = path.with_name(f".{path.name}.saving-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +83,7 @@ def save_cache(path, cache: KVCache, model, *, overwrite: bool = False) -> Path:
     tmp.mkdir(parents=True)
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(tmp / "arrays", dict(zip(names, jax.tree.leaves(cache))))
-    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    (tmp / META).write_text(text)
     old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
     if path.exists():
       path.rename(old)
@@ -82,6 +92,40 @@ def save_cache(path, cache: KVCache, model, *, overwrite: bool = False) -> Path:
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return path
+
+
+def cache_info(path) -> dict:
+  """What the checkpoint at `path` holds, without reading its arrays.
+
+  Returns:
+    A dict: `model` (the fingerprint of the model it was made for),
+    `kv_config` (a `KIVIConfig`), `batch`, `capacity`, `lengths` (tokens held
+    per row), `dtype`, `impl`, and the `metadata` given to `save_cache`.
+
+  Raises:
+    ValueError: `path` is not a checkpoint, or its description is damaged or of
+      another format.
+  """
+  path = Path(path).expanduser().absolute()
+  meta_path = path / META
+  if not meta_path.is_file():
+    raise ValueError(f"{path} is not a kivi-jax cache checkpoint (no {META})")
+  try:
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("format")
+  except (ValueError, AttributeError) as e:
+    raise ValueError(f"{meta_path} is damaged: {e}") from e
+  if version != FORMAT:
+    raise ValueError(f"{path} has checkpoint format {version!r}; this kivi-jax reads "
+                     f"format {FORMAT}")
+  try:
+    meta["kv_config"] = KIVIConfig(**meta["kv_config"])
+    meta["batch"], meta["capacity"] = int(meta["batch"]), int(meta["capacity"])
+    meta["lengths"] = [int(n) for n in meta["lengths"]]
+    meta["dtype"] = np.dtype(meta["dtype"]).name
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{meta_path} is damaged: {e}") from e
+  return meta
 
 
 def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
@@ -100,18 +144,10 @@ def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
       config, or its arrays cannot be read. Nothing on disk is changed.
   """
   path = Path(path).expanduser().absolute()
+  meta = cache_info(path)
   meta_path = path / META
-  if not meta_path.is_file():
-    raise ValueError(f"{path} is not a kivi-jax cache checkpoint (no {META})")
-  try:
-    meta = json.loads(meta_path.read_text())
-    saved = KIVIConfig(**meta["kv_config"])
-    batch, capacity, dtype = int(meta["batch"]), int(meta["capacity"]), meta["dtype"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{meta_path} is damaged: {e}") from e
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this kivi-jax "
-                     f"reads format {FORMAT}")
+  saved = meta["kv_config"]
+  batch, capacity, dtype = meta["batch"], meta["capacity"], meta["dtype"]
   fingerprint = model_fingerprint(model)
   if meta.get("model") != fingerprint:
     raise ValueError(f"{path} holds a cache of model {meta.get('model')}, not of this one "

@@ -22,32 +22,89 @@ def _bits(text: str) -> float:
 
 
 def _kv_config(args) -> KIVIConfig:
-  base = get_preset(args.method)
+  base = get_preset(args.method or "kivi2")
   overrides = {name: getattr(args, name) for name in
                ("k_bits", "v_bits", "group_size", "residual_length")
                if getattr(args, name) is not None}
   return dataclasses.replace(base, **overrides)
 
 
+_CUT = "\u2063kivi-jax-cut\u2063"
+"""Marks where a user's text ends inside a rendered chat template."""
+
+
+def _chat_parts(tokenizer, text: str) -> tuple[str, str]:
+  """A user turn holding `text`, rendered by the chat template and cut where the
+  text ends: (everything up to and with the text, what closes the turn and
+  opens the answer)."""
+  rendered = tokenizer.apply_chat_template(
+      [{"role": "user", "content": text + _CUT}], add_generation_prompt=True,
+      tokenize=False)
+  head, cut, tail = rendered.partition(_CUT)
+  if not cut:
+    raise ValueError("the tokenizer's chat template rewrites the message; pass --raw")
+  return head, tail
+
+
 def _generate(args) -> int:
   import kivi_jax
   from kivi_jax.default_model import default_model_path
-  from kivi_jax.generate import generate
+  from kivi_jax.generate import generate, prefill_cache
 
+  if args.save_cache and args.resume_cache:
+    raise ValueError("--save-cache and --resume-cache exclude each other: save a prompt's "
+                     "cache in one run, continue it in later ones")
+  if args.save_cache and Path(args.save_cache).exists() and not args.overwrite:
+    raise ValueError(f"{args.save_cache} exists: pass --overwrite to replace it")
+  explicit = any(getattr(args, name) is not None for name in
+                 ("method", "k_bits", "v_bits", "group_size", "residual_length"))
   kv_config = _kv_config(args)
-  if kv_config.needs_calibration and not args.calibration:
+  if args.resume_cache:
+    info = kivi_jax.cache_info(args.resume_cache)
+    for flag, given in (("--calibration", args.calibration), ("--max-length", args.max_length)):
+      if given is not None:
+        raise ValueError(f"{flag} belongs to the saved cache: leave it out with "
+                         f"--resume-cache")
+    chat = (info["metadata"] or {}).get("chat", False)
+    if args.raw and chat:
+      raise ValueError(f"{args.resume_cache} holds a chat-formatted prompt: leave out --raw")
+  elif kv_config.needs_calibration and not args.calibration:
     raise ValueError(f"method {args.method} needs a calibration: make one with "
                      "`kivi-jax calibrate` and pass --calibration")
   path = args.model or default_model_path()
   tokenizer = kivi_jax.load_tokenizer(path)
   model = kivi_jax.load_model(path, dtype=args.dtype)
-  if tokenizer.chat_template and not args.raw:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-        tokenize=True, return_dict=False)
+  if not args.resume_cache:
+    chat = bool(tokenizer.chat_template) and not args.raw
+  if args.save_cache:
+    text = _chat_parts(tokenizer, args.prompt)[0] if chat else args.prompt
+  elif args.resume_cache:
+    text = f"\n\n{args.prompt}{_chat_parts(tokenizer, '')[1]}" if chat else args.prompt
   else:
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False)
-  ids = np.asarray(ids, np.int32)[None, :]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+        tokenize=False) if chat else args.prompt
+  ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)[None, :]
+  calibration = None
+  if args.calibration:
+    calibration = kivi_jax.Calibration.load(args.calibration, model)
+
+  if args.save_cache:
+    window = model.config.max_position_embeddings
+    max_length = args.max_length or min(ids.shape[1] + 1024, window)
+    cache = prefill_cache(model, ids, kv_config=kv_config, max_length=max_length,
+                          calibration=calibration, impl=args.impl or "auto")
+    saved = kivi_jax.save_cache(args.save_cache, cache, model, metadata={"chat": chat},
+                                overwrite=args.overwrite)
+    print(f"saved the cache of {ids.shape[1]} prompt tokens ({cache.nbytes() / 2**20:.1f} "
+          f"MiB, room for {cache.capacity - ids.shape[1]} more tokens) to {saved}\n"
+          f"ask about it with: kivi-jax generate QUESTION --resume-cache {saved}")
+    return 0
+  cache = None
+  if args.resume_cache:
+    cache = kivi_jax.restore_cache(args.resume_cache, model,
+                                   kv_config=kv_config if explicit else None, impl=args.impl)
+
   eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
       model.config.eos_token_id
   # <|im_end|> closes an assistant turn in ChatML templates: stop there too.
@@ -69,13 +126,16 @@ def _generate(args) -> int:
       sys.stdout.flush()
       shown = len(text)
 
-  calibration = None
-  if args.calibration:
-    calibration = kivi_jax.Calibration.load(args.calibration, model)
-  out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed, eos_token_id=sorted(stops), streamer=stream,
-                 calibration=calibration, impl=args.impl)
+  if cache is not None:
+    out = generate(model, ids, cache=cache, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, eos_token_id=sorted(stops), streamer=stream)
+  else:
+    out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
+                   max_length=args.max_length, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   eos_token_id=sorted(stops), streamer=stream, calibration=calibration,
+                   impl=args.impl or "auto")
   np.asarray(out)  # waits for the loop, and so for every streamed token
   sys.stdout.write("\n")
   return 0
@@ -333,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("prompt")
   gen.add_argument("--model", help="HF checkpoint directory or .gguf file "
                    "(default: SmolLM2-135M-Instruct, fetched on first use)")
-  gen.add_argument("--method", default="kivi2", choices=sorted(PRESETS),
-                   help="cache method preset (default: kivi2); the flags below override it")
+  gen.add_argument("--method", choices=sorted(PRESETS),
+                   help="cache method preset (default: kivi2, or a resumed cache's); the "
+                   "flags below override it")
   gen.add_argument("--k-bits", type=_bits)
   gen.add_argument("--v-bits", type=_bits)
   gen.add_argument("--group-size", type=int)
@@ -348,10 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--raw", action="store_true",
                    help="do not apply the tokenizer's chat template")
   gen.add_argument("--calibration", help="a `kivi-jax calibrate` JSON file (SKVQ methods)")
-  gen.add_argument("--impl", default="auto", choices=IMPLS,
-                   help="what reads the cache in decode steps: auto (the backend's Pallas "
-                   "kernel where it applies), reference (jnp), gpu or tpu (that kernel; "
-                   "gpu also writes the cache with the quantize-and-pack kernel)")
+  gen.add_argument("--impl", choices=IMPLS,
+                   help="what reads the cache in decode steps: auto (the default: the "
+                   "backend's Pallas kernel where it applies), reference (jnp), gpu or tpu "
+                   "(that kernel; gpu also writes the cache with the quantize-and-pack "
+                   "kernel)")
+  gen.add_argument("--max-length", type=int,
+                   help="tokens the cache holds per row (default: the prompt and "
+                   "--max-new-tokens; with --save-cache, the prompt and 1024 more)")
+  gen.add_argument("--save-cache", metavar="PATH",
+                   help="prefill the prompt (a document, say) and save its cache to PATH "
+                   "instead of answering; with a chat template the prompt opens a user turn "
+                   "that a later --resume-cache run completes")
+  gen.add_argument("--resume-cache", metavar="PATH",
+                   help="continue a cache saved with --save-cache: the prompt (a question) "
+                   "is appended to it, and the saved file stays as it is")
+  gen.add_argument("--overwrite", action="store_true",
+                   help="let --save-cache replace an existing checkpoint")
   gen.set_defaults(run=_generate)
 
   cal = sub.add_parser("calibrate", help="calibrate an SKVQ method on the tail of "
@@ -426,7 +500,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
     print(f"kivi-jax: error: {e}", file=sys.stderr)
     return 2
 

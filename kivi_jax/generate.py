@@ -3,6 +3,10 @@
 The cache is the loop state and is donated to both jitted calls, so on an
 accelerator it is updated in place. Rows may be padded on either side; each row
 keeps its own length and its own quantization groups (SPEC.md, "Batches").
+
+`generate` can also continue a cache made earlier (`prefill_cache`, or
+`kivi_jax.restore_cache` in another process): the prompts are appended to a
+copy of it, so one prefilled document answers many questions.
 """
 
 from __future__ import annotations
@@ -100,48 +104,33 @@ def _decode(params, cache: KVCache, first_logits, rng, eos_ids, *, config: Model
   return tokens, cache
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _continue(params, input_ids, attention_mask, cache: KVCache, *, config: ModelConfig):
+  """`input_ids` appended to `cache`: logits `[B, V]` of each row's last real
+  token and a new cache. `cache` is not donated: the caller's stays valid, so one
+  cache (a document) can take many continuations (questions)."""
+  return llama.forward(params, input_ids, cache, attention_mask, config=config,
+                       last_only=True)
+
+
+CONTINUE_BUCKET = 64
+"""A continuation is padded to a multiple of this many tokens, so questions of
+similar length share one compiled program."""
+
+
 def _positive_int(name, value):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return int(value)
 
 
-def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
-             attention_mask=None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None,
-             pad_token_id: int | None = None, max_length: int | None = None,
-             streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             impl: str = "auto", calibration=None) -> Array:
-  """Generates `max_new_tokens` tokens for each prompt of a batch.
-
-  Args:
-    model: a `kivi_jax.Model` (from `kivi_jax.load_model`).
-    input_ids: int `[B, T]` prompts, padded on either side.
-    kv_config: how the cache is quantized.
-    max_new_tokens: tokens to generate per row.
-    attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
-    temperature: 0 for greedy decoding, else the softmax temperature.
-    top_k, top_p: optional sampling filters.
-    seed: PRNG seed; the same seed gives the same tokens.
-    eos_token_id: a row stops after generating one of these; None never stops.
-    pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
-    max_length: cache capacity per row; defaults to `T + max_new_tokens`.
-    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
-    impl: what reads the cache in decode steps (`KVCache.impl`): "auto" takes the
-      Pallas kernel of the backend where it applies; "gpu" also writes it with
-      the quantize-and-pack kernel.
-    calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one.
-
-  Returns:
-    int32 `[B, max_new_tokens]`.
-  """
+def _prompts(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+  """`input_ids` and its mask as checked numpy arrays."""
   input_ids = np.asarray(input_ids)
   if input_ids.ndim != 2 or not np.issubdtype(input_ids.dtype, np.integer):
     raise ValueError(f"input_ids must be an integer array [batch, tokens], got dtype "
                      f"{input_ids.dtype} and shape {input_ids.shape}")
-  b, t = input_ids.shape
-  if b == 0 or t == 0:
+  if input_ids.size == 0:
     raise ValueError(f"input_ids must be non-empty, got shape {input_ids.shape}")
   vocab = model.config.vocab_size
   if input_ids.min() < 0 or input_ids.max() >= vocab:
@@ -156,10 +145,27 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
     raise ValueError("attention_mask must hold only 0 (padding) and 1 (real tokens)")
   if (attention_mask.sum(1) == 0).any():
     raise ValueError("attention_mask: every row needs at least one real token")
-  max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-  if max_length is None:
-    max_length = t + max_new_tokens
-  max_length = _positive_int("max_length", max_length)
+  return input_ids, attention_mask
+
+
+def _check_free(nbytes: int, what: str) -> None:
+  free = memory.free_memory_bytes()
+  if free is not None and nbytes > free:
+    raise ValueError(
+        f"{what} takes {nbytes / 2**30:.2f} GiB and the device has {free / 2**30:.2f} GiB "
+        f"free: pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
+        f"many rows fit)")
+
+
+def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
+                     max_length: int, max_new_tokens: int, calibration,
+                     impl: str) -> tuple[Array, KVCache]:
+  """Checked prompts (`_prompts`) into a new cache of `max_length` tokens a row,
+  which must leave room for `max_new_tokens` more."""
+  if not isinstance(kv_config, KIVIConfig):
+    raise ValueError(f"kv_config must be a KIVIConfig (kivi_jax.get_preset(...)), got "
+                     f"{type(kv_config).__name__}")
+  b, t = input_ids.shape
   if t > max_length:
     raise ValueError(f"the prompt ({t} tokens) is longer than the cache "
                      f"(max_length={max_length})")
@@ -173,6 +179,111 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
         f"window, max_position_embeddings={window}; to go past it on purpose, pass "
         f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
         f"max_position_embeddings=...))")
+  cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
+  _check_free(cache_total, f"the cache of {b} rows x {max_length} tokens (max_length)")
+  rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
+                             memory.workspace_bytes(cache_total),
+                             memory.uses_flash_attention(model.config, impl))
+  empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
+                     calibration=calibration)
+  return _prefill(model.params, jnp.asarray(input_ids, jnp.int32),
+                  jnp.asarray(attention_mask, jnp.int32), empty, config=model.config)
+
+
+def prefill_cache(model, input_ids, *, kv_config: KIVIConfig, max_length: int,
+                  attention_mask=None, impl: str = "auto", calibration=None) -> KVCache:
+  """A new cache holding the prompts `input_ids`, with room for `max_length` tokens a row.
+
+  Prefill a long document once, then ask questions about it with
+  `generate(model, question_ids, cache=cache, ...)` (each takes a copy; the cache
+  stays as it is), or keep it with `kivi_jax.save_cache`.
+
+  Args:
+    model: a `kivi_jax.Model`.
+    input_ids: int `[B, T]` prompts, padded on either side.
+    kv_config: how the cache is quantized.
+    max_length: tokens a row can hold: the prompt, what will be appended to it
+      and everything generated after.
+    attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
+    impl, calibration: as for `generate`.
+  """
+  input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
+  _, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
+                              _positive_int("max_length", max_length), 0, calibration,
+                              impl)
+  return cache
+
+
+def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_tokens: int,
+                  kv_config, max_length, calibration, impl) -> tuple[Array, KVCache]:
+  """Checked prompts appended to a copy of `cache`: `(logits [B, V], the copy)`."""
+  if not isinstance(cache, KVCache):
+    raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+  for name, value in (("max_length", max_length), ("calibration", calibration),
+                      ("impl", impl)):
+    if value is not None:
+      raise ValueError(f"{name} belongs to the given cache: pass {name}=None with cache=")
+  if kv_config is not None and kv_config != cache.config:
+    raise ValueError(f"kv_config differs from the given cache's config, {cache.config}")
+  b, t = input_ids.shape
+  rows = cache.lengths.shape[0]
+  if b != rows:
+    raise ValueError(f"input_ids has {b} rows and the cache {rows}")
+  lengths = np.asarray(cache.lengths)
+  need = lengths + attention_mask.sum(1) + max_new_tokens
+  if (need > cache.capacity).any():
+    i = int(np.argmax(need))
+    raise ValueError(
+        f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
+        f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the cache's "
+        f"capacity of {cache.capacity} (make it with a larger max_length)")
+  _check_free(cache.nbytes(), "a copy of the cache to continue")
+  padded = min(-(-t // CONTINUE_BUCKET) * CONTINUE_BUCKET, cache.capacity)
+  pad = ((0, 0), (0, padded - t))
+  return _continue(model.params, jnp.asarray(np.pad(input_ids, pad), jnp.int32),
+                   jnp.asarray(np.pad(attention_mask, pad), jnp.int32), cache,
+                   config=model.config)
+
+
+def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
+             max_new_tokens: int, cache: KVCache | None = None, attention_mask=None,
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, max_length: int | None = None,
+             streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
+             impl: str | None = None, calibration=None) -> Array:
+  """Generates `max_new_tokens` tokens for each prompt of a batch.
+
+  Args:
+    model: a `kivi_jax.Model` (from `kivi_jax.load_model`).
+    input_ids: int `[B, T]` prompts, padded on either side.
+    kv_config: how the cache is quantized (with `cache`: None, or the cache's).
+    max_new_tokens: tokens to generate per row.
+    cache: continue this cache (from `prefill_cache` or `restore_cache`, say): the
+      prompts are appended to a copy of it, which then takes the new tokens; the
+      cache passed stays valid and unchanged.
+    attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k, top_p: optional sampling filters.
+    seed: PRNG seed; the same seed gives the same tokens.
+    eos_token_id: a row stops after generating one of these; None never stops.
+    pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
+    max_length: cache capacity per row; defaults to `T + max_new_tokens` (a
+      given `cache` has its own).
+    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
+    impl: what reads the cache in decode steps (`KVCache.impl`): "auto" (the
+      default) takes the Pallas kernel of the backend where it applies; "gpu"
+      also writes it with the quantize-and-pack kernel. A given `cache` has its own.
+    calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one
+      (a given `cache` holds its own).
+
+  Returns:
+    int32 `[B, max_new_tokens]`.
+  """
+  input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
+  max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+  vocab = model.config.vocab_size
   if not temperature >= 0:
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
   if top_k is not None and not 0 < _positive_int("top_k", top_k) <= vocab:
@@ -188,23 +299,18 @@ def generate(model, input_ids, *, kv_config: KIVIConfig, max_new_tokens: int,
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
 
-  cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
-  free = memory.free_memory_bytes()
-  if free is not None and cache_total > free:
-    raise ValueError(
-        f"the cache of {b} rows x {max_length} tokens (max_length) takes "
-        f"{cache_total / 2**30:.2f} GiB and the device has {free / 2**30:.2f} GiB free: "
-        f"pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how many "
-        f"rows fit)")
-  rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
-                             memory.workspace_bytes(cache_total),
-                             memory.uses_flash_attention(model.config, impl))
-  empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
-                     calibration=calibration)
-  logits, cache = _prefill(model.params, jnp.asarray(input_ids, jnp.int32),
-                           jnp.asarray(attention_mask, jnp.int32), empty,
-                           config=model.config)
-  del empty
+  if cache is not None:
+    logits, cache = _continuation(model, input_ids, attention_mask, cache, max_new_tokens,
+                                  kv_config, max_length, calibration, impl)
+  else:
+    if kv_config is None:
+      raise ValueError("kv_config is required (kivi_jax.get_preset('kivi2'), say), unless "
+                       "a cache to continue is given")
+    max_length = input_ids.shape[1] + max_new_tokens if max_length is None else \
+        _positive_int("max_length", max_length)
+    logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
+                                     max_length, max_new_tokens, calibration,
+                                     impl or "auto")
   tokens, _ = _decode(
       model.params, cache, logits, jax.random.key(seed),
       jnp.asarray(eos if eos else [-1], jnp.int32), config=model.config,

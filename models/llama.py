@@ -81,7 +81,7 @@ def _compact(input_ids: Array, attention_mask: Array) -> tuple[Array, Array, Arr
 
 
 def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | None = None,
-            *, config: ModelConfig) -> tuple[Array, KVCache]:
+            *, config: ModelConfig, last_only: bool = False) -> tuple[Array, KVCache]:
   """Runs `T` new tokens per row through the model, reading and extending `cache`.
 
   Serves decode (`T = 1`) and any continuation of a cache; `prefill` is the
@@ -94,13 +94,15 @@ def forward(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
       `cache.lengths[b], cache.lengths[b] + 1, ...`.
     attention_mask: `[B, T]`, 1 for real tokens, 0 for padding on either side
       (or anywhere); None means all real.
+    last_only: form the logits of each row's last real token only, `[B, V]`.
 
   Returns:
     `(logits, new_cache)`: float32 logits `[B, T, V]` (meaningless at padding
     positions; NaN for a row whose tokens exceed `cache.capacity`) and the cache
     with each row's real tokens appended.
   """
-  return _forward(params, input_ids, cache, attention_mask, config=config, prompt=False)
+  return _forward(params, input_ids, cache, attention_mask, config=config, prompt=False,
+                  last_only=last_only)
 
 
 def prefill(params, input_ids: Array, cache: KVCache, attention_mask: Array | None = None,
@@ -113,11 +115,12 @@ def prefill(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
   formed rather than `B x T`. A row whose cache is not empty gets NaN logits
   (`forward` serves such a cache).
   """
-  return _forward(params, input_ids, cache, attention_mask, config=config, prompt=True)
+  return _forward(params, input_ids, cache, attention_mask, config=config, prompt=True,
+                  last_only=True)
 
 
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
-             prompt: bool):
+             prompt: bool, last_only: bool):
   b, t = input_ids.shape
   if t > cache.capacity:
     raise ValueError(f"{t} new tokens exceed the cache capacity ({cache.capacity})")
@@ -178,11 +181,12 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
   # instead of raising, its logits become NaN rather than a silent wrong answer.
   bad = cache.lengths + n_new > cache.capacity
   if prompt:
+    bad |= cache.lengths > 0
+  if last_only:
     # [B, D]: each row's last real token (compacted to the front).
     x = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
     logits = jnp.einsum("BD,DV->BV", x, head, preferred_element_type=jnp.float32)
-    bad |= cache.lengths > 0
     return jnp.where(bad[:, None], jnp.nan, logits), new_cache
   x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
   logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)

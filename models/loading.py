@@ -30,10 +30,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 class Model:
   """A loaded model: static config, parameter pytree and pure jitted steps.
 
-  `forward(params, input_ids, cache, attention_mask=None) -> (logits, new_cache)`
-  and `prefill` (the same for a prompt into an empty cache, logits of each
-  row's last token) are jitted with the cache donated (updated in place on
-  accelerators).
+  `forward(params, input_ids, cache, attention_mask=None, last_only=False) ->
+  (logits, new_cache)` and `prefill` (the same for a prompt into an empty cache,
+  logits of each row's last token) are jitted with the cache donated (updated
+  in place on accelerators).
   """
 
   config: ModelConfig
@@ -42,7 +42,7 @@ class Model:
   @functools.cached_property
   def forward(self) -> Callable:
     return jax.jit(functools.partial(llama.forward, config=self.config),
-                   donate_argnames="cache")
+                   static_argnames="last_only", donate_argnames="cache")
 
   @functools.cached_property
   def prefill(self) -> Callable:

@@ -179,3 +179,20 @@ def test_saving_over_a_checkpoint_needs_overwrite_and_a_failed_save_keeps_it(
   assert _listing(path) == before and os.listdir(tmp_path) == ["c"]
   checkpoint.save_cache(path, fp16, model, overwrite=True)
   assert checkpoint.restore_cache(path, model).config == METHODS["fp16"]
+
+
+def test_cache_info_reads_the_description_and_the_callers_metadata(model, tmp_path):
+  cache, _ = _prefilled(model, METHODS["kivi2"])
+  path = checkpoint.save_cache(tmp_path / "c", cache, model,
+                               metadata={"document": "wiki.test.raw", "tokens": [70, 41, 9]})
+  info = kivi_jax.cache_info(path)
+  assert info["kv_config"] == METHODS["kivi2"]
+  assert info["lengths"] == np.asarray(cache.lengths).tolist() == [70, 41, 9]
+  assert (info["batch"], info["capacity"]) == (3, cache.capacity)
+  assert info["metadata"] == {"document": "wiki.test.raw", "tokens": [70, 41, 9]}
+  with pytest.raises(ValueError, match="metadata must be JSON-serializable"):
+    checkpoint.save_cache(tmp_path / "d", cache, model, metadata={"array": np.zeros(2)})
+  assert not (tmp_path / "d").exists()
+  (path / checkpoint.META).write_text("[1, 2]")
+  with pytest.raises(ValueError, match="kivi_jax.json is damaged"):
+    kivi_jax.cache_info(path)

@@ -22,6 +22,27 @@ def test_generate_streams_the_answer(smollm2_path):
 
 
 @pytest.mark.slow
+def test_save_a_documents_cache_then_ask_about_it(smollm2_path, tmp_path):
+  saved = tmp_path / "curie"
+  doc = ("Marie Curie was born in Warsaw in 1867. She moved to Paris in 1891, studied "
+         "physics at the Sorbonne, and won Nobel Prizes in Physics (1903) and Chemistry "
+         "(1911).")
+  done = _run("generate", doc, "--model", str(smollm2_path), "--save-cache", str(saved))
+  assert done.returncode == 0, done.stderr
+  assert f"to {saved}" in done.stdout
+  info = json.loads((saved / "kivi_jax.json").read_text())
+  assert info["metadata"] == {"chat": True} and info["kv_config"]["k_bits"] == 2
+  done = _run("generate", "Where was Marie Curie born?", "--model", str(smollm2_path),
+              "--resume-cache", str(saved), "--max-new-tokens", "16")
+  assert done.returncode == 0, done.stderr
+  assert "Warsaw" in done.stdout
+  # The saved cache was kivi2's: asking for another config is refused.
+  done = _run("generate", "When?", "--model", str(smollm2_path), "--resume-cache",
+              str(saved), "--method", "kivi4")
+  assert done.returncode == 2 and "k_bits=2, not k_bits=4" in done.stderr
+
+
+@pytest.mark.slow
 def test_eval_passkey_writes_a_table_and_json(smollm2_path, tmp_path):
   out = tmp_path / "passkey.json"
   done = _run("eval", "passkey", "--model", str(smollm2_path), "--methods", "fp16,kivi2",
@@ -81,6 +102,9 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
     (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
     (["--max-new-tokens", "10000000"],
      "exceeds the model's context window, max_position_embeddings=8192"),
+    (["--save-cache", "."], ". exists: pass --overwrite to replace it"),
+    (["--resume-cache", "/nonexistent"], "/nonexistent is not a kivi-jax cache checkpoint"),
+    (["--save-cache", "a", "--resume-cache", "b"], "exclude each other"),
 ])
 def test_bad_arguments_exit_with_a_clear_error(args, message):
   done = _run("generate", "hi", *args)

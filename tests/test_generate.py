@@ -1,5 +1,7 @@
 """generate(): padded batches, per-row lengths, EOS, sampling, and input checks."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -161,3 +163,76 @@ def test_prefill_of_a_filled_cache_gives_nan(model):
   cache = cache.replace(lengths=cache.lengths.at[1].set(0))
   logits, _ = model.prefill(model.params, np.zeros((2, 5), np.int32), cache)
   assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
+
+
+def _join(docs, questions):
+  """Each row's document followed by its question, left-padded."""
+  return _pad([np.concatenate([d, q]) for d, q in zip(docs, questions)], "left")
+
+
+def test_continuing_a_prefilled_cache_equals_the_whole_prompt(model):
+  # fp16 stores keys and values exactly, so appending the question to the
+  # document's cache must give what the whole prompt gives.
+  rng = np.random.default_rng(5)
+  docs = [rng.integers(0, 256, n) for n in (5, 41, 70)]
+  questions = [rng.integers(0, 256, n) for n in (3, 20, 9)]
+  kv = METHODS["fp16"]
+  whole_ids, whole_mask = _join(docs, questions)
+  whole = kivi_jax.generate(model, whole_ids, attention_mask=whole_mask, kv_config=kv,
+                            max_new_tokens=30)
+  ids, mask = _pad(docs, "left")
+  cache = kivi_jax.prefill_cache(model, ids, attention_mask=mask, kv_config=kv,
+                                 max_length=128)
+  before = [np.asarray(x) for x in jax.tree.leaves(cache)]
+  q_ids, q_mask = _pad(questions, "left")
+  for _ in range(2):  # the cache is not consumed: a second question starts from it too
+    out = kivi_jax.generate(model, q_ids, attention_mask=q_mask, cache=cache,
+                            max_new_tokens=30)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(whole))
+  for a, b in zip(before, jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_continuing_a_kivi2_cache_equals_forward_then_decode_steps(model):
+  # With a quantized cache the question reads the document quantized, so the
+  # reference is the model's own steps: the question through one `forward`,
+  # then one token at a time, greedy.
+  rng = np.random.default_rng(6)
+  ids, mask = _pad([rng.integers(0, 256, n) for n in (37, 70)], "left")
+  kv = METHODS["kivi2"]
+  cache = kivi_jax.prefill_cache(model, ids, attention_mask=mask, kv_config=kv,
+                                 max_length=160)
+  question = rng.integers(0, 256, (2, 11))
+  out = kivi_jax.generate(model, question, cache=cache, max_new_tokens=40)
+  steps = jax.tree.map(jnp.copy, cache)  # `model.forward` donates its cache
+  logits, steps = model.forward(model.params, question, steps)
+  expected = []
+  for _ in range(40):
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    expected.append(np.asarray(tok))
+    logits, steps = model.forward(model.params, tok[:, None], steps)
+  np.testing.assert_array_equal(np.asarray(out), np.stack(expected, axis=1))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kv_config=kivi_jax.KIVIConfig(4, 4, 16, 32)), "kv_config differs from the given "
+     "cache's config"),
+    (dict(max_length=200), "max_length belongs to the given cache"),
+    (dict(impl="reference"), "impl belongs to the given cache"),
+    (dict(question=np.zeros((1, 4), np.int32)), "input_ids has 1 rows and the cache 2"),
+    # max_length=64 rounds up to the 2-bit block's granularity, 256 tokens.
+    (dict(max_new_tokens=240), r"row 1 of the cache holds 20 tokens: 4 more and "
+     r"max_new_tokens=240 need 264, past the cache's capacity of 256"),
+])
+def test_continuing_a_cache_checks_its_inputs(model, kwargs, match):
+  ids, mask = _pad([np.ones(9, np.int32), np.ones(20, np.int32)], "left")
+  cache = kivi_jax.prefill_cache(model, ids, attention_mask=mask, kv_config=METHODS["kivi2"],
+                                 max_length=64)
+  kwargs = {"question": np.zeros((2, 4), np.int32), "max_new_tokens": 8, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    kivi_jax.generate(model, kwargs.pop("question"), cache=cache, **kwargs)
+
+
+def test_generate_without_a_config_or_a_cache_says_so(model):
+  with pytest.raises(ValueError, match="kv_config is required"):
+    kivi_jax.generate(model, np.zeros((1, 4), np.int32), max_new_tokens=2)
