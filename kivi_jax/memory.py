@@ -101,14 +101,23 @@ def workspace_bytes(cache_total: int) -> int:
   return max(FIXED_WORKSPACE, cache_total // 10)
 
 
+def _allocator(device) -> tuple[int, int] | None:
+  """`(bytes_limit, bytes_in_use)` of `device`'s allocator; None where it reports
+  no limit (a CPU)."""
+  stats = device.memory_stats()
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+
+
 def device_memory_bytes(device=None) -> int:
   """Bytes the device's allocator may hand out (`memory_stats()["bytes_limit"]`)."""
   device = device or jax.devices()[0]
-  stats = device.memory_stats()
-  if not stats or "bytes_limit" not in stats:
+  allocator = _allocator(device)
+  if allocator is None:
     raise ValueError(f"{device.platform} device {device} reports no memory limit: pass "
                      "memory_bytes=")
-  return int(stats["bytes_limit"])
+  return allocator[0]
 
 
 def free_memory_bytes(device=None) -> int | None:
@@ -116,9 +125,9 @@ def free_memory_bytes(device=None) -> int | None:
   less what is in use; for a CPU, the host's available memory (Linux's
   `MemAvailable`). None where neither is known."""
   device = device or jax.devices()[0]
-  stats = device.memory_stats()
-  if stats and "bytes_limit" in stats:
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  allocator = _allocator(device)
+  if allocator is not None:
+    return allocator[0] - allocator[1]
   if device.platform == "cpu":
     try:
       with open("/proc/meminfo") as f:

@@ -69,3 +69,14 @@ def test_a_device_without_a_memory_limit_asks_for_one():
     pytest.skip("accelerators report their limit")
   with pytest.raises(ValueError, match="memory_bytes="):
     memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), 1024, 512)
+
+
+def test_an_accelerators_free_memory_is_its_limit_less_what_is_in_use():
+  class Device:  # what a GPU's allocator reports
+    platform = "gpu"
+
+    def memory_stats(self):
+      return {"bytes_limit": 1000, "bytes_in_use": 300, "peak_bytes_in_use": 900}
+
+  assert memory.device_memory_bytes(Device()) == 1000
+  assert memory.free_memory_bytes(Device()) == 700
