@@ -148,13 +148,11 @@ def _prompts(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
   return input_ids, attention_mask
 
 
-def _check_free(nbytes: int, what: str) -> None:
+def _check_free(nbytes: int, what: str, remedy: str) -> None:
   free = memory.free_memory_bytes()
   if free is not None and nbytes > free:
-    raise ValueError(
-        f"{what} takes {nbytes / 2**30:.2f} GiB and the device has {free / 2**30:.2f} GiB "
-        f"free: pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
-        f"many rows fit)")
+    raise ValueError(f"{what} takes {nbytes / 2**30:.2f} GiB and the device has "
+                     f"{free / 2**30:.2f} GiB free: {remedy}")
 
 
 def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
@@ -180,7 +178,9 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
         f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
         f"max_position_embeddings=...))")
   cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
-  _check_free(cache_total, f"the cache of {b} rows x {max_length} tokens (max_length)")
+  _check_free(cache_total, f"the cache of {b} rows x {max_length} tokens (max_length)",
+              "pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
+              "many rows fit)")
   rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
                              memory.workspace_bytes(cache_total),
                              memory.uses_flash_attention(model.config, impl))
@@ -237,7 +237,8 @@ def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_toke
         f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
         f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the cache's "
         f"capacity of {cache.capacity} (make it with a larger max_length)")
-  _check_free(cache.nbytes(), "a copy of the cache to continue")
+  _check_free(cache.nbytes(), "a copy of the cache to continue",
+              "free the arrays you no longer need, or continue a cache of fewer rows")
   padded = min(-(-t // CONTINUE_BUCKET) * CONTINUE_BUCKET, cache.capacity)
   pad = ((0, 0), (0, padded - t))
   return _continue(model.params, jnp.asarray(np.pad(input_ids, pad), jnp.int32),

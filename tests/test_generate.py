@@ -236,3 +236,18 @@ def test_continuing_a_cache_checks_its_inputs(model, kwargs, match):
 def test_generate_without_a_config_or_a_cache_says_so(model):
   with pytest.raises(ValueError, match="kv_config is required"):
     kivi_jax.generate(model, np.zeros((1, 4), np.int32), max_new_tokens=2)
+
+
+def test_continuing_a_cache_past_the_free_memory_is_refused_before_copying(model,
+                                                                          monkeypatch):
+  import importlib
+  cache = kivi_jax.prefill_cache(model, np.ones((2, 9), np.int32), kv_config=METHODS["kivi2"],
+                                 max_length=64)
+  monkeypatch.setattr(kivi_jax.memory, "free_memory_bytes",
+                      lambda device=None: cache.nbytes() - 1)
+  copied = []
+  monkeypatch.setattr(importlib.import_module("kivi_jax.generate"), "_continue",
+                      lambda *a, **k: copied.append(1))
+  with pytest.raises(ValueError, match="a copy of the cache to continue takes"):
+    kivi_jax.generate(model, np.ones((2, 3), np.int32), cache=cache, max_new_tokens=4)
+  assert not copied
