@@ -126,16 +126,13 @@ def _generate(args) -> int:
       sys.stdout.flush()
       shown = len(text)
 
-  if cache is not None:
-    out = generate(model, ids, cache=cache, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, eos_token_id=sorted(stops), streamer=stream)
-  else:
-    out = generate(model, ids, kv_config=kv_config, max_new_tokens=args.max_new_tokens,
-                   max_length=args.max_length, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=sorted(stops), streamer=stream, calibration=calibration,
-                   impl=args.impl or "auto")
+  # A resumed cache brings its own config, capacity, calibration and impl.
+  source = dict(cache=cache) if cache is not None else dict(
+      kv_config=kv_config, max_length=args.max_length, calibration=calibration,
+      impl=args.impl)
+  out = generate(model, ids, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed, eos_token_id=sorted(stops), streamer=stream, **source)
   np.asarray(out)  # waits for the loop, and so for every streamed token
   sys.stdout.write("\n")
   return 0
