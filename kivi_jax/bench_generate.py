@@ -38,12 +38,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from kivi_jax import memory
+from kivi_jax import memory, sharding
 from kivi_jax.bench import copy_bandwidth_tbps
 from kivi_jax.cache import init_cache, n_quantized
 from kivi_jax.config import get_preset
-from kivi_jax.generate import _prefill, generate
+from kivi_jax.generate import _prefill, _rows, generate
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.models.loading import Model
@@ -62,15 +64,21 @@ SHAPES = {
 changes values only)."""
 
 
-def random_model(config: ModelConfig, seed: int = 0) -> Model:
+def random_model(config: ModelConfig, seed: int = 0, mesh=None) -> Model:
   """`config`'s model with normal weights (std 0.02, norms 1), made on the
-  device layer by layer."""
+  device layer by layer (over `mesh`, each device making its own shards)."""
   key = jax.random.key(seed)
   dtype = jnp.dtype(config.dtype)
   d, f = config.hidden_size, config.intermediate_size
   hq, hkv, dh = config.num_heads, config.num_kv_heads, config.head_dim
 
-  @jax.jit
+  place = {}
+  if mesh is not None:
+    sharding.check_mesh(mesh, config)
+    place = {"out_shardings": {k: NamedSharding(mesh, sharding.layer_param_spec(k))
+                               for k in sharding.LAYER_PARAMS}}
+
+  @functools.partial(jax.jit, **place)
   def layer(key):
     k = jax.random.split(key, 7)
     w = lambda i, *shape: (0.02 * jax.random.normal(k[i], shape, jnp.float32)).astype(dtype)  # noqa: E731
@@ -79,12 +87,14 @@ def random_model(config: ModelConfig, seed: int = 0) -> Model:
             "wo": w(3, hq, dh, d), "w_gate": w(4, d, f), "w_up": w(5, d, f),
             "w_down": w(6, f, d)}
 
+  whole = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
   normal = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape)).astype(dtype),
-                   static_argnums=1)
+                   static_argnums=1, **whole)
+  ones = jax.jit(lambda: jnp.ones((d,), dtype), **whole)
   keys = jax.random.split(key, config.num_layers + 2)
   params = {"embed": normal(keys[0], (config.vocab_size, d)),
             "layers": tuple(layer(keys[2 + i]) for i in range(config.num_layers)),
-            "final_norm": jnp.ones((d,), dtype)}
+            "final_norm": ones()}
   if not config.tie_word_embeddings:
     params["lm_head"] = normal(keys[1], (d, config.vocab_size))
   return Model(config, params)
@@ -142,22 +152,22 @@ def _prompt(batch: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
 
 
 def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
-                  impl: str = "auto") -> dict:
+                  impl: str = "auto", mesh=None) -> dict:
   """`generate` timed on its second call; the first compiles. That first call
   stops after one step: its EOS ids are each row's first token (the same
   number of ids as the timed call's, which never occur, so both calls share
   one compiled program). The prefill is timed alone too, in `generate`'s
-  chunks of rows."""
+  chunks of rows (over `mesh`: all rows at once, as `generate` runs them)."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _prompt(batch, prompt, model.config.vocab_size)
   length = prompt + new
   cache_total = memory.cache_bytes(model.config, kv, batch, length)
-  rows = memory.prefill_rows(batch, model.config, kv, prompt, length,
-                             memory.workspace_bytes(cache_total),
-                             memory.uses_flash_attention(model.config, impl))
-  empty = init_cache(model.config, kv, rows, length, impl=impl, calibration=calib)
-  args = (model.params, jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), empty)
+  rows = batch if mesh is not None else memory.prefill_rows(
+      batch, model.config, kv, prompt, length, memory.workspace_bytes(cache_total),
+      memory.uses_flash_attention(model.config, impl))
+  empty = init_cache(model.config, kv, rows, length, impl=impl, calibration=calib, mesh=mesh)
+  args = (model.params, _rows(ids, mesh), _rows(np.ones_like(ids), mesh), empty)
   # Each result is dropped before the next call: two caches of the largest
   # batch do not fit at once.
   firsts = sorted(set(np.asarray(jnp.argmax(_prefill(*args, config=model.config)[0],
@@ -169,7 +179,8 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
 
   def run(eos):
     return np.asarray(generate(model, ids, kv_config=kv, max_new_tokens=new, impl=impl,
-                               calibration=calib, eos_token_id=eos, pad_token_id=0))
+                               calibration=calib, eos_token_id=eos, pad_token_id=0,
+                               mesh=mesh))
 
   run(firsts)
   t0 = time.perf_counter()
@@ -194,15 +205,16 @@ def _decode_steps(params, tok, cache, *, config: ModelConfig, steps: int):
 
 def time_decode_step(model: Model, method: str, batch: int, context: int, steps: int = 16,
                      repeats: int = 3, impl: str = "auto", copy_tbps: float | None = None,
-                     profile_dir: str | None = None) -> dict:
+                     profile_dir: str | None = None, mesh=None) -> dict:
   """Median ms of one decode step with `context` tokens cached per row (a
   loop of `steps` steps timed `repeats` times after a warm-up), against its
   floor; with `profile_dir`, a trace of one more loop summarized."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
-  ids = jnp.asarray(_prompt(batch, context, model.config.vocab_size))
+  ids = _rows(_prompt(batch, context, model.config.vocab_size), mesh)
   capacity = context + steps * (repeats + 2)
-  empty = init_cache(model.config, kv, batch, capacity, impl=impl, calibration=calib)
+  empty = init_cache(model.config, kv, batch, capacity, impl=impl, calibration=calib,
+                     mesh=mesh)
   logits, cache = _prefill(model.params, ids, jnp.ones_like(ids), empty, config=model.config)
   del empty
   tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
@@ -326,13 +338,15 @@ def _worker(spec: dict) -> dict:
     return hf_generate(spec["shape"], spec["batch"], spec["prompt"], spec["new"])
   jax.config.update("jax_compilation_cache_dir", spec.get("compile_cache") or
                     os.path.join(tempfile.gettempdir(), "kivi-jax-compile-cache"))
-  model = random_model(SHAPES[spec["shape"]])
+  mesh = sharding.make_mesh(*spec["mesh"]) if spec.get("mesh") else None
+  model = random_model(SHAPES[spec["shape"]], mesh=mesh)
   if kind == "generate":
-    row = time_generate(model, spec["method"], spec["batch"], spec["prompt"], spec["new"])
+    row = time_generate(model, spec["method"], spec["batch"], spec["prompt"], spec["new"],
+                        mesh=mesh)
   elif kind == "step":
     row = time_decode_step(model, spec["method"], spec["batch"], spec["context"],
                            copy_tbps=spec.get("copy_tbps"),
-                           profile_dir=spec.get("profile_dir"))
+                           profile_dir=spec.get("profile_dir"), mesh=mesh)
   else:
     raise ValueError(f"unknown measurement kind {kind!r}")
   row["peak_bytes"] = peak_bytes()
@@ -366,7 +380,7 @@ def generate_benchmark(shape: str = "llama2-7b",
                        requests=((1024, 512), (4096, 512)), batches=(1, 8, 32),
                        step_batches=(1, 32), step_context: int = 1280, largest: bool = True,
                        hf_batches=(32, 64, 128), out: str | None = None,
-                       progress=print) -> dict:
+                       mesh: tuple[int, int] | None = None, progress=print) -> dict:
   """P2 for one shape, every measurement in its own process (`measure`).
 
   One decode step of each method at `step_batches` with `step_context`
@@ -376,8 +390,12 @@ def generate_benchmark(shape: str = "llama2-7b",
   out of memory); and HF's `generate` at `hf_batches` (until one runs out of
   memory). With `out`, the result is written after every row, added to the
   rows already there: a sweep longer than one session on a machine can go on
-  in the next.
+  in the next. With `mesh` (data, model), the kivi-jax rows run over a mesh of
+  that many devices (`kivi_jax.make_mesh`).
   """
+  if mesh is not None and largest:
+    raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
+                     "counts one device): pass largest=False (--no-largest) with batches")
   info = device_info()
   if "error" in info:
     raise RuntimeError(f"the device worker failed: {info}")
@@ -394,13 +412,15 @@ def generate_benchmark(shape: str = "llama2-7b",
   def run(spec):
     # The worker measured on the device; this process knows the date and commit.
     meta = {k: v for k, v in run_metadata().items() if k in ("date", "commit")}
+    if mesh is not None and spec["kind"] != "hf":
+      spec = {**spec, "mesh": list(mesh)}
     row = {**measure({"shape": shape, **spec}), **meta}
     result["rows"].append(row)
     if out:
       Path(out).parent.mkdir(parents=True, exist_ok=True)
       Path(out).write_text(json.dumps(result, indent=1) + "\n")
     shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
-             if k in ("kind", "method", "batch", "prompt", "new", "step_ms", "floor_ms",
+             if k in ("kind", "mesh", "method", "batch", "prompt", "new", "step_ms", "floor_ms",
                       "tokens_per_s", "prefill_s", "peak_bytes", "error")}
     progress(json.dumps(shown))
     return row

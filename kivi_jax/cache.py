@@ -20,6 +20,7 @@ channels side by side in the order of a per-layer `ChannelMap`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from flax import struct
 from jax import Array
 from jax.experimental.pallas import tpu as pltpu
 
-from kivi_jax import quantization
+from kivi_jax import quantization, sharding
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
 from kivi_jax.pallas_kernels import quantize_pack, quantize_pack_tpu, ring_update
 from kivi_jax.pallas_kernels.quantize_pack import scatter_tokens
@@ -110,12 +111,16 @@ class KVCache:
     "reference", "gpu" or "tpu" (that kernel; in interpret mode on a CPU).
     The same choice picks what writes the blocks: the backend's
     quantize-and-pack kernel or the jnp reference (`write_kernel`).
+  mesh: static; the `jax.sharding.Mesh` the cache is split over (rows over
+    "data", kv heads over "model": `kivi_jax.sharding`), or None on one device.
+    With a mesh, each layer's write and attention run per shard.
   """
 
   layers: LayerKV
   lengths: Array
   config: KIVIConfig = struct.field(pytree_node=False)
   impl: str = struct.field(pytree_node=False, default="auto")
+  mesh: Any = struct.field(pytree_node=False, default=None)
 
   @property
   def capacity(self) -> int:
@@ -194,7 +199,7 @@ def plain_channel_map(config: KIVIConfig, hidden: int) -> ChannelMap:
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
-               dtype=None, impl: str = "auto", calibration=None) -> KVCache:
+               dtype=None, impl: str = "auto", calibration=None, mesh=None) -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
   Args:
@@ -208,6 +213,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     impl: decode-attention implementation (`KVCache.impl`).
     calibration: a `kivi_jax.calibration.Calibration` made for this model and
       `kv_config`; required where `kv_config.needs_calibration`.
+    mesh: a `kivi_jax.make_mesh` mesh to split the cache over (`KVCache.mesh`);
+      each device creates only its own shard.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -252,8 +259,16 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
                        kv_config.value_axis, kv_config, dtype),
         ring_k=jnp.zeros(ring_shape, dtype), ring_v=jnp.zeros(ring_shape, dtype), **extra)
 
-  return KVCache(tuple(layer(i) for i in range(ly)), jnp.zeros((batch_size,), jnp.int32),
-                 kv_config, impl)
+  def build():
+    return KVCache(tuple(layer(i) for i in range(ly)), jnp.zeros((batch_size,), jnp.int32),
+                   kv_config, impl)
+
+  if mesh is None:
+    return build()
+  sharding.check_mesh(mesh, model_config, kv_config, batch_size)
+  specs = sharding.cache_specs(jax.eval_shape(build))
+  place = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+  return jax.jit(build, out_shardings=place)().replace(mesh=mesh)
 
 
 def ring_positions(lengths: Array, config: KIVIConfig) -> tuple[Array, Array]:

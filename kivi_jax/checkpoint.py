@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kivi_jax import sharding
 from kivi_jax.cache import IMPLS, KVCache, init_cache
 from kivi_jax.calibration import model_fingerprint
 from kivi_jax.config import KIVIConfig
@@ -129,8 +130,9 @@ def cache_info(path) -> dict:
 
 
 def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
-                  impl: str | None = None, device=None) -> KVCache:
-  """The cache `save_cache` wrote to `path`, on `device` (the first by default).
+                  impl: str | None = None, device=None, mesh=None) -> KVCache:
+  """The cache `save_cache` wrote to `path`, on `device` (the first by default)
+  or split over `mesh`.
 
   Args:
     path: a checkpoint directory.
@@ -138,6 +140,9 @@ def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
     kv_config: if given, the config the caller expects; another is refused.
     impl: `KVCache.impl` of the result; the saved cache's by default.
     device: where the arrays go.
+    mesh: a `kivi_jax.make_mesh` mesh instead: each device reads its own shard
+      (`kivi_jax.sharding.cache_specs`), whatever mesh, if any, the cache was
+      saved from.
 
   Raises:
     ValueError: `path` is not a checkpoint, was made for another model or
@@ -170,13 +175,20 @@ def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
     raise ValueError(f"{meta_path} is damaged: capacity {capacity} is no cache's capacity "
                      f"for this config")
   names, treedef = _names(shapes)
-  sharding = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
-  target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-            for n, s in zip(names, jax.tree.leaves(shapes))}
+  if mesh is None:
+    place = [jax.sharding.SingleDeviceSharding(device or jax.devices()[0])] * len(names)
+  else:
+    if device is not None:
+      raise ValueError("pass device= or mesh=, not both")
+    sharding.check_mesh(mesh, model.config, saved, batch)
+    place = [jax.sharding.NamedSharding(mesh, spec)
+             for spec in jax.tree.leaves(sharding.cache_specs(shapes))]
+  target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p)
+            for n, s, p in zip(names, jax.tree.leaves(shapes), place)}
   try:
     with ocp.StandardCheckpointer() as ckpt:
       arrays = ckpt.restore(path / "arrays", target)
   except Exception as e:  # orbax and tensorstore raise many kinds
     raise ValueError(f"{path}: the cache's arrays cannot be read: {e}") from e
   cache = jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])
-  return cache.replace(config=saved)
+  return cache.replace(config=saved, mesh=mesh)

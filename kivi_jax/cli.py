@@ -353,6 +353,13 @@ def _bench_generate(args) -> int:
       raise ValueError(f"--requests takes PROMPT+NEW pairs such as 1024+512, got {r!r}")
     requests.append((int(prompt), int(new)))
   ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
+  mesh = None
+  if args.mesh:
+    axes = dict(part.partition("=")[::2] for part in args.mesh.split(","))
+    if set(axes) != {"data", "model"} or not all(v.isdigit() and int(v) > 0
+                                                  for v in axes.values()):
+      raise ValueError(f"--mesh takes data=D,model=M with positive D and M, got {args.mesh!r}")
+    mesh = (int(axes["data"]), int(axes["model"]))
   # This process only plans and collects; each measurement runs in a worker
   # process that must find the accelerator's memory untouched.
   jax.config.update("jax_platforms", "cpu")
@@ -360,7 +367,7 @@ def _bench_generate(args) -> int:
       shape=args.shape, methods=methods, requests=tuple(requests), batches=ints(args.batches),
       step_batches=ints(args.step_batches), step_context=args.step_context,
       largest=not args.no_largest, hf_batches=ints(args.hf_batches), out=args.out,
-      progress=lambda s: print(s, flush=True))
+      mesh=mesh, progress=lambda s: print(s, flush=True))
   if args.out:
     print(f"wrote {args.out}")
   return 0
@@ -487,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tokens cached per row in the decode-step measurement")
   gen_bench.add_argument("--hf-batches", default="32,64,128",
                          help="batches of HF transformers' generate ('' for none)")
+  gen_bench.add_argument("--mesh", help="data=D,model=M: run kivi-jax over a mesh of D x M "
+                         "devices (rows over data, heads over model); needs --no-largest")
   gen_bench.add_argument("--out", help="JSON results, written after every row and added "
                          "to the rows already in the file")
   gen_bench.set_defaults(run=_bench_generate)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from kivi_jax import memory
+from kivi_jax import memory, sharding
 from kivi_jax.cache import KVCache, concat_rows, init_cache
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
@@ -157,9 +157,9 @@ def _check_free(nbytes: int, what: str, remedy: str) -> None:
 
 def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
                      max_length: int, max_new_tokens: int, calibration,
-                     impl: str) -> tuple[Array, KVCache]:
+                     impl: str, mesh) -> tuple[Array, KVCache]:
   """Checked prompts (`_prompts`) into a new cache of `max_length` tokens a row,
-  which must leave room for `max_new_tokens` more."""
+  which must leave room for `max_new_tokens` more (split over `mesh`, if given)."""
   if not isinstance(kv_config, KIVIConfig):
     raise ValueError(f"kv_config must be a KIVIConfig (kivi_jax.get_preset(...)), got "
                      f"{type(kv_config).__name__}")
@@ -177,21 +177,45 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
         f"window, max_position_embeddings={window}; to go past it on purpose, pass "
         f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
         f"max_position_embeddings=...))")
+  if mesh is not None:
+    sharding.check_mesh(mesh, model.config, kv_config, b)
   cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
-  _check_free(cache_total, f"the cache of {b} rows x {max_length} tokens (max_length)",
+  devices = 1 if mesh is None else mesh.size
+  _check_free(cache_total // devices,
+              f"the cache of {b} rows x {max_length} tokens (max_length)"
+              + ("" if mesh is None else f" split over {devices} devices"),
               "pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
               "many rows fit)")
-  rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
-                             memory.workspace_bytes(cache_total),
-                             memory.uses_flash_attention(model.config, impl))
+  if mesh is None:
+    rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
+                               memory.workspace_bytes(cache_total),
+                               memory.uses_flash_attention(model.config, impl))
+  else:
+    rows = b  # all rows at once, spread over the mesh (no chunks of rows yet)
   empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
-                     calibration=calibration)
-  return _prefill(model.params, jnp.asarray(input_ids, jnp.int32),
-                  jnp.asarray(attention_mask, jnp.int32), empty, config=model.config)
+                     calibration=calibration, mesh=mesh)
+  return _prefill(_params(model, mesh), _rows(input_ids, mesh), _rows(attention_mask, mesh),
+                  empty, config=model.config)
+
+
+def _params(model, mesh):
+  """The model's parameters, split over `mesh` if given (a no-op where they
+  already are: `kivi_jax.shard_model` once saves the move per call)."""
+  return model.params if mesh is None else sharding.shard_params(model.params, mesh)
+
+
+def _rows(x: np.ndarray, mesh) -> Array:
+  """An int32 `[B, ...]` array, its rows split over `mesh`'s data axis if given."""
+  x = jnp.asarray(x, jnp.int32)
+  if mesh is None:
+    return x
+  return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      sharding.DATA)))
 
 
 def prefill_cache(model, input_ids, *, kv_config: KIVIConfig, max_length: int,
-                  attention_mask=None, impl: str = "auto", calibration=None) -> KVCache:
+                  attention_mask=None, impl: str = "auto", calibration=None,
+                  mesh=None) -> KVCache:
   """A new cache holding the prompts `input_ids`, with room for `max_length` tokens a row.
 
   Prefill a long document once, then ask questions about it with
@@ -205,22 +229,22 @@ def prefill_cache(model, input_ids, *, kv_config: KIVIConfig, max_length: int,
     max_length: tokens a row can hold: the prompt, what will be appended to it
       and everything generated after.
     attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
-    impl, calibration: as for `generate`.
+    impl, calibration, mesh: as for `generate`.
   """
   input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
   _, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                               _positive_int("max_length", max_length), 0, calibration,
-                              impl)
+                              impl, mesh)
   return cache
 
 
 def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_tokens: int,
-                  kv_config, max_length, calibration, impl) -> tuple[Array, KVCache]:
+                  kv_config, max_length, calibration, impl, mesh) -> tuple[Array, KVCache]:
   """Checked prompts appended to a copy of `cache`: `(logits [B, V], the copy)`."""
   if not isinstance(cache, KVCache):
     raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
   for name, value in (("max_length", max_length), ("calibration", calibration),
-                      ("impl", impl)):
+                      ("impl", impl), ("mesh", mesh)):
     if value is not None:
       raise ValueError(f"{name} belongs to the given cache: pass {name}=None with cache=")
   if kv_config is not None and kv_config != cache.config:
@@ -237,12 +261,13 @@ def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_toke
         f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
         f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the cache's "
         f"capacity of {cache.capacity} (make it with a larger max_length)")
-  _check_free(cache.nbytes(), "a copy of the cache to continue",
+  devices = 1 if cache.mesh is None else cache.mesh.size
+  _check_free(cache.nbytes() // devices, "a copy of the cache to continue",
               "free the arrays you no longer need, or continue a cache of fewer rows")
   padded = min(-(-t // CONTINUE_BUCKET) * CONTINUE_BUCKET, cache.capacity)
   pad = ((0, 0), (0, padded - t))
-  return _continue(model.params, jnp.asarray(np.pad(input_ids, pad), jnp.int32),
-                   jnp.asarray(np.pad(attention_mask, pad), jnp.int32), cache,
+  return _continue(_params(model, cache.mesh), _rows(np.pad(input_ids, pad), cache.mesh),
+                   _rows(np.pad(attention_mask, pad), cache.mesh), cache,
                    config=model.config)
 
 
@@ -253,7 +278,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
              eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, max_length: int | None = None,
              streamer: Callable[[np.ndarray, np.ndarray], None] | None = None,
-             impl: str | None = None, calibration=None) -> Array:
+             impl: str | None = None, calibration=None, mesh=None) -> Array:
   """Generates `max_new_tokens` tokens for each prompt of a batch.
 
   Args:
@@ -278,6 +303,9 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
       also writes it with the quantize-and-pack kernel. A given `cache` has its own.
     calibration: a `kivi_jax.calibrate` result, for SKVQ configs that need one
       (a given `cache` holds its own).
+    mesh: a `kivi_jax.make_mesh(data=..., model=...)` mesh to run over: rows
+      split over its data axis, heads and MLP columns over its model axis
+      (`kivi_jax.sharding`); the batch must split evenly. A given `cache` has its own.
 
   Returns:
     int32 `[B, max_new_tokens]`.
@@ -302,7 +330,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
 
   if cache is not None:
     logits, cache = _continuation(model, input_ids, attention_mask, cache, max_new_tokens,
-                                  kv_config, max_length, calibration, impl)
+                                  kv_config, max_length, calibration, impl, mesh)
   else:
     if kv_config is None:
       raise ValueError("kv_config is required (kivi_jax.get_preset('kivi2'), say), unless "
@@ -311,9 +339,9 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
         _positive_int("max_length", max_length)
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                                      max_length, max_new_tokens, calibration,
-                                     impl or "auto")
+                                     impl or "auto", mesh)
   tokens, _ = _decode(
-      model.params, cache, logits, jax.random.key(seed),
+      _params(model, cache.mesh), cache, logits, jax.random.key(seed),
       jnp.asarray(eos if eos else [-1], jnp.int32), config=model.config,
       max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
       top_p=top_p, pad_token_id=int(pad_token_id), streamer=streamer)

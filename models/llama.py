@@ -22,12 +22,14 @@ Mistral is Llama with a sliding attention window; one forward serves both.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import Array
 
+from kivi_jax import sharding
 from kivi_jax.attention import apply_rope, cache_attention, decode_attention, prompt_attention
 from kivi_jax.cache import KVCache, append, append_flushing
 from kivi_jax.models.config import ModelConfig
@@ -119,6 +121,29 @@ def prefill(params, input_ids: Array, cache: KVCache, attention_mask: Array | No
                   last_only=True)
 
 
+def _attend(q, k_cache, v_cache, k_rot, v, layer_cache, lengths, n_new, rope_freq, *,
+            kv, config: ModelConfig, impl: str, prompt: bool):
+  """One layer's attention of the new tokens and its cache's update: queries
+  `[B, T, Hq, Dh]`, the new keys and values as the cache stores them
+  (`[B, Hkv, T, Dh]`) and as attention reads them (`[B, T, Hkv, Dh]`, keys
+  rotated). Returns `(attn [B, T, Hq, Dh], new layer cache)`. Rows and heads are
+  independent here, so under a mesh each shard runs this on its own."""
+  t = q.shape[1]
+  if prompt:
+    attn = prompt_attention(q, k_rot, v, n_new, config.sliding_window, impl)
+    return attn, append(layer_cache, k_cache, v_cache, lengths, n_new, kv, impl)
+  if t == 1:
+    # A decode step attends to the cache as its append leaves it, so the
+    # buffers are written in place before they are read (`append_flushing`).
+    layer_cache, flushed = append_flushing(layer_cache, k_cache, v_cache, lengths, n_new,
+                                           kv, impl)
+    return decode_attention(q, layer_cache, flushed, lengths, n_new, kv,
+                            config.sliding_window, impl, rope_freq), layer_cache
+  attn = cache_attention(q, layer_cache, k_cache, v_cache, lengths, n_new, kv,
+                         config.sliding_window, impl, rope_freq)
+  return attn, append(layer_cache, k_cache, v_cache, lengths, n_new, kv, impl)
+
+
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
              prompt: bool, last_only: bool):
   b, t = input_ids.shape
@@ -139,6 +164,8 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
   # [B, T, D]
   x = params["embed"][ids].astype(dtype)
 
+  attend = functools.partial(_attend, kv=kv, config=config, impl=cache.impl,
+                             prompt=prompt)
   new_layers = []
   for p, layer_cache in zip(params["layers"], cache.layers):
     h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
@@ -149,22 +176,11 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
     v = _project(h, p["wv"])
     # [B, Hkv, T, Dh]: what the cache stores.
     k_cache, v_cache = (k if kv.pre_rope else k_rot).swapaxes(1, 2), v.swapaxes(1, 2)
-    if prompt:
-      attn = prompt_attention(q, k_rot, v, n_new, config.sliding_window, cache.impl)
-      layer_cache = append(layer_cache, k_cache, v_cache, cache.lengths, n_new, kv,
-                           cache.impl)
-    elif t == 1:
-      # A decode step attends to the cache as its append leaves it, so the
-      # buffers are written in place before they are read (`append_flushing`).
-      layer_cache, flushed = append_flushing(layer_cache, k_cache, v_cache, cache.lengths,
-                                             n_new, kv, cache.impl)
-      attn = decode_attention(q, layer_cache, flushed, cache.lengths, n_new, kv,
-                              config.sliding_window, cache.impl, rope_freq)
-    else:
-      attn = cache_attention(q, layer_cache, k_cache, v_cache, cache.lengths, n_new, kv,
-                             config.sliding_window, cache.impl, rope_freq)
-      layer_cache = append(layer_cache, k_cache, v_cache, cache.lengths, n_new, kv,
-                           cache.impl)
+    layer_attend = attend
+    if cache.mesh is not None:
+      layer_attend = sharding.shard_layer_attention(attend, cache.mesh, layer_cache)
+    attn, layer_cache = layer_attend(q, k_cache, v_cache, k_rot, v, layer_cache,
+                                     cache.lengths, n_new, rope_freq)
     new_layers.append(layer_cache)
     # [B, T, Hq * Dh] @ [Hq * Dh, D]: flat operands, so XLA has no axis order
     # to choose and never transposes the weight to suit the activation.

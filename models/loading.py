@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding
+
+from kivi_jax import sharding
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 
@@ -89,7 +92,7 @@ def _checked_get(tensors: Mapping[str, Any], source: str) -> Callable[[str], np.
 
 
 def _assemble(get: Callable[[str], np.ndarray], cfg: ModelConfig, has_lm_head: bool,
-              source: str):
+              source: str, mesh=None):
   """Builds the parameter pytree, checking every shape against the config."""
   expected = _expected_shapes(cfg)
   layers = [_hf_layer_params(get, cfg, i) for i in range(cfg.num_layers)]
@@ -108,14 +111,21 @@ def _assemble(get: Callable[[str], np.ndarray], cfg: ModelConfig, has_lm_head: b
       raise ValueError(f"{source}: missing weight 'lm_head.weight' (embeddings are not tied)")
     params["lm_head"] = get("lm_head.weight").T
   dtype = jnp.dtype(cfg.dtype)
-  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  if mesh is None:
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  # Host arrays sent shard by shard: each device receives its own slices only.
+  return jax.tree.map(
+      lambda a, spec: jax.device_put(np.asarray(a).astype(dtype), NamedSharding(mesh, spec)),
+      params, sharding.param_specs(params))
 
 
-def _load_hf_dir(path: Path, dtype: str) -> Model:
+def _load_hf_dir(path: Path, dtype: str, mesh) -> Model:
   config_file = path / "config.json"
   if not config_file.is_file():
     raise FileNotFoundError(f"{path}: no config.json (not an HF checkpoint directory)")
   cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), dtype=dtype)
+  if mesh is not None:
+    sharding.check_mesh(mesh, cfg)
   files = sorted(path.glob("*.safetensors"))
   index = path / "model.safetensors.index.json"
   if index.is_file():
@@ -128,21 +138,25 @@ def _load_hf_dir(path: Path, dtype: str) -> Model:
     raise FileNotFoundError(f"{path}: no *.safetensors weights found")
   from safetensors import safe_open
   tensors = {}
+  # Over a mesh the file is read into host memory, not onto the first device.
+  host = jax.devices("cpu")[0] if mesh is not None else None
   for f in files:
     # The flax framework reads bfloat16, which numpy's does not.
-    with safe_open(str(f), framework="flax") as sf:
+    with jax.default_device(host), safe_open(str(f), framework="flax") as sf:
       for name in sf.keys():
         tensors[name] = sf.get_tensor(name)
   params = _assemble(_checked_get(tensors, str(path)), cfg, "lm_head.weight" in tensors,
-                     str(path))
+                     str(path), mesh)
   return Model(cfg, params)
 
 
-def _load_transformers_model(hf_model, dtype: str) -> Model:
+def _load_transformers_model(hf_model, dtype: str, mesh) -> Model:
   cfg = ModelConfig.from_hf(hf_model.config, dtype=dtype)
+  if mesh is not None:
+    sharding.check_mesh(mesh, cfg)
   state = {k: v.detach().float().cpu().numpy() for k, v in hf_model.state_dict().items()}
   params = _assemble(_checked_get(state, type(hf_model).__name__), cfg,
-                     "lm_head.weight" in state, type(hf_model).__name__)
+                     "lm_head.weight" in state, type(hf_model).__name__, mesh)
   return Model(cfg, params)
 
 
@@ -227,10 +241,12 @@ def _gguf_reader(path: Path):
   return _gguf_reader_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
-def _load_gguf(path: Path, dtype: str) -> Model:
+def _load_gguf(path: Path, dtype: str, mesh) -> Model:
   from gguf.quants import dequantize
   reader = _gguf_reader(path)
   cfg = gguf_model_config(reader, dtype)
+  if mesh is not None:
+    sharding.check_mesh(mesh, cfg)
   tensors = {}
   for t in reader.tensors:
     parts = t.name.split(".")  # blk.<i>.<kind>.weight, or a global name
@@ -250,7 +266,7 @@ def _load_gguf(path: Path, dtype: str) -> Model:
       w = _unpermute_rope_rows(w, cfg.num_kv_heads)
     tensors[name] = w
   params = _assemble(_checked_get(tensors, str(path)), cfg, "lm_head.weight" in tensors,
-                     str(path))
+                     str(path), mesh)
   return Model(cfg, params)
 
 
@@ -258,24 +274,27 @@ def _load_gguf(path: Path, dtype: str) -> Model:
 # Public entry points
 
 
-def load_model(source, dtype: str = "float32") -> Model:
+def load_model(source, dtype: str = "float32", mesh=None) -> Model:
   """Loads a Llama or Mistral model.
 
   Args:
     source: an HF checkpoint directory, a `.gguf` file path, or an in-memory
       transformers `LlamaForCausalLM` / `MistralForCausalLM`.
     dtype: parameter and activation dtype ("float32", "bfloat16", "float16").
+    mesh: a `kivi_jax.make_mesh` mesh to split the weights over
+      (`kivi_jax.sharding`): read on the host, each device receives only its
+      own shards.
   """
   dtype = jnp.dtype(dtype).name
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
   if hasattr(source, "state_dict") and hasattr(source, "config"):
-    return _load_transformers_model(source, dtype)
+    return _load_transformers_model(source, dtype, mesh)
   path = _source_path(source, "model")
   if path.is_dir():
-    return _load_hf_dir(path, dtype)
+    return _load_hf_dir(path, dtype, mesh)
   if path.suffix == ".gguf":
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, mesh)
   raise ValueError(f"{path}: expected an HF checkpoint directory or a .gguf file")
 
 

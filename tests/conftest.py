@@ -1,11 +1,16 @@
 """Shared fixtures and helpers: tiny random transformers models, the real SmolLM2 model,
 TPU interpret-mode parameters."""
 
+import dataclasses
+
 import jax
 import pytest
 
 # The parity tolerances assume float32 matmuls at full precision on the CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+# Eight CPU devices for the mesh tests (test_sharding.py); everything else runs on
+# the first. Set before any backend starts.
+jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,6 +35,13 @@ def tpu_interpret_params():
   from jax.experimental.pallas import tpu as pltpu
   return pltpu.InterpretParams(out_of_bounds_reads="raise", uninitialized_memory="nan",
                                detect_races=True)
+
+
+def first_layers(model, n):
+  """A model's embedding, head and first `n` layers: real weights and
+  activations at a fraction of the compile time of all its unrolled layers."""
+  return dataclasses.replace(model, config=dataclasses.replace(model.config, num_layers=n),
+                             params={**model.params, "layers": model.params["layers"][:n]})
 
 
 def tiny_llama_config(**overrides):

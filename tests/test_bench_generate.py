@@ -5,10 +5,12 @@ import gzip
 import json
 
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from kivi_jax import bench_generate as bg
 from kivi_jax.cli import main
 from kivi_jax.models.config import ModelConfig
+from kivi_jax.sharding import make_mesh
 
 TINY = ModelConfig(architecture="llama", vocab_size=512, hidden_size=128,
                    intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -32,6 +34,16 @@ def test_generate_and_step_measure(model, method):
   assert step["weight_bytes"] == sum(
       x.nbytes for x in __import__("jax").tree.leaves(model.params)) - \
       model.params["embed"].nbytes
+
+
+def test_measures_over_a_mesh():
+  mesh = make_mesh(2, 2)
+  model = bg.random_model(TINY, mesh=mesh)
+  assert model.params["layers"][0]["w_up"].sharding.spec == P(None, "model")
+  assert bg.time_generate(model, "kivi2", batch=2, prompt=40, new=6,
+                          mesh=mesh)["tokens_per_s"] > 0
+  assert bg.time_decode_step(model, "kivi2", batch=2, context=100, steps=3, repeats=2,
+                             copy_tbps=1.0, mesh=mesh)["step_ms"] > 0
 
 
 def test_trace_summary_groups_device_kernels(tmp_path):
@@ -59,6 +71,9 @@ def test_trace_summary_groups_device_kernels(tmp_path):
     (["--requests", "1024"], "PROMPT\\+NEW pairs"),
     (["--methods", "kivi3"], "unknown cache method"),
     (["--shape", "llama-70b"], "unknown shape"),
+    (["--mesh", "data=2"], "data=D,model=M"),
+    (["--mesh", "data=2,model=x"], "data=D,model=M"),
+    (["--mesh", "data=1,model=1"], "largest batch over a mesh"),
 ])
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2

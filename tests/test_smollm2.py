@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import kivi_jax
 from kivi_jax import eval as kv_eval
 from kivi_jax.attention import resolve_impl
+from conftest import first_layers
 
 pytestmark = pytest.mark.slow
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
@@ -88,13 +89,6 @@ def test_tokenizer_round_trips_through_a_directory(ours, tmp_path):
   assert again.encode(text) == ours[1].encode(text)
 
 
-def _first_layers(model, n):
-  """SmolLM2's embedding, head and first `n` layers: real weights and
-  activations at a fraction of the compile time of 30 unrolled layers."""
-  return dataclasses.replace(model, config=dataclasses.replace(model.config, num_layers=n),
-                             params={**model.params, "layers": model.params["layers"][:n]})
-
-
 @pytest.mark.parametrize("method", ["kivi2", "skvq-k2v1.5-g32"])
 def test_generation_through_the_gpu_kernels_equals_the_reference(ours, method):
   # On a CPU "gpu" runs the decode and quantize-and-pack kernels in interpret
@@ -103,7 +97,7 @@ def test_generation_through_the_gpu_kernels_equals_the_reference(ours, method):
   # a 34-token prompt are flushed through the write kernel and read back by the
   # decode kernel. Full float32 matmuls: XLA's default float32 dot on a GPU is
   # TF32 and the kernels' dots are not.
-  model, tok = _first_layers(ours[0], 4), ours[1]
+  model, tok = first_layers(ours[0], 4), ours[1]
   kv = dataclasses.replace(kivi_jax.get_preset(method), residual_length=32,
                            **({"group_size": 16} if method == "kivi2" else {}))
   calibration = None
