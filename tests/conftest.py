@@ -2,6 +2,9 @@
 TPU interpret-mode parameters."""
 
 import dataclasses
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -11,6 +14,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Eight CPU devices for the mesh tests (test_sharding.py); everything else runs on
 # the first. Set before any backend starts.
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the whole run, made by the main
+  process and inherited by the xdist workers and every process a test starts
+  (the CLI, notebook kernels): a program compiled once (SmolLM2's 30 unrolled
+  layers take ~35 s on a CPU) is read back, not compiled again, in another
+  module or process. Removed at the end of the run."""
+  if not hasattr(config, "workerinput") and _COMPILE_CACHE not in os.environ:
+    os.environ[_COMPILE_CACHE] = tempfile.mkdtemp(prefix="kivi-jax-test-compile-cache-")
+    config._kivi_jax_compile_cache = os.environ[_COMPILE_CACHE]
+  if _COMPILE_CACHE in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.environ[_COMPILE_CACHE])
+
+
+def pytest_unconfigure(config):
+  made = getattr(config, "_kivi_jax_compile_cache", None)
+  if made:
+    shutil.rmtree(made, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
