@@ -4,6 +4,7 @@ every mesh's tokens equal one device's, and a decode step moves no cache bytes."
 import dataclasses
 import functools
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,24 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kivi_jax
+from kivi_jax import eval as kv_eval
 from kivi_jax.bench_generate import random_model
 from kivi_jax.models.config import ModelConfig
 from conftest import first_layers, tiny_hf_model, tiny_llama_config
 
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]
 SKVQ = "skvq-k2v2-g16-fp8"
 NEW = 16
+
+
+def _config(method):
+  """`method`'s preset with a 32-token ring in groups of 16: the prompts below
+  reach the quantized block, and rows flush during the new tokens."""
+  kv = kivi_jax.get_preset(method)
+  if kv.k_bits == 16:
+    return kv
+  return dataclasses.replace(kv, residual_length=32, group_size=16)
 
 
 @functools.cache
@@ -34,32 +46,33 @@ def _model(num_kv_heads=8):
       lambda x: x * 5 if x.ndim > 1 else x, model.params))
 
 
-def _prompts(rows=8, length=90):
-  """Rows of different lengths (left padding), so rows flush at different steps."""
+def _prompts(rows=8, length=90, step=7):
+  """Rows of different lengths (`length - step * row`, left padding), so rows
+  flush at different steps."""
   ids = np.random.default_rng(0).integers(0, 256, (rows, length))
-  mask = (np.arange(length)[None, :] >= (np.arange(rows) * 7)[:, None]).astype(np.int32)
+  mask = (np.arange(length)[None, :] >= (np.arange(rows) * step)[:, None]).astype(np.int32)
   return ids, mask
 
 
 @functools.cache
 def _calibration():
   text = np.random.default_rng(1).integers(0, 256, (2, 256))
-  return kivi_jax.calibrate(_model(), [text], kivi_jax.get_preset(SKVQ), progress=False)
+  return kivi_jax.calibrate(_model(), [text], _config(SKVQ), progress=False)
 
 
-def _generate(method, mesh=None, impl=None, **kw):
+def _generate(method, mesh=None, impl=None, rows=8, new=NEW, step=7):
   model = _model() if mesh is None else kivi_jax.shard_model(_model(), mesh)
-  ids, mask = _prompts()
+  ids, mask = _prompts(rows, 90, step)
   calibration = _calibration() if method == SKVQ else None
   return np.asarray(kivi_jax.generate(model, ids, attention_mask=mask,
-                                      kv_config=kivi_jax.get_preset(method),
-                                      max_new_tokens=NEW, calibration=calibration,
-                                      impl=impl, mesh=mesh, **kw))
+                                      kv_config=_config(method),
+                                      max_new_tokens=new, calibration=calibration,
+                                      impl=impl, mesh=mesh))
 
 
 @functools.cache
-def _one_device(method, impl=None):
-  return _generate(method, impl=impl)
+def _one_device(method, impl=None, rows=8, new=NEW, step=7):
+  return _generate(method, impl=impl, rows=rows, new=new, step=step)
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -75,13 +88,18 @@ def test_skvq_splits_rows_over_data_and_refuses_the_model_axis():
     _generate(SKVQ, kivi_jax.make_mesh(4, 2))
 
 
-def test_gpu_kernels_run_per_shard():
-  # On the CPU the GPU kernels (write, ring, decode) run in interpret mode, once
-  # per shard. The TPU kernels sit in the same per-shard function, but TPU
-  # interpret mode aborts or deadlocks over 8 CPU devices (jax 0.10.2): not
-  # verified under a mesh.
-  out = _generate("kivi2", kivi_jax.make_mesh(2, 4), impl="gpu")
-  np.testing.assert_array_equal(out, _one_device("kivi2", "gpu"))
+@pytest.mark.parametrize("impl, shape, rows, new, step", [("gpu", (2, 4), 8, NEW, 7),
+                                                         ("tpu", (2, 2), 2, 3, 10)])
+def test_kernels_run_per_shard(impl, shape, rows, new, step):
+  # On the CPU each backend's kernels (write, decode; the GPU's ring write) run
+  # in their interpret mode, once per shard. TPU interpret mode over all 8 CPU
+  # devices aborted or hung (jax 0.10.2, 2 cores); over 4 it runs, slowly, so
+  # on 2 rows and 3 new tokens: rows of 90 and 80 tokens, the first with 64
+  # quantized tokens and 26 in its ring, the second with 48 and a full ring of
+  # 32, flushed by the first new token.
+  out = _generate("kivi2", kivi_jax.make_mesh(*shape), impl=impl, rows=rows, new=new,
+                  step=step)
+  np.testing.assert_array_equal(out, _one_device("kivi2", impl, rows, new, step))
 
 
 def test_continuing_a_sharded_cache():
@@ -92,8 +110,9 @@ def test_continuing_a_sharded_cache():
   for m in (None, mesh):
     model = _model() if m is None else kivi_jax.shard_model(_model(), m)
     cache = kivi_jax.prefill_cache(model, ids, attention_mask=mask, max_length=160,
-                                   kv_config=kivi_jax.get_preset("kivi2"), mesh=m)
+                                   kv_config=_config("kivi2"), mesh=m)
     assert cache.mesh is m
+    assert (np.asarray(cache.n_quantized()) > 0).all()
     outs.append(np.asarray(kivi_jax.generate(model, question, cache=cache,
                                              max_new_tokens=NEW)))
   np.testing.assert_array_equal(outs[1], outs[0])
@@ -102,7 +121,7 @@ def test_continuing_a_sharded_cache():
 def test_a_saved_cache_restores_onto_another_mesh(tmp_path):
   ids, mask = _prompts()
   question = np.random.default_rng(3).integers(0, 256, (8, 12))
-  kv = kivi_jax.get_preset("kivi2")
+  kv = _config("kivi2")
   saved_on = kivi_jax.make_mesh(2, 4)
   cache = kivi_jax.prefill_cache(kivi_jax.shard_model(_model(), saved_on), ids,
                                  attention_mask=mask, max_length=160, kv_config=kv,
@@ -130,7 +149,7 @@ def test_a_decode_step_moves_no_cache_bytes(method):
   # else: no all-gather, all-to-all or permute of the cache or the weights.
   mesh = kivi_jax.make_mesh(2, 4)
   model = kivi_jax.shard_model(_model(), mesh)
-  cache = kivi_jax.init_cache(model.config, kivi_jax.get_preset(method), 8, 256, mesh=mesh)
+  cache = kivi_jax.init_cache(model.config, _config(method), 8, 256, mesh=mesh)
   for x in jax.tree.leaves(cache.layers[0].k) + [cache.layers[0].ring_k]:
     assert x.sharding.spec == P("data", "model") and x.addressable_shards[0].data.shape[:2] \
         == (4, 2)
@@ -178,12 +197,14 @@ def test_weights_load_into_their_shards(tmp_path, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fp16", "kivi2"])
-def test_smollm2_on_a_mesh_equals_one_device(smollm2_path, method):
+@pytest.mark.parametrize("method, shape", [("fp16", (2, 3)), ("kivi2", (2, 3)),
+                                           (SKVQ, (2, 1))])
+def test_smollm2_on_a_mesh_equals_one_device(smollm2_path, method, shape):
   # Real weights: SmolLM2's 9 query and 3 kv heads split over a model axis of 3
   # (its first 4 layers: the same layers at a fraction of the compile time),
-  # read from the GGUF file straight into their shards.
-  mesh = kivi_jax.make_mesh(2, 3)
+  # read from the GGUF file straight into their shards; SKVQ over rows only,
+  # calibrated on WikiText-2's tail.
+  mesh = kivi_jax.make_mesh(*shape)
   model = first_layers(kivi_jax.load_model(smollm2_path), 4)
   split = first_layers(kivi_jax.load_model(smollm2_path, mesh=mesh), 4)
   tok = kivi_jax.load_tokenizer(smollm2_path)
@@ -194,8 +215,15 @@ def test_smollm2_on_a_mesh_equals_one_device(smollm2_path, method):
   width = max(map(len, ids))
   prompts = np.array([[0] * (width - len(i)) + i for i in ids])
   mask = np.array([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-  kv = kivi_jax.get_preset(method)
+  kv = _config(method)
+  calibration = None
+  if kv.needs_calibration:
+    with open(WIKITEXT, newline="") as f:
+      text = np.asarray(tok.encode(f.read()[-40_000:], add_special_tokens=False))
+    calibration = kivi_jax.calibrate(model, kv_eval.calibration_batches(text, 2048), kv,
+                                     progress=False)
   outs = [np.asarray(kivi_jax.generate(m, prompts, attention_mask=mask, kv_config=kv,
-                                       max_new_tokens=40, mesh=mm))
+                                       max_new_tokens=40, calibration=calibration,
+                                       mesh=mm))
           for m, mm in ((model, None), (split, mesh))]
   np.testing.assert_array_equal(outs[1], outs[0])
