@@ -5,6 +5,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -67,6 +68,22 @@ def first_layers(model, n):
   activations at a fraction of the compile time of all its unrolled layers."""
   return dataclasses.replace(model, config=dataclasses.replace(model.config, num_layers=n),
                              params={**model.params, "layers": model.params["layers"][:n]})
+
+
+def wikitext_calibration(model, tokenizer, kv_config):
+  """`kv_config`'s calibration on the last 40,000 characters of WikiText-2's test
+  file (2048 tokens), or None where it needs none."""
+  if not kv_config.needs_calibration:
+    return None
+  import numpy as np
+
+  import kivi_jax
+  from kivi_jax import eval as kv_eval
+  wikitext = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
+  with open(wikitext, newline="") as f:
+    text = np.asarray(tokenizer.encode(f.read()[-40_000:], add_special_tokens=False))
+  return kivi_jax.calibrate(model, kv_eval.calibration_batches(text, 2048), kv_config,
+                            progress=False)
 
 
 def tiny_llama_config(**overrides):

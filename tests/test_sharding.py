@@ -4,7 +4,6 @@ every mesh's tokens equal one device's, and a decode step moves no cache bytes."
 import dataclasses
 import functools
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +13,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kivi_jax
-from kivi_jax import eval as kv_eval
 from kivi_jax.bench_generate import random_model
 from kivi_jax.models.config import ModelConfig
-from conftest import first_layers, tiny_hf_model, tiny_llama_config
+from conftest import first_layers, tiny_hf_model, tiny_llama_config, wikitext_calibration
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 MESHES = [(8, 1), (1, 8), (2, 4), (4, 2)]
 SKVQ = "skvq-k2v2-g16-fp8"
 NEW = 16
@@ -216,12 +213,7 @@ def test_smollm2_on_a_mesh_equals_one_device(smollm2_path, method, shape):
   prompts = np.array([[0] * (width - len(i)) + i for i in ids])
   mask = np.array([[0] * (width - len(i)) + [1] * len(i) for i in ids])
   kv = _config(method)
-  calibration = None
-  if kv.needs_calibration:
-    with open(WIKITEXT, newline="") as f:
-      text = np.asarray(tok.encode(f.read()[-40_000:], add_special_tokens=False))
-    calibration = kivi_jax.calibrate(model, kv_eval.calibration_batches(text, 2048), kv,
-                                     progress=False)
+  calibration = wikitext_calibration(model, tok, kv)
   outs = [np.asarray(kivi_jax.generate(m, prompts, attention_mask=mask, kv_config=kv,
                                        max_new_tokens=40, calibration=calibration,
                                        mesh=mm))

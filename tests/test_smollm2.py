@@ -11,9 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kivi_jax
-from kivi_jax import eval as kv_eval
 from kivi_jax.attention import resolve_impl
-from conftest import first_layers
+from conftest import first_layers, wikitext_calibration
 
 pytestmark = pytest.mark.slow
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
@@ -100,12 +99,7 @@ def test_generation_through_the_gpu_kernels_equals_the_reference(ours, method):
   model, tok = first_layers(ours[0], 4), ours[1]
   kv = dataclasses.replace(kivi_jax.get_preset(method), residual_length=32,
                            **({"group_size": 16} if method == "kivi2" else {}))
-  calibration = None
-  if kv.needs_calibration:
-    with open(WIKITEXT, newline="") as f:
-      text = np.asarray(tok.encode(f.read()[-40_000:], add_special_tokens=False))
-    calibration = kivi_jax.calibrate(model, kv_eval.calibration_batches(text, 2048), kv,
-                                     progress=False)
+  calibration = wikitext_calibration(model, tok, kv)
   c = model.config
   assert resolve_impl("gpu", kv, c.head_dim, c.num_kv_heads, 1) == "gpu"
   ids = tok.apply_chat_template(
