@@ -23,6 +23,7 @@ from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_b
 from kivi_jax.config import KIVIConfig
 from kivi_jax.pallas_kernels import decode_attention as gpu_decode
 from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden
+from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 
@@ -374,6 +375,10 @@ def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIC
     kw["pos_offset"] = config.sinks
   if config.channel_group is not None:
     return _hidden_block_attention(which, q[:, 0], layer, blocks, rows, rope, kw)
+  if which == "gpu" and not rope and gpu_mha.applies(config.k_bits, config.v_bits, rep):
+    # One query row per kv head: the two CUDA-core kernels (no rows padded to 16).
+    return gpu_mha.mha_decode_attention(q[:, 0].reshape(b, hkv, 1, d), *blocks, *rows, **kw,
+                                        interpret=kernel_interpret(which))
   # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
   # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
   m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (rep - 1).bit_length())

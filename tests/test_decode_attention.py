@@ -20,6 +20,7 @@ from kivi_jax.attention import resolve_impl
 
 from kivi_jax.pallas_kernels import decode_attention as da
 from kivi_jax.pallas_kernels import decode_attention_hidden as da_hidden
+from kivi_jax.pallas_kernels import decode_attention_mha as da_mha
 from kivi_jax.pallas_kernels import decode_attention_tpu as da_tpu
 from conftest import tiny_hf_model, tiny_llama_config, tpu_interpret_params
 
@@ -105,6 +106,36 @@ def test_kernel_in_bf16_matches_the_rounding_reference(k_bits, v_bits, d, g):
   args = _inputs(hash((k_bits, v_bits, d, g, 16)) % 2**32, 5, 2, 8, d, g, k_bits,
                  v_bits, jnp.bfloat16)
   _check(args, 8, k_bits, v_bits, g, rtol=BF16_RTOL)
+
+
+@pytest.mark.parametrize("d, g", DIMS)
+@pytest.mark.parametrize("k_bits, v_bits", [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)])
+def test_mha_kernels_match_reference(k_bits, v_bits, d, g):
+  # One query row per kv head. The kernels compute in float32 from the cache's
+  # own values (no operand rounded to bf16), so bf16 inputs on a GPU meet the
+  # float32 reference as closely as float32 inputs in interpret mode.
+  dtype = jnp.bfloat16 if ON_GPU else jnp.float32
+  q, *block = _inputs(hash((k_bits, v_bits, d, g, 1)) % 2**32, 5, 3, 1, d, g, k_bits, v_bits,
+                      dtype)
+  q = q[:, :, :1]
+  kwargs = dict(k_bits=k_bits, v_bits=v_bits, group_size=g)
+  partials = da_mha.mha_decode_partials(q, *block, **kwargs, poison=True,
+                                        interpret=not ON_GPU)
+  # Poisoned with NaN first: every packing block's partial must have been written.
+  for x in partials:
+    assert not np.isnan(np.asarray(x)).any()
+  o, lse = da.merge_partials(*partials)
+  o_ref, lse_ref = da.quantized_decode_attention_reference(q, *block, **kwargs)
+  _check_rows(o, o_ref, lse, lse_ref, np.asarray(block[6]) > np.asarray(block[7]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, k_bits, v_bits", [(16, 2, 2), (2, 2, 2), (1, 2, 1.5),
+                                                  (1, 16, 16)])
+def test_mha_kernels_refuse_what_they_do_not_read(rows, k_bits, v_bits):
+  args = [jnp.zeros((1, 1, rows, 64), jnp.float32)] + [jnp.zeros((1, 1, 32, 64))] * 6
+  with pytest.raises(ValueError, match="one query row"):
+    da_mha.mha_decode_partials(*args, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                               k_bits=k_bits, v_bits=v_bits, group_size=32, interpret=True)
 
 
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
