@@ -50,7 +50,9 @@ def test_trace_summary_groups_device_kernels(tmp_path):
   events = [
       {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
       {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-      {"ph": "X", "pid": 1, "name": "kivi_decode_attention", "dur": 300},
+      {"ph": "X", "pid": 1, "name": "kivi_decode_attention", "dur": 200},
+      {"ph": "X", "pid": 1, "name": "kivi_mha_scores", "dur": 60},
+      {"ph": "X", "pid": 1, "name": "kivi_mha_values", "dur": 40},
       {"ph": "X", "pid": 1, "name": "gemm_fusion_dot_7", "dur": 500},
       {"ph": "X", "pid": 1, "name": "memcpy128", "dur": 100},
       {"ph": "X", "pid": 1, "name": "input_transpose_fusion", "dur": 100},
