@@ -144,20 +144,22 @@ def _presets(methods: str) -> dict[str, KIVIConfig]:
 
 
 def _calibrations(model, configs: dict[str, KIVIConfig], tokens: np.ndarray,
-                  data_name: str) -> dict:
-  """A calibration for each config that needs one, on the text's tail (disjoint
-  from the evaluated windows, cut from the start)."""
+                  data_name: str, n_tokens: int | None = None) -> dict:
+  """A calibration for each config that needs one, on the text's last
+  `n_tokens` (default `CALIBRATION_TOKENS`; disjoint from the evaluated
+  windows, cut from the start)."""
   from kivi_jax import eval as kv_eval
   from kivi_jax.calibration import calibrate
 
-  source = (f"last {kv_eval.CALIBRATION_TOKENS} tokens of {data_name}, in sequences of "
+  n_tokens = n_tokens or kv_eval.CALIBRATION_TOKENS
+  source = (f"last {n_tokens} tokens of {data_name}, in sequences of "
             f"{kv_eval.CALIBRATION_SEQ}, seed 0")
   out = {}
   for name, config in configs.items():
     if config.needs_calibration:
       print(f"{name:>24}  calibrating on the {source}", flush=True)
-      out[name] = calibrate(model, kv_eval.calibration_batches(tokens), config, seed=0,
-                            source=source)
+      out[name] = calibrate(model, kv_eval.calibration_batches(tokens, n_tokens), config,
+                            seed=0, source=source)
   return out
 
 
@@ -204,12 +206,17 @@ def _calibrate(args) -> int:
   from kivi_jax.default_model import default_model_path
 
   config = get_preset(args.method)
+  step = kv_eval.CALIBRATION_SEQ * kv_eval.CALIBRATION_BATCH
+  if args.tokens is not None and (args.tokens <= 0 or args.tokens % step):
+    raise ValueError(f"--tokens must be a positive multiple of {step} (sequences of "
+                     f"{kv_eval.CALIBRATION_SEQ} tokens in batches of "
+                     f"{kv_eval.CALIBRATION_BATCH}), got {args.tokens}")
   path = args.model or default_model_path()
   model = kivi_jax.load_model(path, dtype=args.dtype)
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
   with jax.default_matmul_precision("highest"):
-    calib = _calibrations(model, {args.method: config}, tokens,
-                          Path(args.data).name)[args.method]
+    calib = _calibrations(model, {args.method: config}, tokens, Path(args.data).name,
+                          args.tokens)[args.method]
   calib.save(args.out)
   print(f"wrote {args.out}")
   return 0
@@ -441,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw",
                    help="WikiText-2 raw test file; its last tokens are the calibration text")
   cal.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  cal.add_argument("--tokens", type=int,
+                   help="calibrate on the text's last TOKENS tokens, a multiple of 2048 "
+                   "(default 8192, as the README's figures; fewer is quicker)")
   cal.add_argument("--out", required=True, help="where to write the calibration JSON")
   cal.set_defaults(run=_calibrate)
 

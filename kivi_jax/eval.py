@@ -93,10 +93,12 @@ def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
 
 CALIBRATION_TOKENS = 8192
 CALIBRATION_SEQ = 512
+CALIBRATION_BATCH = 4
 
 
 def calibration_batches(token_ids: np.ndarray, n_tokens: int = CALIBRATION_TOKENS,
-                        seq: int = CALIBRATION_SEQ, batch: int = 4) -> list[np.ndarray]:
+                        seq: int = CALIBRATION_SEQ, batch: int = CALIBRATION_BATCH
+                        ) -> list[np.ndarray]:
   """The last `n_tokens` of the text as `[batch, seq]` arrays: calibration data
   disjoint from KV-ppl's windows, which are cut from the start."""
   if n_tokens % (seq * batch) or n_tokens > len(token_ids):

@@ -75,11 +75,14 @@ def test_eval_ppl_writes_a_table_and_json(smollm2_path, tmp_path):
 @pytest.mark.slow
 def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
   calib = tmp_path / "skvq.json"
+  # On 2048 tokens, not the default 8192: the command's plumbing (the calibration
+  # itself has tests of its own), in a quarter of the time.
   done = _run("calibrate", "--model", str(smollm2_path), "--method", "skvq-k2v1.5-g32",
-              "--out", str(calib))
+              "--tokens", "2048", "--out", str(calib))
   assert done.returncode == 0, done.stderr
   saved = json.loads(calib.read_text())
-  assert saved["config"]["v_bits"] == 1.5 and "wiki.test.raw" in saved["source"]
+  assert saved["config"]["v_bits"] == 1.5
+  assert saved["source"].startswith("last 2048 tokens of wiki.test.raw")
   assert len(saved["perm_k"]) == 30  # one channel order per layer
   done = _run("generate", "What is the capital of France?", "--model", str(smollm2_path),
               "--method", "skvq-k2v1.5-g32", "--calibration", str(calib),
@@ -91,6 +94,14 @@ def test_calibrate_then_generate_with_it(smollm2_path, tmp_path):
               "--calibration", str(calib))
   assert done.returncode == 2
   assert "calibration was made for v_bits=1.5" in done.stderr
+
+
+@pytest.mark.parametrize("tokens", ["1000", "0"])
+def test_calibrate_refuses_a_token_count_it_cannot_batch(tokens):
+  done = _run("calibrate", "--tokens", tokens, "--out", "unused.json")
+  assert done.returncode == 2
+  assert "--tokens must be a positive multiple of 2048 " in done.stderr
+  assert f"got {tokens}" in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
