@@ -32,10 +32,13 @@ DIMS = [(64, 32), (64, 64), (128, 32), (128, 128), (64, 128)]
 
 
 def _inputs(seed, b, kv_heads, rep, d, g, k_bits, v_bits, dtype):
-  """Random packed block of 2 of the larger packing blocks, ragged per-row lengths."""
+  """Random packed block of at least 2 packing blocks of each tensor (one common
+  multiple of the two block sizes where that already holds 2 of each: ternary's
+  20 codes a word beside 16 make it 4 and 5 blocks), ragged per-row lengths."""
   rng = np.random.default_rng(seed)
-  step = math.lcm(da.codes_per_word(k_bits) * g, da.codes_per_word(v_bits) * g)
-  capacity = 2 * step
+  blocks = [da.codes_per_word(k_bits) * g, da.codes_per_word(v_bits) * g]
+  step = math.lcm(*blocks)
+  capacity = step if step >= 2 * max(blocks) else 2 * step
   k = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
   k[..., 1] *= 30  # an outlier channel
   v = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
