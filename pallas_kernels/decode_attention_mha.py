@@ -64,8 +64,9 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_ref, *, bits:
                    sm_scale: float):
   j = pl.program_id(2)
   slots, g = s_ref.shape
+  live = _live(j, slots * g, n_ref, lo_ref)
 
-  @pl.when(_live(j, slots * g, n_ref, lo_ref))
+  @pl.when(live)
   def _():
     q = q_ref[...].astype(jnp.float32) * sm_scale  # [1, D]
     words = kw_ref[...]  # [G, D]
@@ -77,7 +78,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_ref, *, bits:
       tok = (j * slots + slot) * g + tok_in_group
       s_ref[slot, :] = jnp.where((tok < n_ref[0]) & (tok >= lo_ref[0]), s, _NEG)
 
-  @pl.when(~_live(j, slots * g, n_ref, lo_ref))
+  @pl.when(~live)
   def _():
     s_ref[...] = jnp.full(s_ref.shape, _NEG, jnp.float32)
 
@@ -89,8 +90,9 @@ def _values_kernel(s_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, acc_ref, m_ref,
   d = vw_ref.shape[-1]
   n_cgroups = vs_ref.shape[-1]
   cg = d // n_cgroups
+  live = _live(j, slots * g, n_ref, lo_ref)
 
-  @pl.when(_live(j, slots * g, n_ref, lo_ref))
+  @pl.when(live)
   def _():
     scores = s_ref[...]  # [slots, G]
     m = jnp.max(scores)
@@ -110,7 +112,7 @@ def _values_kernel(s_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, acc_ref, m_ref,
     m_ref[...] = jnp.full((1,), m, jnp.float32)
     l_ref[...] = jnp.full((1,), l, jnp.float32)
 
-  @pl.when(~_live(j, slots * g, n_ref, lo_ref))
+  @pl.when(~live)
   def _():
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     m_ref[...] = jnp.full((1,), _NEG, jnp.float32)
