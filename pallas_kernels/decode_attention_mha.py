@@ -10,9 +10,9 @@ other's load latency (`benchmarks/NOTES.md`, "Two kernels for MHA"):
 
   scores  one program per (row, kv head, packing block of the keys): the word
           tile `[G, D]` once, then per slot (one group of `G` tokens) the codes
-          times the query folded with the group's scales, summed over the
-          channels, plus the query times the group's zeros:
-            s_t = (q * s_g) . code_t + q . z_g
+          times the query folded with the group's scales plus the query times
+          the group's zeros, summed over the channels:
+            s_t = sum_c (q_c s_gc code_tc + q_c z_gc)
           written in token order, masked tokens at `MASK_VALUE`.
   values  one program per (row, kv head, packing block of the values): the
           block's maximum `m`, `p_t = exp(s_t - m)`, and
@@ -72,9 +72,11 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_ref, *, bits:
     words = kw_ref[...]  # [G, D]
     tok_in_group = jax.lax.broadcasted_iota(jnp.int32, (g,), 0)
     for slot in range(slots):
-      scale = ks_ref[pl.ds(slot, 1), :].astype(jnp.float32)  # [1, D]
-      zero = jnp.sum(q * kz_ref[pl.ds(slot, 1), :].astype(jnp.float32))
-      s = jnp.sum(_codes(words, slot, bits) * (q * scale), axis=1) + zero  # [G]
+      # The zero term rides in the same channel sum: one reduction per slot
+      # (a separate `q . z` was 6-8% of the block's time, benchmarks/NOTES.md).
+      qs = q * ks_ref[pl.ds(slot, 1), :].astype(jnp.float32)  # [1, D]
+      qz = q * kz_ref[pl.ds(slot, 1), :].astype(jnp.float32)  # [1, D]
+      s = jnp.sum(_codes(words, slot, bits) * qs + qz, axis=1)  # [G]
       tok = (j * slots + slot) * g + tok_in_group
       s_ref[slot, :] = jnp.where((tok < n_ref[0]) & (tok >= lo_ref[0]), s, _NEG)
 
