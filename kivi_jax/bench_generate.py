@@ -331,6 +331,8 @@ def hf_generate(shape: str, batch: int, prompt: int, new: int) -> dict:
 def _worker(spec: dict) -> dict:
   """One measurement (the module docstring's kinds), in this process."""
   kind = spec["kind"]
+  if kind not in ("device", "hf", "generate", "step"):
+    raise ValueError(f"unknown measurement kind {kind!r}")
   if kind == "device":
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps()}
@@ -343,12 +345,10 @@ def _worker(spec: dict) -> dict:
   if kind == "generate":
     row = time_generate(model, spec["method"], spec["batch"], spec["prompt"], spec["new"],
                         mesh=mesh)
-  elif kind == "step":
+  else:  # "step"
     row = time_decode_step(model, spec["method"], spec["batch"], spec["context"],
                            copy_tbps=spec.get("copy_tbps"),
                            profile_dir=spec.get("profile_dir"), mesh=mesh)
-  else:
-    raise ValueError(f"unknown measurement kind {kind!r}")
   row["peak_bytes"] = peak_bytes()
   return row
 
@@ -359,8 +359,12 @@ def measure(spec: dict, timeout: int = 1800) -> dict:
   env = dict(os.environ)
   # Let the allocator hand out nearly the whole device (the default is 75%).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  # `-m` puts the working directory first on the path, where a checkout's
+  # kivi_jax/ (without the models/ and pallas_kernels/ an install maps into it)
+  # would shadow the package this process runs: start in that package's parent.
+  home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-m", "kivi_jax.bench_generate", json.dumps(spec)],
-                        capture_output=True, text=True, env=env, timeout=timeout)
+                        capture_output=True, text=True, env=env, timeout=timeout, cwd=home)
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
       return {**spec, **json.loads(line)}

@@ -80,3 +80,14 @@ def test_trace_summary_groups_device_kernels(tmp_path):
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2
   assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_worker_imports_this_package_from_any_directory(tmp_path, monkeypatch):
+  # From a checkout, `python -m` in the worker would put the working directory's
+  # kivi_jax/ first on the path; a decoy there must not be what the worker runs.
+  (tmp_path / "kivi_jax").mkdir()
+  (tmp_path / "kivi_jax" / "__init__.py").write_text("raise ImportError('the decoy ran')\n")
+  monkeypatch.chdir(tmp_path)
+  row = bg.measure({"kind": "nope"}, timeout=300)
+  assert row["error"] == "failed"
+  assert "unknown measurement kind 'nope'" in row["log"][-1]
