@@ -133,12 +133,19 @@ class _Shape:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_cache_written_by_kernel_equals_reference(kernel, config):
   """A prefill then decode steps through `append`: the kernel's cache is the
-  reference's, bit for bit."""
+  reference's, bit for bit. Rows 0 and 1 are prefilled to 4 tokens short of a
+  flush (the last length at or below 300 and 170 that moves `n_quantized`), so
+  their fourth decode step flushes a group into the block; row 2 is empty until
+  its decode steps."""
   if kernel == "tpu" and ON_GPU:
     pytest.skip("TPU interpret mode is a CPU check")
   assert write_kernel(kernel, config, _Shape.head_dim) == kernel
+  steps = 6
+  flush_at = [max(t for t in range(1, top + 1)
+                  if n_quantized(np.int32(t), config) > n_quantized(np.int32(t - 1), config))
+              for top in (300, 170)]
+  prefill = np.array([t - (steps - 2) for t in flush_at] + [0])
   rng = np.random.default_rng(0)
-  lengths = np.array([300, 170, 5])
   k, v = (jnp.asarray(rng.standard_normal((B, 2, 330, 64)), jnp.bfloat16) for _ in "kv")
   append = jax.jit(kivi_jax.cache.append, static_argnames=("config", "impl"))
 
@@ -146,7 +153,7 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
     cache = kivi_jax.init_cache(_Shape(), config, B, 340, impl=impl)
     layer = cache.layers[0]
     done = jnp.zeros(B, jnp.int32)
-    for n in (jnp.asarray(lengths - 20), *[jnp.ones(B, jnp.int32)] * 20):
+    for n in (jnp.asarray(prefill), *[jnp.ones(B, jnp.int32)] * steps):
       t = int(n.max())
       idx = jnp.clip(done[:, None] + jnp.arange(t)[None, :], 0, 329)
       take = jax.vmap(lambda a, i: a[:, i])
@@ -159,7 +166,10 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
   out = {kernel: fill(kernel)[0]}
   with jax.default_device(CPU):
     out["reference"], done = fill("reference")
-  assert int(n_quantized(done, config).max()) > 0
+  # The prefill quantized tokens, and a decode step flushed more (rows 0 and 1).
+  assert (np.asarray(n_quantized(jnp.asarray(prefill), config))[:2] > 0).all()
+  assert (np.asarray(n_quantized(done, config))[:2]
+          > np.asarray(n_quantized(jnp.asarray(prefill), config))[:2]).all()
   for a, b in zip(jax.tree.leaves(out[kernel]), jax.tree.leaves(out["reference"])):
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
 
