@@ -1,5 +1,7 @@
 """The jnp quantization reference against SPEC.md's formulas (float64 numpy)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -37,6 +39,14 @@ def cases(draw):
   return bits, g, axis, dtype, x
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _round_trip(x, bits, g, axis, dtype):
+  # Jitted as the cache runs it (one compile per example's shape, not one per
+  # operation as op by op).
+  codes, scale, zero = quantization.quantize(x, bits, g, axis, dtype)
+  return codes, scale, zero, quantization.dequantize(codes, scale, zero, g, axis, jnp.float32)
+
+
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_round_trip_error_within_half_a_step(case):
@@ -44,9 +54,8 @@ def test_round_trip_error_within_half_a_step(case):
   dtype = DTYPES[dtype_name]
   xj = jnp.asarray(x, dtype)
   x_in = np.asarray(xj.astype(jnp.float32), np.float64)  # the values actually quantized
-  codes, scale, zero = quantization.quantize(xj, bits, g, axis, dtype)
-  deq = np.asarray(quantization.dequantize(codes, scale, zero, g, axis, jnp.float32),
-                   np.float64)
+  codes, scale, zero, deq = _round_trip(xj, bits, g, axis, dtype)
+  deq = np.asarray(deq, np.float64)
   _, s_ref, lo_ref, _ = spec_reference.quantize(x_in, bits, g, axis)
   # Scale is computed in float32 (subtract, divide: up to three roundings of
   # 2^-24 when XLA multiplies by the reciprocal), then rounded once to `dtype`
