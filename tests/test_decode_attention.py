@@ -31,14 +31,19 @@ BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2), (2, 1.5)]  # 1.5: ternary, 20 pe
 DIMS = [(64, 32), (64, 64), (128, 32), (128, 128), (64, 128)]
 
 
-def _inputs(seed, b, kv_heads, rep, d, g, k_bits, v_bits, dtype):
-  """Random packed block of at least 2 packing blocks of each tensor (one common
-  multiple of the two block sizes where that already holds 2 of each: ternary's
-  20 codes a word beside 16 make it 4 and 5 blocks), ragged per-row lengths."""
-  rng = np.random.default_rng(seed)
+def _capacity(k_bits, v_bits, g):
+  """Tokens of a test block: at least 2 packing blocks of each tensor, and one
+  common multiple of the two block sizes where that already holds 2 of each
+  (ternary's 20 codes a word beside 16 make it 4 and 5 blocks)."""
   blocks = [da.codes_per_word(k_bits) * g, da.codes_per_word(v_bits) * g]
   step = math.lcm(*blocks)
-  capacity = step if step >= 2 * max(blocks) else 2 * step
+  return step if step >= 2 * max(blocks) else 2 * step
+
+
+def _inputs(seed, b, kv_heads, rep, d, g, k_bits, v_bits, dtype):
+  """Random packed block of `_capacity` tokens, ragged per-row lengths."""
+  rng = np.random.default_rng(seed)
+  capacity = _capacity(k_bits, v_bits, g)
   k = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
   k[..., 1] *= 30  # an outlier channel
   v = rng.standard_normal((b, kv_heads, capacity, d)).astype(np.float32)
@@ -238,9 +243,10 @@ def test_rejects_block_tokens_that_straddle_ternary_words():
 
 def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
   """A random block in SKVQ's layout: `hidden` channels in `n_groups` unequal
-  groups, 9 query rows over the whole hidden dim, ragged lengths as `_inputs`."""
+  groups, 9 query rows over the whole hidden dim, `_capacity` tokens, ragged
+  lengths as `_inputs`."""
   rng = np.random.default_rng(seed)
-  capacity = 2 * math.lcm(da.codes_per_word(k_bits) * g, da.codes_per_word(v_bits) * g)
+  capacity = _capacity(k_bits, v_bits, g)
 
   def unequal_groups():
     cuts = np.sort(rng.choice(np.arange(1, hidden), n_groups - 1, replace=False))
