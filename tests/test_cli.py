@@ -44,8 +44,10 @@ def test_save_a_documents_cache_then_ask_about_it(smollm2_path, tmp_path):
 
 @pytest.mark.slow
 def test_eval_passkey_writes_a_table_and_json(smollm2_path, tmp_path):
+  # One method: a second is one more pass of the command's loop over methods (the
+  # ppl test below runs two through its own), and another 30-layer compile.
   out = tmp_path / "passkey.json"
-  done = _run("eval", "passkey", "--model", str(smollm2_path), "--methods", "fp16,kivi2",
+  done = _run("eval", "passkey", "--model", str(smollm2_path), "--methods", "fp16",
               "--lengths", "512", "--depths", "1", "--trials", "2", "--out", str(out))
   assert done.returncode == 0, done.stderr
   assert "| method | 512 |" in done.stdout
@@ -54,7 +56,7 @@ def test_eval_passkey_writes_a_table_and_json(smollm2_path, tmp_path):
   rows = {r["method"]: r for r in result["rows"]}
   # SmolLM2 retrieves a passkey from 512 tokens with a full-precision cache.
   assert rows["fp16"]["accuracy"] == 1.0 and rows["fp16"]["trials"] == 2
-  assert len(result["records"]["kivi2"]) == 2
+  assert len(result["records"]["fp16"]) == 2
 
 
 @pytest.mark.slow
