@@ -87,15 +87,30 @@ def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
   return x.reshape(*lead, t, d // c, c)
 
 
+# Up to this many (token, group) pairs `_segment` reduces each group's channels
+# under a mask; past it (prefills), by a scan whose memory is linear in `x`.
+SEGMENT_MASKED_PAIRS = 4096
+
+
 def _segment(reduce, identity: float, x: Array, ids: Array, n: int) -> Array:
   """`reduce` (`jnp.minimum` or `jnp.maximum`) over each group of channels,
-  `[..., D]` -> `[..., n]`; an empty group gets `identity`.
+  `[..., T, D]` -> `[..., T, n]`, `ids` sorted; an empty group gets `identity`.
 
-  A scan along the channels restarting at each group's first one, read at
-  each group's last: memory linear in `x`. (`jax.ops.segment_min` is a scatter,
-  which XLA's GPU backend expanded to 42 GB for a prefill of 4 x 4096 tokens
-  over Mistral-7B's 1024 channels.)
+  Few tokens (a decode step's flush of one group of them): each group's
+  reduction over all channels with the others masked, a handful of operations
+  that XLA fuses. The scan below is some 300 operations, twice in each of a
+  layer's two tensors, which doubled the HLO of SKVQ's decode step and its
+  compile time (`benchmarks/NOTES.md`).
+
+  Many tokens: a scan along the channels restarting at each group's first one,
+  read at each group's last: memory linear in `x`. (`jax.ops.segment_min` is a
+  scatter, which XLA's GPU backend expanded to 42 GB for a prefill of 4 x 4096
+  tokens over Mistral-7B's 1024 channels.)
   """
+  if x.shape[-2] * n <= SEGMENT_MASKED_PAIRS:
+    member = ids[None, :] == jnp.arange(n)[:, None]  # [n, D]
+    full = {jnp.minimum: jnp.min, jnp.maximum: jnp.max}[reduce]
+    return full(jnp.where(member, x[..., None, :], identity), axis=-1)
   starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
 
   def combine(a, b):

@@ -231,15 +231,19 @@ def test_unequal_channel_groups_match_spec(bits):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("seed", range(5))
-def test_group_min_and_max_match_numpy(seed):
-  # The scan behind explicit groups: random widths, one-channel groups, and
-  # group ids that no channel has (they get the reduction's identity).
+def test_group_min_and_max_match_numpy(seed, masked):
+  # Both ways of reducing explicit groups (under a mask for few tokens, a scan
+  # for many): random widths, one-channel groups, and group ids that no channel
+  # has (they get the reduction's identity).
   rng = np.random.default_rng(seed)
   hidden = int(rng.integers(2, 300))
   n = int(rng.integers(1, min(hidden, 40) + 1)) + 2
   ids = np.sort(rng.integers(0, n, hidden)).astype(np.int32)
-  x = rng.standard_normal((3, 5, hidden)).astype(np.float32)
+  tokens = 5 if masked else quantization.SEGMENT_MASKED_PAIRS // n + 1
+  assert (tokens * n <= quantization.SEGMENT_MASKED_PAIRS) == masked
+  x = rng.standard_normal((2, tokens, hidden)).astype(np.float32)
   for reduce, ref, identity in ((jnp.minimum, np.min, np.inf), (jnp.maximum, np.max, -np.inf)):
     got = quantization._segment(reduce, identity, jnp.asarray(x), jnp.asarray(ids), n)
     want = np.stack([ref(x[..., ids == g], -1) if (ids == g).any()
