@@ -109,8 +109,7 @@ def _segment(reduce, identity: float, x: Array, ids: Array, n: int) -> Array:
   """
   if x.shape[-2] * n <= SEGMENT_MASKED_PAIRS:
     member = ids[None, :] == jnp.arange(n)[:, None]  # [n, D]
-    full = {jnp.minimum: jnp.min, jnp.maximum: jnp.max}[reduce]
-    return full(jnp.where(member, x[..., None, :], identity), axis=-1)
+    return reduce.reduce(jnp.where(member, x[..., None, :], identity), axis=-1)
   starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
 
   def combine(a, b):
