@@ -244,7 +244,8 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   it is 16-bit, on a GPU; by jnp where neither applies); the sinks,
   `flushed` and the ring (the new token is in one of them) by jnp. The two
   are merged by their log-sum-exps. Nothing is concatenated: each part is
-  read where it lies.
+  read where it lies. Where the block holds every token (`holds_every_token`:
+  the `fp16` preset), the block alone is read, through the new token.
 
   Returns:
     `[B, 1, Hq, D]` in `q.dtype`.
@@ -258,6 +259,15 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   lo = jnp.zeros_like(lengths) if sliding_window is None else jnp.maximum(
       lengths - sliding_window + 1, 0)
   which = resolve_impl(impl, config, d, hkv, 1)
+  if holds_every_token(config):
+    # The append wrote the new token into the block as it is, and the ring and
+    # the sinks hold nothing: the block alone, read through the new token.
+    nq = n_quantized(lengths + n_new, config)
+    if _cudnn_reads_block(impl, config, q.dtype, sliding_window):
+      o_blk, _ = _cudnn_block_attention(q, layer, nq, with_lse=False)
+    else:
+      o_blk, _ = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+    return o_blk.reshape(b, 1, hq, d).astype(q.dtype)
   if which != "reference":
     o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
   elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
@@ -294,6 +304,14 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
       jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
       jnp.stack([jnp.ones_like(l), l], 2))
   return out.reshape(b, 1, hq, d).astype(q.dtype)
+
+
+def holds_every_token(config: KIVIConfig) -> bool:
+  """Whether the block holds a row's every token unquantized, the new one
+  included once it is appended: 16 bits, groups of one, no ring, no sinks
+  (the `fp16` preset)."""
+  return (config.k_bits == 16 and config.v_bits == 16 and config.group_size == 1
+          and not config.residual_length and not config.sinks)
 
 
 def _jnp_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig, rope_inv_freq):
@@ -335,22 +353,25 @@ def _cudnn_reads_block(impl: str, config: KIVIConfig, dtype, sliding_window) -> 
           and sliding_window is None and dtype in (jnp.bfloat16, jnp.float16))
 
 
-def _cudnn_block_attention(q, layer: LayerKV, nq):
+def _cudnn_block_attention(q, layer: LayerKV, nq, with_lse: bool = True):
   """`(o, lse)` as `_jnp_block_attention`, by cuDNN's flash attention over the
   16-bit block in its own `[B, Hkv, C, D]` layout (cuDNN's "BNTH": no
-  transpose of the cache), each row's first `nq[b]` tokens."""
+  transpose of the cache), each row's first `nq[b]` tokens. Without
+  `with_lse`, cuDNN skips its softmax statistics and `lse` is None."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
   b, _, hq, d = q.shape
   hkv = layer.ring_k.shape[1]
-  o, lse = cudnn.dot_product_attention(
+  out = cudnn.dot_product_attention(
       q.reshape(b, hq, 1, d), layer.k.codes, layer.v.codes,
       q_seqlen=jnp.ones((b,), jnp.int32), kv_seqlen=nq.astype(jnp.int32),
       scale=1.0 / math.sqrt(d), mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH",
-      return_residual=True)
+      return_residual=with_lse)
+  o, lse = out if with_lse else (out, None)
   # A row with no block token has nothing to merge: o = 0, lse very negative.
   some = (nq > 0)[:, None, None]
   o = jnp.where(some[..., None], o.reshape(b, hkv, hq // hkv, d).astype(jnp.float32), 0.0)
-  lse = jnp.where(some, lse.reshape(b, hkv, hq // hkv).astype(jnp.float32), _NEG)
+  if with_lse:
+    lse = jnp.where(some, lse.reshape(b, hkv, hq // hkv).astype(jnp.float32), _NEG)
   return o, lse
 
 

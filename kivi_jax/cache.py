@@ -474,6 +474,10 @@ def _ring_window_step(layer: LayerKV, k_new, v_new, body, n_new, nq0, config: KI
   the flushed group.
   """
   g, r = config.group_size, config.ring_size
+  if g == 1 and not config.residual_length:
+    # Groups of one and no ring (`fp16`): the new token is the flushed group,
+    # and the ring's one slot never holds a live token.
+    return k_new, v_new, layer.ring_k, layer.ring_v
   d = k_new.shape[-1]
   # Where the flushed group holds the new token (R = 0): its window index.
   new_at = jnp.where((body - nq0 >= 0) & (body - nq0 < g), body - nq0, g)

@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kivi_jax.attention import cache_attention, decode_attention, kernel_applies
+import kivi_jax
+from kivi_jax.attention import (cache_attention, decode_attention, holds_every_token,
+                                kernel_applies)
 from kivi_jax.cache import append_flushing, n_quantized
 import spec_reference
-from test_cache import B, CONFIGS, D, HKV, _channel_maps, _fill, _kv, spec_block
+from test_cache import (B, CONFIGS, D, HKV, _append, _channel_maps, _fill, _kv, _layer, _Shape,
+                        spec_block)
 
 _attend_jit = jax.jit(cache_attention, static_argnames=("config", "sliding_window", "impl"))
 # RoPE frequencies (theta 10000) for configs that cache keys before RoPE.
@@ -137,6 +140,43 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   atol = max(1e-5, 2 * np.abs(np.asarray(ref[:2]) - ref64).max())
   np.testing.assert_allclose(np.asarray(out[:2]), ref64, rtol=1e-5, atol=atol)
   assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("rep", [1, 3])
+def test_decode_over_a_block_holding_every_token(rep, window, dtype):
+  # The fp16 preset (groups of one, no ring): a decode step writes the new token
+  # into the block and reads the block alone through it, nothing merged (by
+  # cuDNN's flash attention on a GPU in bf16, by jnp elsewhere).
+  config = kivi_jax.PRESETS["fp16"]
+  assert holds_every_token(config) and not holds_every_token(CONFIGS["fp16"])
+  hq = HKV * rep
+  k, v = (x.astype(dtype) for x in _kv(91, seed=7))
+  lengths = jnp.array([90, 61, 5], jnp.int32)
+  cache = kivi_jax.init_cache(_Shape(dtype=dtype), config, B, 91)
+  layer = _append(_layer(cache), k[:, :, :90], v[:, :, :90], jnp.zeros(B, jnp.int32),
+                  lengths, config)
+  k_new = jnp.stack([k[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
+  v_new = jnp.stack([v[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
+  n_new = jnp.array([1, 0, 1], jnp.int32)  # row 1 finished: its output is unused
+  q = jax.random.normal(jax.random.key(rep), (B, 1, hq, D), dtype)
+  layer, flushed = _append_flushing(layer, k_new, v_new, lengths, n_new, config, "auto")
+  out = _decode(q, layer, flushed, lengths, n_new, config, window, "auto")
+  for b in (0, 2):
+    total = int(lengths[b]) + 1
+    kb, vb = (np.asarray(x[b, :, :total].astype(jnp.float32), np.float64) for x in (k, v))
+    visible = np.ones((1, total), bool)
+    if window is not None:
+      visible[:, :total - window] = False
+    for h in range(hq):
+      ref = spec_reference.attention(np.asarray(q[b, :, h].astype(jnp.float32), np.float64),
+                                     kb[h // rep], vb[h // rep], visible)
+      # float32: summation order. bf16: the probabilities rounded for the values'
+      # product (2^-9 relative each) and the output rounded (2^-9).
+      tol = 1e-5 if dtype == "float32" else 2**-8
+      np.testing.assert_allclose(np.asarray(out[b, 0, h].astype(jnp.float32)), ref[0],
+                                 rtol=tol, atol=tol * np.abs(vb).max())
 
 
 @pytest.mark.parametrize("window", [None, 9])
