@@ -83,9 +83,8 @@ def random_model(config: ModelConfig, seed: int = 0, mesh=None) -> Model:
     k = jax.random.split(key, 7)
     w = lambda i, *shape: (0.02 * jax.random.normal(k[i], shape, jnp.float32)).astype(dtype)  # noqa: E731
     return {"attn_norm": jnp.ones((d,), dtype), "mlp_norm": jnp.ones((d,), dtype),
-            "wq": w(0, d, hq, dh), "wk": w(1, d, hkv, dh), "wv": w(2, d, hkv, dh),
-            "wo": w(3, hq, dh, d), "w_gate": w(4, d, f), "w_up": w(5, d, f),
-            "w_down": w(6, f, d)}
+            "wqkv": w(0, d, hkv, hq // hkv + 2, dh), "wo": w(3, hq, dh, d),
+            "w_gate_up": w(4, d, 2, f), "w_down": w(6, f, d)}
 
   whole = {} if mesh is None else {"out_shardings": NamedSharding(mesh, P())}
   normal = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape)).astype(dtype),

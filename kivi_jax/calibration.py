@@ -49,8 +49,8 @@ def model_fingerprint(model) -> str:
   h = hashlib.sha256()
   cfg = model.config
   h.update(repr((cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)).encode())
-  for name in ("wk", "wv"):
-    h.update(np.stack([np.asarray(layer[name], np.float32)
+  for i in (-2, -1):  # keys, values: the bytes of the unfused wk, wv
+    h.update(np.stack([np.asarray(layer["wqkv"][:, :, i], np.float32)
                        for layer in model.params["layers"]]).tobytes())
   return h.hexdigest()[:16]
 

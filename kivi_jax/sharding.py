@@ -28,13 +28,13 @@ from jax.sharding import PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
-# Parameter name -> how its axes split (module docstring): [D, H, Dh] projections
-# by heads, [Hq, Dh, D] by its rows' heads, the MLP's [D, F] by columns and
-# [F, D] by rows; everything else (embeddings, norms) whole on every device.
+# Parameter name -> how its axes split (module docstring): q, k, v `[D, Hkv, ., Dh]`
+# by kv heads, o `[Hq, Dh, D]` by its rows' heads, gate and up `[D, 2, F]` by
+# columns and down `[F, D]` by rows; everything else (embeddings, norms) whole
+# on every device.
 _PARAM_SPECS = {
-    "wq": P(None, MODEL, None), "wk": P(None, MODEL, None), "wv": P(None, MODEL, None),
-    "wo": P(MODEL, None, None), "w_gate": P(None, MODEL), "w_up": P(None, MODEL),
-    "w_down": P(MODEL, None),
+    "wqkv": P(None, MODEL, None, None), "wo": P(MODEL, None, None),
+    "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL, None),
 }
 LAYER_PARAMS = ("attn_norm", "mlp_norm", *_PARAM_SPECS)
 """The names of a layer's parameters (`kivi_jax.models.llama`)."""

@@ -101,6 +101,7 @@ def _assemble(get: Callable[[str], np.ndarray], cfg: ModelConfig, has_lm_head: b
       if arr.shape != expected[name]:
         raise ValueError(f"{source}: layer {i} {name} has shape {arr.shape}, the config "
                          f"implies {expected[name]}")
+  layers = [llama.fuse_layer(layer) for layer in layers]
   params = {"embed": get("model.embed_tokens.weight"), "layers": tuple(layers),
             "final_norm": get("model.norm.weight")}
   if params["embed"].shape != (cfg.vocab_size, cfg.hidden_size):

@@ -56,17 +56,18 @@ def layer_activations(model, tokens):
 
   def layer(x, p):
     h = llama.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = llama.apply_rope(jnp.einsum("BTD,DNH->BTNH", h, p["wq"]), pos, inv_freq)
-    k_pre = jnp.einsum("BTD,DNH->BTNH", h, p["wk"])
+    qkv = jnp.einsum("BTD,DKRH->BTKRH", h, p["wqkv"])
+    q = llama.apply_rope(qkv[:, :, :, :rep].reshape(1, t, cfg.num_heads, cfg.head_dim), pos,
+                         inv_freq)
+    k_pre, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
     k = llama.apply_rope(k_pre, pos, inv_freq)
-    v = jnp.einsum("BTD,DNH->BTNH", h, p["wv"])
     kr, vr = jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2)
     s = jnp.einsum("BTNH,BSNH->BNTS", q, kr) / np.sqrt(cfg.head_dim)
     a = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
     x = x + jnp.einsum("BNTH,NHD->BTD", jnp.einsum("BNTS,BSNH->BNTH", a, vr), p["wo"])
     h = llama.rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    up = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["w_gate"])) * jnp.einsum(
-        "BTD,DF->BTF", h, p["w_up"])
+    gate_up = jnp.einsum("BTD,DCF->BTCF", h, p["w_gate_up"])
+    up = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
     return x + jnp.einsum("BTF,FD->BTD", up, p["w_down"]), (q[0], k[0], v[0], k_pre[0])
 
   x = params["embed"][tokens[None]]

@@ -39,7 +39,7 @@ def test_generate_and_step_measure(model, method):
 def test_measures_over_a_mesh():
   mesh = make_mesh(2, 2)
   model = bg.random_model(TINY, mesh=mesh)
-  assert model.params["layers"][0]["w_up"].sharding.spec == P(None, "model")
+  assert model.params["layers"][0]["w_gate_up"].sharding.spec == P(None, None, "model")
   assert bg.time_generate(model, "kivi2", batch=2, prompt=40, new=6,
                           mesh=mesh)["tokens_per_s"] > 0
   assert bg.time_decode_step(model, "kivi2", batch=2, context=100, steps=3, repeats=2,

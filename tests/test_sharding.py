@@ -184,7 +184,7 @@ def test_weights_load_into_their_shards(tmp_path, dtype):
   for source in (tmp_path, hf):
     split = kivi_jax.load_model(source, dtype, mesh=mesh)
     layer = split.params["layers"][1]
-    assert layer["wk"].sharding == NamedSharding(mesh, P(None, "model", None))
+    assert layer["wqkv"].sharding == NamedSharding(mesh, P(None, "model", None, None))
     assert layer["w_down"].addressable_shards[0].data.shape == (112 // 4, 64)
     assert split.params["embed"].sharding == NamedSharding(mesh, P())
     for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
