@@ -31,23 +31,15 @@ from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def rope_tables(positions: Array, inv_freq: Array, dtype) -> tuple[Array, Array]:
-  """RoPE's `(cos, sin)` `[B, T, 1, Dh]` in `dtype` at int `positions` `[B, T]`."""
-  # [B, T, Dh/2]
-  freqs = positions[..., None].astype(jnp.float32) * inv_freq
-  angles = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
-  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def rotate(x: Array, cos: Array, sin: Array) -> Array:
-  """`x` `[B, T, H, Dh]` rotated by `rope_tables` (HF's rotate_half layout)."""
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
-
-
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
   """Rotates `x` `[B, T, H, Dh]` at int `positions` `[B, T]` (HF's rotate_half layout)."""
-  return rotate(x, *rope_tables(positions, inv_freq, x.dtype))
+  # [B, T, Dh/2]
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq
+  # [B, T, 1, Dh]
+  cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
 
 def _rotate_keys(keys: Array, positions: Array, inv_freq: Array) -> Array:

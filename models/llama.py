@@ -37,8 +37,7 @@ import numpy as np
 from jax import Array
 
 from kivi_jax import sharding
-from kivi_jax.attention import (cache_attention, decode_attention, prompt_attention, rope_tables,
-                                rotate)
+from kivi_jax.attention import apply_rope, cache_attention, decode_attention, prompt_attention
 from kivi_jax.cache import KVCache, append, append_flushing
 from kivi_jax.models.config import ModelConfig
 
@@ -183,9 +182,6 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
   positions = cache.lengths[:, None] + jnp.arange(t)[None, :]
   inv_freq = rope_inv_freq(config)
   rope_freq = inv_freq if kv.pre_rope else None
-  # Once for every layer: a layer's rotation is then multiply-adds only, cheap
-  # wherever XLA fuses it (into each reader of the queries, on a GPU).
-  cos, sin = rope_tables(positions, inv_freq, dtype)
   # [B, T, D]
   x = params["embed"][ids].astype(dtype)
 
@@ -197,9 +193,9 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
     # [B, T, Hkv, Hq/Hkv + 2, Dh] -> q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh]
     qkv = _project(h, p["wqkv"])
     rep = qkv.shape[3] - 2
-    q = rotate(qkv[:, :, :, :rep].reshape(b, t, -1, qkv.shape[-1]), cos, sin)
+    q = apply_rope(qkv[:, :, :, :rep].reshape(b, t, -1, qkv.shape[-1]), positions, inv_freq)
     k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
-    k_rot = rotate(k, cos, sin)
+    k_rot = apply_rope(k, positions, inv_freq)
     # [B, Hkv, T, Dh]: what the cache stores.
     k_cache, v_cache = (k if kv.pre_rope else k_rot).swapaxes(1, 2), v.swapaxes(1, 2)
     layer_attend = attend

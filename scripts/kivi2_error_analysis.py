@@ -29,7 +29,6 @@ import numpy as np
 import kivi_jax
 from kivi_jax import eval as kv_eval
 from kivi_jax import quantization
-from kivi_jax.attention import apply_rope
 from kivi_jax.cache import n_quantized
 from kivi_jax.cli import run_metadata
 from kivi_jax.default_model import default_model_path
@@ -58,10 +57,10 @@ def layer_activations(model, tokens):
   def layer(x, p):
     h = llama.rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     qkv = jnp.einsum("BTD,DKRH->BTKRH", h, p["wqkv"])
-    q = apply_rope(qkv[:, :, :, :rep].reshape(1, t, cfg.num_heads, cfg.head_dim), pos,
-                   inv_freq)
+    q = llama.apply_rope(qkv[:, :, :, :rep].reshape(1, t, cfg.num_heads, cfg.head_dim), pos,
+                         inv_freq)
     k_pre, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
-    k = apply_rope(k_pre, pos, inv_freq)
+    k = llama.apply_rope(k_pre, pos, inv_freq)
     kr, vr = jnp.repeat(k, rep, 2), jnp.repeat(v, rep, 2)
     s = jnp.einsum("BTNH,BSNH->BNTS", q, kr) / np.sqrt(cfg.head_dim)
     a = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
@@ -103,7 +102,7 @@ def attention_errors(q, k, v, decode_from, config, rope=None):
     kq = k.at[:whole].set(_dequantized(k[:whole], config.k_bits, config.key_axis, g))
   else:
     k_pre, pos, inv_freq = rope
-    rotated = apply_rope(
+    rotated = llama.apply_rope(
         _dequantized(k_pre[:whole], config.k_bits, config.key_axis, g)[None],
         pos[:, :whole], inv_freq)[0]
     kq = k.at[:whole].set(rotated)
