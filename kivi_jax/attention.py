@@ -11,11 +11,11 @@ kernel (by cuDNN where it is 16-bit, on a GPU) and the rest in jnp.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import Array
 
 from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_backend,
@@ -282,23 +282,24 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
   if config.sinks:
     parts.insert(0, _sink_part(layer, new_lengths, config))
-  scores, lives = [], []
-  for keys, _, pos, live in parts:
+  # Each part's scores kept apart, never concatenated: XLA fused the flushed
+  # part's channel sum into a concatenation's elementwise loop (12 us a layer
+  # at batch 1 on an H200, benchmarks/NOTES.md "Fused projections").
+  scores = []
+  for keys, values, pos, live in parts:
     if rope_inv_freq is not None:
       keys = _rotate_keys(keys, pos, rope_inv_freq)
-    scores.append(jnp.einsum("BKGD,BKSD->BKGS", qg, keys.astype(q.dtype),
-                             preferred_element_type=jnp.float32))
-    lives.append(live & (pos >= lo[:, None]))
-  live = jnp.concatenate(lives, 1)[:, None, None]
-  s = jnp.concatenate(scores, -1) / jnp.sqrt(jnp.float32(d))
-  s = jnp.where(live, s, _MASKED)
-  m = jnp.max(s, -1)
-  p = jnp.where(live, jnp.exp(s - m[..., None]), 0.0)
-  l = jnp.sum(p, -1)
-  sizes = np.cumsum([x.shape[2] for x, *_ in parts])[:-1]
-  acc = sum(jnp.einsum("BKGS,BKSD->BKGD", pi.astype(values.dtype), values,
-                       preferred_element_type=jnp.float32)
-            for pi, (_, values, _, _) in zip(jnp.split(p, sizes, -1), parts))
+    s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys.astype(q.dtype),
+                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    live = (live & (pos >= lo[:, None]))[:, None, None]
+    scores.append((jnp.where(live, s, _MASKED), live, values))
+  m = functools.reduce(jnp.maximum, [jnp.max(s, -1) for s, _, _ in scores])
+  l = acc = 0.0
+  for s, live, values in scores:
+    p = jnp.where(live, jnp.exp(s - m[..., None]), 0.0)
+    l = l + jnp.sum(p, -1)
+    acc = acc + jnp.einsum("BKGS,BKSD->BKGD", p.astype(values.dtype), values,
+                           preferred_element_type=jnp.float32)
   # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
   out, _ = gpu_decode.merge_partials(
       jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
