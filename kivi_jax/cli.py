@@ -354,7 +354,7 @@ def _bench_generate(args) -> int:
   if args.shape not in bench_generate.SHAPES:
     raise ValueError(f"unknown shape {args.shape!r}; known: {', '.join(bench_generate.SHAPES)}")
   requests = []
-  for r in args.requests.split(","):
+  for r in filter(str.strip, args.requests.split(",")):  # "" for steps only
     prompt, _, new = r.partition("+")
     if not (prompt.isdigit() and new.isdigit() and int(prompt) > 0 and int(new) > 0):
       raise ValueError(f"--requests takes PROMPT+NEW pairs such as 1024+512, got {r!r}")
@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="llama2-7b or llama3-8b (random bf16 weights)")
   gen_bench.add_argument("--methods", default="fp16,kivi4,kivi2,skvq-k2v2-g16-fp8")
   gen_bench.add_argument("--requests", default="1024+512,4096+512",
-                         help="prompt+new tokens per row, comma-separated")
+                         help="prompt+new tokens per row, comma-separated ('' for none: "
+                         "the decode steps only)")
   gen_bench.add_argument("--batches", default="1,8,32",
                          help="fixed batches (those below the largest that fits)")
   gen_bench.add_argument("--no-largest", action="store_true",

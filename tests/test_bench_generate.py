@@ -82,6 +82,13 @@ def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert __import__("re").search(match, capsys.readouterr().err)
 
 
+def test_bench_generate_without_requests_measures_steps_only(monkeypatch):
+  seen = {}
+  monkeypatch.setattr(bg, "generate_benchmark", lambda **kw: seen.update(kw))
+  assert main(["bench", "generate", "--requests", "", "--hf-batches", ""]) == 0
+  assert seen["requests"] == () and seen["hf_batches"] == () and seen["step_batches"] == (1, 32)
+
+
 def test_worker_imports_this_package_from_any_directory(tmp_path, monkeypatch):
   # From a checkout, `python -m` in the worker would put the working directory's
   # kivi_jax/ first on the path; a decoy there must not be what the worker runs.
