@@ -255,19 +255,19 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   rep = hq // hkv
   # [B, Hkv, rep, D]
   qg = q[:, 0].reshape(b, hkv, rep, d)
-  nq = n_quantized(lengths, config)
   lo = jnp.zeros_like(lengths) if sliding_window is None else jnp.maximum(
       lengths - sliding_window + 1, 0)
-  which = resolve_impl(impl, config, d, hkv, 1)
   if holds_every_token(config):
     # The append wrote the new token into the block as it is, and the ring and
     # the sinks hold nothing: the block alone, read through the new token.
-    nq = n_quantized(lengths + n_new, config)
+    n_all = n_quantized(lengths + n_new, config)
     if _cudnn_reads_block(impl, config, q.dtype, sliding_window):
-      o_blk, _ = _cudnn_block_attention(q, layer, nq, with_lse=False)
+      o_blk, _ = _cudnn_block_attention(q, layer, n_all, with_lse=False)
     else:
-      o_blk, _ = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+      o_blk, _ = _jnp_block_attention(qg, layer, n_all, lo, config, rope_inv_freq)
     return o_blk.reshape(b, 1, hq, d).astype(q.dtype)
+  nq = n_quantized(lengths, config)
+  which = resolve_impl(impl, config, d, hkv, 1)
   if which != "reference":
     o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
   elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):

@@ -168,7 +168,7 @@ def test_decode_over_a_block_holding_every_token(rep, window, dtype):
     kb, vb = (np.asarray(x[b, :, :total].astype(jnp.float32), np.float64) for x in (k, v))
     visible = np.ones((1, total), bool)
     if window is not None:
-      visible[:, :total - window] = False
+      visible[:, :max(total - window, 0)] = False
     for h in range(hq):
       ref = spec_reference.attention(np.asarray(q[b, :, h].astype(jnp.float32), np.float64),
                                      kb[h // rep], vb[h // rep], visible)
