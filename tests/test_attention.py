@@ -110,7 +110,11 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   assert kernel_applies(config, D, HKV, impl)
   hq = HKV * rep
   k, v = _kv(300, seed=11)
-  lengths = np.array([299, 150, 1])
+  # Row 0's step flushes a group (read unquantized beside the ring), row 2 is
+  # a finished row.
+  nq = lambda t: int(n_quantized(jnp.array([t]), config)[0])  # noqa: E731
+  flushing = max(t for t in range(300) if nq(t + 1) > nq(t))
+  lengths = np.array([flushing, 150, 1])
   layer, lens = _fill(config, k, v, lengths, chunk=300)
   k_new = jnp.stack([k[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
   v_new = jnp.stack([v[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
@@ -119,6 +123,7 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   # The step's append once (its writes have tests of their own), then its
   # attention read by the kernel and by the reference.
   layer, flushed = _append_flushing(layer, k_new, v_new, lens, n_new, config, "reference")
+  assert np.asarray(flushed[3][0]).any()
   ref = jax.block_until_ready(
       _decode(q, layer, flushed, lens, n_new, config, window, "reference"))
   # Waited on before any other dispatch: the TPU interpreter's callbacks issue
