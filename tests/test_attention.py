@@ -112,8 +112,8 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   k, v = _kv(300, seed=11)
   # Row 0's step flushes a group (read unquantized beside the ring), row 2 is
   # a finished row.
-  nq = lambda t: int(n_quantized(jnp.array([t]), config)[0])  # noqa: E731
-  flushing = max(t for t in range(300) if nq(t + 1) > nq(t))
+  nq = np.asarray(n_quantized(jnp.arange(301), config))  # per row length 0..300
+  flushing = int(np.flatnonzero(np.diff(nq)).max())  # the last t with nq(t + 1) > nq(t)
   lengths = np.array([flushing, 150, 1])
   layer, lens = _fill(config, k, v, lengths, chunk=300)
   k_new = jnp.stack([k[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])
