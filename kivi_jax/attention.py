@@ -24,6 +24,7 @@ from kivi_jax.config import KIVIConfig
 from kivi_jax.pallas_kernels import decode_attention as gpu_decode
 from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden
 from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
+from kivi_jax.pallas_kernels import decode_attention_ring as gpu_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 
@@ -275,31 +276,15 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   else:
     o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
 
-  # [B, Hkv, rep, (S +) F + R]: scores of (the sinks,) the flushed tokens and
-  # the ring, each part read in place.
   new_lengths = lengths + n_new
   ring_pos, ring_live = ring_positions(new_lengths, config)
-  parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
-  if config.sinks:
-    parts.insert(0, _sink_part(layer, new_lengths, config))
-  # Each part's scores kept apart, never concatenated: XLA fused the flushed
-  # part's channel sum into a concatenation's elementwise loop (12 us a layer
-  # at batch 1 on an H200, benchmarks/NOTES.md "Fused projections").
-  scores = []
-  for keys, values, pos, live in parts:
-    if rope_inv_freq is not None:
-      keys = _rotate_keys(keys, pos, rope_inv_freq)
-    s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys.astype(q.dtype),
-                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-    live = (live & (pos >= lo[:, None]))[:, None, None]
-    scores.append((jnp.where(live, s, _MASKED), live, values))
-  m = functools.reduce(jnp.maximum, [jnp.max(s, -1) for s, _, _ in scores])
-  l = acc = 0.0
-  for s, live, values in scores:
-    p = jnp.where(live, jnp.exp(s - m[..., None]), 0.0)
-    l = l + jnp.sum(p, -1)
-    acc = acc + jnp.einsum("BKGS,BKSD->BKGD", p.astype(values.dtype), values,
-                           preferred_element_type=jnp.float32)
+  if _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq):
+    acc, m, l = _ring_kernel_partial(qg, layer, flushed, ring_pos, ring_live, lo)
+  else:
+    parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
+    if config.sinks:
+      parts.insert(0, _sink_part(layer, new_lengths, config))
+    acc, m, l = _jnp_partial(qg, parts, lo, rope_inv_freq)
   # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
   out, _ = gpu_decode.merge_partials(
       jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
@@ -313,6 +298,55 @@ def holds_every_token(config: KIVIConfig) -> bool:
   (the `fp16` preset)."""
   return (config.k_bits == 16 and config.v_bits == 16 and config.group_size == 1
           and not config.residual_length and not config.sinks)
+
+
+def _jnp_partial(qg, parts, lo, rope_inv_freq):
+  """The unnormalized partial `(acc [B, Hkv, rep, D], m, l [B, Hkv, rep])` of
+  queries `qg` over full-precision `parts` (`_full_precision_parts`' form), in
+  jnp."""
+  d = qg.shape[-1]
+  # Each part's scores kept apart, never concatenated: XLA fused the flushed
+  # part's channel sum into a concatenation's elementwise loop (12 us a layer
+  # at batch 1 on an H200, benchmarks/NOTES.md "Fused projections").
+  scores = []
+  for keys, values, pos, live in parts:
+    if rope_inv_freq is not None:
+      keys = _rotate_keys(keys, pos, rope_inv_freq)
+    s = jnp.einsum("BKGD,BKSD->BKGS", qg, keys.astype(qg.dtype),
+                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+    live = (live & (pos >= lo[:, None]))[:, None, None]
+    scores.append((jnp.where(live, s, _MASKED), live, values))
+  m = functools.reduce(jnp.maximum, [jnp.max(s, -1) for s, _, _ in scores])
+  l = acc = 0.0
+  for s, live, values in scores:
+    p = jnp.where(live, jnp.exp(s - m[..., None]), 0.0)
+    l = l + jnp.sum(p, -1)
+    acc = acc + jnp.einsum("BKGS,BKSD->BKGD", p.astype(values.dtype), values,
+                           preferred_element_type=jnp.float32)
+  return acc, m, l
+
+
+def _ring_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, flushed,
+                       rope_inv_freq) -> bool:
+  """Whether `decode_attention_ring`'s kernel reads the ring and the flushed
+  group: with a GPU's kernels, keys cached after RoPE, no sinks, both parts a
+  power of two of at least 16 tokens."""
+  pow2 = lambda t: t >= 16 and not t & (t - 1)  # noqa: E731
+  return (kernel_backend(impl) == "gpu" and rope_inv_freq is None and not config.sinks
+          and pow2(layer.ring_k.shape[2]) and pow2(flushed[0].shape[2]))
+
+
+def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
+  """`_jnp_partial` of the ring and the flushed group by `decode_attention_ring`."""
+  b, hkv, rep, d = qg.shape
+  fk, fv, f_pos, f_live = flushed
+  m_rows = 1 if rep == 1 else max(16, 1 << (rep - 1).bit_length())
+  q = jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+  acc, m, l = gpu_ring.ring_partials(
+      q, layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
+      fv.astype(layer.ring_v.dtype), ring_live & (ring_pos >= lo[:, None]),
+      f_live & (f_pos >= lo[:, None]), interpret=kernel_interpret("gpu"))
+  return acc[:, :, :rep], m[:, :, :rep], l[:, :, :rep]
 
 
 def _jnp_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig, rope_inv_freq):

@@ -1,0 +1,100 @@
+"""Attention of one decode query over a layer's full-precision tokens: the ring
+and the group the step flushed (a Pallas (Triton) GPU kernel).
+
+One program per (row, kv head) reads the row's ring `[R, D]` and flushed group
+`[F, D]` of keys and values once and writes their unnormalized partial
+`(acc, m, l)`, merged with the block's by `merge_partials` (`kivi_jax.attention`
+read them in jnp: two reductions over each part, at about 1.7 TB/s on an H200).
+Keys are cached after RoPE (KIVI's layout): no rotation here.
+
+A kv head with one query row computes on CUDA cores in float32; with several,
+rows are padded to 16 and the scores and values are dots (the probabilities
+rounded to the values' dtype for the second).
+
+Shapes (B batch, K kv heads, M query rows, D head dim):
+  q                 [B, K, M, D]   M = 1, or padded to a multiple of 16
+  ring_k, ring_v    [B, K, R, D]
+  flush_k, flush_v  [B, K, F, D]
+  ring_live         [B, R] int32, 1 where the slot holds a visible token
+  flush_live        [B, F] int32, the same for the flushed group
+Returns `(acc [B, K, M, D], m [B, K, M], l [B, K, M])` float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels.decode_attention import dot_precision, pallas_call
+
+NUM_WARPS = 4
+
+
+def _scores(q_ref, k, sm_scale: float):
+  if q_ref.shape[0] == 1:
+    q = q_ref[...].astype(jnp.float32) * sm_scale  # [1, D]
+    return jnp.sum(k.astype(jnp.float32) * q, axis=1)[None, :]  # [1, T]
+  return jax.lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())),
+                             precision=dot_precision(k.dtype),
+                             preferred_element_type=jnp.float32) * sm_scale  # [M, T]
+
+
+def _values(p, v):
+  if p.shape[0] == 1:
+    return jnp.sum(p[0][:, None] * v.astype(jnp.float32), axis=0)[None, :]  # [1, D]
+  return jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=dot_precision(v.dtype),
+                             preferred_element_type=jnp.float32)  # [M, D]
+
+
+def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref, m_ref,
+            l_ref, *, sm_scale: float):
+  s_ring = jnp.where(rlive_ref[...] > 0, _scores(q_ref, rk_ref[...], sm_scale), _NEG)
+  s_flush = jnp.where(flive_ref[...] > 0, _scores(q_ref, fk_ref[...], sm_scale), _NEG)
+  m = jnp.maximum(jnp.max(s_ring, axis=1), jnp.max(s_flush, axis=1))  # [M]
+  p_ring = jnp.where(rlive_ref[...] > 0, jnp.exp(s_ring - m[:, None]), 0.0)
+  p_flush = jnp.where(flive_ref[...] > 0, jnp.exp(s_flush - m[:, None]), 0.0)
+  acc_ref[...] = _values(p_ring, rv_ref[...]) + _values(p_flush, fv_ref[...])
+  m_ref[...] = m
+  l_ref[...] = jnp.sum(p_ring, axis=1) + jnp.sum(p_flush, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("num_warps", "interpret", "poison"))
+def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
+                  num_warps: int = NUM_WARPS, interpret: bool = False, poison: bool = False):
+  """The ring's and flushed group's partial `(acc, m, l)` (module docstring).
+  With `poison`, the outputs start as NaN, so an element the kernel fails to
+  write shows."""
+  b, kh, m_rows, d = q.shape
+  r, f = ring_k.shape[2], flush_k.shape[2]
+  for name, x, t in (("ring_k", ring_k, r), ("ring_v", ring_v, r), ("flush_k", flush_k, f),
+                     ("flush_v", flush_v, f)):
+    if x.shape != (b, kh, t, d):
+      raise ValueError(f"{name} must be [B, K, T, D] = [{b}, {kh}, T, {d}] (got {x.shape})")
+  if m_rows > 1 and m_rows % 16:
+    raise ValueError(f"q's rows are padded to a multiple of 16 for the kernel's dots (got "
+                     f"{m_rows} rows)")
+  for name, t in (("ring", r), ("flushed group", f)):
+    if t < 16 or t & (t - 1):
+      raise ValueError(f"the {name} must hold a power of two of at least 16 tokens (got {t})")
+  tile = lambda t: pl.BlockSpec((None, None, t, d), lambda i, h: (i, h, 0, 0))  # noqa: E731
+  live = lambda t: pl.BlockSpec((1, t), lambda i, h: (i, 0))  # noqa: E731
+  return pallas_call(
+      functools.partial(_kernel, sm_scale=1.0 / math.sqrt(d)),
+      [q, ring_k, ring_v, flush_k, flush_v, ring_live.astype(jnp.int32),
+       flush_live.astype(jnp.int32)],
+      [pl.BlockSpec((None, None, m_rows, d), lambda i, h: (i, h, 0, 0)), tile(r), tile(r),
+       tile(f), tile(f), live(r), live(f)],
+      [pl.BlockSpec((None, None, m_rows, d), lambda i, h: (i, h, 0, 0)),
+       pl.BlockSpec((None, None, m_rows), lambda i, h: (i, h, 0)),
+       pl.BlockSpec((None, None, m_rows), lambda i, h: (i, h, 0))],
+      [jax.ShapeDtypeStruct((b, kh, m_rows, d), jnp.float32),
+       jax.ShapeDtypeStruct((b, kh, m_rows), jnp.float32),
+       jax.ShapeDtypeStruct((b, kh, m_rows), jnp.float32)],
+      grid=(b, kh), poison=poison, num_warps=num_warps, num_stages=1, interpret=interpret,
+      name="kivi_ring_attention")
