@@ -284,11 +284,11 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
     if config.sinks:
       parts.insert(0, _sink_part(layer, new_lengths, config))
-    acc, m, l = _jnp_partial(qg, parts, lo, rope_inv_freq)
+    acc, m, l = (x[:, :, None] for x in _jnp_partial(qg, parts, lo, rope_inv_freq))
   # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
   out, _ = gpu_decode.merge_partials(
-      jnp.stack([o_blk, acc], 2), jnp.stack([lse_blk, m], 2),
-      jnp.stack([jnp.ones_like(l), l], 2))
+      jnp.concatenate([o_blk[:, :, None], acc], 2), jnp.concatenate([lse_blk[:, :, None], m], 2),
+      jnp.concatenate([jnp.ones_like(l[:, :, :1]), l], 2))
   return out.reshape(b, 1, hq, d).astype(q.dtype)
 
 
@@ -337,7 +337,8 @@ def _ring_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, flushed,
 
 
 def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
-  """`_jnp_partial` of the ring and the flushed group by `decode_attention_ring`."""
+  """The ring's and the flushed group's partials `(acc [B, Hkv, N, rep, D], m,
+  l [B, Hkv, N, rep])`, one per tile of `decode_attention_ring`'s kernel."""
   b, hkv, rep, d = qg.shape
   fk, fv, f_pos, f_live = flushed
   m_rows = 1 if rep == 1 else max(16, 1 << (rep - 1).bit_length())
@@ -346,7 +347,7 @@ def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
       q, layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
       fv.astype(layer.ring_v.dtype), ring_live & (ring_pos >= lo[:, None]),
       f_live & (f_pos >= lo[:, None]), interpret=kernel_interpret("gpu"))
-  return acc[:, :, :rep], m[:, :, :rep], l[:, :, :rep]
+  return acc[:, :, :, :rep], m[..., :rep], l[..., :rep]
 
 
 def _jnp_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig, rope_inv_freq):

@@ -1,10 +1,13 @@
 """Attention of one decode query over a layer's full-precision tokens: the ring
 and the group the step flushed (a Pallas (Triton) GPU kernel).
 
-One program per (row, kv head) reads the row's ring `[R, D]` and flushed group
-`[F, D]` of keys and values once and writes their unnormalized partial
-`(acc, m, l)`, merged with the block's by `merge_partials` (`kivi_jax.attention`
-read them in jnp: two reductions over each part, at about 1.7 TB/s on an H200).
+One program per (row, kv head, tile of `T` tokens of either part) reads its
+tile of keys and values once and writes the tile's unnormalized partial
+`(acc, m, l)`; nothing is carried from one tile to the next (as
+`decode_attention_mha`'s kernels: many short programs per SM hide each other's
+load latency, and a tile's float32 products fit in registers). The tiles'
+partials are merged with the block's by `merge_partials` (`kivi_jax.attention`
+read the parts in jnp: two reductions over each, at about 1.7 TB/s on an H200).
 Keys are cached after RoPE (KIVI's layout): no rotation here.
 
 A kv head with one query row computes on CUDA cores in float32; with several,
@@ -17,7 +20,8 @@ Shapes (B batch, K kv heads, M query rows, D head dim):
   flush_k, flush_v  [B, K, F, D]
   ring_live         [B, R] int32, 1 where the slot holds a visible token
   flush_live        [B, F] int32, the same for the flushed group
-Returns `(acc [B, K, M, D], m [B, K, M], l [B, K, M])` float32.
+Returns `(acc [B, K, N, M, D], m [B, K, N, M], l [B, K, N, M])` float32 over
+the `N = (R + F) / T` tiles, the ring's first.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jax.experimental import pallas as pl
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.decode_attention import dot_precision, pallas_call
 
+TILE_TOKENS = 32
 NUM_WARPS = 4
 
 
@@ -53,23 +58,35 @@ def _values(p, v):
 
 
 def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref, m_ref,
-            l_ref, *, sm_scale: float):
-  s_ring = jnp.where(rlive_ref[...] > 0, _scores(q_ref, rk_ref[...], sm_scale), _NEG)
-  s_flush = jnp.where(flive_ref[...] > 0, _scores(q_ref, fk_ref[...], sm_scale), _NEG)
-  m = jnp.maximum(jnp.max(s_ring, axis=1), jnp.max(s_flush, axis=1))  # [M]
-  p_ring = jnp.where(rlive_ref[...] > 0, jnp.exp(s_ring - m[:, None]), 0.0)
-  p_flush = jnp.where(flive_ref[...] > 0, jnp.exp(s_flush - m[:, None]), 0.0)
-  acc_ref[...] = _values(p_ring, rv_ref[...]) + _values(p_flush, fv_ref[...])
-  m_ref[...] = m
-  l_ref[...] = jnp.sum(p_ring, axis=1) + jnp.sum(p_flush, axis=1)
+            l_ref, *, tile: int, ring_tiles: int, sm_scale: float):
+  j = pl.program_id(2)
+
+  def tile_partial(k_ref, v_ref, live_ref, start):
+    at = pl.ds(pl.multiple_of(start, tile), tile)
+    live = live_ref[:, at] > 0  # [1, T]
+    s = jnp.where(live, _scores(q_ref, k_ref[at, :], sm_scale), _NEG)
+    m = jnp.max(s, axis=1)  # [M]
+    p = jnp.where(live, jnp.exp(s - m[:, None]), 0.0)
+    acc_ref[...] = _values(p, v_ref[at, :])
+    m_ref[...] = m
+    l_ref[...] = jnp.sum(p, axis=1)
+
+  @pl.when(j < ring_tiles)
+  def _():
+    tile_partial(rk_ref, rv_ref, rlive_ref, j * tile)
+
+  @pl.when(j >= ring_tiles)
+  def _():
+    tile_partial(fk_ref, fv_ref, flive_ref, (j - ring_tiles) * tile)
 
 
-@functools.partial(jax.jit, static_argnames=("num_warps", "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("tile_tokens", "num_warps", "interpret", "poison"))
 def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
-                  num_warps: int = NUM_WARPS, interpret: bool = False, poison: bool = False):
-  """The ring's and flushed group's partial `(acc, m, l)` (module docstring).
-  With `poison`, the outputs start as NaN, so an element the kernel fails to
-  write shows."""
+                  tile_tokens: int = TILE_TOKENS, num_warps: int = NUM_WARPS,
+                  interpret: bool = False, poison: bool = False):
+  """The ring's and flushed group's per-tile partials `(acc, m, l)` (module
+  docstring), in tiles of `min(tile_tokens, R, F)` tokens. With `poison`, the
+  outputs start as NaN, so an element the kernel fails to write shows."""
   b, kh, m_rows, d = q.shape
   r, f = ring_k.shape[2], flush_k.shape[2]
   for name, x, t in (("ring_k", ring_k, r), ("ring_v", ring_v, r), ("flush_k", flush_k, f),
@@ -79,22 +96,24 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
   if m_rows > 1 and m_rows % 16:
     raise ValueError(f"q's rows are padded to a multiple of 16 for the kernel's dots (got "
                      f"{m_rows} rows)")
-  for name, t in (("ring", r), ("flushed group", f)):
+  for name, t in (("ring", r), ("flushed group", f), ("tile_tokens", tile_tokens)):
     if t < 16 or t & (t - 1):
       raise ValueError(f"the {name} must hold a power of two of at least 16 tokens (got {t})")
-  tile = lambda t: pl.BlockSpec((None, None, t, d), lambda i, h: (i, h, 0, 0))  # noqa: E731
-  live = lambda t: pl.BlockSpec((1, t), lambda i, h: (i, 0))  # noqa: E731
+  t = min(tile_tokens, r, f)
+  n = (r + f) // t
+  whole = lambda c: pl.BlockSpec((None, None, c, d), lambda i, h, j: (i, h, 0, 0))  # noqa: E731
+  live = lambda c: pl.BlockSpec((1, c), lambda i, h, j: (i, 0))  # noqa: E731
   return pallas_call(
-      functools.partial(_kernel, sm_scale=1.0 / math.sqrt(d)),
+      functools.partial(_kernel, tile=t, ring_tiles=r // t, sm_scale=1.0 / math.sqrt(d)),
       [q, ring_k, ring_v, flush_k, flush_v, ring_live.astype(jnp.int32),
        flush_live.astype(jnp.int32)],
-      [pl.BlockSpec((None, None, m_rows, d), lambda i, h: (i, h, 0, 0)), tile(r), tile(r),
-       tile(f), tile(f), live(r), live(f)],
-      [pl.BlockSpec((None, None, m_rows, d), lambda i, h: (i, h, 0, 0)),
-       pl.BlockSpec((None, None, m_rows), lambda i, h: (i, h, 0)),
-       pl.BlockSpec((None, None, m_rows), lambda i, h: (i, h, 0))],
-      [jax.ShapeDtypeStruct((b, kh, m_rows, d), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, m_rows), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, m_rows), jnp.float32)],
-      grid=(b, kh), poison=poison, num_warps=num_warps, num_stages=1, interpret=interpret,
+      [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole(r),
+       whole(r), whole(f), whole(f), live(r), live(f)],
+      [pl.BlockSpec((None, None, None, m_rows, d), lambda i, h, j: (i, h, j, 0, 0)),
+       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
+       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0))],
+      [jax.ShapeDtypeStruct((b, kh, n, m_rows, d), jnp.float32),
+       jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32),
+       jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32)],
+      grid=(b, kh, n), poison=poison, num_warps=num_warps, num_stages=1, interpret=interpret,
       name="kivi_ring_attention")

@@ -150,20 +150,23 @@ def test_mha_kernels_refuse_what_they_do_not_read(rows, k_bits, v_bits):
 @pytest.mark.parametrize("rep", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ring_kernel_matches_float64(dtype, rep):
-  # The ring and the flushed group's partial against float64 over their
-  # visible tokens: a row seeing both, one the ring only, one nothing.
+  # The ring's and the flushed group's tiles merged, against float64 attention
+  # over their visible tokens: a row seeing both, one the ring only, one
+  # nothing. Tiles of 16 tokens: two of the ring, one of the group.
   rng = np.random.default_rng(rep)
   b, kh, d, r, f = 3, 2, 64, 32, 16
   parts = [jnp.asarray(rng.standard_normal((b, kh, t, d)), dtype) for t in (r, r, f, f)]
   q = jnp.asarray(rng.standard_normal((b, kh, rep, d)), dtype)
   ring_live = rng.random((b, r)) < 0.7
-  flush_live = np.stack([np.ones(f, bool), np.zeros(f, bool), np.zeros(f, bool)])
+  ring_live[0, :16] = False  # a whole tile of the ring masked
   ring_live[2] = False
+  flush_live = np.stack([np.ones(f, bool), np.zeros(f, bool), np.zeros(f, bool)])
   m_rows = 1 if rep == 1 else 16
   qp = jnp.pad(q, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
-  acc, m, l = (np.asarray(x[:, :, :rep]) for x in da_ring.ring_partials(
-      qp, *parts, jnp.asarray(ring_live), jnp.asarray(flush_live), poison=True,
-      interpret=not ON_GPU))
+  acc, m, l = da_ring.ring_partials(qp, *parts, jnp.asarray(ring_live), jnp.asarray(flush_live),
+                                    tile_tokens=16, poison=True, interpret=not ON_GPU)
+  assert acc.shape == (b, kh, 3, m_rows, d)
+  o, lse = (np.asarray(x)[:, :, :rep] for x in da.merge_partials(acc, m, l))
   f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
   tol = 2**-8 if (dtype == "bfloat16" and rep > 1) else 1e-5
   for i in range(b):
@@ -171,16 +174,15 @@ def test_ring_kernel_matches_float64(dtype, rep):
     values = np.concatenate([f64(parts[1][i]), f64(parts[3][i])], 1)
     live = np.concatenate([ring_live[i], flush_live[i]])
     if not live.any():
-      np.testing.assert_array_equal(l[i], 0.0)
-      np.testing.assert_array_equal(acc[i], 0.0)
+      np.testing.assert_array_equal(o[i], 0.0)
+      np.testing.assert_array_equal(np.asarray(l)[i], 0.0)
       continue
     for h in range(kh):
       s = f64(q[i, h]) @ keys[h][live].T / np.sqrt(d)
-      p = np.exp(s - m[i, h][:, None])
-      np.testing.assert_allclose(l[i, h], p.sum(-1), rtol=1e-5)
-      np.testing.assert_allclose(acc[i, h], p @ values[h][live], rtol=tol,
-                                 atol=tol * np.abs(p @ values[h][live]).max())
-      assert (m[i, h] >= s.max(-1) - 1e-4).all()
+      p = np.exp(s - s.max(-1, keepdims=True))
+      want = (p @ values[h][live]) / p.sum(-1, keepdims=True)
+      np.testing.assert_allclose(o[i, h], want, rtol=tol, atol=tol * np.abs(want).max())
+      np.testing.assert_allclose(lse[i, h], s.max(-1) + np.log(p.sum(-1)), rtol=1e-5)
 
 
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
