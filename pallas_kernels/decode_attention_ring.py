@@ -1,8 +1,8 @@
 """Attention of one decode query over a layer's full-precision tokens: the ring
 and the group the step flushed (a Pallas (Triton) GPU kernel).
 
-One program per (row, kv head, tile of `T` tokens of either part) reads its
-tile of keys and values once and writes the tile's unnormalized partial
+One program per (row, kv head, tile of up to `T` tokens of either part)
+reads its tile of keys and values once and writes the tile's unnormalized partial
 `(acc, m, l)`; nothing is carried from one tile to the next (as
 `decode_attention_mha`'s kernels: many short programs per SM hide each other's
 load latency, and a tile's float32 products fit in registers). The tiles'
@@ -21,7 +21,7 @@ Shapes (B batch, K kv heads, M query rows, D head dim):
   ring_live         [B, R] int32, 1 where the slot holds a visible token
   flush_live        [B, F] int32, the same for the flushed group
 Returns `(acc [B, K, N, M, D], m [B, K, N, M], l [B, K, N, M])` float32 over
-the `N = (R + F) / T` tiles, the ring's first.
+the `N = R / min(T, R) + F / min(T, F)` tiles, the ring's first.
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def _values(p, v):
 
 
 def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref, m_ref,
-            l_ref, *, tile: int, ring_tiles: int, sm_scale: float):
+            l_ref, *, ring_tile: int, flush_tile: int, ring_tiles: int, sm_scale: float):
   j = pl.program_id(2)
 
-  def tile_partial(k_ref, v_ref, live_ref, start):
+  def tile_partial(k_ref, v_ref, live_ref, tile, start):
     at = pl.ds(pl.multiple_of(start, tile), tile)
     live = live_ref[:, at] > 0  # [1, T]
     s = jnp.where(live, _scores(q_ref, k_ref[at, :], sm_scale), _NEG)
@@ -73,11 +73,11 @@ def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref
 
   @pl.when(j < ring_tiles)
   def _():
-    tile_partial(rk_ref, rv_ref, rlive_ref, j * tile)
+    tile_partial(rk_ref, rv_ref, rlive_ref, ring_tile, j * ring_tile)
 
   @pl.when(j >= ring_tiles)
   def _():
-    tile_partial(fk_ref, fv_ref, flive_ref, (j - ring_tiles) * tile)
+    tile_partial(fk_ref, fv_ref, flive_ref, flush_tile, (j - ring_tiles) * flush_tile)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "num_warps", "interpret", "poison"))
@@ -85,7 +85,7 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
                   tile_tokens: int = TILE_TOKENS, num_warps: int = NUM_WARPS,
                   interpret: bool = False, poison: bool = False):
   """The ring's and flushed group's per-tile partials `(acc, m, l)` (module
-  docstring), in tiles of `min(tile_tokens, R, F)` tokens. With `poison`, the
+  docstring), in tiles of `min(tile_tokens, R)` and `min(tile_tokens, F)` tokens. With `poison`, the
   outputs start as NaN, so an element the kernel fails to write shows."""
   b, kh, m_rows, d = q.shape
   r, f = ring_k.shape[2], flush_k.shape[2]
@@ -99,12 +99,12 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
   for name, t in (("ring", r), ("flushed group", f), ("tile_tokens", tile_tokens)):
     if t < 16 or t & (t - 1):
       raise ValueError(f"the {name} must hold a power of two of at least 16 tokens (got {t})")
-  t = min(tile_tokens, r, f)
-  n = (r + f) // t
+  tr, tf = min(tile_tokens, r), min(tile_tokens, f)
+  n = r // tr + f // tf
   whole = lambda c: pl.BlockSpec((None, None, c, d), lambda i, h, j: (i, h, 0, 0))  # noqa: E731
   live = lambda c: pl.BlockSpec((1, c), lambda i, h, j: (i, 0))  # noqa: E731
   return pallas_call(
-      functools.partial(_kernel, tile=t, ring_tiles=r // t, sm_scale=1.0 / math.sqrt(d)),
+      functools.partial(_kernel, ring_tile=tr, flush_tile=tf, ring_tiles=r // tr, sm_scale=1.0 / math.sqrt(d)),
       [q, ring_k, ring_v, flush_k, flush_v, ring_live.astype(jnp.int32),
        flush_live.astype(jnp.int32)],
       [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole(r),

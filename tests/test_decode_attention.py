@@ -147,12 +147,14 @@ def test_mha_kernels_refuse_what_they_do_not_read(rows, k_bits, v_bits):
                                k_bits=k_bits, v_bits=v_bits, group_size=32, interpret=True)
 
 
+@pytest.mark.parametrize("tile, n_tiles", [(16, 3), (32, 2)])
 @pytest.mark.parametrize("rep", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ring_kernel_matches_float64(dtype, rep):
+def test_ring_kernel_matches_float64(dtype, rep, tile, n_tiles):
   # The ring's and the flushed group's tiles merged, against float64 attention
   # over their visible tokens: a row seeing both, one the ring only, one
-  # nothing. Tiles of 16 tokens: two of the ring, one of the group.
+  # nothing. Tiles of 16 tokens (two of the ring, one of the group) or of
+  # 32 (the ring's one, the group's 16 in one).
   rng = np.random.default_rng(rep)
   b, kh, d, r, f = 3, 2, 64, 32, 16
   parts = [jnp.asarray(rng.standard_normal((b, kh, t, d)), dtype) for t in (r, r, f, f)]
@@ -164,8 +166,8 @@ def test_ring_kernel_matches_float64(dtype, rep):
   m_rows = 1 if rep == 1 else 16
   qp = jnp.pad(q, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
   acc, m, l = da_ring.ring_partials(qp, *parts, jnp.asarray(ring_live), jnp.asarray(flush_live),
-                                    tile_tokens=16, poison=True, interpret=not ON_GPU)
-  assert acc.shape == (b, kh, 3, m_rows, d)
+                                    tile_tokens=tile, poison=True, interpret=not ON_GPU)
+  assert acc.shape == (b, kh, n_tiles, m_rows, d)
   o, lse = (np.asarray(x)[:, :, :rep] for x in da.merge_partials(acc, m, l))
   f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
   tol = 2**-8 if (dtype == "bfloat16" and rep > 1) else 1e-5
