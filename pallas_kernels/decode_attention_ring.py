@@ -2,8 +2,8 @@
 and the group the step flushed (a Pallas (Triton) GPU kernel).
 
 One program per (row, kv head, tile of up to `T` tokens of either part)
-reads its tile of keys and values once and writes the tile's unnormalized partial
-`(acc, m, l)`; nothing is carried from one tile to the next (as
+reads its tile of keys and values once and writes the tile's unnormalized
+partial `(acc, m, l)`; nothing is carried from one tile to the next (as
 `decode_attention_mha`'s kernels: many short programs per SM hide each other's
 load latency, and a tile's float32 products fit in registers). The tiles'
 partials are merged with the block's by `merge_partials` (`kivi_jax.attention`
@@ -36,8 +36,12 @@ from jax.experimental import pallas as pl
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.decode_attention import dot_precision, pallas_call
 
-TILE_TOKENS = 32
-NUM_WARPS = 4
+# Tokens and warps per program, of a sweep in the whole decode step on an H200
+# (KIVI-2, 1280 cached tokens, benchmarks/NOTES.md "The ring in a kernel"):
+# one query row (MHA) 128 tokens and 8 warps (0.89 ms a step at batch 32,
+# 1.69 at 32 and 4); several rows (GQA) 32 and 4.
+ONE_ROW_TILING = (128, 8)
+ROWS_TILING = (32, 4)
 
 
 def _scores(q_ref, k, sm_scale: float):
@@ -82,12 +86,16 @@ def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref
 
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "num_warps", "interpret", "poison"))
 def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
-                  tile_tokens: int = TILE_TOKENS, num_warps: int = NUM_WARPS,
+                  tile_tokens: int | None = None, num_warps: int | None = None,
                   interpret: bool = False, poison: bool = False):
   """The ring's and flushed group's per-tile partials `(acc, m, l)` (module
-  docstring), in tiles of `min(tile_tokens, R)` and `min(tile_tokens, F)` tokens. With `poison`, the
+  docstring), in tiles of `min(tile_tokens, R)` and `min(tile_tokens, F)`
+  tokens (by default `ONE_ROW_TILING` or `ROWS_TILING`). With `poison`, the
   outputs start as NaN, so an element the kernel fails to write shows."""
   b, kh, m_rows, d = q.shape
+  tiling = ONE_ROW_TILING if m_rows == 1 else ROWS_TILING
+  tile_tokens = tiling[0] if tile_tokens is None else tile_tokens
+  num_warps = tiling[1] if num_warps is None else num_warps
   r, f = ring_k.shape[2], flush_k.shape[2]
   for name, x, t in (("ring_k", ring_k, r), ("ring_v", ring_v, r), ("flush_k", flush_k, f),
                      ("flush_v", flush_v, f)):
@@ -104,7 +112,8 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
   whole = lambda c: pl.BlockSpec((None, None, c, d), lambda i, h, j: (i, h, 0, 0))  # noqa: E731
   live = lambda c: pl.BlockSpec((1, c), lambda i, h, j: (i, 0))  # noqa: E731
   return pallas_call(
-      functools.partial(_kernel, ring_tile=tr, flush_tile=tf, ring_tiles=r // tr, sm_scale=1.0 / math.sqrt(d)),
+      functools.partial(_kernel, ring_tile=tr, flush_tile=tf, ring_tiles=r // tr,
+                        sm_scale=1.0 / math.sqrt(d)),
       [q, ring_k, ring_v, flush_k, flush_v, ring_live.astype(jnp.int32),
        flush_live.astype(jnp.int32)],
       [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole(r),

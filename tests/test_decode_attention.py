@@ -147,14 +147,14 @@ def test_mha_kernels_refuse_what_they_do_not_read(rows, k_bits, v_bits):
                                k_bits=k_bits, v_bits=v_bits, group_size=32, interpret=True)
 
 
-@pytest.mark.parametrize("tile, n_tiles", [(16, 3), (32, 2)])
+@pytest.mark.parametrize("tile, n_tiles", [(16, 3), (32, 2), (None, 2)])
 @pytest.mark.parametrize("rep", [1, 3])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_ring_kernel_matches_float64(dtype, rep, tile, n_tiles):
   # The ring's and the flushed group's tiles merged, against float64 attention
   # over their visible tokens: a row seeing both, one the ring only, one
   # nothing. Tiles of 16 tokens (two of the ring, one of the group) or of
-  # 32 (the ring's one, the group's 16 in one).
+  # 32 (the ring's one, the group's 16 in one), or the defaults (the same here).
   rng = np.random.default_rng(rep)
   b, kh, d, r, f = 3, 2, 64, 32, 16
   parts = [jnp.asarray(rng.standard_normal((b, kh, t, d)), dtype) for t in (r, r, f, f)]
