@@ -5,7 +5,8 @@ against the quantized block (dequantized here; a kernel never materializes
 it), the full-precision ring and the new tokens, under one softmax (SPEC.md,
 "Attention in a decode step"). `decode_attention` is what a decode step runs:
 the same attention read after the new token's append, the block by a Pallas
-kernel (by cuDNN where it is 16-bit, on a GPU) and the rest in jnp.
+kernel (by cuDNN where it is 16-bit, on a GPU), the ring and the flushed group
+by another on a GPU (`_ring_kernel_reads`), the rest in jnp.
 `prompt_attention` is a prompt's attention over itself (a prefill).
 """
 
@@ -243,8 +244,9 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
 
   The block below `n_quantized(lengths)` is read by a kernel (by cuDNN where
   it is 16-bit, on a GPU; by jnp where neither applies); the sinks,
-  `flushed` and the ring (the new token is in one of them) by jnp. The two
-  are merged by their log-sum-exps. Nothing is concatenated: each part is
+  `flushed` and the ring (the new token is in one of them) by jnp, or
+  `flushed` and the ring by `decode_attention_ring`'s kernel where
+  `_ring_kernel_reads`. The parts are merged by their log-sum-exps. Nothing is concatenated: each part is
   read where it lies. Where the block holds every token (`holds_every_token`:
   the `fp16` preset), the block alone is read, through the new token.
 
