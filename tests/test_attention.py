@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import kivi_jax
-from kivi_jax.attention import (cache_attention, decode_attention, holds_every_token,
-                                kernel_applies)
+from kivi_jax.attention import (_ring_kernel_reads, cache_attention, decode_attention,
+                                holds_every_token, kernel_applies)
 from kivi_jax.cache import append_flushing, n_quantized
 import spec_reference
 from test_cache import (B, CONFIGS, D, HKV, _append, _channel_maps, _fill, _kv, _layer, _Shape,
@@ -96,6 +96,12 @@ def test_quantization_changes_the_output():
   assert np.abs(np.asarray(outs[0]) - np.asarray(outs[1])).max() > 1e-3
 
 
+# Where the GPU path reads the ring and the flushed group by
+# `decode_attention_ring`'s kernel: no sinks, keys cached after RoPE.
+RING_KERNEL = {"kivi2-g16-r32", "k8-v2-g32-r32", "kivi2-g16-r0", "kivi2-g64-r64", "kivi2-clip",
+               "kivi2-ternary"}
+
+
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
 @pytest.mark.parametrize("rep", [1, 4, 7])
 @pytest.mark.parametrize("window", [None, 50])
@@ -124,6 +130,9 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   # attention read by the kernel and by the reference.
   layer, flushed = _append_flushing(layer, k_new, v_new, lens, n_new, config, "reference")
   assert np.asarray(flushed[3][0]).any()
+  ring_kernel = _ring_kernel_reads(impl, config, layer, flushed,
+                                   INV_FREQ if config.pre_rope else None)
+  assert ring_kernel == (impl == "gpu" and name in RING_KERNEL)
   ref = jax.block_until_ready(
       _decode(q, layer, flushed, lens, n_new, config, window, "reference"))
   # Waited on before any other dispatch: the TPU interpreter's callbacks issue
