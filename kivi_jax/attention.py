@@ -246,9 +246,10 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   it is 16-bit, on a GPU; by jnp where neither applies); the sinks,
   `flushed` and the ring (the new token is in one of them) by jnp, or
   `flushed` and the ring by `decode_attention_ring`'s kernel where
-  `_ring_kernel_reads`. The parts are merged by their log-sum-exps. Nothing is concatenated: each part is
-  read where it lies. Where the block holds every token (`holds_every_token`:
-  the `fp16` preset), the block alone is read, through the new token.
+  `_ring_kernel_reads`. The parts are merged by their log-sum-exps. No key
+  or value is concatenated: each part is read where it lies. Where the
+  block holds every token (`holds_every_token`: the `fp16` preset), the
+  block alone is read, through the new token.
 
   Returns:
     `[B, 1, Hq, D]` in `q.dtype`.
@@ -289,7 +290,8 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     acc, m, l = (x[:, :, None] for x in _jnp_partial(qg, parts, lo, rope_inv_freq))
   # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
   out, _ = gpu_decode.merge_partials(
-      jnp.concatenate([o_blk[:, :, None], acc], 2), jnp.concatenate([lse_blk[:, :, None], m], 2),
+      jnp.concatenate([o_blk[:, :, None], acc], 2),
+      jnp.concatenate([lse_blk[:, :, None], m], 2),
       jnp.concatenate([jnp.ones_like(l[:, :, :1]), l], 2))
   return out.reshape(b, 1, hq, d).astype(q.dtype)
 
