@@ -345,7 +345,7 @@ def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
   l [B, Hkv, N, rep])`, one per tile of `decode_attention_ring`'s kernel."""
   b, hkv, rep, d = qg.shape
   fk, fv, f_pos, f_live = flushed
-  m_rows = 1 if rep == 1 else max(16, 1 << (rep - 1).bit_length())
+  m_rows = 1 if rep == 1 else _kernel_rows(rep, 16)
   q = jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
   acc, m, l = gpu_ring.ring_partials(
       q, layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
@@ -442,13 +442,19 @@ def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIC
                                         interpret=kernel_interpret(which))
   # [B, Hkv, M, D]: a kv head's query rows, padded with zeros to what the
   # kernel's dot wants: 16 rows on GPUs, 8 sublanes on TPUs.
-  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (rep - 1).bit_length())
+  m_rows = _kernel_rows(rep, 16 if which == "gpu" else tpu_decode.MIN_ROWS)
   pad = lambda x: jnp.pad(x.reshape(b, hkv, rep, d),  # noqa: E731
                           ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
   if rope:
     rope["q_rot"] = pad(rope["q_rot"])
   o, lse = _block_kernel(which, pad(q[:, 0]), *blocks, *rows, **rope, **kw)
   return o[:, :, :rep], lse[:, :, :rep]
+
+
+def _kernel_rows(rows: int, min_rows: int) -> int:
+  """The query rows a kernel's dots take for `rows` real ones: a power of two
+  of at least `min_rows` (16 on GPUs, `tpu_decode.MIN_ROWS` sublanes on TPUs)."""
+  return max(min_rows, 1 << (rows - 1).bit_length())
 
 
 def _block_kernel(which: str, *args, hidden: bool = False, **kw):
@@ -478,7 +484,7 @@ def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: d
   hkv = layer.ring_k.shape[1]
   rep = hq // hkv
   kv_of = jnp.arange(hq) // rep
-  m_rows = max(16 if which == "gpu" else tpu_decode.MIN_ROWS, 1 << (hq - 1).bit_length())
+  m_rows = _kernel_rows(hq, 16 if which == "gpu" else tpu_decode.MIN_ROWS)
 
   def spread(x):  # [B, Hq, D] -> [B, 1, M, H] in the keys' channel order
     x = jax.nn.one_hot(kv_of, hkv, dtype=x.dtype)[None, :, :, None] * x[:, :, None, :]
