@@ -62,9 +62,13 @@ def _values(p, v):
                              preferred_element_type=jnp.float32)  # [M, D]
 
 
-def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref, m_ref,
-            l_ref, *, ring_tile: int, flush_tile: int, ring_tiles: int, sm_scale: float):
+def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, tlive_ref, acc_ref,
+            m_ref, l_ref, *, ring_tile: int, flush_tile: int, ring_tiles: int,
+            sm_scale: float):
   j = pl.program_id(2)
+  # A tile with no visible token loads nothing (the flushed group's, at every
+  # step that flushes none).
+  tile_live = tlive_ref[0, 0] > 0
 
   def tile_partial(k_ref, v_ref, live_ref, tile, start):
     at = pl.ds(pl.multiple_of(start, tile), tile)
@@ -76,13 +80,19 @@ def _kernel(q_ref, rk_ref, rv_ref, fk_ref, fv_ref, rlive_ref, flive_ref, acc_ref
     m_ref[...] = m
     l_ref[...] = jnp.sum(p, axis=1)
 
-  @pl.when(j < ring_tiles)
+  @pl.when(tile_live & (j < ring_tiles))
   def _():
     tile_partial(rk_ref, rv_ref, rlive_ref, ring_tile, j * ring_tile)
 
-  @pl.when(j >= ring_tiles)
+  @pl.when(tile_live & (j >= ring_tiles))
   def _():
     tile_partial(fk_ref, fv_ref, flive_ref, flush_tile, (j - ring_tiles) * flush_tile)
+
+  @pl.when(~tile_live)
+  def _():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("tile_tokens", "num_warps", "interpret", "poison"))
@@ -110,15 +120,18 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
       raise ValueError(f"the {name} must hold a power of two of at least 16 tokens (got {t})")
   tr, tf = min(tile_tokens, r), min(tile_tokens, f)
   n = r // tr + f // tf
+  tiles_live = jnp.concatenate([ring_live.reshape(b, r // tr, tr).any(-1),
+                                flush_live.reshape(b, f // tf, tf).any(-1)], 1)
   whole = lambda c: pl.BlockSpec((None, None, c, d), lambda i, h, j: (i, h, 0, 0))  # noqa: E731
   live = lambda c: pl.BlockSpec((1, c), lambda i, h, j: (i, 0))  # noqa: E731
   return pallas_call(
       functools.partial(_kernel, ring_tile=tr, flush_tile=tf, ring_tiles=r // tr,
                         sm_scale=1.0 / math.sqrt(d)),
       [q, ring_k, ring_v, flush_k, flush_v, ring_live.astype(jnp.int32),
-       flush_live.astype(jnp.int32)],
+       flush_live.astype(jnp.int32), tiles_live.astype(jnp.int32)],
       [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole(r),
-       whole(r), whole(f), whole(f), live(r), live(f)],
+       whole(r), whole(f), whole(f), live(r), live(f),
+       pl.BlockSpec((1, 1), lambda i, h, j: (i, j))],
       [pl.BlockSpec((None, None, None, m_rows, d), lambda i, h, j: (i, h, j, 0, 0)),
        pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
        pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0))],
