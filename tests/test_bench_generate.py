@@ -1,6 +1,7 @@
 """kivi-jax bench generate's pieces on the CPU: a tiny shape measured end to end,
 the trace summary, the command's argument checks."""
 
+import dataclasses
 import gzip
 import json
 
@@ -98,3 +99,16 @@ def test_worker_imports_this_package_from_any_directory(tmp_path, monkeypatch):
   row = bg.measure({"kind": "nope"}, timeout=300)
   assert row["error"] == "failed"
   assert "unknown measurement kind 'nope'" in row["log"][-1]
+
+
+def test_worker_widens_the_window_for_a_longer_request(monkeypatch):
+  # P2's 4096 + 512 of Llama-2-7B shapes passes Llama-2's 4096-token window:
+  # generate refuses such a request, so the worker widens the random model's
+  # window to it and the row says so.
+  monkeypatch.setitem(bg.SHAPES, "tiny", dataclasses.replace(TINY, max_position_embeddings=32))
+  spec = {"kind": "generate", "shape": "tiny", "method": "kivi2", "batch": 2, "new": 6}
+  with pytest.raises(ValueError, match="max_position_embeddings=32"):
+    bg.time_generate(bg.random_model(bg.SHAPES["tiny"]), "kivi2", batch=2, prompt=40, new=6)
+  row = bg._worker({**spec, "prompt": 40})
+  assert row["window_widened_from"] == 32 and row["tokens_per_s"] > 0
+  assert "window_widened_from" not in bg._worker({**spec, "prompt": 26})
