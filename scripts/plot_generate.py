@@ -1,5 +1,7 @@
-"""Plot of the committed end-to-end results (PROTOCOLS.md P2): tokens/s against
-batch for each cache method and HF transformers, and peak memory beside it.
+"""Plot of the committed end-to-end results (PROTOCOLS.md P2): for each request
+(prompt + new tokens), tokens/s against batch for each cache method and HF
+transformers, and peak memory beside it. Where a method ran a batch more than
+once (at several commits), the file's last row is plotted.
 
   pip install -e ".[plot]"
   python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
@@ -20,37 +22,48 @@ RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def main(name: str = "generate_h200", shape: str = "llama2-7b",
-         request: tuple[int, int] = (1024, 512)) -> None:
+         requests: tuple[tuple[int, int], ...] = ((1024, 512), (4096, 512))) -> None:
   data = json.loads((RESULTS / f"{name}.json").read_text())
-  series = defaultdict(list)
-  for row in data["rows"]:
-    if (row.get("shape") != shape or row["kind"] not in ("generate", "hf")
-        or (row["prompt"], row["new"]) != request or "error" in row):
-      continue
-    label = "HF transformers eager, bf16" if row["kind"] == "hf" else f"kivi-jax {row['method']}"
-    series[label].append((row["batch"], row["tokens_per_s"], row["peak_bytes"] / 2**30))
-  fig, (ax, mem) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for label, points in sorted(series.items()):
-    batch, tps, gib = zip(*sorted(points))
-    ax.plot(batch, tps, "o-", label=label)
-    mem.plot(batch, gib, "o-", label=label)
-    for b, t in zip(batch, tps):
-      ax.annotate(f"{t:.0f}", (b, t), textcoords="offset points", xytext=(4, 4), fontsize=7)
-  ax.set_xlabel("batch (rows)")
-  ax.set_ylabel("tokens/s (prefill included)")
-  mem.set_xlabel("batch (rows)")
-  mem.set_ylabel("peak device memory (GiB)")
+  fig, axes = plt.subplots(len(requests), 2, figsize=(10, 3.8 * len(requests)), squeeze=False)
   limit = data["bytes_limit"] / 2**30
-  mem.axhline(limit, color="gray", ls=":", lw=1)
-  mem.text(0.02, limit, "allocator limit", transform=mem.get_yaxis_transform(), fontsize=7,
-           color="gray", va="bottom")
-  mem.set_ylim(0, 1.1 * limit)
-  for a in (ax, mem):
-    a.set_xscale("log", base=2)
-    a.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.suptitle(f"{shape} shapes (random bf16 weights), prompt {request[0]} + {request[1]} "
-               f"new tokens, {data['device']}, jax {data['jax']}, {data['date']}", fontsize=9)
+  dates = set()
+  colors = {}  # one color per system across the requests
+  for request, (ax, mem) in zip(requests, axes):
+    series = defaultdict(dict)
+    for row in data["rows"]:
+      if (row.get("shape") != shape or row["kind"] not in ("generate", "hf")
+          or (row["prompt"], row["new"]) != request or "error" in row):
+        continue
+      label = ("HF transformers eager, bf16" if row["kind"] == "hf"
+               else f"kivi-jax {row['method']}")
+      series[label][row["batch"]] = (row["tokens_per_s"], row["peak_bytes"] / 2**30)
+      dates.add(row["date"])
+    for label, points in sorted(series.items()):
+      batch = sorted(points)
+      tps, gib = zip(*(points[b] for b in batch))
+      color = colors.setdefault(label, f"C{len(colors)}")
+      ax.plot(batch, tps, "o-", label=label, color=color)
+      mem.plot(batch, gib, "o-", label=label, color=color)
+      for b, t in zip(batch, tps):
+        ax.annotate(f"{t:.0f} ({b})", (b, t), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    ax.set_title(f"prompt {request[0]} + {request[1]} new tokens", fontsize=9)
+    ax.set_xlabel("batch (rows)")
+    ax.set_ylabel("tokens/s (prefill included)")
+    ax.set_ylim(0, 1.15 * ax.get_ylim()[1])
+    mem.set_xlabel("batch (rows)")
+    mem.set_ylabel("peak device memory (GiB)")
+    mem.axhline(limit, color="gray", ls=":", lw=1)
+    mem.text(0.02, limit, "allocator limit", transform=mem.get_yaxis_transform(), fontsize=7,
+             color="gray", va="bottom")
+    mem.set_ylim(0, 1.1 * limit)
+    for a in (ax, mem):
+      a.set_xscale("log", base=2)
+      a.margins(x=0.2)
+      a.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"{shape} shapes (random bf16 weights), {data['device']}, jax {data['jax']}, "
+               f"{min(dates)} to {max(dates)}", fontsize=9)
   fig.tight_layout()
   out = RESULTS / f"{name}.png"
   fig.savefig(out, dpi=130)
