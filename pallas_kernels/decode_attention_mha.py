@@ -128,7 +128,8 @@ def mha_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n
                         score_warps: int = SCORE_WARPS, value_warps: int = VALUE_WARPS,
                         interpret: bool = False, poison: bool = False):
   """Per-packing-block partials `(acc [B, K, P, 1, D], m [B, K, P, 1],
-  l [B, K, P, 1])` over the values' `P` packing blocks (module docstring). `q` is `[B, K, 1, D]`; the other arguments as
+  l [B, K, P, 1])` over the values' `P` packing blocks (module docstring).
+  `q` is `[B, K, 1, D]`; the other arguments as
   `decode_attention.quantized_decode_partials`'. With `poison`, the outputs
   start as NaN, so an element a kernel fails to write shows."""
   b, kh, m_rows, d = q.shape
