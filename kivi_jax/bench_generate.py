@@ -354,16 +354,13 @@ def _worker(spec: dict) -> dict:
   jax.config.update("jax_compilation_cache_dir", spec.get("compile_cache") or
                     os.path.join(tempfile.gettempdir(), "kivi-jax-compile-cache"))
   mesh = sharding.make_mesh(*spec["mesh"]) if spec.get("mesh") else None
-  config, widened = SHAPES[spec["shape"]], {}
   if kind == "generate":
-    config, widened = fit_window(config, spec["prompt"] + spec["new"])
-  model = random_model(config, mesh=mesh)
-  if kind == "generate":
-    row = {**time_generate(model, spec["method"], spec["batch"], spec["prompt"],
-                           spec["new"], mesh=mesh), **widened}
+    config, widened = fit_window(SHAPES[spec["shape"]], spec["prompt"] + spec["new"])
+    row = {**time_generate(random_model(config, mesh=mesh), spec["method"], spec["batch"],
+                           spec["prompt"], spec["new"], mesh=mesh), **widened}
   else:  # "step"
-    row = time_decode_step(model, spec["method"], spec["batch"], spec["context"],
-                           copy_tbps=spec.get("copy_tbps"),
+    row = time_decode_step(random_model(SHAPES[spec["shape"]], mesh=mesh), spec["method"],
+                           spec["batch"], spec["context"], copy_tbps=spec.get("copy_tbps"),
                            profile_dir=spec.get("profile_dir"), mesh=mesh)
   row["peak_bytes"] = peak_bytes()
   return row
