@@ -481,7 +481,8 @@ def _ring_window_step(layer: LayerKV, k_new, v_new, body, n_new, nq0, config: KI
   d = k_new.shape[-1]
   # Where the flushed group holds the new token (R = 0): its window index.
   new_at = jnp.where((body - nq0 >= 0) & (body - nq0 < g), body - nq0, g)
-  args = (layer.ring_k, layer.ring_v, k_new, v_new, body % r, n_new, new_at)
+  flushes = _body_n_quantized(body + n_new, config) > nq0
+  args = (layer.ring_k, layer.ring_v, k_new, v_new, body % r, n_new, flushes, new_at)
   if kernel_backend(impl) == "gpu" and not (g & (g - 1) or d & (d - 1)):
     ring_k, ring_v, k_flush, v_flush = ring_update.ring_update(
         *args, group_size=g, interpret=kernel_interpret("gpu"))

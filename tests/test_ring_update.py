@@ -19,15 +19,25 @@ def test_kernel_matches_reference(group, ring):
   kn, vn = (jnp.asarray(rng.standard_normal((B, 2, 1, 32)), jnp.float32) for _ in "kv")
   slot = jnp.asarray(rng.integers(0, ring, B))
   writes = jnp.array([1, 0, 1])
+  flushes = jnp.array([1, 1, 0])
   new_at = jnp.asarray(rng.integers(0, group + 1, B))
-  out = ring_update.ring_update(rk, rv, kn, vn, slot, writes, new_at, group_size=group,
-                                interpret=True)
-  ref = ring_update.ring_update_reference(rk, rv, kn, vn, slot, writes, new_at,
+  out = ring_update.ring_update(rk, rv, kn, vn, slot, writes, flushes, new_at,
+                                group_size=group, interpret=True)
+  ref = ring_update.ring_update_reference(rk, rv, kn, vn, slot, writes, flushes, new_at,
                                           group_size=group)
   for x, y in zip(out, ref):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The row that writes nothing keeps its ring.
   np.testing.assert_array_equal(np.asarray(out[0][1]), np.asarray(rk[1]))
+  # A flushing row's window is the ring's old one (the new token at new_at);
+  # a row that does not flush returns zeros but that token.
+  first = np.asarray(slot) // group * group
+  for b in range(B):
+    old = np.asarray(rk[b][:, first[b]:first[b] + group])
+    at = np.arange(group) == int(new_at[b])
+    want = old if int(flushes[b]) else np.zeros_like(old)
+    want = np.where(at[None, :, None], np.asarray(kn[b]), want)
+    np.testing.assert_array_equal(np.asarray(out[2][b]), want)
 
 
 _append = jax.jit(append_flushing, static_argnames=("config", "impl"))
