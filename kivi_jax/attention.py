@@ -23,11 +23,17 @@ from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_b
                             kernel_interpret, n_quantized, ring_positions)
 from kivi_jax.config import KIVIConfig
 from kivi_jax.pallas_kernels import decode_attention as gpu_decode
+from kivi_jax.pallas_kernels import decode_attention_dense as gpu_dense
 from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden
 from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
 from kivi_jax.pallas_kernels import decode_attention_ring as gpu_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+
+# The longest block `decode_attention_dense` reads where cuDNN would too, and
+# the share of the GPU's SMs its programs (one per row and kv head) may fill.
+_DENSE_MAX_TOKENS = 2048
+_DENSE_MAX_SM_SHARE = 1 / 4
 
 # Finite, so a query that sees no key (a padding row) gets a uniform softmax, not NaN.
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -242,8 +248,9 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
       int32 `[B]`, 1 for a real token, 0 for padding (a finished row).
     sliding_window, impl, rope_inv_freq: as `cache_attention`'s.
 
-  The block below `n_quantized(lengths)` is read by a kernel (by cuDNN where
-  it is 16-bit, on a GPU; by jnp where neither applies); the sinks,
+  The block below `n_quantized(lengths)` is read by a kernel (where it is
+  16-bit, on a GPU, by `decode_attention_dense`'s where `_dense_reads_block`,
+  else by cuDNN; by jnp where none applies); the sinks,
   `flushed` and the ring (the new token is in one of them) by jnp, or
   `flushed` and the ring by `decode_attention_ring`'s kernel where
   `_ring_kernel_reads`. The parts are merged by their log-sum-exps. No key
@@ -265,7 +272,9 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     # The append wrote the new token into the block as it is, and the ring and
     # the sinks hold nothing: the block alone, read through the new token.
     n_all = n_quantized(lengths + n_new, config)
-    if _cudnn_reads_block(impl, config, q.dtype, sliding_window):
+    if _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):
+      o_blk, _ = _dense_block_attention(qg, layer, n_all, lo, config)
+    elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
       o_blk, _ = _cudnn_block_attention(q, layer, n_all, with_lse=False)
     else:
       o_blk, _ = _jnp_block_attention(qg, layer, n_all, lo, config, rope_inv_freq)
@@ -274,6 +283,8 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   which = resolve_impl(impl, config, d, hkv, 1)
   if which != "reference":
     o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
+  elif _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):
+    o_blk, lse_blk = _dense_block_attention(qg, layer, nq, lo, config)
   elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
     o_blk, lse_blk = _cudnn_block_attention(q, layer, nq)
   else:
@@ -391,6 +402,40 @@ def _cudnn_reads_block(impl: str, config: KIVIConfig, dtype, sliding_window) -> 
           and config.k_bits == 16 and config.v_bits == 16 and not config.sinks
           and not config.pre_rope and config.channel_group is None
           and sliding_window is None and dtype in (jnp.bfloat16, jnp.float16))
+
+
+def _dense_reads_block(impl: str, config: KIVIConfig, layer: LayerKV, dtype, sliding_window,
+                       programs: int) -> bool:
+  """Whether `decode_attention_dense`'s kernel reads a 16-bit block (keys after
+  RoPE, KIVI's layout, at least `MIN_CAPACITY` tokens): with a GPU's kernels,
+  where cuDNN does not read it (a sliding window, or off a GPU: tests in
+  interpret mode) or would run `programs`, one per (row, kv head), on at most
+  a quarter of the GPU's SMs over at most `_DENSE_MAX_TOKENS`. That is where
+  it was measured faster than cuDNN in the decode step on an H200 (132 SMs):
+  batch 1 of Llama-2-7B (32 kv heads) and of Llama-3-8B (8), 1360 tokens
+  (benchmarks/NOTES.md, "A kernel for the 16-bit block"); cuDNN elsewhere."""
+  capacity = layer.k.codes.shape[2]
+  if not (kernel_backend(impl) == "gpu" and config.k_bits == 16 and config.v_bits == 16
+          and not config.pre_rope and config.channel_group is None
+          and capacity >= gpu_dense.MIN_CAPACITY):
+    return False
+  if not _cudnn_reads_block(impl, config, dtype, sliding_window):
+    return True
+  return (programs <= _DENSE_MAX_SM_SHARE * (jax.devices()[0].core_count or 0)
+          and capacity <= _DENSE_MAX_TOKENS)
+
+
+def _dense_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
+  """`(o, lse)` as `_jnp_block_attention`, by `decode_attention_dense`'s
+  kernel over each row's first `nq[b]` block tokens from the window's `lo`."""
+  b, hkv, rep, d = qg.shape
+  m_rows = 1 if rep == 1 else max(16, 1 << (rep - 1).bit_length())
+  q = jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+  # The block holds body tokens: token S + i at index i.
+  o, lse = gpu_dense.dense_decode_attention(
+      q, layer.k.codes, layer.v.codes, nq, jnp.maximum(lo - config.sinks, 0),
+      interpret=kernel_interpret("gpu"))
+  return o[:, :, :rep], lse[:, :, :rep]
 
 
 def _cudnn_block_attention(q, layer: LayerKV, nq, with_lse: bool = True):

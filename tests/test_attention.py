@@ -1,13 +1,16 @@
 """Attention over the cache against float64 attention over the spec's dequantized keys."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kivi_jax
-from kivi_jax.attention import (_ring_kernel_reads, cache_attention, decode_attention,
-                                holds_every_token, kernel_applies)
+from kivi_jax.attention import (_cudnn_block_attention, _cudnn_reads_block, _ring_kernel_reads,
+                                cache_attention, decode_attention, holds_every_token,
+                                kernel_applies)
 from kivi_jax.cache import append_flushing, n_quantized
 import spec_reference
 from test_cache import (B, CONFIGS, D, HKV, _append, _channel_maps, _fill, _kv, _layer, _Shape,
@@ -156,13 +159,16 @@ def test_kernel_decode_matches_reference(name, window, rep, impl):
   assert np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.parametrize("impl", ["reference", "gpu"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("window", [None, 40])
 @pytest.mark.parametrize("rep", [1, 3])
-def test_decode_over_a_block_holding_every_token(rep, window, dtype):
+def test_decode_over_a_block_holding_every_token(rep, window, dtype, impl):
   # The fp16 preset (groups of one, no ring): a decode step writes the new token
-  # into the block and reads the block alone through it, nothing merged (by
-  # cuDNN's flash attention on a GPU in bf16, by jnp elsewhere).
+  # into the block and reads the block alone through it, nothing merged (by jnp
+  # with "reference"; with "gpu", by decode_attention_dense's kernel, in
+  # interpret mode on a CPU, where cuDNN does not apply).
+  # On a GPU cuDNN, which reads the block for larger batches, is checked too.
   config = kivi_jax.PRESETS["fp16"]
   assert holds_every_token(config) and not holds_every_token(CONFIGS["fp16"])
   hq = HKV * rep
@@ -176,8 +182,12 @@ def test_decode_over_a_block_holding_every_token(rep, window, dtype):
   n_new = jnp.array([1, 0, 1], jnp.int32)  # row 1 finished: its output is unused
   q = jax.random.normal(jax.random.key(rep), (B, 1, hq, D), dtype)
   layer, flushed = _append_flushing(layer, k_new, v_new, lengths, n_new, config, "auto")
-  out = _decode(q, layer, flushed, lengths, n_new, config, window, "auto")
-  for b in (0, 2):
+  outs = [_decode(q, layer, flushed, lengths, n_new, config, window, impl)]
+  if impl == "gpu" and _cudnn_reads_block(impl, config, q.dtype, window):
+    o, _ = _cudnn_block_attention(q, layer, n_quantized(lengths + n_new, config),
+                                  with_lse=False)
+    outs.append(o.reshape(B, 1, hq, D))
+  for out, b in itertools.product(outs, (0, 2)):
     total = int(lengths[b]) + 1
     kb, vb = (np.asarray(x[b, :, :total].astype(jnp.float32), np.float64) for x in (k, v))
     visible = np.ones((1, total), bool)

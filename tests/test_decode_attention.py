@@ -19,10 +19,12 @@ from kivi_jax import quantization
 from kivi_jax.attention import resolve_impl
 
 from kivi_jax.pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention_dense as da_dense
 from kivi_jax.pallas_kernels import decode_attention_hidden as da_hidden
 from kivi_jax.pallas_kernels import decode_attention_mha as da_mha
 from kivi_jax.pallas_kernels import decode_attention_ring as da_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as da_tpu
+import spec_reference
 from conftest import tiny_hf_model, tiny_llama_config, tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -145,6 +147,63 @@ def test_mha_kernels_refuse_what_they_do_not_read(rows, k_bits, v_bits):
   with pytest.raises(ValueError, match="one query row"):
     da_mha.mha_decode_partials(*args, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
                                k_bits=k_bits, v_bits=v_bits, group_size=32, interpret=True)
+
+
+# Capacities: two whole tiles; tiles and a last one overlapping the one before
+# (91 = 64 + 27 with tiles of 64; 200 = 128 + 72); one tile of 16.
+@pytest.mark.parametrize("capacity", [256, 91, 200, 16])
+@pytest.mark.parametrize("rep", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_kernel_matches_float64(dtype, rep, capacity):
+  # The 16-bit block (the fp16 preset's) against softmax(q k^T / sqrt(d)) v in
+  # float64 over each row's visible tokens `lo <= t < n`: ragged rows, a
+  # window, a row of one token and one of none.
+  rng = np.random.default_rng(capacity * 10 + rep)
+  b, kh, d = 4, 2, 64
+  k, v = (jnp.asarray(rng.standard_normal((b, kh, capacity, d)), dtype) for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((b, kh, rep, d)), dtype)
+  n = np.array([capacity, capacity - 5, 1, 0])
+  lo = np.array([0, capacity // 3, 0, 0])
+  m_rows = 1 if rep == 1 else 16
+  qp = jnp.pad(q, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+  partials = da_dense.dense_decode_partials(qp, k, v, jnp.asarray(n), jnp.asarray(lo),
+                                            poison=True, interpret=not ON_GPU)
+  # Poisoned with NaN first: every tile's partial must have been written.
+  for x in partials:
+    assert not np.isnan(np.asarray(x)).any()
+  o, lse = da.merge_partials(*partials)
+  o, lse = np.asarray(o[:, :, :rep]), np.asarray(lse[:, :, :rep])
+  f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
+  # float32: summation order. bf16 with one row: float32 arithmetic on the
+  # cache's own values; with several, the probabilities rounded to bf16 for
+  # the values' dot (2^-9 relative each, as cuDNN's).
+  tol = 2**-8 if (dtype == "bfloat16" and rep > 1) else 1e-5
+  for i in range(b):
+    visible = (np.arange(capacity) < n[i]) & (np.arange(capacity) >= lo[i])
+    for h in range(kh):
+      if not visible.any():
+        np.testing.assert_array_equal(o[i, h], 0.0)
+        assert (lse[i, h] < -1e29).all()
+        continue
+      kb, vb = f64(k[i, h]), f64(v[i, h])
+      ref = spec_reference.attention(f64(q[i, h]), kb, vb,
+                                     np.broadcast_to(visible, (rep, capacity)))
+      np.testing.assert_allclose(o[i, h], ref, rtol=tol, atol=tol * np.abs(vb).max())
+      s = f64(q[i, h]) @ kb[visible].T / np.sqrt(d)
+      lse_ref = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+      np.testing.assert_allclose(lse[i, h], lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, match", [
+    ((1, 2, 4, 64), (1, 2, 64, 64), "padded to a multiple of 16"),
+    ((1, 2, 1, 64), (1, 2, 8, 64), "at least 16 tokens"),
+    ((1, 2, 1, 64), (1, 3, 64, 64), r"k and v must be \[B, K, C, D\]"),
+])
+def test_dense_kernel_refuses_what_it_does_not_read(q_shape, kv_shape, match):
+  z = jnp.zeros(1, jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    da_dense.dense_decode_partials(jnp.zeros(q_shape), jnp.zeros(kv_shape), jnp.zeros(kv_shape),
+                                   z, z, interpret=True)
 
 
 @pytest.mark.parametrize("tile, n_tiles", [(16, 3), (32, 2), (None, 2)])
