@@ -366,9 +366,10 @@ def _worker(spec: dict) -> dict:
   return row
 
 
-def measure(spec: dict, timeout: int = 1800) -> dict:
+def measure(spec: dict, timeout: float = 1800) -> dict:
   """`spec` measured in a fresh process: its row, or `{"error": ...}` (out of
-  memory, say) with the process's last lines."""
+  memory, say, or "timed out": the process killed after `timeout` seconds)
+  with the process's last lines."""
   env = dict(os.environ)
   # Let the allocator hand out nearly the whole device (the default is 75%).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -376,8 +377,14 @@ def measure(spec: dict, timeout: int = 1800) -> dict:
   # kivi_jax/ (without the models/ and pallas_kernels/ an install maps into it)
   # would shadow the package this process runs: start in that package's parent.
   home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "kivi_jax.bench_generate", json.dumps(spec)],
-                        capture_output=True, text=True, env=env, timeout=timeout, cwd=home)
+  try:
+    proc = subprocess.run([sys.executable, "-m", "kivi_jax.bench_generate", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=home)
+  except subprocess.TimeoutExpired as e:
+    text = e.stderr or e.stdout or ""
+    text = text.decode(errors="replace") if isinstance(text, bytes) else text
+    return {**spec, "error": "timed out", "timeout_s": timeout,
+            "log": text.strip().splitlines()[-3:]}
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
       return {**spec, **json.loads(line)}
@@ -397,7 +404,8 @@ def generate_benchmark(shape: str = "llama2-7b",
                        requests=((1024, 512), (4096, 512)), batches=(1, 8, 32),
                        step_batches=(1, 32), step_context: int = 1280, largest: bool = True,
                        hf_batches=(32, 64, 128), out: str | None = None,
-                       mesh: tuple[int, int] | None = None, progress=print) -> dict:
+                       mesh: tuple[int, int] | None = None, row_timeout: float = 1800,
+                       progress=print) -> dict:
   """P2 for one shape, every measurement in its own process (`measure`).
 
   One decode step of each method at `step_batches` with `step_context`
@@ -408,7 +416,9 @@ def generate_benchmark(shape: str = "llama2-7b",
   memory). With `out`, the result is written after every row, added to the
   rows already there: a sweep longer than one session on a machine can go on
   in the next. With `mesh` (data, model), the kivi-jax rows run over a mesh of
-  that many devices (`kivi_jax.make_mesh`).
+  that many devices (`kivi_jax.make_mesh`). A row whose process runs past
+  `row_timeout` seconds is recorded as timed out and the sweep goes on (a
+  timed-out largest batch is not retried smaller).
   """
   if mesh is not None and largest:
     raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
@@ -431,7 +441,8 @@ def generate_benchmark(shape: str = "llama2-7b",
     meta = {k: v for k, v in run_metadata().items() if k in ("date", "commit")}
     if mesh is not None and spec["kind"] != "hf":
       spec = {**spec, "mesh": list(mesh)}
-    row = {**measure({"shape": shape, **spec}), **meta}
+    progress(f"measuring {json.dumps({k: v for k, v in spec.items() if k != 'profile_dir'})}")
+    row = {**measure({"shape": shape, **spec}, timeout=row_timeout), **meta}
     result["rows"].append(row)
     if out:
       Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,9 @@ def _bench_generate(args) -> int:
     get_preset(m)
   if args.shape not in bench_generate.SHAPES:
     raise ValueError(f"unknown shape {args.shape!r}; known: {', '.join(bench_generate.SHAPES)}")
+  if not args.row_timeout > 0:
+    raise ValueError(f"--row-timeout must be a positive number of seconds, got "
+                     f"{args.row_timeout}")
   requests = []
   for r in filter(str.strip, args.requests.split(",")):  # "" for steps only
     prompt, _, new = r.partition("+")
@@ -374,7 +377,7 @@ def _bench_generate(args) -> int:
       shape=args.shape, methods=methods, requests=tuple(requests), batches=ints(args.batches),
       step_batches=ints(args.step_batches), step_context=args.step_context,
       largest=not args.no_largest, hf_batches=ints(args.hf_batches), out=args.out,
-      mesh=mesh, progress=lambda s: print(s, flush=True))
+      mesh=mesh, row_timeout=args.row_timeout, progress=lambda s: print(s, flush=True))
   if args.out:
     print(f"wrote {args.out}")
   return 0
@@ -509,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "devices (rows over data, heads over model); needs --no-largest")
   gen_bench.add_argument("--out", help="JSON results, written after every row and added "
                          "to the rows already in the file")
+  gen_bench.add_argument("--row-timeout", type=float, default=1800,
+                         help="seconds a row's process may run before it is stopped and "
+                         "recorded as timed out (the sweep goes on)")
   gen_bench.set_defaults(run=_bench_generate)
   return parser
 

@@ -78,6 +78,8 @@ def test_trace_summary_groups_device_kernels(tmp_path):
     (["--mesh", "data=2"], "data=D,model=M"),
     (["--mesh", "data=2,model=x"], "data=D,model=M"),
     (["--mesh", "data=1,model=1"], "largest batch over a mesh"),
+    (["--row-timeout", "0"], "--row-timeout must be a positive"),
+    (["--row-timeout", "nan"], "--row-timeout must be a positive"),
 ])
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2
@@ -113,3 +115,34 @@ def test_worker_widens_the_window_for_a_longer_request(monkeypatch):
   row = bg._worker({**spec, "prompt": 40})
   assert row["window_widened_from"] == 32 and row["tokens_per_s"] > 0
   assert "window_widened_from" not in bg._worker({**spec, "prompt": 26})
+
+
+def test_a_row_past_its_time_is_stopped_and_recorded():
+  # The worker cannot even import jax in a hundredth of a second.
+  row = bg.measure({"kind": "device"}, timeout=0.01)
+  assert row["error"] == "timed out" and row["timeout_s"] == 0.01
+
+
+def test_the_sweep_goes_on_past_a_timed_out_row(monkeypatch, tmp_path):
+  # A timed-out largest batch is recorded, not retried smaller (only running
+  # out of memory is), and the next method and request still run.
+  calls = []
+
+  def fake_measure(spec, timeout=None):
+    calls.append((spec["kind"], spec.get("method"), spec.get("batch"), timeout))
+    if spec["kind"] == "device":
+      return {"kind": "device", "device": "fake", "bytes_limit": 2**36, "copy_tbps": 1.0}
+    if spec.get("method") == "kivi2":
+      return {**spec, "error": "timed out", "timeout_s": timeout}
+    return {**spec, "tokens_per_s": 1.0}
+
+  monkeypatch.setattr(bg, "measure", fake_measure)
+  out = tmp_path / "rows.json"
+  result = bg.generate_benchmark("llama2-7b", methods=("kivi2", "fp16"),
+                                 requests=((1024, 512),), batches=(), step_batches=(),
+                                 hf_batches=(), out=str(out), row_timeout=7,
+                                 progress=lambda s: None)
+  assert [c[:2] for c in calls[1:]] == [("generate", "kivi2"), ("generate", "fp16")]
+  assert all(c[3] == 7 for c in calls[1:])
+  assert result["rows"][0]["error"] == "timed out"
+  assert json.loads(out.read_text())["rows"] == result["rows"]
