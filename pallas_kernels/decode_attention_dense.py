@@ -4,10 +4,10 @@
 One program per (row, kv head, tile of `T` tokens; the last tile ends at the
 block's capacity), nothing carried from one tile to the next (as
 `decode_attention_mha`'s kernels, which this follows: many short programs per
-SM hide each other's load latency). A program reads
-its tile of keys and values once, in their own `[B, K, C, D]` layout, and
-writes the tile's unnormalized partial `(acc, m, l)`; `merge_partials` merges
-the tiles. Tiles past a row's last token, or before its window, load nothing.
+SM hide each other's load latency). A program reads its tile of keys and
+values once, in their own `[B, K, C, D]` layout, and writes the tile's
+unnormalized partial `(acc, m, l)`; `merge_partials` merges the tiles. Tiles
+past a row's last token, or before its window, load nothing.
 
 A kv head with one query row (MHA) computes on CUDA cores in float32: scores
 `sum_d q_d k_td`, values `sum_t p_t v_t` (no operand rounded). With several
@@ -100,9 +100,8 @@ def dense_decode_partials(q, k, v, n_valid, lo, *, tile_tokens: int = TILE_TOKEN
                           num_warps: int = NUM_WARPS, interpret: bool = False,
                           poison: bool = False):
   """Per-tile partials `(acc [B, K, N, M, D], m [B, K, N, M], l [B, K, N, M])`
-  over the block's `N = ceil(C / T)` tiles
-  (module docstring). With `poison`, the outputs start as NaN, so an element
-  the kernel fails to write shows."""
+  over the block's `N = ceil(C / T)` tiles (module docstring). With `poison`,
+  the outputs start as NaN, so an element the kernel fails to write shows."""
   b, kh, m_rows, d = q.shape
   c = k.shape[2]
   if k.shape != (b, kh, c, d) or v.shape != k.shape:
