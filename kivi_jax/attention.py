@@ -351,15 +351,22 @@ def _ring_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, flushed,
           and pow2(layer.ring_k.shape[2]) and pow2(flushed[0].shape[2]))
 
 
+def _tile_kernel_rows(qg):
+  """`qg` `[B, Hkv, rep, D]` with its rows as `decode_attention_ring`'s and
+  `decode_attention_dense`'s kernels take them: one row as it is (CUDA
+  cores), several padded to a power of two of at least 16 (their dots)."""
+  rep = qg.shape[2]
+  m_rows = 1 if rep == 1 else _kernel_rows(rep, 16)
+  return jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+
+
 def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
   """The ring's and the flushed group's partials `(acc [B, Hkv, N, rep, D], m,
   l [B, Hkv, N, rep])`, one per tile of `decode_attention_ring`'s kernel."""
-  b, hkv, rep, d = qg.shape
+  rep = qg.shape[2]
   fk, fv, f_pos, f_live = flushed
-  m_rows = 1 if rep == 1 else _kernel_rows(rep, 16)
-  q = jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
   acc, m, l = gpu_ring.ring_partials(
-      q, layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
+      _tile_kernel_rows(qg), layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
       fv.astype(layer.ring_v.dtype), ring_live & (ring_pos >= lo[:, None]),
       f_live & (f_pos >= lo[:, None]), interpret=kernel_interpret("gpu"))
   return acc[:, :, :, :rep], m[..., :rep], l[..., :rep]
@@ -428,12 +435,10 @@ def _dense_reads_block(impl: str, config: KIVIConfig, layer: LayerKV, dtype, sli
 def _dense_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
   """`(o, lse)` as `_jnp_block_attention`, by `decode_attention_dense`'s
   kernel over each row's first `nq[b]` block tokens from the window's `lo`."""
-  b, hkv, rep, d = qg.shape
-  m_rows = 1 if rep == 1 else max(16, 1 << (rep - 1).bit_length())
-  q = jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
+  rep = qg.shape[2]
   # The block holds body tokens: token S + i at index i.
   o, lse = gpu_dense.dense_decode_attention(
-      q, layer.k.codes, layer.v.codes, nq, jnp.maximum(lo - config.sinks, 0),
+      _tile_kernel_rows(qg), layer.k.codes, layer.v.codes, nq, jnp.maximum(lo - config.sinks, 0),
       interpret=kernel_interpret("gpu"))
   return o[:, :, :rep], lse[:, :, :rep]
 

@@ -184,6 +184,23 @@ def _kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref
   l_ref[...] = l
 
 
+def partial_outputs(b: int, kh: int, n: int, m_rows: int, d: int):
+  """`(out_specs, out_shape)` of a kernel over the grid `(B, K, N)` whose
+  program `(i, h, j)` writes one unnormalized partial: `acc [B, K, N, M, D]`,
+  `m` and `l` `[B, K, N, M]`, float32, as `merge_partials` takes them."""
+  out_specs = [
+      pl.BlockSpec((None, None, None, m_rows, d), lambda i, h, j: (i, h, j, 0, 0)),
+      pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
+      pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
+  ]
+  out_shape = [
+      jax.ShapeDtypeStruct((b, kh, n, m_rows, d), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32),
+  ]
+  return out_specs, out_shape
+
+
 def merge_partials(acc, m, l):
   """Merges unnormalized partials over axis -3 (splits): acc [..., S, M, D], m/l [..., S, M].
 
@@ -276,16 +293,7 @@ def quantized_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_z
       compute_dtype=compute_dtype, rope=q_rot is not None, pos_offset=pos_offset)
   slab = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j, s: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, s: (i,))
-  out_specs = [
-      pl.BlockSpec((None, None, None, m_rows, d), lambda i, j, s: (i, j, s, 0, 0)),
-      pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-      pl.BlockSpec((None, None, None, m_rows), lambda i, j, s: (i, j, s, 0)),
-  ]
-  out_shape = [
-      jax.ShapeDtypeStruct((b, kh, splits, m_rows, d), jnp.float32),
-      jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
-      jax.ShapeDtypeStruct((b, kh, splits, m_rows), jnp.float32),
-  ]
+  out_specs, out_shape = partial_outputs(b, kh, splits, m_rows, d)
   inputs = [q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
             n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
   in_specs = [slab(q), slab(k_codes), slab(k_scale), slab(k_zero), slab(v_codes),

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
-from kivi_jax.pallas_kernels.decode_attention import dot_precision, merge_partials, pallas_call
+from kivi_jax.pallas_kernels.decode_attention import (dot_precision, merge_partials, pallas_call,
+                                                      partial_outputs)
 
 # Tokens per program and warps: on an H200, in profiler traces, tiles of 128
 # tokens at 8 warps read a batch-1 block of 32 kv heads in 8.9 us a layer,
@@ -122,12 +123,7 @@ def dense_decode_partials(q, k, v, n_valid, lo, *, tile_tokens: int = TILE_TOKEN
       [q, k, v, *rows],
       [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole, whole,
        row, row],
-      [pl.BlockSpec((None, None, None, m_rows, d), lambda i, h, j: (i, h, j, 0, 0)),
-       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
-       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0))],
-      [jax.ShapeDtypeStruct((b, kh, n_tiles, m_rows, d), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, n_tiles, m_rows), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, n_tiles, m_rows), jnp.float32)],
+      *partial_outputs(b, kh, n_tiles, m_rows, d),
       grid=(b, kh, n_tiles), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="kivi_dense_decode")
 

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
-from kivi_jax.pallas_kernels.decode_attention import merge_partials, pallas_call
+from kivi_jax.pallas_kernels.decode_attention import merge_partials, pallas_call, partial_outputs
 
 # Warps per program, measured on an H200 (benchmarks/NOTES.md): the scores
 # kernel at 8 was 3x faster than at 4; the values kernel best at 4.
@@ -163,12 +163,7 @@ def mha_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n
        pl.BlockSpec((None, None, None, wv, g, n_cgroups), lambda i, h, j: (i, h, j, 0, 0, 0)),
        pl.BlockSpec((None, None, None, wv, g, n_cgroups), lambda i, h, j: (i, h, j, 0, 0, 0)),
        row, row],
-      [pl.BlockSpec((None, None, None, 1, d), lambda i, h, j: (i, h, j, 0, 0)),
-       pl.BlockSpec((None, None, None, 1), lambda i, h, j: (i, h, j, 0)),
-       pl.BlockSpec((None, None, None, 1), lambda i, h, j: (i, h, j, 0))],
-      [jax.ShapeDtypeStruct((b, kh, nv, 1, d), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, nv, 1), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, nv, 1), jnp.float32)],
+      *partial_outputs(b, kh, nv, 1, d),
       grid=(b, kh, nv), poison=poison, num_warps=value_warps, num_stages=1,
       interpret=interpret, name="kivi_mha_values")
   return acc, m, l

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
-from kivi_jax.pallas_kernels.decode_attention import dot_precision, pallas_call
+from kivi_jax.pallas_kernels.decode_attention import dot_precision, pallas_call, partial_outputs
 
 # Tokens and warps per program, of a sweep in the whole decode step on an H200
 # (KIVI-2, 1280 cached tokens, benchmarks/NOTES.md "The ring in a kernel"):
@@ -134,11 +134,6 @@ def ring_partials(q, ring_k, ring_v, flush_k, flush_v, ring_live, flush_live, *,
       [pl.BlockSpec((None, None, m_rows, d), lambda i, h, j: (i, h, 0, 0)), whole(r),
        whole(r), whole(f), whole(f), live(r), live(f),
        pl.BlockSpec((1, 1), lambda i, h, j: (i, j))],
-      [pl.BlockSpec((None, None, None, m_rows, d), lambda i, h, j: (i, h, j, 0, 0)),
-       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0)),
-       pl.BlockSpec((None, None, None, m_rows), lambda i, h, j: (i, h, j, 0))],
-      [jax.ShapeDtypeStruct((b, kh, n, m_rows, d), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32),
-       jax.ShapeDtypeStruct((b, kh, n, m_rows), jnp.float32)],
+      *partial_outputs(b, kh, n, m_rows, d),
       grid=(b, kh, n), poison=poison, num_warps=num_warps, num_stages=1, interpret=interpret,
       name="kivi_ring_attention")
