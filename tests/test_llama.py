@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import kivi_jax
-from kivi_jax import bench_generate
+from kivi_jax import bench_generate, quantization
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 
@@ -61,6 +61,17 @@ def test_decode_step_copies_no_weight_or_cache_buffer(method, impl):
   compiled, cache = _compiled_step(model, kv, impl=impl)
   # Below a hundredth of the cache: the lengths, fp16's one-slot ring.
   assert copied_inputs(compiled.as_text(), cache.nbytes() // 100) == []
+
+
+def test_skvq_decode_step_runs_no_loop(monkeypatch):
+  # A loop in a GPU step waits on the host at each iteration. SKVQ's flush
+  # reduces each channel group by a scan at 7B widths (32 tokens x 256
+  # groups); made to take that path here, its step must hold no loop (a
+  # binary search ran 13 iterations in 4 loops a layer).
+  monkeypatch.setattr(quantization, "SEGMENT_MASKED_PAIRS", 0)
+  kv = dataclasses.replace(kivi_jax.get_preset("skvq-k2v2-g32"), reorder=False, clip=0.9)
+  compiled, _ = _compiled_step(_model(), kv)
+  assert not re.search(r"\bwhile\(", compiled.as_text())
 
 
 def test_copy_check_sees_a_cache_read_before_its_write():
