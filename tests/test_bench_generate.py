@@ -4,11 +4,14 @@ the trace summary, the command's argument checks."""
 import dataclasses
 import gzip
 import json
+import pathlib
+import re
 
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from kivi_jax import bench_generate as bg
+from kivi_jax import pallas_kernels
 from kivi_jax.cli import main
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.sharding import make_mesh
@@ -69,6 +72,25 @@ def test_trace_summary_groups_device_kernels(tmp_path):
   assert out["by_kind_ms"] == pytest.approx({"matmul": 0.25, "attention kernel": 0.2,
                                              "copy": 0.05, "transpose": 0.05})
   assert out["top_kernels"][0]["op"] == "jit(f)/BTD,DE->BTE"
+
+
+def _kernel_names():
+  """The `name=` of every Pallas kernel the package defines."""
+  root = pathlib.Path(pallas_kernels.__file__).parent
+  names = set()
+  for path in root.glob("*.py"):
+    names.update(re.findall(r'name="(\w+)"', path.read_text()))
+  return sorted(names)
+
+
+def test_every_kernel_is_counted_as_attention_or_write():
+  # A profile's kinds must see each kernel by its name: SKVQ's two kernels
+  # had been counted as "other fusion" under a name they did not have.
+  names = _kernel_names()
+  assert {"kivi_decode_attention", "skvq_decode_scores", "kivi_quantize_pack"} <= set(names)
+  for name in names:
+    want = "write kernel" if "quantize_pack" in name or "update" in name else "attention kernel"
+    assert bg.kernel_kind(name) == want, name
 
 
 @pytest.mark.parametrize("args, match", [
