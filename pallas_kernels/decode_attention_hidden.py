@@ -15,7 +15,7 @@ dequantizes the block into memory:
    channel's scale and zero picked from the few groups the tile spans) and
    dotted with the query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
-3. `_values_kernel`, grid `(B, H / span, splits)`: `p @ v` over one split's
+3. `_values_kernel`, grid `(B, H / span, value_splits)`: `p @ v` over one split's
    tokens for a span of a few tiles of channels (the probabilities read once
    for all of them); the splits are summed in jnp.
 
@@ -160,13 +160,13 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_re
 
 @functools.partial(jax.jit, static_argnames=(
     "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "value_tiles",
-    "splits", "num_warps", "interpret", "poison"))
+    "splits", "value_splits", "num_warps", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
                             k_bits: float, v_bits: float, group_size: int,
                             sm_scale: float, pos_offset: int = 0, tile: int | None = None,
                             value_tiles: int = 1, splits: int | None = None,
-                            num_warps: int = 4,
+                            value_splits: int | None = None, num_warps: int = 4,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
@@ -174,9 +174,11 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
   a values program covers `value_tiles` tiles (one by default: fastest on
   average over the 7B widths, `scripts/gpu_skvq_tiles.py`);
-  `splits` programs share each row's tokens. With `poison`, both kernels'
-  outputs start as NaN, so a live score or an output element the kernels fail
-  to write shows.
+  `splits` scores programs share each row's tokens, `value_splits` values
+  programs each channel span's (by default, each enough to fill a large GPU
+  with its own grid: the values kernel has a program per channel span
+  besides). With `poison`, both kernels' outputs start as NaN, so a live
+  score or an output element the kernels fail to write shows.
   """
   if (q_rot is None) != (rope_theta is None):
     raise ValueError("q_rot and rope_theta go together")
@@ -191,8 +193,11 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
                      f"{tile} channels")
   n_groups = k_codes.shape[2] * codes_per_word(k_bits) // g
+  width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)
+  if value_splits is None:
+    value_splits = default_splits(b, hidden // width, n_groups)
   groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
@@ -200,7 +205,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
   row = pl.BlockSpec((1,), lambda i, *_: (i,))
   rows = [n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
-  cfg = dict(group=g, groups_per_split=groups_per_split, compute_dtype=compute_dtype)
+  cfg = dict(group=g, compute_dtype=compute_dtype)
 
   # 1. Scores [B, M, splits * span].
   inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]
@@ -212,7 +217,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     in_specs += [whole(q_rot), pl.BlockSpec((hidden,), lambda i, s: (0,))]
   scores = pallas_call(
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
-                        rope=q_rot is not None, pos_offset=pos_offset, **cfg),
+                        rope=q_rot is not None, pos_offset=pos_offset,
+                        groups_per_split=groups_per_split, **cfg),
       inputs, in_specs,
       [pl.BlockSpec((None, m_rows, span), lambda i, s: (i, 0, s))],
       [jax.ShapeDtypeStruct((b, m_rows, splits * span), jnp.float32)],
@@ -227,19 +233,25 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   p = jnp.where(live, jnp.exp(scores - m[..., None]), 0.0)
   l = jnp.sum(p, axis=-1)
 
-  # 3. Values: [B, splits, M, H], summed over the splits.
-  width = value_tiles * tile
+  # 3. Values: [B, value_splits, M, H], summed over the splits, each over
+  # `v_span` tokens of the probabilities (cut, or padded with zeros, to
+  # `value_splits * v_span`).
+  v_groups_per_split = -(-n_groups // value_splits)
+  v_span = v_groups_per_split * g
+  extra = value_splits * v_span - p.shape[-1]
+  p = jnp.pad(p, ((0, 0), (0, 0), (0, extra))) if extra > 0 else p[..., :p.shape[-1] + extra]
   acc = pallas_call(
-      functools.partial(_values_kernel, bits=v_bits, tile=tile, **cfg),
+      functools.partial(_values_kernel, bits=v_bits, tile=tile,
+                        groups_per_split=v_groups_per_split, **cfg),
       [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
       + [v_groups.astype(jnp.int32)] + rows,
-      [pl.BlockSpec((None, m_rows, span), lambda i, j, s: (i, 0, s)),
+      [pl.BlockSpec((None, m_rows, v_span), lambda i, j, s: (i, 0, s)),
        pl.BlockSpec((None, v_codes.shape[2], width), lambda i, j, s: (i, 0, j)),
        whole(v_scale), whole(v_zero),
        pl.BlockSpec((width,), lambda i, j, s: (j,)), row, row],
       [pl.BlockSpec((None, None, m_rows, width), lambda i, j, s: (i, s, 0, j))],
-      [jax.ShapeDtypeStruct((b, splits, m_rows, hidden), jnp.float32)],
-      grid=(b, hidden // width, splits), poison=poison, num_warps=num_warps, num_stages=1,
+      [jax.ShapeDtypeStruct((b, value_splits, m_rows, hidden), jnp.float32)],
+      grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="skvq_decode_values")[0]
   # One partial: every split's probabilities share the block's maximum.
   o, lse = merge_partials(jnp.sum(acc, axis=1)[:, None], m[:, None], l[:, None])

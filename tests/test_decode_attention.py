@@ -373,16 +373,18 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
   return args
 
 
-# (hidden dim, groups, channels per tile, tiles per values program): default
-# tiles (2 and 6 of 32, one per values program), SmolLM2's 192 channels, and
-# explicit ones.
-@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles", [
-    (64, 3, None, 1), (192, 12, None, 1), (256, 5, 32, 2), (128, 40, 16, 4)])
+# (hidden dim, groups, channels per tile, tiles per values program, values
+# splits): default tiles (2 and 6 of 32, one per values program), SmolLM2's
+# 192 channels, and explicit ones; the values kernel's splits by default and
+# fewer or more than the scores kernel's 3 (its probabilities cut or padded).
+@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits", [
+    (64, 3, None, 1, None), (192, 12, None, 1, 2), (256, 5, 32, 2, 5),
+    (128, 40, 16, 4, 1)])
 @pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
                                                (8, 2, 16)])
 @pytest.mark.parametrize("rope", [False, True])
 def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile,
-                                        value_tiles, rope):
+                                        value_tiles, value_splits, rope):
   seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
@@ -391,7 +393,8 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
   o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, value_tiles=value_tiles,
-                                             splits=3, poison=True, interpret=not ON_GPU)
+                                             splits=3, value_splits=value_splits,
+                                             poison=True, interpret=not ON_GPU)
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
                                                            dot_dtype=args[0].dtype)
   assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(lse)).all()
