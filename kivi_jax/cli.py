@@ -176,24 +176,33 @@ def _write_json(path: str, out: dict) -> None:
   print(f"wrote {path}")
 
 
+def git_commit(path: Path) -> str | None:
+  """The commit checked out where `path` lies, with "-dirty" where a tracked
+  file differs from it (the code that ran was not that commit's), or None
+  outside a repository."""
+  import subprocess
+
+  def git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=path,
+                          check=True).stdout.strip()
+  try:
+    commit = git("rev-parse", "HEAD")
+    return commit + "-dirty" if git("status", "--porcelain", "--untracked-files=no") else commit
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
 def run_metadata() -> dict:
   """Where and when a figure was measured: device, jax version, date, git commit.
 
-  The commit comes from git, or from `KIVI_JAX_COMMIT` where the tree was copied
-  without its repository (the GPU machine).
+  The commit comes from git (`git_commit`), or from `KIVI_JAX_COMMIT` where the
+  tree was copied without its repository (the GPU machine).
   """
   import datetime
   import os
-  import subprocess
 
   import jax
-  commit = os.environ.get("KIVI_JAX_COMMIT") or None
-  if commit is None:
-    try:
-      commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      commit = None
+  commit = os.environ.get("KIVI_JAX_COMMIT") or git_commit(Path(__file__).parent)
   return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
           "date": datetime.date.today().isoformat(), "commit": commit}
 

@@ -142,3 +142,21 @@ def test_a_users_models_module_neither_shadows_ours_nor_is_shadowed(tmp_path):
   done = subprocess.run([sys.executable, "-m", "kivi_jax.cli", "generate", "--help"],
                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0 and "--max-new-tokens" in done.stdout, done.stderr
+
+
+def test_git_commit_says_when_the_code_is_not_the_commits(tmp_path):
+  # A figure's commit must be the code that ran: a tracked file changed since
+  # the commit marks it "-dirty" (an untracked one does not).
+  from kivi_jax.cli import git_commit
+  assert git_commit(tmp_path) is None  # not a repository
+  git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],  # noqa: E731
+                                  cwd=tmp_path, check=True, capture_output=True, text=True)
+  git("init", "-q")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git("add", "code.py")
+  git("commit", "-qm", "one")
+  head = git("rev-parse", "HEAD").stdout.strip()
+  (tmp_path / "notes.txt").write_text("untracked\n")
+  assert git_commit(tmp_path) == head
+  (tmp_path / "code.py").write_text("x = 2\n")
+  assert git_commit(tmp_path) == head + "-dirty"
