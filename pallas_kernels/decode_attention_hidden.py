@@ -9,8 +9,9 @@ output accumulator (`[M, H]` float32: 512 KiB for 32 heads over 4096 channels)
 fits no program. A step therefore runs in three parts, none of which
 dequantizes the block into memory:
 
-1. `_scores_kernel`, grid `(B, splits)`: walks its split's tokens one group of
-   `G` at a time and, per group, the hidden dim in tiles of `tile` channels;
+1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens one
+   group of `G` at a time and, per group, its chunk of the hidden dim in tiles
+   of `tile` channels (the chunks' partial scores are summed in jnp);
    each `[G, tile]` key tile is unpacked and dequantized in registers (each
    channel's scale and zero picked from the few groups the tile spans) and
    dotted with the query rows: raw scores `[B, M, C]`, float32.
@@ -84,9 +85,11 @@ def _dot(a, b, contract, precision):
 
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
-                   sm_scale: float, compute_dtype, rope: bool, pos_offset: int):
-  """One program: batch row b, split s. Writes the scores of the split's live
-  groups into its `[M, groups_per_split * G]` block (the rest is never read)."""
+                   tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
+                   pos_offset: int):
+  """One program: batch row b, split s, chunk c of the hidden dim's tiles.
+  Writes the chunk's part of the scores of the split's live groups into its
+  `[M, groups_per_split * G]` block (the rest is never read)."""
   if rope:
     qr_ref, theta_ref, s_ref = refs
   else:
@@ -95,6 +98,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   m_rows, hidden = q_ref.shape
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
+  tile0 = pl.program_id(2) * tiles_per_chunk
 
   def group_scores(g, carry):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
@@ -119,7 +123,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
               + _dot(q_rot, (k * jnp.sin(angle)).astype(compute_dtype), ((1,), (1,)),
                      precision))
 
-    s = jax.lax.fori_loop(0, hidden // tile, tile_scores,
+    s = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_scores,
                           jnp.zeros((m_rows, g_sz), jnp.float32))
     s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)] = s * sm_scale
     return carry
@@ -160,13 +164,14 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_re
 
 @functools.partial(jax.jit, static_argnames=(
     "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "value_tiles",
-    "splits", "value_splits", "num_warps", "interpret", "poison"))
+    "splits", "chunks", "value_splits", "num_warps", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
                             k_bits: float, v_bits: float, group_size: int,
                             sm_scale: float, pos_offset: int = 0, tile: int | None = None,
                             value_tiles: int = 1, splits: int | None = None,
-                            value_splits: int | None = None, num_warps: int = 4,
+                            chunks: int | None = None, value_splits: int | None = None,
+                            num_warps: int = 4,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
@@ -174,10 +179,11 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
   a values program covers `value_tiles` tiles (one by default: fastest on
   average over the 7B widths, `scripts/gpu_skvq_tiles.py`);
-  `splits` scores programs share each row's tokens, `value_splits` values
-  programs each channel span's (by default, each enough to fill a large GPU
-  with its own grid: the values kernel has a program per channel span
-  besides). With `poison`, both kernels' outputs start as NaN, so a live
+  `splits` x `chunks` scores programs share each row's tokens and the hidden
+  dim's tiles (chunks of them, the partial scores summed in jnp),
+  `value_splits` values programs each channel span's tokens (by default,
+  each kernel's enough to fill a large GPU: the tokens split first, up to a
+  split a group, then the tiles). With `poison`, both kernels' outputs start as NaN, so a live
   score or an output element the kernels fail to write shows.
   """
   if (q_rot is None) != (rope_theta is None):
@@ -196,6 +202,11 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)
+  if chunks is None:
+    want = default_splits(b * splits, 1, n_tiles)
+    chunks = next(c for c in range(want, n_tiles + 1) if n_tiles % c == 0)
+  if n_tiles % chunks:
+    raise ValueError(f"chunks={chunks} must divide the {n_tiles} tiles of {tile} channels")
   if value_splits is None:
     value_splits = default_splits(b, hidden // width, n_groups)
   groups_per_split = -(-n_groups // splits)
@@ -207,23 +218,25 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   rows = [n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
   cfg = dict(group=g, compute_dtype=compute_dtype)
 
-  # 1. Scores [B, M, splits * span].
+  # 1. Scores [B, M, splits * span], summed over the chunks.
   inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]
   in_specs = [whole(x) for x in (q, k_codes, k_scale, k_zero)] + [
-      pl.BlockSpec((hidden,), lambda i, s: (0,)), row, row]
+      pl.BlockSpec((hidden,), lambda *_: (0,)), row, row]
   inputs += rows
   if q_rot is not None:
     inputs += [head(q_rot), rope_theta.astype(jnp.float32)]
-    in_specs += [whole(q_rot), pl.BlockSpec((hidden,), lambda i, s: (0,))]
+    in_specs += [whole(q_rot), pl.BlockSpec((hidden,), lambda *_: (0,))]
   scores = pallas_call(
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
                         rope=q_rot is not None, pos_offset=pos_offset,
-                        groups_per_split=groups_per_split, **cfg),
+                        groups_per_split=groups_per_split,
+                        tiles_per_chunk=n_tiles // chunks, **cfg),
       inputs, in_specs,
-      [pl.BlockSpec((None, m_rows, span), lambda i, s: (i, 0, s))],
-      [jax.ShapeDtypeStruct((b, m_rows, splits * span), jnp.float32)],
-      grid=(b, splits), poison=poison, num_warps=num_warps, num_stages=1,
+      [pl.BlockSpec((None, None, m_rows, span), lambda i, s, c: (i, c, 0, s))],
+      [jax.ShapeDtypeStruct((b, chunks, m_rows, splits * span), jnp.float32)],
+      grid=(b, splits, chunks), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="skvq_decode_scores")[0]
+  scores = jnp.sum(scores, axis=1)
 
   # 2. The block's softmax statistics and probabilities.
   t = jnp.arange(splits * span)

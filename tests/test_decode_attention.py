@@ -374,17 +374,19 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
 
 
 # (hidden dim, groups, channels per tile, tiles per values program, values
-# splits): default tiles (2 and 6 of 32, one per values program), SmolLM2's
-# 192 channels, and explicit ones; the values kernel's splits by default and
-# fewer or more than the scores kernel's 3 (its probabilities cut or padded).
-@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits", [
-    (64, 3, None, 1, None), (192, 12, None, 1, 2), (256, 5, 32, 2, 5),
-    (128, 40, 16, 4, 1)])
+# splits, chunks of the scores' tiles): default tiles (2 and 6 of 32, one per
+# values program), SmolLM2's 192 channels, and explicit ones; the values
+# kernel's splits by default and fewer or more than the scores kernel's 3 (its
+# probabilities cut or padded); the scores' tiles in one chunk, by default
+# (two chunks of the 2 tiles, here), or in chunks of a few.
+@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits, chunks", [
+    (64, 3, None, 1, None, None), (192, 12, None, 1, 2, 3), (256, 5, 32, 2, 5, 1),
+    (128, 40, 16, 4, 1, 4)])
 @pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
                                                (8, 2, 16)])
 @pytest.mark.parametrize("rope", [False, True])
 def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile,
-                                        value_tiles, value_splits, rope):
+                                        value_tiles, value_splits, chunks, rope):
   seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
@@ -393,8 +395,9 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
   o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, value_tiles=value_tiles,
-                                             splits=3, value_splits=value_splits,
-                                             poison=True, interpret=not ON_GPU)
+                                             splits=3, chunks=chunks,
+                                             value_splits=value_splits, poison=True,
+                                             interpret=not ON_GPU)
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
                                                            dot_dtype=args[0].dtype)
   assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(lse)).all()
@@ -405,18 +408,19 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
               BF16_RTOL if ON_GPU else 1e-5)
 
 
-@pytest.mark.parametrize("hidden, tile, value_tiles, match", [
-    (200, None, None, r"hidden dim \(200\) must be a multiple of 16"),
-    (192, 128, None, r"tile=128 must be a power of two of at least 16 dividing the hidden "
-                     r"dim \(192\)"),
-    (192, 8, None, r"tile=8 must be"),
-    (192, 32, 4, r"value_tiles=4 must divide the 6 tiles of 32 channels")])
-def test_hidden_kernels_reject_bad_tiles(hidden, tile, value_tiles, match):
+@pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
+    (200, None, None, None, r"hidden dim \(200\) must be a multiple of 16"),
+    (192, 128, None, None, r"tile=128 must be a power of two of at least 16 dividing the "
+                           r"hidden dim \(192\)"),
+    (192, 8, None, None, r"tile=8 must be"),
+    (192, 32, 4, None, r"value_tiles=4 must divide the 6 tiles of 32 channels"),
+    (192, 32, 1, 4, r"chunks=4 must divide the 6 tiles of 32 channels")])
+def test_hidden_kernels_reject_bad_tiles(hidden, tile, value_tiles, chunks, match):
   args = _hidden_inputs(0, 2, hidden, 3, 16, 2, 2, jnp.float32, rope=False)
   with pytest.raises(ValueError, match=match):
     da_hidden.hidden_decode_attention(*args, k_bits=2, v_bits=2, group_size=16,
                                       sm_scale=0.125, tile=tile, value_tiles=value_tiles,
-                                      interpret=True)
+                                      chunks=chunks, interpret=True)
 
 
 # SKVQ's layout with sinks, pre-RoPE keys and ternary values, without a
