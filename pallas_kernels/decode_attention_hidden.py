@@ -183,8 +183,9 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   dim's tiles (chunks of them, the partial scores summed in jnp),
   `value_splits` values programs each channel span's tokens (by default,
   each kernel's enough to fill a large GPU: the tokens split first, up to a
-  split a group, then the tiles). With `poison`, both kernels' outputs start as NaN, so a live
-  score or an output element the kernels fail to write shows.
+  split a group, then the tiles). With `poison`, both kernels' outputs start
+  as NaN, so a live score or an output element the kernels fail to write
+  shows.
   """
   if (q_rot is None) != (rope_theta is None):
     raise ValueError("q_rot and rope_theta go together")

@@ -149,8 +149,9 @@ def test_git_commit_says_when_the_code_is_not_the_commits(tmp_path):
   # the commit marks it "-dirty" (an untracked one does not).
   from kivi_jax.cli import git_commit
   assert git_commit(tmp_path) is None  # not a repository
-  git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a],  # noqa: E731
-                                  cwd=tmp_path, check=True, capture_output=True, text=True)
+  def git(*args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=tmp_path, check=True, capture_output=True, text=True)
   git("init", "-q")
   (tmp_path / "code.py").write_text("x = 1\n")
   git("add", "code.py")
