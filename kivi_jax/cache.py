@@ -125,7 +125,8 @@ class KVCache:
   @property
   def capacity(self) -> int:
     """Largest length a row can reach (the block's capacity `C` plus `S` sinks)."""
-    return _block_tokens(self.layers[0].k, self.config.k_bits) + self.config.sinks
+    return _block_tokens(self.layers[0].k, self.config.k_bits, self.config.key_axis,
+                         self.config.group_size) + self.config.sinks
 
   def n_quantized(self) -> Array:
     """int32 `[B]`: tokens of each row that sit in the quantized block."""
@@ -136,9 +137,11 @@ class KVCache:
     return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
-def _block_tokens(block: QuantizedBlock, bits: int) -> int:
-  rows = block.codes.shape[-2]
-  return rows if bits == 16 else rows * codes_per_word(bits)
+def _block_tokens(block: QuantizedBlock, bits: int, axis: QuantAxis, group: int) -> int:
+  """The block's capacity `C`: its scales' (its codes may hold more: `_empty_block`)."""
+  if bits == 16:
+    return block.codes.shape[-2]
+  return block.scale.shape[-2] * (group if axis == "channel" else 1)
 
 
 def body_lengths(lengths: Array, config: KIVIConfig) -> Array:
@@ -160,10 +163,15 @@ def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
 
 def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVIConfig,
                  dtype):
-  """An empty block; `head_dim` is the hidden dim with `channel_group`."""
+  """An empty block of `capacity` tokens; `head_dim` is the hidden dim with
+  `channel_group`. Its codes take whole packing blocks (`w * G` tokens, `G`
+  word rows): more than `capacity` tokens where it is not a multiple of them
+  (SKVQ's `block_granularity`); scales and zeros take exactly `capacity`."""
   if bits == 16:
     return QuantizedBlock(jnp.zeros((*lead, capacity, head_dim), dtype), None, None)
-  codes = jnp.zeros((*lead, capacity // codes_per_word(bits), head_dim), jnp.uint32)
+  g = config.group_size
+  rows = -(-capacity // (codes_per_word(bits) * g)) * g
+  codes = jnp.zeros((*lead, rows, head_dim), jnp.uint32)
   if axis == "channel":
     sshape = (*lead, capacity // config.group_size, head_dim)
   elif config.channel_group is not None:
@@ -177,7 +185,17 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVICo
 def block_granularity(config: KIVIConfig) -> int:
   """Capacity is a whole number of each tensor's spans of the TPU write kernel:
   packing blocks (`w * G` tokens), two where `w` is 4 or 20 so that the
-  per-channel scales of a span fill 8 rows (`quantize_pack_tpu`)."""
+  per-channel scales of a span fill 8 rows (`quantize_pack_tpu`).
+
+  SKVQ's layout (`channel_group`) is written by the jnp reference and read a
+  step of `gcd(w_k, w_v)` groups at a time (`decode_attention_tpu`): its
+  capacity is a whole number of such steps, and each tensor's codes are
+  rounded up to whole packing blocks on their own (`_empty_block`). (The
+  common multiple of ternary's 20 groups a word and 2-bit's 16 was 2560
+  tokens at G = 32.)"""
+  if config.channel_group is not None:
+    words = [codes_per_word(b) for b in (config.k_bits, config.v_bits) if b < 16]
+    return config.group_size * max(math.gcd(*words), 1)
   return math.lcm(*(quantize_pack_tpu.tiles_per_program(b) * codes_per_word(b)
                     * config.group_size
                     for b in (config.k_bits, config.v_bits) if b < 16),
@@ -305,6 +323,7 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
     x = block.codes.astype(dtype)
   else:
     codes = quantization.unpack(block.codes, bits, config.group_size)
+    codes = codes[..., :_block_tokens(block, bits, axis, config.group_size), :]
     groups = None if cmap is None else _groups(cmap, block)
     x = quantization.dequantize(codes, block.scale, block.zero, config.group_size, axis,
                                 dtype, groups)

@@ -342,10 +342,14 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   if k_groups is not None:
     k_axis, k_map = "token", (k_groups, k_scale.shape[-1])
   v_map = None if v_groups is None else (v_groups, v_scale.shape[-1])
-  keys = quantization.dequantize(quantization.unpack(k_codes, k_bits, g), k_scale, k_zero,
-                                 g, k_axis, jnp.float32, k_map)
-  values = rnd(quantization.dequantize(quantization.unpack(v_codes, v_bits, g), v_scale,
-                                       v_zero, g, "token", jnp.float32, v_map))
+  # The block's capacity is its scales'; codes may take more (whole packing
+  # blocks of SKVQ's layout, `kivi_jax.cache._empty_block`).
+  capacity = v_scale.shape[-2]
+  unpack = lambda c, bits: quantization.unpack(c, bits, g)[..., :capacity, :]  # noqa: E731
+  keys = quantization.dequantize(unpack(k_codes, k_bits), k_scale, k_zero, g, k_axis,
+                                 jnp.float32, k_map)
+  values = rnd(quantization.dequantize(unpack(v_codes, v_bits), v_scale, v_zero, g, "token",
+                                       jnp.float32, v_map))
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   if q_rot is None:
     s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), rnd(keys))

@@ -199,7 +199,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   if n_tiles % value_tiles:
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
                      f"{tile} channels")
-  n_groups = k_codes.shape[2] * codes_per_word(k_bits) // g
+  # The capacity is the scales' (codes may take whole packing blocks more).
+  n_groups = k_scale.shape[2] // g
   width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)

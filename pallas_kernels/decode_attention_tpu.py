@@ -182,9 +182,11 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   wk, wv = codes_per_word(k_bits), codes_per_word(v_bits)
   w_step = math.gcd(wk, wv)
   p_tok = w_step * g
-  capacity = k_codes.shape[2] * wk
-  n_steps = capacity // p_tok
   hidden = k_groups is not None
+  # SKVQ's per-token scales hold the capacity exactly; its codes may take whole
+  # packing blocks more (`kivi_jax.cache._empty_block`).
+  capacity = k_scale.shape[2] if hidden else k_codes.shape[2] * wk
+  n_steps = capacity // p_tok
   # Groups per chunk: a divisor of the step within the temporaries' budget.
   chunk_slots = max(n for n in range(1, w_step + 1)
                     if w_step % n == 0 and (n == 1 or n * g * d <= _CHUNK_ELEMENTS))

@@ -137,7 +137,9 @@ def _live(layer, lengths, config):
     if bits < 16:
       codes = np.asarray(quantization.unpack(getattr(layer, name).codes, bits,
                                              config.group_size))
-      out[name + "_codes"] = np.where(keep[:, None, :, None], codes, 0)
+      # Codes past the capacity (whole packing blocks of SKVQ's layout) stay 0.
+      assert not codes[:, :, keep.shape[1]:].any()
+      out[name + "_codes"] = np.where(keep[:, None, :, None], codes[:, :, :keep.shape[1]], 0)
   if config.sinks:
     live = np.arange(config.sinks)[None, :] < np.asarray(lengths)[:, None]
     for name in ("sink_k", "sink_v"):
@@ -244,3 +246,19 @@ def test_cache_is_a_pytree_through_jit():
   np.testing.assert_array_equal(bumped.lengths, 1)
   # Capacity is whole packing blocks: 16 two-bit codes per word x groups of 16.
   assert cache.capacity == 256 == cache_lib.block_granularity(cache.config)
+
+
+@pytest.mark.parametrize("max_length, capacity, k_rows, v_rows", [
+    (1536, 1536, 96, 96), (300, 384, 32, 32), (1300, 1408, 96, 96)])
+def test_skvq_tensors_do_not_pad_each_other(max_length, capacity, k_rows, v_rows):
+  # SKVQ's layout with 2-bit keys (16 groups of 32 to a word row: 512 tokens)
+  # and ternary values (20 groups: 640): the capacity is whole steps of 4
+  # groups, each tensor's codes whole packing blocks of its own, its scales
+  # exactly the capacity. (Both had been rounded to 2560 tokens.)
+  kv = dataclasses.replace(kivi_jax.get_preset("skvq-k2v1.5-g16-fp8"), reorder=False,
+                           clip=0.9)
+  cache = kivi_jax.init_cache(_Shape(), kv, 1, max_length)
+  layer = cache.layers[0]
+  assert cache.capacity == capacity + kv.sinks
+  assert (layer.k.codes.shape[2], layer.v.codes.shape[2]) == (k_rows, v_rows)
+  assert layer.k.scale.shape[2] == layer.v.zero.shape[2] == capacity
