@@ -547,10 +547,7 @@ def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: d
   o, lse = _block_kernel(which, spread(q), *blocks, *rows, layer.k_map.groups,
                          layer.v_map.groups, **rope, sm_scale=1.0 / math.sqrt(d), **kw,
                          hidden=True)
-  # Each query row keeps its own kv head's D value channels of the H: cache
-  # channel cols[c] holds hidden channel c (the inverse permutation).
-  hidden = hkv * d
-  cols = jnp.zeros(hidden, jnp.int32).at[layer.v_map.perm].set(
-      jnp.arange(hidden, dtype=jnp.int32)).reshape(hkv, d)
+  # Each query row keeps its own kv head's D value channels of the H.
+  cols = layer.v_map.positions().reshape(hkv, d)
   o = jnp.take_along_axis(o[:, 0, :hq], cols[kv_of][None], axis=-1)  # [B, Hq, D]
   return o.reshape(b, hkv, rep, d), lse[:, 0, :hq].reshape(b, hkv, rep)

@@ -74,6 +74,12 @@ class ChannelMap:
   groups: Array
   clip: Array
 
+  def positions(self) -> Array:
+    """int32 `[H]`: the cache channel holding each hidden channel (`perm`'s
+    inverse, by a scatter rather than a sort)."""
+    hidden = self.perm.shape[-1]
+    return jnp.zeros(hidden, jnp.int32).at[self.perm].set(jnp.arange(hidden, dtype=jnp.int32))
+
 
 @struct.dataclass
 class LayerKV:
@@ -330,7 +336,7 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
   if cmap is None:
     return x
   # [..., 1, C, H] in cache order -> hidden order -> [..., Hkv, C, Dh].
-  x = jnp.take(x[..., 0, :, :], jnp.argsort(cmap.perm), axis=-1)
+  x = jnp.take(x[..., 0, :, :], cmap.positions(), axis=-1)
   x = x.reshape(*x.shape[:-1], -1, head_dim)
   return jnp.swapaxes(x, -3, -2)
 
