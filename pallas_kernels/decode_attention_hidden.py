@@ -63,20 +63,13 @@ def hidden_tile(hidden: int) -> int:
   return tile
 
 
-def _expand(ref, rows, group_map, g_lo, g_hi):
-  """Rows `rows` of a `[C, n]` scale ref broadcast over a tile's channels:
-  `[P, tile]` float32. `group_map` `[1, tile]` is nondecreasing, so the tile
-  spans groups `g_lo .. g_hi` only."""
-  def one(g, out):
-    return jnp.where(group_map == g, ref[rows, g].astype(jnp.float32)[:, None], out)
-  return jax.lax.fori_loop(g_lo, g_hi + 1, one,
-                           jnp.zeros((rows.size, group_map.shape[1]), jnp.float32))
-
-
-def _tile_map(map_ref, cols):
-  """The `[1, tile]` group map of channels `cols` and the first and last group."""
-  group_map = map_ref[cols][None, :]
-  return group_map, jnp.min(group_map), jnp.max(group_map)
+def _expand(ref, tok0, g_sz: int, group_map):
+  """A `[C, n]` scale ref's rows `tok0 .. tok0 + g_sz` broadcast over a tile's
+  channels, `[g_sz, tile]` float32: one gather of each channel's own group
+  (`group_map` `[1, tile]`); a loop over the groups a tile spans waited on a
+  load per group."""
+  rows = tok0 + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
+  return ref[rows, group_map].astype(jnp.float32)
 
 
 def _split(theta):
@@ -141,16 +134,14 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
 
   def group_scores(g, carry):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
-    rows = pl.ds(tok0, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
 
     def tile_scores(i, s):
       cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
-      group_map, g_lo, g_hi = _tile_map(map_ref, cols)
+      group_map = map_ref[cols][None, :]
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
-      k = (codes * _expand(ks_ref, rows, group_map, g_lo, g_hi)
-           + _expand(kz_ref, rows, group_map, g_lo, g_hi))
+      k = codes * _expand(ks_ref, tok0, g_sz, group_map) + _expand(kz_ref, tok0, g_sz, group_map)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
@@ -177,17 +168,16 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_re
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(acc_ref.shape[1] // tile)]
-  maps = [_tile_map(map_ref, c) for c in cols]
+  maps = [map_ref[c][None, :] for c in cols]
 
   def group_values(g, accs):
-    rows = pl.ds(pl.multiple_of(g * g_sz, g_sz), g_sz)
+    tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
     p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)].astype(compute_dtype)
     out = []
-    for acc, c, (group_map, g_lo, g_hi) in zip(accs, cols, maps):
+    for acc, c, group_map in zip(accs, cols, maps):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
-      v = (codes * _expand(vs_ref, rows, group_map, g_lo, g_hi)
-           + _expand(vz_ref, rows, group_map, g_lo, g_hi))
+      v = codes * _expand(vs_ref, tok0, g_sz, group_map) + _expand(vz_ref, tok0, g_sz, group_map)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
