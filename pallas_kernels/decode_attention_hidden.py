@@ -14,8 +14,7 @@ dequantizes the block into memory:
    of `tile` channels (the chunks' partial scores are summed in jnp);
    each `[G, tile]` key tile is unpacked and dequantized in registers (each
    channel's scale and zero picked from the few groups the tile spans) and
-   dotted with the query rows (keys cached before RoPE rotated there too,
-   `_rope_cos_sin`): raw scores `[B, M, C]`, float32.
+   dotted with the query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
 3. `_values_kernel`, grid `(B, H / span, value_splits)`: `p @ v` over one split's
    tokens for a span of a few tiles of channels (the probabilities read once
@@ -72,44 +71,6 @@ def _expand(ref, tok0, g_sz: int, group_map):
   return ref[rows, group_map].astype(jnp.float32)
 
 
-def _split(theta):
-  """`theta` `[H]` float32 as `hi + lo` exactly, `hi` of 7 significant bits:
-  `p * hi` is exact for every position `p < 2^17`."""
-  hi = jax.lax.bitcast_convert_type(
-      jax.lax.bitcast_convert_type(theta, jnp.uint32) & jnp.uint32(0xFFFE0000), jnp.float32)
-  return hi, theta - hi
-
-
-def _cos_sin(p, hi, lo):
-  """`cos` and `sin` of `p * (hi + lo)` as `p * hi` (exact) plus `p * lo`."""
-  a, b = p * hi, p * lo
-  cos_a, sin_a, cos_b, sin_b = jnp.cos(a), jnp.sin(a), jnp.cos(b), jnp.sin(b)
-  return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
-
-
-def rope_tables(rope_theta, group: int):
-  """The scores kernel's RoPE inputs: `theta` split by `_split` `[2, H]`, and
-  `cos`, `sin` of `r * theta` for the offsets `r < G` within a group
-  `[2, G, H]`, all float32."""
-  hi, lo = _split(rope_theta.astype(jnp.float32))
-  r = jnp.arange(group, dtype=jnp.float32)[:, None]
-  return jnp.stack([hi, lo]), jnp.stack(_cos_sin(r, hi[None, :], lo[None, :]))
-
-
-def _rope_cos_sin(pos0, theta_ref, table_ref, cols):
-  """`cos` and `sin` of RoPE's angles `p * theta` at positions `p = pos0 + r`
-  (`r < G`) and channels `cols`, `[G, tile]`: those of `pos0 * theta` (four
-  transcendentals a channel) rotated by `rope_tables`' of `r * theta`, four
-  float operations an element where precise `cosf` and `sinf` took most of
-  the scores kernel's instructions. The angles are nearer the exact ones
-  than the reference's `fl(p * theta)` (its float32 rounding is up to a
-  64th of an ulp here, for `p < 2^17`); tests hold both to float64 angles."""
-  cos0, sin0 = _cos_sin(pos0.astype(jnp.float32), theta_ref[0, cols][None, :],
-                        theta_ref[1, cols][None, :])
-  cos_r, sin_r = table_ref[0, :, cols], table_ref[1, :, cols]
-  return cos0 * cos_r - sin0 * sin_r, sin0 * cos_r + cos0 * sin_r
-
-
 def _dot(a, b, contract, precision):
   return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
@@ -123,7 +84,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read)."""
   if rope:
-    qr_ref, theta_ref, table_ref, s_ref = refs
+    qr_ref, theta_ref, s_ref = refs
   else:
     (s_ref,) = refs
   g_sz, w = group, codes_per_word(bits)
@@ -145,10 +106,13 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
-      cos, sin = _rope_cos_sin(tok0 + pos_offset, theta_ref, table_ref, cols)
+      pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
+             ).astype(jnp.float32)
+      angle = pos * theta_ref[cols][None, :]
       q_rot = qr_ref[:, cols].astype(compute_dtype)
-      return (s + _dot(q, (k * cos).astype(compute_dtype), ((1,), (1,)), precision)
-              + _dot(q_rot, (k * sin).astype(compute_dtype), ((1,), (1,)), precision))
+      return (s + _dot(q, (k * jnp.cos(angle)).astype(compute_dtype), ((1,), (1,)), precision)
+              + _dot(q_rot, (k * jnp.sin(angle)).astype(compute_dtype), ((1,), (1,)),
+                     precision))
 
     s = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_scores,
                           jnp.zeros((m_rows, g_sz), jnp.float32))
@@ -252,9 +216,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
       pl.BlockSpec((hidden,), lambda *_: (0,)), row, row]
   inputs += rows
   if q_rot is not None:
-    inputs += [head(q_rot), *rope_tables(rope_theta, g)]
-    in_specs += [whole(q_rot), pl.BlockSpec((2, hidden), lambda *_: (0, 0)),
-                 pl.BlockSpec((2, g, hidden), lambda *_: (0, 0, 0))]
+    inputs += [head(q_rot), rope_theta.astype(jnp.float32)]
+    in_specs += [whole(q_rot), pl.BlockSpec((hidden,), lambda *_: (0,))]
   scores = pallas_call(
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
                         rope=q_rot is not None, pos_offset=pos_offset,
