@@ -544,10 +544,15 @@ def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: d
   if rope:
     rope = dict(q_rot=spread(rope["q_rot"]),
                 rope_theta=jnp.tile(rope["rope_theta"], hkv)[layer.k_map.perm])
-  o, lse = _block_kernel(which, spread(q), *blocks, *rows, layer.k_map.groups,
-                         layer.v_map.groups, **rope, sm_scale=1.0 / math.sqrt(d), **kw,
-                         hidden=True)
-  # Each query row keeps its own kv head's D value channels of the H.
-  cols = layer.v_map.positions().reshape(hkv, d)
-  o = jnp.take_along_axis(o[:, 0, :hq], cols[kv_of][None], axis=-1)  # [B, Hq, D]
-  return o.reshape(b, hkv, rep, d), lse[:, 0, :hq].reshape(b, hkv, rep)
+  args = (spread(q), *blocks, *rows, layer.k_map.groups, layer.v_map.groups)
+  kw = dict(**kw, sm_scale=1.0 / math.sqrt(d), hidden=True)
+  if which == "gpu":
+    # The kernel keeps each row's own kv head's channels, in their natural places.
+    o, lse = _block_kernel(which, *args, layer.v_map.perm, **rope, **kw, head_dim=d, rep=rep)
+    o = o.reshape(b, rep, hkv, d).transpose(0, 2, 1, 3)
+  else:
+    o, lse = _block_kernel(which, *args, **rope, **kw)
+    # Each query row keeps its own kv head's D value channels of the H.
+    cols = layer.v_map.positions().reshape(hkv, d)
+    o = jnp.take_along_axis(o[:, 0, :hq], cols[kv_of][None], axis=-1).reshape(b, hkv, rep, d)
+  return o, lse[:, 0, :hq].reshape(b, hkv, rep)

@@ -4,21 +4,23 @@ SKVQ (`channel_group`) quantizes keys and values per token over groups of the
 whole hidden dim `H = Hkv * Dh`, in a calibrated channel order that mixes the
 heads. `kivi_jax.attention` makes every query head a row over `H` (its own
 channels where its kv head's keys sit, zeros elsewhere), so each score is a
-dot over all of `H` and each output row has `H` channels: at real widths the
-output accumulator (`[M, H]` float32: 512 KiB for 32 heads over 4096 channels)
-fits no program. A step therefore runs in three parts, none of which
-dequantizes the block into memory:
+dot over all of `H` and each output row has `H` channels, of which it keeps
+its own kv head's `Dh`: at real widths the output accumulator (`[M, H]`
+float32: 512 KiB for 32 heads over 4096 channels) fits no program. A step
+therefore runs in three parts, none of which dequantizes the block into
+memory:
 
 1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens one
    group of `G` at a time and, per group, its chunk of the hidden dim in tiles
    of `tile` channels (the chunks' partial scores are summed in jnp);
    each `[G, tile]` key tile is unpacked and dequantized in registers (each
-   channel's scale and zero picked from the few groups the tile spans) and
-   dotted with the query rows: raw scores `[B, M, C]`, float32.
+   channel's scale and zero gathered from its own group) and dotted with the
+   query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
 3. `_values_kernel`, grid `(B, H / span, value_splits)`: `p @ v` over one split's
    tokens for a span of a few tiles of channels (the probabilities read once
-   for all of them); the splits are summed in jnp.
+   for all of them), of which each channel keeps the rows of its own kv head,
+   stored at its natural place; the splits are summed in jnp.
 
 The reference is `decode_attention.quantized_decode_attention_reference` with
 `k_groups` and `v_groups`.
@@ -30,8 +32,10 @@ Shapes (M query rows padded to 16, H hidden dim, n groups, C block capacity):
   v_codes       [B, 1, C/w_v, H] uint32     v_scale, v_zero [B, 1, C, n_v]
   n_valid, lo   [B] int32: the block's live tokens are `lo <= t < n_valid`
   k_groups, v_groups [H] int32: nondecreasing group of each channel
-Returns `(o [B, 1, M, H] float32, lse [B, 1, M] float32)` as
-`decode_attention.quantized_decode_attention`.
+  v_perm        [H] int32: each value channel's natural place `kv * Dh + d`
+Returns `(o [B, rep, H], lse [B, 1, M])`, float32: `o[:, j, kv * Dh + d]` is
+query row `kv * rep + j`'s output at its kv head's channel `d` (rows past
+`Hkv * rep` are not read), `lse` as `decode_attention.quantized_decode_attention`'s.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from jax.experimental import pallas as pl
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
 from kivi_jax.pallas_kernels.decode_attention import (default_splits, dot_precision, live_groups,
-                                             merge_partials, pallas_call, unpack_tile)
+                                             pallas_call, unpack_tile)
 
 # Channels per tile by default: on an H100 (groups of 32 tokens, bf16, 1024 and
 # 4096 channels) tiles of 32 channels beat 64, 128 and 256 (benchmarks/NOTES.md).
@@ -122,16 +126,19 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   jax.lax.fori_loop(first, last, group_scores, 0)
 
 
-def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_ref, *,
-                   bits: float, group: int, tile: int, groups_per_split: int,
-                   compute_dtype):
+def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
+                   perm_ref, out_ref, *, bits: float, group: int, tile: int,
+                   groups_per_split: int, head_dim: int, compute_dtype):
   """One program: batch row b, channel span j, split s: `p @ v` over the
   split's live groups for the span's channels, `[M, span]` float32, one
-  `tile` of channels at a time (each group's probabilities loaded once for all)."""
+  `tile` of channels at a time (each group's probabilities loaded once for
+  all); each channel's `rep` rows of its own kv head, divided by their sums
+  `inv_l`, stored at its natural place (`perm`) in the `[rep, H]` output."""
   g_sz, w = group, codes_per_word(bits)
+  rep = out_ref.shape[0]
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
-  cols = [pl.ds(i * tile, tile) for i in range(acc_ref.shape[1] // tile)]
+  cols = [pl.ds(i * tile, tile) for i in range(perm_ref.shape[0] // tile)]
   maps = [map_ref[c][None, :] for c in cols]
 
   def group_values(g, accs):
@@ -145,28 +152,36 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, acc_re
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
+  m_rows = p_ref.shape[0]
   accs = jax.lax.fori_loop(first, last, group_values,
-                           tuple(jnp.zeros((acc_ref.shape[0], tile), jnp.float32)
-                                 for _ in cols))
+                           tuple(jnp.zeros((m_rows, tile), jnp.float32) for _ in cols))
+  row = jax.lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0)
   for c, acc in zip(cols, accs):
-    acc_ref[:, c] = acc
+    natural = perm_ref[c]
+    acc = acc * inv_l_ref[...][:, None]
+    for j in range(rep):
+      own = row == (natural // head_dim * rep + j)[None, :]
+      out_ref[j, natural] = jnp.sum(jnp.where(own, acc, 0.0), axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "sm_scale", "pos_offset", "tile", "value_tiles",
+    "k_bits", "v_bits", "group_size", "head_dim", "rep", "sm_scale", "pos_offset", "tile",
+    "value_tiles",
     "splits", "chunks", "value_splits", "num_warps", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                            n_valid, lo, k_groups, v_groups, q_rot=None, rope_theta=None, *,
-                            k_bits: float, v_bits: float, group_size: int,
-                            sm_scale: float, pos_offset: int = 0, tile: int | None = None,
+                            n_valid, lo, k_groups, v_groups, v_perm, q_rot=None,
+                            rope_theta=None, *, k_bits: float, v_bits: float, group_size: int,
+                            head_dim: int, rep: int, sm_scale: float, pos_offset: int = 0,
+                            tile: int | None = None,
                             value_tiles: int = 1, splits: int | None = None,
                             chunks: int | None = None, value_splits: int | None = None,
                             num_warps: int = 4,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
-  `sm_scale` multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden
-  dim's). `tile` channels are dequantized at once (`hidden_tile` by default);
+  `head_dim` is `Dh` and `rep` the query rows of a kv head. `sm_scale`
+  multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden dim's).
+  `tile` channels are dequantized at once (`hidden_tile` by default);
   a values program covers `value_tiles` tiles (one by default: fastest on
   average over the 7B widths, `scripts/gpu_skvq_tiles.py`);
   `splits` x `chunks` scores programs share each row's tokens and the hidden
@@ -185,6 +200,9 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   if hidden % tile or tile < 16 or tile & (tile - 1):
     raise ValueError(f"tile={tile} must be a power of two of at least 16 dividing the "
                      f"hidden dim ({hidden})")
+  if hidden % head_dim or rep < 1 or hidden // head_dim * rep > m_rows:
+    raise ValueError(f"head_dim={head_dim} must divide the hidden dim ({hidden}) and rep={rep} "
+                     f"kv heads' rows fit the query's {m_rows}")
   n_tiles = hidden // tile
   if n_tiles % value_tiles:
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
@@ -245,19 +263,23 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   v_span = v_groups_per_split * g
   extra = value_splits * v_span - p.shape[-1]
   p = jnp.pad(p, ((0, 0), (0, 0), (0, extra))) if extra > 0 else p[..., :p.shape[-1] + extra]
+  # Every split's probabilities share the block's maximum: each row's output
+  # is its splits' sum over its sum `l` (0 where nothing is live).
+  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
   acc = pallas_call(
       functools.partial(_values_kernel, bits=v_bits, tile=tile,
-                        groups_per_split=v_groups_per_split, **cfg),
+                        groups_per_split=v_groups_per_split, head_dim=head_dim, **cfg),
       [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
-      + [v_groups.astype(jnp.int32)] + rows,
+      + [v_groups.astype(jnp.int32)] + rows + [inv_l, v_perm.astype(jnp.int32)],
       [pl.BlockSpec((None, m_rows, v_span), lambda i, j, s: (i, 0, s)),
        pl.BlockSpec((None, v_codes.shape[2], width), lambda i, j, s: (i, 0, j)),
        whole(v_scale), whole(v_zero),
-       pl.BlockSpec((width,), lambda i, j, s: (j,)), row, row],
-      [pl.BlockSpec((None, None, m_rows, width), lambda i, j, s: (i, s, 0, j))],
-      [jax.ShapeDtypeStruct((b, value_splits, m_rows, hidden), jnp.float32)],
+       pl.BlockSpec((width,), lambda i, j, s: (j,)), row, row,
+       pl.BlockSpec((None, m_rows), lambda i, j, s: (i, 0)),
+       pl.BlockSpec((width,), lambda i, j, s: (j,))],
+      [pl.BlockSpec((None, None, rep, hidden), lambda i, j, s: (i, s, 0, 0))],
+      [jax.ShapeDtypeStruct((b, value_splits, rep, hidden), jnp.float32)],
       grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="skvq_decode_values")[0]
-  # One partial: every split's probabilities share the block's maximum.
-  o, lse = merge_partials(jnp.sum(acc, axis=1)[:, None], m[:, None], l[:, None])
-  return o[:, None], lse[:, None]
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)
+  return jnp.sum(acc, axis=1), lse[:, None]

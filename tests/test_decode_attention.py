@@ -392,20 +392,29 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
   kw = dict(k_bits=k_bits, v_bits=v_bits, group_size=g, sm_scale=0.125,
             pos_offset=3 if rope else 0)
+  # The value channels' natural places: kv heads of d channels, rep query rows
+  # each (MHA and GQA), the rows' outputs read back from the H at random places.
+  hkv, rep = {64: (4, 2), 192: (3, 3), 256: (8, 1), 128: (2, 4)}[hidden]
+  d = hidden // hkv
+  perm = np.random.default_rng(seed).permutation(hidden)
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
-  o, lse = da_hidden.hidden_decode_attention(*args, **kw, tile=tile, value_tiles=value_tiles,
-                                             splits=3, chunks=chunks,
+  o, lse = da_hidden.hidden_decode_attention(*args[:11], jnp.asarray(perm), *args[11:], **kw,
+                                             head_dim=d, rep=rep, tile=tile,
+                                             value_tiles=value_tiles, splits=3, chunks=chunks,
                                              value_splits=value_splits, poison=True,
                                              interpret=not ON_GPU)
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
                                                            dot_dtype=args[0].dtype)
+  assert o.shape == (5, rep, hidden)
   assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(lse)).all()
+  # o[:, j, n]: row (n // d) * rep + j at value channel c, where perm[c] = n.
+  n = np.arange(hidden)
+  o_ref = np.asarray(o_ref)[:, 0][:, (n // d) * rep + np.arange(rep)[:, None], np.argsort(perm)]
   live = np.asarray(args[7]) > np.asarray(args[8])
   # float32 interpret mode: summation order only. bf16 on a GPU: both round the
   # dots' operands alike (the probabilities at the block's maximum, as here).
-  _check_rows(o[:, 0, :9], o_ref[:, 0, :9], lse[:, 0, :9], lse_ref[:, 0, :9], live,
-              BF16_RTOL if ON_GPU else 1e-5)
+  _check_rows(o, o_ref, lse[:, 0, :9], lse_ref[:, 0, :9], live, BF16_RTOL if ON_GPU else 1e-5)
 
 
 @pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
@@ -418,9 +427,21 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
 def test_hidden_kernels_reject_bad_tiles(hidden, tile, value_tiles, chunks, match):
   args = _hidden_inputs(0, 2, hidden, 3, 16, 2, 2, jnp.float32, rope=False)
   with pytest.raises(ValueError, match=match):
-    da_hidden.hidden_decode_attention(*args, k_bits=2, v_bits=2, group_size=16,
-                                      sm_scale=0.125, tile=tile, value_tiles=value_tiles,
-                                      chunks=chunks, interpret=True)
+    da_hidden.hidden_decode_attention(*args, jnp.arange(hidden), k_bits=2, v_bits=2,
+                                      group_size=16, head_dim=16, rep=1, sm_scale=0.125,
+                                      tile=tile, value_tiles=value_tiles, chunks=chunks,
+                                      interpret=True)
+
+
+@pytest.mark.parametrize("head_dim, rep", [(20, 1), (16, 2), (16, 0)])
+def test_hidden_kernels_reject_bad_heads(head_dim, rep):
+  # 192 channels in 12 kv heads of 16 take 12 of the query's 16 rows.
+  args = _hidden_inputs(0, 2, 192, 3, 16, 2, 2, jnp.float32, rope=False)
+  with pytest.raises(ValueError, match=rf"head_dim={head_dim} must divide the hidden dim "
+                                       rf"\(192\) and rep={rep} kv heads' rows fit"):
+    da_hidden.hidden_decode_attention(*args, jnp.arange(192), k_bits=2, v_bits=2,
+                                      group_size=16, head_dim=head_dim, rep=rep,
+                                      sm_scale=0.125, interpret=True)
 
 
 # SKVQ's layout with sinks, pre-RoPE keys and ternary values, without a
