@@ -434,11 +434,15 @@ def generate_benchmark(shape: str = "llama2-7b",
   info = {k: v for k, v in info.items() if k != "kind"}
   result = {"protocol": "P2 end-to-end decode", **run_metadata(), **info, "rows": []}
   if out and Path(out).is_file():
-    result["rows"] = json.loads(Path(out).read_text())["rows"]
+    # A file of earlier runs keeps its own fields (its first run's metadata, a
+    # note written beside its rows) and gains rows; each row says where, when
+    # and at which commit it was measured.
+    result = {**result, **json.loads(Path(out).read_text())}
 
   def run(spec):
     # The worker measured on the device; this process knows the date and commit.
-    meta = {k: v for k, v in run_metadata().items() if k in ("date", "commit")}
+    meta = {**{k: v for k, v in run_metadata().items() if k in ("jax", "date", "commit")},
+            "device": info["device"]}
     if mesh is not None and spec["kind"] != "hf":
       spec = {**spec, "mesh": list(mesh)}
     progress(f"measuring {json.dumps({k: v for k, v in spec.items() if k != 'profile_dir'})}")

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from kivi_jax import bench_generate as bg
 from kivi_jax import pallas_kernels
-from kivi_jax.cli import main
+from kivi_jax.cli import main, run_metadata
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.sharding import make_mesh
 
@@ -160,11 +160,24 @@ def test_the_sweep_goes_on_past_a_timed_out_row(monkeypatch, tmp_path):
 
   monkeypatch.setattr(bg, "measure", fake_measure)
   out = tmp_path / "rows.json"
+  # A file of an earlier run: its fields (a note among them) and rows stay.
+  earlier = {"protocol": "P2 end-to-end decode", "device": "older", "date": "2026-01-01",
+             "note": "how the rows were made", "rows": [{"kind": "generate", "batch": 3}]}
+  out.write_text(json.dumps(earlier))
   result = bg.generate_benchmark("llama2-7b", methods=("kivi2", "fp16"),
                                  requests=((1024, 512),), batches=(), step_batches=(),
                                  hf_batches=(), out=str(out), row_timeout=7,
                                  progress=lambda s: None)
   assert [c[:2] for c in calls[1:]] == [("generate", "kivi2"), ("generate", "fp16")]
   assert all(c[3] == 7 for c in calls[1:])
-  assert result["rows"][0]["error"] == "timed out"
-  assert json.loads(out.read_text())["rows"] == result["rows"]
+  assert result["rows"][0] == earlier["rows"][0]
+  assert result["rows"][1]["error"] == "timed out"
+  assert {k: result[k] for k in earlier if k != "rows"} == {
+      k: v for k, v in earlier.items() if k != "rows"}
+  # Each new row says where and when it ran: the worker's device, this run's
+  # jax, date and commit.
+  meta = run_metadata()
+  assert all(row["device"] == "fake" and row["jax"] == meta["jax"]
+             and row["date"] == meta["date"] and row["commit"] == meta["commit"]
+             for row in result["rows"][1:])
+  assert json.loads(out.read_text()) == result
