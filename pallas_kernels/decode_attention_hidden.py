@@ -10,10 +10,10 @@ float32: 512 KiB for 32 heads over 4096 channels) fits no program. A step
 therefore runs in three parts, none of which dequantizes the block into
 memory:
 
-1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens one
-   group of `G` at a time and, per group, its chunk of the hidden dim in tiles
-   of `tile` channels (the chunks' partial scores are summed in jnp);
-   each `[G, tile]` key tile is unpacked and dequantized in registers (each
+1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens
+   `slots` groups of `G` at a time and, per step, its chunk of the hidden dim
+   in tiles of `tile` channels (the chunks' partial scores are summed in jnp);
+   each `[slots * G, tile]` key tile is unpacked and dequantized in registers (each
    channel's scale and zero gathered from its own group) and dotted with the
    query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
@@ -268,7 +268,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   p = jnp.where(live, jnp.exp(scores - m[..., None]), 0.0)
   l = jnp.sum(p, axis=-1)
 
-  # 3. Values: [B, value_splits, M, H], summed over the splits, each over
+  # 3. Values: [B, value_splits, rep, H], summed over the splits, each over
   # `v_span` tokens of the probabilities (cut, or padded with zeros, to
   # `value_splits * v_span`).
   v_groups_per_split = -(-n_groups // value_splits // slots) * slots
