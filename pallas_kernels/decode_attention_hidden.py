@@ -277,7 +277,9 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   p = jnp.pad(p, ((0, 0), (0, 0), (0, extra))) if extra > 0 else p[..., :p.shape[-1] + extra]
   # Every split's probabilities share the block's maximum: each row's output
   # is its splits' sum over its sum `l` (0 where nothing is live).
-  inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+  some = l > 0
+  l_safe = jnp.where(some, l, 1.0)
+  inv_l = jnp.where(some, 1.0 / l_safe, 0.0)
   acc = pallas_call(
       functools.partial(_values_kernel, bits=v_bits, tile=tile,
                         groups_per_split=v_groups_per_split, head_dim=head_dim, **cfg),
@@ -293,5 +295,5 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
       [jax.ShapeDtypeStruct((b, value_splits, rep, hidden), jnp.float32)],
       grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps, num_stages=1,
       interpret=interpret, name="skvq_decode_values")[0]
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NEG)
+  lse = jnp.where(some, m + jnp.log(l_safe), _NEG)
   return jnp.sum(acc, axis=1), lse[:, None]
