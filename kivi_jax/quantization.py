@@ -87,27 +87,31 @@ def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:
   return x.reshape(*lead, t, d // c, c)
 
 
-# Up to this many (token, group) pairs `_segment` reduces each group's channels
-# under a mask; past it (prefills), by a scan whose memory is linear in `x`.
-SEGMENT_MASKED_PAIRS = 4096
+# Up to this many (element, group) pairs `_segment` reduces each group's
+# channels under a mask; past it, by a scan whose memory is linear in `x`. On an
+# H200 at Llama-2-7B's width (a flush of 32 tokens x 4096 channels, 256 groups:
+# 2**25 pairs a row) the masked way made SKVQ's step 17% faster at batch 1, 11%
+# at 2, and 4-32% slower at 4 to 32 (`benchmarks/NOTES.md`).
+SEGMENT_MASKED_PAIRS = 1 << 26
 
 
 def _segment(reduce, identity: float, x: Array, ids: Array, n: int) -> Array:
   """`reduce` (`jnp.minimum` or `jnp.maximum`) over each group of channels,
   `[..., T, D]` -> `[..., T, n]`, `ids` sorted; an empty group gets `identity`.
 
-  Few tokens (a decode step's flush of one group of them): each group's
-  reduction over all channels with the others masked, a handful of operations
-  that XLA fuses. The scan below is some 300 operations, twice in each of a
-  layer's two tensors, which doubled the HLO of SKVQ's decode step and its
-  compile time (`benchmarks/NOTES.md`).
+  Little work (a decode step's flush of one group of tokens, few rows): each
+  group's reduction over all channels with the others masked, `n` times the
+  work of one pass over `x` in a handful of operations that XLA fuses. The scan
+  below is some 300 operations, twice in each of a layer's two tensors, which
+  doubled the HLO of SKVQ's decode step and its compile time
+  (`benchmarks/NOTES.md`).
 
-  Many tokens: a scan along the channels restarting at each group's first one,
-  read at each group's last: memory linear in `x`. (`jax.ops.segment_min` is a
-  scatter, which XLA's GPU backend expanded to 42 GB for a prefill of 4 x 4096
-  tokens over Mistral-7B's 1024 channels.)
+  More work (prefills, large batches): a scan along the channels restarting at
+  each group's first one, read at each group's last: memory linear in `x`.
+  (`jax.ops.segment_min` is a scatter, which XLA's GPU backend expanded to 42 GB
+  for a prefill of 4 x 4096 tokens over Mistral-7B's 1024 channels.)
   """
-  if x.shape[-2] * n <= SEGMENT_MASKED_PAIRS:
+  if x.size * n <= SEGMENT_MASKED_PAIRS:
     member = ids[None, :] == jnp.arange(n)[:, None]  # [n, D]
     return reduce.reduce(jnp.where(member, x[..., None, :], identity), axis=-1)
   starts = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])

@@ -233,22 +233,35 @@ def test_unequal_channel_groups_match_spec(bits):
 
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("seed", range(5))
-def test_group_min_and_max_match_numpy(seed, masked):
-  # Both ways of reducing explicit groups (under a mask for few tokens, a scan
-  # for many): random widths, one-channel groups, and group ids that no channel
+def test_group_min_and_max_match_numpy(seed, masked, monkeypatch):
+  # Both ways of reducing explicit groups (under a mask for little work, a scan
+  # for more): random widths, one-channel groups, and group ids that no channel
   # has (they get the reduction's identity).
   rng = np.random.default_rng(seed)
   hidden = int(rng.integers(2, 300))
   n = int(rng.integers(1, min(hidden, 40) + 1)) + 2
   ids = np.sort(rng.integers(0, n, hidden)).astype(np.int32)
-  tokens = 5 if masked else quantization.SEGMENT_MASKED_PAIRS // n + 1
-  assert (tokens * n <= quantization.SEGMENT_MASKED_PAIRS) == masked
-  x = rng.standard_normal((2, tokens, hidden)).astype(np.float32)
+  x = rng.standard_normal((2, int(rng.integers(1, 40)), hidden)).astype(np.float32)
+  if not masked:
+    monkeypatch.setattr(quantization, "SEGMENT_MASKED_PAIRS", x.size * n - 1)
+  assert (x.size * n <= quantization.SEGMENT_MASKED_PAIRS) == masked
   for reduce, ref, identity in ((jnp.minimum, np.min, np.inf), (jnp.maximum, np.max, -np.inf)):
     got = quantization._segment(reduce, identity, jnp.asarray(x), jnp.asarray(ids), n)
     want = np.stack([ref(x[..., ids == g], -1) if (ids == g).any()
                      else np.full(x.shape[:-1], identity) for g in range(n)], -1)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("batch, masked", [(1, True), (2, True), (4, False), (32, False)])
+def test_flush_group_reductions_at_7b_width_take_the_faster_way(batch, masked):
+  # SKVQ's flush at Llama-2-7B's width (32 tokens x 4096 channels in 256
+  # groups), timed both ways in whole steps on an H200: the masked reduction
+  # faster at batch 1 and 2, the scan at 4 and above (benchmarks/NOTES.md).
+  ids = jnp.arange(4096, dtype=jnp.int32) // 16
+  x = jax.ShapeDtypeStruct((batch, 32, 4096), jnp.float32)
+  jaxpr = jax.make_jaxpr(
+      lambda x: quantization._segment(jnp.minimum, jnp.inf, x, ids, 256))(x)
+  assert ("reduce_min" in str(jaxpr)) == masked
 
 
 def test_traced_clip_of_one_is_plain_quantization():
