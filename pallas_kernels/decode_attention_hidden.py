@@ -10,10 +10,10 @@ float32: 512 KiB for 32 heads over 4096 channels) fits no program. A step
 therefore runs in three parts, none of which dequantizes the block into
 memory:
 
-1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens
-   `slots` groups of `G` at a time and, per step, its chunk of the hidden dim
-   in tiles of `tile` channels (the chunks' partial scores are summed in jnp);
-   each `[slots * G, tile]` key tile is unpacked and dequantized in registers (each
+1. `_scores_kernel`, grid `(B, splits, chunks)`: walks its split's tokens one
+   group of `G` at a time and, per group, its chunk of the hidden dim in tiles
+   of `tile` channels (the chunks' partial scores are summed in jnp); each
+   `[G, tile]` key tile is unpacked and dequantized in registers (each
    channel's scale and zero gathered from its own group) and dotted with the
    query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
@@ -81,12 +81,11 @@ def _dot(a, b, contract, precision):
 
 
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
-                   bits: float, group: int, slots: int, tile: int, groups_per_split: int,
+                   bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
                    pos_offset: int):
   """One program: batch row b, split s, chunk c of the hidden dim's tiles.
-  Writes the chunk's part of the scores of the split's live groups (and of
-  the dead ones sharing their steps of `slots` groups) into its
+  Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read)."""
   if rope:
     qr_ref, theta_ref, s_ref = refs
@@ -97,23 +96,21 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
   tile0 = pl.program_id(2) * tiles_per_chunk
-  step = slots * g_sz  # tokens a step: `slots` groups of one word tile
 
-  def group_scores(j, carry):
-    g = j * slots
-    tok0 = pl.multiple_of(g * g_sz, step)
+  def group_scores(g, carry):
+    tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
 
     def tile_scores(i, s):
       cols = pl.ds(pl.multiple_of(i * tile, tile), tile)
       group_map = map_ref[cols][None, :]
-      codes = unpack_tile(kw_ref[word_rows, cols], g % w, slots, bits).astype(jnp.float32)
-      # [step, tile], dequantized in float32 and rounded once to the dot's dtype.
-      k = codes * _expand(ks_ref, tok0, step, group_map) + _expand(kz_ref, tok0, step, group_map)
+      codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
+      # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
+      k = codes * _expand(ks_ref, tok0, g_sz, group_map) + _expand(kz_ref, tok0, g_sz, group_map)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
-      pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (step, 1), 0)
+      pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
              ).astype(jnp.float32)
       angle = pos * theta_ref[cols][None, :]
       q_rot = qr_ref[:, cols].astype(compute_dtype)
@@ -122,15 +119,15 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                      precision))
 
     s = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_scores,
-                          jnp.zeros((m_rows, step), jnp.float32))
-    s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, step), step)] = s * sm_scale
+                          jnp.zeros((m_rows, g_sz), jnp.float32))
+    s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)] = s * sm_scale
     return carry
 
-  jax.lax.fori_loop(first // slots, -(-last // slots), group_scores, 0)
+  jax.lax.fori_loop(first, last, group_scores, 0)
 
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
-                   perm_ref, out_ref, *, bits: float, group: int, slots: int, tile: int,
+                   perm_ref, out_ref, *, bits: float, group: int, tile: int,
                    groups_per_split: int, head_dim: int, compute_dtype):
   """One program: batch row b, channel span j, split s: `p @ v` over the
   split's live groups for the span's channels, `[M, span]` float32, one
@@ -143,23 +140,20 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(perm_ref.shape[0] // tile)]
   maps = [map_ref[c][None, :] for c in cols]
-  step = slots * g_sz  # tokens a step: `slots` groups of one word tile
 
-  def group_values(j, accs):
-    g = j * slots
-    tok0 = pl.multiple_of(g * g_sz, step)
+  def group_values(g, accs):
+    tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
-    # A dead group's probabilities are zeros.
-    p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, step), step)].astype(compute_dtype)
+    p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)].astype(compute_dtype)
     out = []
     for acc, c, group_map in zip(accs, cols, maps):
-      codes = unpack_tile(vw_ref[word_rows, c], g % w, slots, bits).astype(jnp.float32)
-      v = codes * _expand(vs_ref, tok0, step, group_map) + _expand(vz_ref, tok0, step, group_map)
+      codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
+      v = codes * _expand(vs_ref, tok0, g_sz, group_map) + _expand(vz_ref, tok0, g_sz, group_map)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
   m_rows = p_ref.shape[0]
-  accs = jax.lax.fori_loop(first // slots, -(-last // slots), group_values,
+  accs = jax.lax.fori_loop(first, last, group_values,
                            tuple(jnp.zeros((m_rows, tile), jnp.float32) for _ in cols))
   row = jax.lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0)
   for c, acc in zip(cols, accs):
@@ -171,14 +165,14 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "k_bits", "v_bits", "group_size", "head_dim", "rep", "sm_scale", "pos_offset", "slots",
-    "tile", "value_tiles",
+    "k_bits", "v_bits", "group_size", "head_dim", "rep", "sm_scale", "pos_offset", "tile",
+    "value_tiles",
     "splits", "chunks", "value_splits", "num_warps", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, v_perm, q_rot=None,
                             rope_theta=None, *, k_bits: float, v_bits: float, group_size: int,
                             head_dim: int, rep: int, sm_scale: float, pos_offset: int = 0,
-                            slots: int = 1, tile: int | None = None,
+                            tile: int | None = None,
                             value_tiles: int = 1, splits: int | None = None,
                             chunks: int | None = None, value_splits: int | None = None,
                             num_warps: int = 4,
@@ -187,9 +181,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
   `head_dim` is `Dh` and `rep` the query rows of a kv head. `sm_scale`
   multiplies the scores (one head's `1 / sqrt(Dh)`, not the hidden dim's).
-  Each step of both kernels unpacks `slots` groups of `G` tokens from one
-  word tile (a divisor of both tensors' codes per word and of the block's
-  groups). `tile` channels are dequantized at once (`hidden_tile` by default);
+  `tile` channels are dequantized at once (`hidden_tile` by default);
   a values program covers `value_tiles` tiles (one by default: fastest on
   average over the 7B widths, `scripts/gpu_skvq_tiles.py`);
   `splits` x `chunks` scores programs share each row's tokens and the hidden
@@ -217,10 +209,6 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
                      f"{tile} channels")
   # The capacity is the scales' (codes may take whole packing blocks more).
   n_groups = k_scale.shape[2] // g
-  words = (codes_per_word(k_bits), codes_per_word(v_bits))
-  if slots < 1 or words[0] % slots or words[1] % slots or n_groups % slots:
-    raise ValueError(f"slots={slots} must divide the codes per word ({words[0]} of keys, "
-                     f"{words[1]} of values) and the block's {n_groups} groups")
   width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)
@@ -231,14 +219,14 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError(f"chunks={chunks} must divide the {n_tiles} tiles of {tile} channels")
   if value_splits is None:
     value_splits = default_splits(b, hidden // width, n_groups)
-  groups_per_split = -(-n_groups // splits // slots) * slots  # whole steps a split
+  groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
   row = pl.BlockSpec((1,), lambda i, *_: (i,))
   rows = [n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
-  cfg = dict(group=g, slots=slots, compute_dtype=compute_dtype)
+  cfg = dict(group=g, compute_dtype=compute_dtype)
 
   # 1. Scores [B, M, splits * span], summed over the chunks.
   inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]
@@ -271,7 +259,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   # 3. Values: [B, value_splits, rep, H], summed over the splits, each over
   # `v_span` tokens of the probabilities (cut, or padded with zeros, to
   # `value_splits * v_span`).
-  v_groups_per_split = -(-n_groups // value_splits // slots) * slots
+  v_groups_per_split = -(-n_groups // value_splits)
   v_span = v_groups_per_split * g
   extra = value_splits * v_span - p.shape[-1]
   p = jnp.pad(p, ((0, 0), (0, 0), (0, extra))) if extra > 0 else p[..., :p.shape[-1] + extra]

@@ -374,20 +374,19 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
 
 
 # (hidden dim, groups, channels per tile, tiles per values program, values
-# splits, chunks of the scores' tiles, groups a step): default tiles (2 and 6
-# of 32, one per values program), SmolLM2's 192 channels, and explicit ones;
-# the values kernel's splits by default and fewer or more than the scores
-# kernel's 3 (its probabilities cut or padded); the scores' tiles in one chunk,
-# by default (two chunks of the 2 tiles, here), or in chunks of a few; one
-# group a step, or 2 or 4 (the splits' live groups not whole steps).
-@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits, chunks, slots", [
-    (64, 3, None, 1, None, None, 1), (192, 12, None, 1, 2, 3, 2), (256, 5, 32, 2, 5, 1, 4),
-    (128, 40, 16, 4, 1, 4, 2)])
+# splits, chunks of the scores' tiles): default tiles (2 and 6 of 32, one per
+# values program), SmolLM2's 192 channels, and explicit ones; the values
+# kernel's splits by default and fewer or more than the scores kernel's 3 (its
+# probabilities cut or padded); the scores' tiles in one chunk, by default
+# (two chunks of the 2 tiles, here), or in chunks of a few.
+@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits, chunks", [
+    (64, 3, None, 1, None, None), (192, 12, None, 1, 2, 3), (256, 5, 32, 2, 5, 1),
+    (128, 40, 16, 4, 1, 4)])
 @pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (4, 4, 128),
                                                (8, 2, 16)])
 @pytest.mark.parametrize("rope", [False, True])
 def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile,
-                                        value_tiles, value_splits, chunks, slots, rope):
+                                        value_tiles, value_splits, chunks, rope):
   seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
@@ -401,7 +400,7 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
   o, lse = da_hidden.hidden_decode_attention(*args[:11], jnp.asarray(perm), *args[11:], **kw,
-                                             head_dim=d, rep=rep, slots=slots, tile=tile,
+                                             head_dim=d, rep=rep, tile=tile,
                                              value_tiles=value_tiles, splits=3, chunks=chunks,
                                              value_splits=value_splits, poison=True,
                                              interpret=not ON_GPU)
@@ -432,16 +431,6 @@ def test_hidden_kernels_reject_bad_tiles(hidden, tile, value_tiles, chunks, matc
                                       group_size=16, head_dim=16, rep=1, sm_scale=0.125,
                                       tile=tile, value_tiles=value_tiles, chunks=chunks,
                                       interpret=True)
-
-
-@pytest.mark.parametrize("slots", [0, 3, 32])
-def test_hidden_kernels_reject_bad_slots(slots):
-  args = _hidden_inputs(0, 2, 192, 3, 16, 2, 1.5, jnp.float32, rope=False)
-  with pytest.raises(ValueError, match=rf"slots={slots} must divide the codes per word \(16 "
-                                       rf"of keys, 20 of values\) and the block's 80 groups"):
-    da_hidden.hidden_decode_attention(*args, jnp.arange(192), k_bits=2, v_bits=1.5,
-                                      group_size=16, head_dim=16, rep=1, sm_scale=0.125,
-                                      slots=slots, interpret=True)
 
 
 @pytest.mark.parametrize("head_dim, rep", [(20, 1), (16, 2), (16, 0)])
