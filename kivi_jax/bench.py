@@ -81,6 +81,20 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
                         methods=("kivi4", "kivi2"), repeats: int = 30, impl: str = "gpu",
                         progress=print) -> dict:
   """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue)."""
+  for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
+                      ("head_dim", head_dim), ("repeats", repeats)):
+    if not (isinstance(value, int) and value > 0):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  unknown = [m for m in methods if m not in PRESETS]
+  if unknown:
+    raise ValueError(f"unknown cache methods {unknown}; known: {', '.join(PRESETS)}")
+  if q_heads % kv_heads:
+    raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
+  if not lengths or not all(isinstance(n, int) and n > 1 for n in lengths):
+    raise ValueError(f"lengths must be integers above 1, got {tuple(lengths)}")
+  if jax.default_backend() != "gpu":
+    raise RuntimeError("the attention benchmark times the GPU kernels against cuDNN: jax's "
+                       f"backend here is {jax.default_backend()!r}")
   dtype = jnp.bfloat16
   copy_tbps = copy_bandwidth_tbps()
   progress(f"copy bandwidth {copy_tbps:.2f} TB/s")

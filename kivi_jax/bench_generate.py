@@ -347,6 +347,8 @@ def _worker(spec: dict) -> dict:
   if kind not in ("device", "hf", "generate", "step"):
     raise ValueError(f"unknown measurement kind {kind!r}")
   if kind == "device":
+    if jax.default_backend() == "cpu":
+      return {"error": "no accelerator", "log": [f"jax {jax.__version__} sees only the CPU"]}
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps()}
   if kind == "hf":
@@ -420,10 +422,19 @@ def generate_benchmark(shape: str = "llama2-7b",
   `row_timeout` seconds is recorded as timed out and the sweep goes on (a
   timed-out largest batch is not retried smaller).
   """
+  for name, values in (("batches", batches), ("step_batches", step_batches),
+                       ("hf_batches", hf_batches)):
+    if not all(isinstance(v, int) and v > 0 for v in values):
+      raise ValueError(f"{name} must be positive integers, got {tuple(values)}")
+  if not (isinstance(step_context, int) and step_context > 0):
+    raise ValueError(f"step_context must be a positive number of tokens, got {step_context!r}")
   if mesh is not None and largest:
     raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
                      "counts one device): pass largest=False (--no-largest) with batches")
   info = device_info()
+  if info.get("error") == "no accelerator":
+    raise RuntimeError("the generate benchmark measures a GPU or TPU: jax sees only the CPU "
+                       "here")
   if "error" in info:
     raise RuntimeError(f"the device worker failed: {info}")
   progress(f"{info['device']}: {info['bytes_limit'] / 2**30:.1f} GiB for the allocator, "

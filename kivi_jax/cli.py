@@ -143,6 +143,14 @@ def _presets(methods: str) -> dict[str, KIVIConfig]:
   return {m: get_preset(m) for m in (m.strip() for m in methods.split(",")) if m}
 
 
+def _positive_ints(flag: str, text: str) -> tuple[int, ...]:
+  """`"1,8,32"` -> `(1, 8, 32)`; `""` -> `()`; anything else names `flag`."""
+  items = [x.strip() for x in text.split(",") if x.strip()]
+  if not all(x.isdigit() and int(x) > 0 for x in items):
+    raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+  return tuple(int(x) for x in items)
+
+
 def _calibrations(model, configs: dict[str, KIVIConfig], tokens: np.ndarray,
                   data_name: str, n_tokens: int | None = None) -> dict:
   """A calibration for each config that needs one, on the text's last
@@ -294,7 +302,7 @@ def _eval_passkey(args) -> int:
   from kivi_jax.default_model import default_model_path
 
   configs = _presets(args.methods)
-  lengths = [int(x) for x in args.lengths.split(",")]
+  lengths = list(_positive_ints("--lengths", args.lengths))
   path = args.model or default_model_path()
   model = kivi_jax.load_model(path, dtype=args.dtype)
   for config in configs.values():
@@ -337,7 +345,7 @@ def _eval_passkey(args) -> int:
 def _bench_attention(args) -> int:
   from kivi_jax import bench
 
-  lengths = tuple(int(x) for x in args.lengths.split(","))
+  lengths = _positive_ints("--lengths", args.lengths)
   methods = tuple(m.strip() for m in args.methods.split(","))
   for m in methods:
     get_preset(m)
@@ -371,7 +379,6 @@ def _bench_generate(args) -> int:
     if not (prompt.isdigit() and new.isdigit() and int(prompt) > 0 and int(new) > 0):
       raise ValueError(f"--requests takes PROMPT+NEW pairs such as 1024+512, got {r!r}")
     requests.append((int(prompt), int(new)))
-  ints = lambda text: tuple(int(x) for x in text.split(",") if x.strip())  # noqa: E731
   mesh = None
   if args.mesh:
     axes = dict(part.partition("=")[::2] for part in args.mesh.split(","))
@@ -379,13 +386,19 @@ def _bench_generate(args) -> int:
                                                   for v in axes.values()):
       raise ValueError(f"--mesh takes data=D,model=M with positive D and M, got {args.mesh!r}")
     mesh = (int(axes["data"]), int(axes["model"]))
+  batches = _positive_ints("--batches", args.batches)
+  step_batches = _positive_ints("--step-batches", args.step_batches)
+  hf_batches = _positive_ints("--hf-batches", args.hf_batches)
+  if args.step_context < 1:
+    raise ValueError(f"--step-context must be a positive number of tokens, got "
+                     f"{args.step_context}")
   # This process only plans and collects; each measurement runs in a worker
   # process that must find the accelerator's memory untouched.
   jax.config.update("jax_platforms", "cpu")
   bench_generate.generate_benchmark(
-      shape=args.shape, methods=methods, requests=tuple(requests), batches=ints(args.batches),
-      step_batches=ints(args.step_batches), step_context=args.step_context,
-      largest=not args.no_largest, hf_batches=ints(args.hf_batches), out=args.out,
+      shape=args.shape, methods=methods, requests=tuple(requests),
+      batches=batches, step_batches=step_batches, step_context=args.step_context,
+      largest=not args.no_largest, hf_batches=hf_batches, out=args.out,
       mesh=mesh, row_timeout=args.row_timeout, progress=lambda s: print(s, flush=True))
   if args.out:
     print(f"wrote {args.out}")

@@ -7,6 +7,7 @@ import json
 import pathlib
 import re
 
+import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -102,10 +103,51 @@ def test_every_kernel_is_counted_as_attention_or_write():
     (["--mesh", "data=1,model=1"], "largest batch over a mesh"),
     (["--row-timeout", "0"], "--row-timeout must be a positive"),
     (["--row-timeout", "nan"], "--row-timeout must be a positive"),
+    (["--batches", "0"], "--batches takes comma-separated positive integers, got '0'"),
+    (["--step-batches", "1,x"], "--step-batches takes comma-separated positive integers"),
+    (["--hf-batches", "-4"], "--hf-batches takes comma-separated positive integers"),
+    (["--step-context", "0"], "--step-context must be a positive number of tokens, got 0"),
 ])
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2
   assert __import__("re").search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(batches=(8, 0)), r"batches must be positive integers, got \(8, 0\)"),
+    (dict(step_batches=(1.5,)), r"step_batches must be positive integers"),
+    (dict(hf_batches=(-1,)), r"hf_batches must be positive integers"),
+    (dict(step_context=0), r"step_context must be a positive number of tokens, got 0"),
+])
+def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, monkeypatch):
+  monkeypatch.setattr(bg, "measure", lambda *a, **k: pytest.fail("measured"))
+  with pytest.raises(ValueError, match=match):
+    bg.generate_benchmark("llama2-7b", **kw)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a machine without accelerator")
+def test_benches_refuse_a_machine_without_accelerator(capsys):
+  assert bg._worker({"kind": "device"})["error"] == "no accelerator"
+  # The worker's answer, as the sweep gets it, stops the sweep with a clear error.
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(bg, "measure", lambda spec, **_: {**spec, **bg._worker(spec)})
+    with pytest.raises(RuntimeError, match="measures a GPU or TPU: jax sees only the CPU"):
+      bg.generate_benchmark("llama2-7b")
+  assert main(["bench", "attention", "--lengths", "64"]) == 2
+  assert "times the GPU kernels against cuDNN: jax's backend here is 'cpu'" in (
+      capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["bench", "attention", "--lengths", "0,64"], "--lengths takes comma-separated positive"),
+    (["bench", "attention", "--kv-heads", "3"], "q_heads=32 must be a multiple of kv_heads=3"),
+    (["bench", "attention", "--batch", "0"], "batch must be a positive integer, got 0"),
+    (["bench", "attention", "--methods", "kivi3"], "unknown cache method"),
+    (["eval", "passkey", "--lengths", "512,x"], "--lengths takes comma-separated positive"),
+])
+def test_benches_and_evals_name_bad_lists_and_shapes(args, match, capsys):
+  assert main(args) == 2
+  assert re.search(match, capsys.readouterr().err)
 
 
 def test_bench_generate_without_requests_measures_steps_only(monkeypatch):
