@@ -37,7 +37,7 @@ def test_generate_and_step_measure(model, method):
   assert step["step_ms"] > 0 and step["floor_ms"] > step["weights_floor_ms"] > 0
   # A decode step reads every weight but the embedding table's gather.
   assert step["weight_bytes"] == sum(
-      x.nbytes for x in __import__("jax").tree.leaves(model.params)) - \
+      x.nbytes for x in jax.tree.leaves(model.params)) - \
       model.params["embed"].nbytes
 
 
@@ -110,7 +110,7 @@ def test_every_kernel_is_counted_as_attention_or_write():
 ])
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2
-  assert __import__("re").search(match, capsys.readouterr().err)
+  assert re.search(match, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -125,14 +125,13 @@ def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, mon
     bg.generate_benchmark("llama2-7b", **kw)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a machine without accelerator")
-def test_benches_refuse_a_machine_without_accelerator(capsys):
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without accelerator")
+def test_benches_refuse_a_machine_without_accelerator(capsys, monkeypatch):
   assert bg._worker({"kind": "device"})["error"] == "no accelerator"
   # The worker's answer, as the sweep gets it, stops the sweep with a clear error.
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(bg, "measure", lambda spec, **_: {**spec, **bg._worker(spec)})
-    with pytest.raises(RuntimeError, match="measures a GPU or TPU: jax sees only the CPU"):
-      bg.generate_benchmark("llama2-7b")
+  monkeypatch.setattr(bg, "measure", lambda spec, **_: {**spec, **bg._worker(spec)})
+  with pytest.raises(RuntimeError, match="measures a GPU or TPU: jax sees only the CPU"):
+    bg.generate_benchmark("llama2-7b")
   assert main(["bench", "attention", "--lengths", "64"]) == 2
   assert "times the GPU kernels against cuDNN: jax's backend here is 'cpu'" in (
       capsys.readouterr().err)
