@@ -12,6 +12,7 @@ copy of it, so one prefilled document answers many questions.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, Sequence
 
 import jax
@@ -66,21 +67,33 @@ def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: Model
   return logits.reshape(b, -1), concat_rows(caches, empty)
 
 
+# The streamers of the `generate` calls running, by key. The decode loop calls
+# `_stream` with its call's key (a traced argument), so one compiled loop serves
+# every streamer: a streamer as a static argument compiled the loop again for
+# each new function (each lambda of a notebook cell).
+_STREAMERS: dict[int, Callable[[np.ndarray, np.ndarray], None]] = {}
+_STREAM_KEYS = itertools.count()
+
+
+def _stream(key, tok, done):
+  _STREAMERS[int(key)](tok, done)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
-                     "pad_token_id", "streamer"),
+                     "pad_token_id", "stream"),
     donate_argnames=("cache",))
-def _decode(params, cache: KVCache, first_logits, rng, eos_ids, *, config: ModelConfig,
-            max_new_tokens: int, temperature: float, top_k, top_p, pad_token_id: int,
-            streamer):
+def _decode(params, cache: KVCache, first_logits, rng, eos_ids, stream_key, *,
+            config: ModelConfig, max_new_tokens: int, temperature: float, top_k, top_p,
+            pad_token_id: int, stream: bool):
   b = first_logits.shape[0]
 
   def emit(step, logits, done, tokens):
     tok = sample(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
     tok = jnp.where(done, pad_token_id, tok)
-    if streamer is not None:
-      jax.debug.callback(streamer, tok, done, ordered=True)
+    if stream:
+      jax.debug.callback(_stream, stream_key, tok, done, ordered=True)
     done = done | jnp.isin(tok, eos_ids)
     return tokens.at[:, step].set(tok), done, tok
 
@@ -297,7 +310,9 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
     max_length: cache capacity per row; defaults to `T + max_new_tokens` (a
       given `cache` has its own).
-    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step.
+    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step;
+      with one, `generate` returns once every step has been streamed. Any
+      function: the compiled loop is the same for all.
     impl: what reads the cache in decode steps (`KVCache.impl`): "auto" (the
       default) takes the Pallas kernel of the backend where it applies; "gpu"
       also writes it with the quantize-and-pack kernel. A given `cache` has its own.
@@ -340,9 +355,18 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                                      max_length, max_new_tokens, calibration,
                                      impl or "auto", mesh)
-  tokens, _ = _decode(
-      _params(model, cache.mesh), cache, logits, jax.random.key(seed),
-      jnp.asarray(eos if eos else [-1], jnp.int32), config=model.config,
-      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-      top_p=top_p, pad_token_id=int(pad_token_id), streamer=streamer)
+  key = -1 if streamer is None else next(_STREAM_KEYS)
+  if streamer is not None:
+    _STREAMERS[key] = streamer
+  try:
+    tokens, _ = _decode(
+        _params(model, cache.mesh), cache, logits, jax.random.key(seed),
+        jnp.asarray(eos if eos else [-1], jnp.int32), jnp.int32(key), config=model.config,
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+        top_p=top_p, pad_token_id=int(pad_token_id), stream=streamer is not None)
+    if streamer is not None:  # every step streamed before the streamer is let go
+      jax.block_until_ready(tokens)
+      jax.effects_barrier()
+  finally:
+    _STREAMERS.pop(key, None)
   return tokens

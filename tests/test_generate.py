@@ -1,5 +1,7 @@
 """generate(): padded batches, per-row lengths, EOS, sampling, and input checks."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +67,32 @@ def test_rows_stop_at_eos_independently(model):
   stop = np.flatnonzero(free[1] == eos)
   end = stop[0] + 1 if stop.size else 12
   np.testing.assert_array_equal(out[1, :end], free[1, :end])
+
+
+def test_streamers_see_their_own_steps_and_share_one_compiled_loop(model):
+  # Each step of each row, in order, to the streamer of its own call; a new
+  # function (a notebook cell's lambda) must not compile the loop again.
+  gen = importlib.import_module("kivi_jax.generate")  # the module, not the function
+  p = np.random.default_rng(5).integers(0, 256, (2, 12))
+  free = np.asarray(kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=6))
+  eos = int(free[0, 2])
+  assert eos not in free[0, :2] and eos not in free[1]
+  runs = []
+  for _ in range(2):
+    seen = []
+    out = kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=6,
+                            eos_token_id=eos, pad_token_id=0,
+                            streamer=lambda tok, done: seen.append((tok.copy(), done.copy())))
+    runs.append((np.asarray(out), seen))
+    if len(runs) == 1:
+      compiled = gen._decode._cache_size()
+  assert gen._decode._cache_size() == compiled
+  for out, seen in runs:
+    # Row 0 stops at its EOS (the third token): the loop runs on for row 1.
+    assert len(seen) == 6
+    np.testing.assert_array_equal(np.stack([t for t, _ in seen], 1), out)
+    assert [bool(d[0]) for _, d in seen] == [False, False, False, True, True, True]
+  assert not gen._STREAMERS
 
 
 def test_sampling_is_deterministic_per_seed(model):
