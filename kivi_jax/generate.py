@@ -27,10 +27,11 @@ from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 
 
-def sample(logits: Array, rng: Array, temperature: float, top_k: int | None,
-           top_p: float | None) -> Array:
-  """Next tokens `[B]` from float logits `[B, V]`; greedy when `temperature == 0`."""
-  if temperature == 0.0:
+def sample(logits: Array, rng: Array, temperature, top_k: int | None, top_p) -> Array:
+  """Next tokens `[B]` from float logits `[B, V]`; greedy when `temperature` is
+  None. `temperature` and `top_p` (None: no filter) may be traced: one
+  compiled loop serves every value."""
+  if temperature is None:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
   if top_k is not None:
@@ -81,16 +82,17 @@ def _stream(key, tok, done):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p",
+    static_argnames=("config", "max_new_tokens", "greedy", "top_k", "nucleus",
                      "pad_token_id", "stream"),
     donate_argnames=("cache",))
-def _decode(params, cache: KVCache, first_logits, rng, eos_ids, stream_key, *,
-            config: ModelConfig, max_new_tokens: int, temperature: float, top_k, top_p,
-            pad_token_id: int, stream: bool):
+def _decode(params, cache: KVCache, first_logits, rng, eos_ids, stream_key, temperature,
+            top_p, *, config: ModelConfig, max_new_tokens: int, greedy: bool, top_k,
+            nucleus: bool, pad_token_id: int, stream: bool):
   b = first_logits.shape[0]
 
   def emit(step, logits, done, tokens):
-    tok = sample(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+    tok = sample(logits, jax.random.fold_in(rng, step), None if greedy else temperature,
+                 top_k, top_p if nucleus else None)
     tok = jnp.where(done, pad_token_id, tok)
     if stream:
       jax.debug.callback(_stream, stream_key, tok, done, ordered=True)
@@ -304,7 +306,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
       cache passed stays valid and unchanged.
     attention_mask: `[B, T]`, 1 for real tokens; None means no padding.
     temperature: 0 for greedy decoding, else the softmax temperature.
-    top_k, top_p: optional sampling filters.
+    top_k, top_p: optional sampling filters. Every temperature and top_p
+      share one compiled loop (a top_k of its own).
     seed: PRNG seed; the same seed gives the same tokens.
     eos_token_id: a row stops after generating one of these; None never stops.
     pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
@@ -361,9 +364,11 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
   try:
     tokens, _ = _decode(
         _params(model, cache.mesh), cache, logits, jax.random.key(seed),
-        jnp.asarray(eos if eos else [-1], jnp.int32), jnp.int32(key), config=model.config,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-        top_p=top_p, pad_token_id=int(pad_token_id), stream=streamer is not None)
+        jnp.asarray(eos if eos else [-1], jnp.int32), jnp.int32(key),
+        jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
+        config=model.config, max_new_tokens=max_new_tokens, greedy=temperature == 0,
+        top_k=top_k, nucleus=top_p is not None, pad_token_id=int(pad_token_id),
+        stream=streamer is not None)
     if streamer is not None:  # every step streamed before the streamer is let go
       jax.block_until_ready(tokens)
       jax.effects_barrier()

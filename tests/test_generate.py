@@ -109,6 +109,24 @@ def test_sampling_is_deterministic_per_seed(model):
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(top1))
 
 
+def test_temperatures_and_top_ps_share_one_compiled_loop(model):
+  # A sweep of sampling settings compiles the loop once; the traced values are
+  # the ones used: the least top_p keeps the likeliest token alone (greedy).
+  gen = importlib.import_module("kivi_jax.generate")
+  p = np.random.default_rng(3).integers(0, 256, (2, 12))
+  kw = dict(kv_config=METHODS["kivi2"], max_new_tokens=16, seed=4)
+  greedy = np.asarray(kivi_jax.generate(model, p, **kw))
+  kivi_jax.generate(model, p, temperature=1.0, top_p=0.9, **kw)
+  compiled = gen._decode._cache_size()
+  hot = np.asarray(kivi_jax.generate(model, p, temperature=3.0, top_p=1.0, **kw))
+  cold = np.asarray(kivi_jax.generate(model, p, temperature=0.05, top_p=1.0, **kw))
+  narrow = np.asarray(kivi_jax.generate(model, p, temperature=1.0, top_p=1e-6, **kw))
+  assert gen._decode._cache_size() == compiled
+  np.testing.assert_array_equal(narrow, greedy)
+  assert (hot != greedy).any()
+  assert (cold != hot).any()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
     (dict(max_new_tokens=10, max_length=8), r"prompt \(12 tokens\) is longer than the cache"),
