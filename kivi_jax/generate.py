@@ -128,9 +128,6 @@ def _continue(params, input_ids, attention_mask, cache: KVCache, *, config: Mode
                        last_only=True)
 
 
-CONTINUE_BUCKET = 64
-"""A continuation is padded to a multiple of this many tokens, so questions of
-similar length share one compiled program."""
 
 
 def _positive_int(name, value):
@@ -201,16 +198,18 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
               + ("" if mesh is None else f" split over {devices} devices"),
               "pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
               "many rows fit)")
+  width = memory.bucket(t, max_length)  # the prompts padded (masked) to it
   if mesh is None:
-    rows = memory.prefill_rows(b, model.config, kv_config, t, max_length,
+    rows = memory.prefill_rows(b, model.config, kv_config, width, max_length,
                                memory.workspace_bytes(cache_total),
                                memory.uses_flash_attention(model.config, impl))
   else:
     rows = b  # all rows at once, spread over the mesh (no chunks of rows yet)
   empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
                      calibration=calibration, mesh=mesh)
-  return _prefill(_params(model, mesh), _rows(input_ids, mesh), _rows(attention_mask, mesh),
-                  empty, config=model.config)
+  pad = ((0, 0), (0, width - t))
+  return _prefill(_params(model, mesh), _rows(np.pad(input_ids, pad), mesh),
+                  _rows(np.pad(attention_mask, pad), mesh), empty, config=model.config)
 
 
 def _params(model, mesh):
@@ -279,8 +278,7 @@ def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_toke
   devices = 1 if cache.mesh is None else cache.mesh.size
   _check_free(cache.nbytes() // devices, "a copy of the cache to continue",
               "free the arrays you no longer need, or continue a cache of fewer rows")
-  padded = min(-(-t // CONTINUE_BUCKET) * CONTINUE_BUCKET, cache.capacity)
-  pad = ((0, 0), (0, padded - t))
+  pad = ((0, 0), (0, memory.bucket(t, cache.capacity) - t))
   return _continue(_params(model, cache.mesh), _rows(np.pad(input_ids, pad), cache.mesh),
                    _rows(np.pad(attention_mask, pad), cache.mesh), cache,
                    config=model.config)
@@ -311,8 +309,9 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     seed: PRNG seed; the same seed gives the same tokens.
     eos_token_id: a row stops after generating one of these; None never stops.
     pad_token_id: fills a row after its EOS; defaults to the first EOS id, or 0.
-    max_length: cache capacity per row; defaults to `T + max_new_tokens` (a
-      given `cache` has its own).
+    max_length: cache capacity per row; defaults to `T + max_new_tokens` rounded
+      up to a multiple of `memory.BUCKET` within the model's window (a given `cache`
+      has its own).
     streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step;
       with one, `generate` returns once every step has been streamed. Any
       function: the compiled loop is the same for all.
@@ -353,8 +352,11 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     if kv_config is None:
       raise ValueError("kv_config is required (kivi_jax.get_preset('kivi2'), say), unless "
                        "a cache to continue is given")
-    max_length = input_ids.shape[1] + max_new_tokens if max_length is None else \
-        _positive_int("max_length", max_length)
+    if max_length is None:
+      need = input_ids.shape[1] + max_new_tokens
+      max_length = memory.bucket(need, model.config.max_position_embeddings)
+    else:
+      max_length = _positive_int("max_length", max_length)
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                                      max_length, max_new_tokens, calibration,
                                      impl or "auto", mesh)

@@ -147,6 +147,17 @@ def uses_flash_attention(model_config, impl: str = "auto") -> bool:
           and model_config.dtype in ("bfloat16", "float16"))
 
 
+BUCKET = 64
+"""`generate` pads prompts and continuations (masked) to a multiple of this many
+tokens and rounds its default cache capacity up to one, so requests of similar
+length share compiled programs; `generate_bytes` counts the same."""
+
+
+def bucket(n: int, limit: int) -> int:
+  """`n` rounded up to a multiple of `BUCKET`, at most `limit` (not below `n`)."""
+  return max(n, min(-(-n // BUCKET) * BUCKET, limit))
+
+
 def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
                    new_tokens: int, flash: bool) -> int:
   """An upper estimate of `generate`'s peak device memory for `batch` rows:
@@ -155,11 +166,12 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
   prompt attention is cuDNN's (`uses_flash_attention`)."""
   config = model.config
   weights = _bytes(model.params)
-  length = prompt_tokens + new_tokens
+  # The capacity and the prompts' width as `generate` makes them.
+  length = bucket(prompt_tokens + new_tokens, config.max_position_embeddings)
+  width = bucket(prompt_tokens, length)
   cache = cache_bytes(config, kv_config, batch, length)
-  rows = prefill_rows(batch, config, kv_config, prompt_tokens, length, workspace_bytes(cache),
-                      flash)
-  prefill = rows * prefill_bytes_per_row(config, kv_config, prompt_tokens, length, flash)
+  rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash)
+  prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
 

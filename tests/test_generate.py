@@ -46,6 +46,31 @@ def test_padded_batch_rows_equal_their_prompts_alone(model, method, side):
                                   err_msg=f"row {i}")
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_prompts_of_similar_length_share_compiled_programs(model, method, monkeypatch):
+  # Prompts are padded to a multiple of 64 tokens and the default capacity
+  # rounded up alike: a notebook's questions do not compile anew each.
+  gen = importlib.import_module("kivi_jax.generate")
+  capacities = []
+  init = gen.init_cache
+  monkeypatch.setattr(gen, "init_cache",
+                      lambda *a, **k: capacities.append(a[3]) or init(*a, **k))
+  rng = np.random.default_rng(2)
+  run = lambda t, **kw: np.asarray(kivi_jax.generate(  # noqa: E731
+      model, rng.integers(0, 256, (1, t)), kv_config=METHODS[method], max_new_tokens=8, **kw))
+  run(20)
+  compiled = gen._prefill._cache_size(), gen._decode._cache_size()
+  run(21)
+  run(56)
+  assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+  # An explicit capacity is the caller's, taken as given; the default stays
+  # within the model's window (512; a request past it is refused as before:
+  # test_bad_inputs_raise_before_compute).
+  run(21, max_length=29)
+  run(500)
+  assert capacities == [64, 64, 64, 29, 512]
+
+
 def test_kivi2_differs_from_fp16(model):
   # Otherwise the test above could pass with a cache that never quantizes.
   p = np.random.default_rng(7).integers(0, 256, (1, 70))
@@ -150,12 +175,13 @@ def test_bad_inputs_raise_before_compute(model, kwargs, match):
 
 def test_a_cache_past_the_free_memory_is_refused_before_allocation(model, monkeypatch):
   import importlib
-  need = kivi_jax.memory.cache_bytes(model.config, METHODS["fp16"], 2, 112)
+  # 12 + 100 tokens, rounded up to a whole bucket of 64.
+  need = kivi_jax.memory.cache_bytes(model.config, METHODS["fp16"], 2, 128)
   monkeypatch.setattr(kivi_jax.memory, "free_memory_bytes", lambda device=None: need - 1)
   allocated = []
   monkeypatch.setattr(importlib.import_module("kivi_jax.generate"), "init_cache",
                       lambda *a, **k: allocated.append(1))
-  with pytest.raises(ValueError, match=r"the cache of 2 rows x 112 tokens \(max_length\) "
+  with pytest.raises(ValueError, match=r"the cache of 2 rows x 128 tokens \(max_length\) "
                      r"takes 0.00 GiB and the device has 0.00 GiB free"):
     kivi_jax.generate(model, np.zeros((2, 12), np.int32), kv_config=METHODS["fp16"],
                       max_new_tokens=100)

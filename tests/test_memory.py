@@ -48,6 +48,11 @@ def test_max_batch_is_the_largest_that_fits(method):
   # The cache dominates: KIVI-2 holds 3 bits per element and a 128-token ring.
   per_row = memory.cache_bytes(CONFIG, kv, 1, 1536)
   assert best * per_row > 0.85 * (limit - 13.5e9)
+  # generate pads 1000 prompt tokens to 1024 and rounds the capacity for 500
+  # more up to 1536 (memory.BUCKET): the same memory as 1024 + 512.
+  assert memory.generate_bytes(MODEL, kv, best, 1000, 500, True) == \
+      memory.generate_bytes(MODEL, kv, best, 1024, 512, True)
+  assert memory.max_batch(MODEL, kv, 1000, 500, memory_bytes=limit, flash=True) == best
 
 
 def test_max_batch_of_a_device_too_small_is_zero():
