@@ -128,8 +128,6 @@ def _continue(params, input_ids, attention_mask, cache: KVCache, *, config: Mode
                        last_only=True)
 
 
-
-
 def _positive_int(name, value):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
