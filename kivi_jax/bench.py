@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from kivi_jax.attention import decode_attention
 from kivi_jax.cache import LayerKV, append, append_flushing, init_cache, n_quantized
-from kivi_jax.config import PRESETS, KIVIConfig
+from kivi_jax.config import KIVIConfig, get_preset
 
 _L2_DODGE_BYTES = 512 * 2**20
 _CALLS_PER_BATCH = 10
@@ -85,9 +85,7 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
                       ("head_dim", head_dim), ("repeats", repeats)):
     if not (isinstance(value, int) and value > 0):
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  unknown = [m for m in methods if m not in PRESETS]
-  if unknown:
-    raise ValueError(f"unknown cache methods {unknown}; known: {', '.join(PRESETS)}")
+  configs = {m: get_preset(m) for m in methods}  # an unknown name is refused by name
   if q_heads % kv_heads:
     raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
   if not lengths or not all(isinstance(n, int) and n > 1 for n in lengths):
@@ -118,7 +116,7 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
                      tbps=kv_bytes / (base_ms * 1e-3) / 1e12))
     progress(f"L={length} bf16 cudnn {base_ms:.3f} ms")
     for method in methods:
-      config = PRESETS[method]
+      config = configs[method]
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
                                 impl)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)

@@ -347,8 +347,6 @@ def _bench_attention(args) -> int:
 
   lengths = _positive_ints("--lengths", args.lengths)
   methods = tuple(m.strip() for m in args.methods.split(","))
-  for m in methods:
-    get_preset(m)
   result = bench.attention_benchmark(lengths=lengths, batch=args.batch, q_heads=args.q_heads,
                                      kv_heads=args.kv_heads, head_dim=args.head_dim,
                                      methods=methods, repeats=args.repeats,
