@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kivi_jax.config import IMPLS, PRESETS, KIVIConfig, get_preset
+from kivi_jax.default_model import cache_dir, default_model_path
 
 
 def _bits(text: str) -> float:
@@ -48,7 +49,6 @@ def _chat_parts(tokenizer, text: str) -> tuple[str, str]:
 
 def _generate(args) -> int:
   import kivi_jax
-  from kivi_jax.default_model import default_model_path
   from kivi_jax.generate import generate, prefill_cache
 
   if args.save_cache and args.resume_cache:
@@ -220,7 +220,6 @@ def _calibrate(args) -> int:
 
   import kivi_jax
   from kivi_jax import eval as kv_eval
-  from kivi_jax.default_model import default_model_path
 
   config = get_preset(args.method)
   step = kv_eval.CALIBRATION_SEQ * kv_eval.CALIBRATION_BATCH
@@ -244,7 +243,6 @@ def _eval_ppl(args) -> int:
 
   import kivi_jax
   from kivi_jax import eval as kv_eval
-  from kivi_jax.default_model import default_model_path
 
   configs = _presets(args.methods)
   setting = dict(kv_eval.QUICK if args.setting == "quick" else kv_eval.FULL)
@@ -299,7 +297,6 @@ def _eval_passkey(args) -> int:
 
   import kivi_jax
   from kivi_jax import eval as kv_eval
-  from kivi_jax.default_model import default_model_path
 
   configs = _presets(args.methods)
   lengths = list(_positive_ints("--lengths", args.lengths))
@@ -539,8 +536,25 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# The persistent compilation cache's bound, least recently used entries dropped
+# past it. A SmolLM2 `generate` (prefill and decode loop) takes under 2 MiB.
+COMPILE_CACHE_BYTES = 2**30
+
+
+def _keep_compiled_programs() -> None:
+  """Compiled programs kept across runs, in `cache_dir()/xla` unless
+  `JAX_COMPILATION_CACHE_DIR` names another place: a second `kivi-jax generate`
+  reads the model's programs back where the first compiled them."""
+  import jax
+
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  _keep_compiled_programs()
   try:
     return args.run(args)
   except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

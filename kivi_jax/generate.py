@@ -12,7 +12,6 @@ copy of it, so one prefilled document answers many questions.
 from __future__ import annotations
 
 import functools
-import itertools
 from typing import Callable, Sequence
 
 import jax
@@ -68,55 +67,67 @@ def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: Model
   return logits.reshape(b, -1), concat_rows(caches, empty)
 
 
-# The streamers of the `generate` calls running, by key. The decode loop calls
-# `_stream` with its call's key (a traced argument), so one compiled loop serves
-# every streamer: a streamer as a static argument compiled the loop again for
-# each new function (each lambda of a notebook cell).
-_STREAMERS: dict[int, Callable[[np.ndarray, np.ndarray], None]] = {}
-_STREAM_KEYS = itertools.count()
+# With a streamer, `generate` runs the decode loop in calls of growing length
+# (1, 2, 4, ... up to this many steps) and streams each call's steps from the
+# host: the first tokens show at once, and the loop has no host callback, so
+# the persistent compilation cache can keep it across processes. Every length
+# shares one compiled loop: the steps' bounds are traced.
+STREAM_CHUNK = 16
+
+_SAMPLING = ("greedy", "top_k", "nucleus", "pad_token_id")
 
 
-def _stream(key, tok, done):
-  _STREAMERS[int(key)](tok, done)
+def _emit(step, logits, done, tokens, rng, eos_ids, temperature, top_p, *, greedy, top_k,
+          nucleus, pad_token_id):
+  """Step `step`'s tokens sampled from `logits` into `tokens` (padding for
+  rows already done): `(tokens, done, tok)`."""
+  tok = sample(logits, jax.random.fold_in(rng, step), None if greedy else temperature,
+               top_k, top_p if nucleus else None)
+  tok = jnp.where(done, pad_token_id, tok)
+  return tokens.at[:, step].set(tok), done | jnp.isin(tok, eos_ids), tok
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "max_new_tokens", "greedy", "top_k", "nucleus",
-                     "pad_token_id", "stream"),
-    donate_argnames=("cache",))
-def _decode(params, cache: KVCache, first_logits, rng, eos_ids, stream_key, temperature,
-            top_p, *, config: ModelConfig, max_new_tokens: int, greedy: bool, top_k,
-            nucleus: bool, pad_token_id: int, stream: bool):
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", *_SAMPLING))
+def _start(first_logits, rng, eos_ids, temperature, top_p, *, max_new_tokens: int,
+           **sampling):
+  """Step 0 from the prefill's logits: `(tokens [B, max_new_tokens], done, tok)`."""
   b = first_logits.shape[0]
+  tokens = jnp.full((b, max_new_tokens), sampling["pad_token_id"], jnp.int32)
+  return _emit(0, first_logits, jnp.zeros((b,), bool), tokens, rng, eos_ids, temperature,
+               top_p, **sampling)
 
-  def emit(step, logits, done, tokens):
-    tok = sample(logits, jax.random.fold_in(rng, step), None if greedy else temperature,
-                 top_k, top_p if nucleus else None)
-    tok = jnp.where(done, pad_token_id, tok)
-    if stream:
-      jax.debug.callback(_stream, stream_key, tok, done, ordered=True)
-    done = done | jnp.isin(tok, eos_ids)
-    return tokens.at[:, step].set(tok), done, tok
 
-  tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
-  tokens, done, tok = emit(0, first_logits, jnp.zeros((b,), bool), tokens)
-
+@functools.partial(jax.jit, static_argnames=("config", *_SAMPLING),
+                   donate_argnames=("cache", "tokens"))
+def _decode(params, cache: KVCache, tokens, tok, done, start, stop, rng, eos_ids,
+            temperature, top_p, *, config: ModelConfig, **sampling):
+  """Steps `start .. stop - 1`, or until every row is done, in one
+  `lax.while_loop`: `(tokens, tok, done, the next step, cache)`."""
   def cond(state):
     step, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < stop) & ~jnp.all(done)
 
   def body(state):
     step, tokens, tok, done, cache = state
     # Finished rows feed padding, so their caches stop growing.
     logits, cache = llama.forward(params, tok[:, None], cache,
                                   (~done)[:, None].astype(jnp.int32), config=config)
-    tokens, done, tok = emit(step, logits[:, 0], done, tokens)
+    tokens, done, tok = _emit(step, logits[:, 0], done, tokens, rng, eos_ids, temperature,
+                              top_p, **sampling)
     return step + 1, tokens, tok, done, cache
 
-  _, tokens, _, _, cache = jax.lax.while_loop(cond, body, (1, tokens, tok, done, cache))
+  step, tokens, tok, done, cache = jax.lax.while_loop(
+      cond, body, (jnp.asarray(start, jnp.int32), tokens, tok, done, cache))
   # Returning the cache lets the donated input buffers back the loop state.
-  return tokens, cache
+  return tokens, tok, done, step, cache
+
+
+def _stream(streamer, tokens: np.ndarray, first: int, last: int, eos: list[int]) -> None:
+  """`streamer(tokens [B], done [B])` for steps `first .. last - 1`; `done`: the
+  row ended at an earlier step (its token is then padding)."""
+  ended = np.logical_or.accumulate(np.isin(tokens[:, :last], eos), axis=1)
+  for step in range(first, last):
+    streamer(tokens[:, step], ended[:, step - 1] if step else np.zeros(len(tokens), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -310,9 +321,11 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     max_length: cache capacity per row; defaults to `T + max_new_tokens` rounded
       up to a multiple of `memory.BUCKET` within the model's window (a given `cache`
       has its own).
-    streamer: called as `streamer(tokens [B], done [B])` (numpy) after each step;
-      with one, `generate` returns once every step has been streamed. Any
-      function: the compiled loop is the same for all.
+    streamer: called as `streamer(tokens [B], done [B])` (numpy) for each step, in
+      order; `done` marks rows that ended earlier (their token is padding). The
+      steps come in bursts of up to `STREAM_CHUNK` (the first at once), and
+      `generate` returns once every step has been streamed. Any function: the
+      compiled loop is the same for all.
     impl: what reads the cache in decode steps (`KVCache.impl`): "auto" (the
       default) takes the Pallas kernel of the backend where it applies; "gpu"
       also writes it with the quantize-and-pack kernel. A given `cache` has its own.
@@ -358,20 +371,25 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                                      max_length, max_new_tokens, calibration,
                                      impl or "auto", mesh)
-  key = -1 if streamer is None else next(_STREAM_KEYS)
+  params = _params(model, cache.mesh)
+  sampling = dict(greedy=temperature == 0, top_k=top_k, nucleus=top_p is not None,
+                  pad_token_id=int(pad_token_id))
+  traced = (jax.random.key(seed), jnp.asarray(eos if eos else [-1], jnp.int32),
+            jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
+  tokens, done, tok = _start(logits, *traced, max_new_tokens=max_new_tokens, **sampling)
+  del logits
+  step, chunk = 1, 1
   if streamer is not None:
-    _STREAMERS[key] = streamer
-  try:
-    tokens, _ = _decode(
-        _params(model, cache.mesh), cache, logits, jax.random.key(seed),
-        jnp.asarray(eos if eos else [-1], jnp.int32), jnp.int32(key),
-        jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
-        config=model.config, max_new_tokens=max_new_tokens, greedy=temperature == 0,
-        top_k=top_k, nucleus=top_p is not None, pad_token_id=int(pad_token_id),
-        stream=streamer is not None)
-    if streamer is not None:  # every step streamed before the streamer is let go
-      jax.block_until_ready(tokens)
-      jax.effects_barrier()
-  finally:
-    _STREAMERS.pop(key, None)
+    _stream(streamer, np.asarray(tokens), 0, 1, eos)
+  while step < max_new_tokens:
+    stop = max_new_tokens if streamer is None else min(step + chunk, max_new_tokens)
+    tokens, tok, done, reached, cache = _decode(params, cache, tokens, tok, done, step, stop,
+                                                *traced, config=model.config, **sampling)
+    if streamer is None:
+      break
+    reached = int(reached)
+    _stream(streamer, np.asarray(tokens), step, reached, eos)
+    if reached < stop:  # every row is done
+      break
+    step, chunk = reached, min(2 * chunk, STREAM_CHUNK)
   return tokens

@@ -1,24 +1,32 @@
 """The `kivi-jax` command line, run as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def _run(*args):
+def _run(*args, env=None):
   return subprocess.run([sys.executable, "-m", "kivi_jax.cli", *args], capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
-def test_generate_streams_the_answer(smollm2_path):
+def test_generate_streams_the_answer_and_keeps_its_compiled_programs(smollm2_path, tmp_path):
+  # Without the suite's compilation cache, as a user runs it: the CLI keeps the
+  # prefill and the streamed decode loop (no host callback in it) in its own
+  # cache directory, for the next run to read back.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["KIVI_JAX_CACHE"] = str(tmp_path)
   done = _run("generate", "What is the capital of France?", "--model", str(smollm2_path),
-              "--max-new-tokens", "24")
+              "--max-new-tokens", "24", env=env)
   assert done.returncode == 0, done.stderr
   assert "Paris" in done.stdout
   assert "<|im_end|>" not in done.stdout
+  kept = {p.name.split("-")[0] for p in (tmp_path / "xla").iterdir()}
+  assert {"jit__prefill", "jit__decode"} <= kept
 
 
 @pytest.mark.slow

@@ -95,11 +95,13 @@ def test_rows_stop_at_eos_independently(model):
 
 
 def test_streamers_see_their_own_steps_and_share_one_compiled_loop(model):
-  # Each step of each row, in order, to the streamer of its own call; a new
-  # function (a notebook cell's lambda) must not compile the loop again.
+  # Each step of each row, in order, to the streamer of its own call; neither
+  # streaming nor a new function (a notebook cell's lambda) compiles the loop
+  # again.
   gen = importlib.import_module("kivi_jax.generate")  # the module, not the function
   p = np.random.default_rng(5).integers(0, 256, (2, 12))
   free = np.asarray(kivi_jax.generate(model, p, kv_config=METHODS["kivi2"], max_new_tokens=6))
+  compiled = gen._decode._cache_size()
   eos = int(free[0, 2])
   assert eos not in free[0, :2] and eos not in free[1]
   runs = []
@@ -109,15 +111,18 @@ def test_streamers_see_their_own_steps_and_share_one_compiled_loop(model):
                             eos_token_id=eos, pad_token_id=0,
                             streamer=lambda tok, done: seen.append((tok.copy(), done.copy())))
     runs.append((np.asarray(out), seen))
-    if len(runs) == 1:
-      compiled = gen._decode._cache_size()
   assert gen._decode._cache_size() == compiled
   for out, seen in runs:
     # Row 0 stops at its EOS (the third token): the loop runs on for row 1.
     assert len(seen) == 6
     np.testing.assert_array_equal(np.stack([t for t, _ in seen], 1), out)
     assert [bool(d[0]) for _, d in seen] == [False, False, False, True, True, True]
-  assert not gen._STREAMERS
+  # Once every row is done the loop stops, and so does the stream.
+  seen = []
+  out = kivi_jax.generate(model, p[:1], kv_config=METHODS["kivi2"], max_new_tokens=6,
+                          eos_token_id=eos, pad_token_id=0,
+                          streamer=lambda tok, done: seen.append(int(tok[0])))
+  assert seen == free[0, :3].tolist() and np.asarray(out)[0].tolist() == seen + [0, 0, 0]
 
 
 def test_sampling_is_deterministic_per_seed(model):
