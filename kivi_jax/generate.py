@@ -145,6 +145,14 @@ def _positive_int(name, value):
   return int(value)
 
 
+def _token_id(name, value, vocab: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+      or not 0 <= value < vocab:
+    raise ValueError(f"{name} must be a token id in [0, {vocab}) (the vocabulary size), "
+                     f"got {value!r}")
+  return int(value)
+
+
 def _prompts(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
   """`input_ids` and its mask as checked numpy arrays."""
   input_ids = np.asarray(input_ids)
@@ -341,20 +349,29 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
   input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
   max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
   vocab = model.config.vocab_size
+  for name, value in (("temperature", temperature), ("top_p", 1.0 if top_p is None else top_p)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+      raise ValueError(f"{name} must be a number, got {value!r}")
   if not temperature >= 0:
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
   if top_k is not None and not 0 < _positive_int("top_k", top_k) <= vocab:
     raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  if streamer is not None and not callable(streamer):
+    raise ValueError(f"streamer must be a function of (tokens, done), got "
+                     f"{type(streamer).__name__}")
   if eos_token_id is None:
     eos = []
   elif isinstance(eos_token_id, (int, np.integer)):
-    eos = [int(eos_token_id)]
+    eos = [_token_id("eos_token_id", eos_token_id, vocab)]
   else:
-    eos = [int(e) for e in eos_token_id]
+    eos = [_token_id("eos_token_id", e, vocab) for e in eos_token_id]
   if pad_token_id is None:
     pad_token_id = eos[0] if eos else 0
+  pad_token_id = _token_id("pad_token_id", pad_token_id, vocab)
 
   if cache is not None:
     logits, cache = _continuation(model, input_ids, attention_mask, cache, max_new_tokens,
@@ -373,7 +390,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
                                      impl or "auto", mesh)
   params = _params(model, cache.mesh)
   sampling = dict(greedy=temperature == 0, top_k=top_k, nucleus=top_p is not None,
-                  pad_token_id=int(pad_token_id))
+                  pad_token_id=pad_token_id)
   traced = (jax.random.key(seed), jnp.asarray(eos if eos else [-1], jnp.int32),
             jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
   tokens, done, tok = _start(logits, *traced, max_new_tokens=max_new_tokens, **sampling)
