@@ -93,7 +93,9 @@ def random_model(config: ModelConfig, seed: int = 0, mesh=None) -> Model:
   @functools.partial(jax.jit, **place)
   def layer(key):
     k = jax.random.split(key, 7)
-    w = lambda i, *shape: (0.02 * jax.random.normal(k[i], shape, jnp.float32)).astype(dtype)  # noqa: E731
+
+    def w(i, *shape):
+      return (0.02 * jax.random.normal(k[i], shape, jnp.float32)).astype(dtype)
     return {"attn_norm": jnp.ones((d,), dtype), "mlp_norm": jnp.ones((d,), dtype),
             "wqkv": w(0, d, hkv, hq // hkv + 2, dh), "wo": w(3, hq, dh, d),
             "w_gate_up": w(4, d, 2, f), "w_down": w(6, f, d)}
@@ -162,14 +164,17 @@ def _prompt(batch: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, vocab, (batch, tokens), dtype=np.int32)
 
 
+class _Compiled(Exception):
+  """Ends `time_generate`'s first call once everything it runs is compiled."""
+
+
 def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
                   impl: str = "auto", mesh=None) -> dict:
   """`generate` timed on its second call; the first compiles. That first call
-  stops after one step: its EOS ids are each row's first token (the same
-  number of ids as the timed call's, which never occur, so both calls share
-  one compiled program). The prefill is timed alone too (median of three
-  calls), in `generate`'s chunks of rows (over `mesh`: all rows at once, as
-  `generate` runs them)."""
+  streams, and its streamer stops it once the decode loop has run a step (a
+  streamed call runs the same compiled programs). The prefill is timed alone
+  too (median of three calls), in `generate`'s chunks of rows (over `mesh`: all
+  rows at once, as `generate` runs them)."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _prompt(batch, prompt, model.config.vocab_size)
@@ -182,24 +187,32 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   args = (model.params, _rows(ids, mesh), _rows(np.ones_like(ids), mesh), empty)
   # Each result is dropped before the next call: two caches of the largest
   # batch do not fit at once.
-  firsts = sorted(set(np.asarray(jnp.argmax(_prefill(*args, config=model.config)[0],
-                                            -1)).tolist()))
   times = []
-  for _ in range(3):
+  for _ in range(4):  # the first compiles
     t0 = time.perf_counter()
     jax.block_until_ready(_prefill(*args, config=model.config)[0])
     times.append(time.perf_counter() - t0)
-  prefill_s = statistics.median(times)
+  prefill_s = statistics.median(times[1:])
   del empty, args
 
-  def run(eos):
+  def run(streamer=None):
     return np.asarray(generate(model, ids, kv_config=kv, max_new_tokens=new, impl=impl,
-                               calibration=calib, eos_token_id=eos, pad_token_id=0,
+                               calibration=calib, pad_token_id=0, streamer=streamer,
                                mesh=mesh))
 
-  run(firsts)
+  streamed = []
+
+  def stop_in_the_loop(tok, done):
+    streamed.append(tok)
+    if len(streamed) == 2:  # step 0 came from the prefill, step 1 from the loop
+      raise _Compiled
+
+  try:
+    run(stop_in_the_loop)
+  except _Compiled:
+    pass
   t0 = time.perf_counter()
-  out = run([-1] * len(firsts))
+  out = run()
   total = time.perf_counter() - t0
   assert out.shape == (batch, new)
   return {"tokens_per_s": batch * new / total, "total_s": total, "prefill_s": prefill_s,

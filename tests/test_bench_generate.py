@@ -3,6 +3,7 @@ the trace summary, the command's argument checks."""
 
 import dataclasses
 import gzip
+import importlib
 import json
 import pathlib
 import re
@@ -28,10 +29,23 @@ def model():
 
 
 @pytest.mark.parametrize("method", ["fp16", "kivi2", "skvq-k2v2-g16-fp8"])
-def test_generate_and_step_measure(model, method):
+def test_generate_and_step_measure(model, method, monkeypatch):
+  # The timed call compiles nothing: the first call, stopped in its decode
+  # loop, compiled it all.
+  gen = importlib.import_module("kivi_jax.generate")
+  programs = []
+
+  def counted(*args, **kwargs):
+    programs.append((gen._prefill._cache_size(), gen._decode._cache_size()))
+    return bg_generate(*args, **kwargs)
+
+  bg_generate = bg.generate
+  monkeypatch.setattr(bg, "generate", counted)
   # Enough new tokens that the decode loop, not timer noise, separates the
   # prefill alone from the whole call.
   row = bg.time_generate(model, method, batch=2, prompt=40, new=32)
+  programs.append((gen._prefill._cache_size(), gen._decode._cache_size()))
+  assert len(programs) == 3 and programs[1] == programs[2]
   assert row["tokens_per_s"] > 0 and 0 < row["prefill_s"] < row["total_s"]
   assert row["cache_bytes"] < row["predicted_peak_bytes"]
   step = bg.time_decode_step(model, method, batch=2, context=100, steps=3, repeats=2,

@@ -167,7 +167,8 @@ def test_temperatures_and_top_ps_share_one_compiled_loop(model):
     (dict(max_new_tokens=4, seed=1.5), "seed must be an integer, got 1.5"),
     (dict(max_new_tokens=4, temperature="hot"), "temperature must be a number, got 'hot'"),
     (dict(max_new_tokens=4, top_p="0.9"), "top_p must be a number, got '0.9'"),
-    (dict(max_new_tokens=4, streamer=5), "streamer must be a function of \(tokens, done\), got int"),
+    (dict(max_new_tokens=4, streamer=5),
+     r"streamer must be a function of \(tokens, done\), got int"),
     (dict(max_new_tokens=4, top_k=100000), "top_k must be at most the vocabulary size"),
     # An id the model cannot emit would never stop a row; padding must decode.
     (dict(max_new_tokens=4, eos_token_id=[3, 256]),
