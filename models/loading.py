@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from kivi_jax import sharding
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
+from kivi_jax.models.gguf_file import GGUFFile, read_gguf
 
 # transformers serves tokenizers here and nothing needs torch; without this its
 # import advises every run that "PyTorch was not found".
@@ -165,9 +166,8 @@ def _load_transformers_model(hf_model, dtype: str, mesh) -> Model:
 # GGUF
 
 
-def _gguf_field(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+def _gguf_field(reader: GGUFFile, key: str, default=None):
+  return reader.fields.get(key, default)
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -180,7 +180,7 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w.shape))
 
 
-def gguf_model_config(reader, dtype: str = "float32") -> ModelConfig:
+def gguf_model_config(reader: GGUFFile, dtype: str = "float32") -> ModelConfig:
   arch = _gguf_field(reader, "general.architecture")
   if arch not in ("llama", "mistral"):
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, mistral")
@@ -229,22 +229,9 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-@functools.lru_cache(maxsize=2)
-def _gguf_reader_cached(path: str, mtime_ns: int, size: int):
-  import gguf
-  return gguf.GGUFReader(path)
-
-
-def _gguf_reader(path: Path):
-  """A GGUF file's reader, parsed once for the model and its tokenizer (parsing
-  SmolLM2's 49152-token vocabulary takes seconds); a changed file is reread."""
-  stat = path.stat()
-  return _gguf_reader_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
-
-
 def _load_gguf(path: Path, dtype: str, mesh) -> Model:
   from gguf.quants import dequantize
-  reader = _gguf_reader(path)
+  reader = read_gguf(path)
   cfg = gguf_model_config(reader, dtype)
   if mesh is not None:
     sharding.check_mesh(mesh, cfg)
@@ -258,9 +245,7 @@ def _load_gguf(path: Path, dtype: str, mesh) -> Model:
       name = f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[kind]}.weight"
     else:
       continue
-    # GGML lists dims innermost first; numpy wants them outermost first.
-    w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-    w = w.astype(np.float32)
+    w = dequantize(t.data, t.tensor_type).reshape(t.shape).astype(np.float32)
     if kind == "attn_q":
       w = _unpermute_rope_rows(w, cfg.num_heads)
     elif kind == "attn_k":
@@ -314,7 +299,7 @@ def _gguf_tokenizer(path: Path):
   """A GPT-2-style byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*`."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
-  reader = _gguf_reader(path)
+  reader = read_gguf(path)
   kind = _gguf_field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' BPE)")
