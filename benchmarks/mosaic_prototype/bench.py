@@ -1,6 +1,7 @@
 """The prototype's versions on a GPU, main's Triton kernel beside them in the same run.
 
   python benchmarks/mosaic_prototype/bench.py           # checks, then every version
+  python benchmarks/mosaic_prototype/bench.py only A,B  # the same for these versions
   python benchmarks/mosaic_prototype/bench.py ncu NAME  # three launches of one, for ncu
 
 (from the repository root, `PYTHONPATH=$PWD`, `KIVI_JAX_COMMIT=<commit>` on the GPU
@@ -63,6 +64,14 @@ VERSIONS = {
     "128k_shared_s128": (131072, 128, Options(**SHARED)),
     "128k_shared_chunk2_defer": (131072, 64, Options(**SHARED, chunk=2, defer_sum=True)),
     "128k_shared_swizzled": (131072, 64, Options(**SHARED, swizzle_words=True)),
+    # NOTES.md "BitDecoding, read": keys as wgmma's A operand from registers.
+    "shared_keys_regs": (32768, 64, Options(**SHARED, keys_in_registers=True)),
+    "shared_magic_prealign_keys_regs": (
+        32768, 64, Options(**SHARED, magic=True, prealign=True, keys_in_registers=True)),
+    "shared_magic_prealign_keys_regs_keys_only": (
+        32768, 64, Options(**SHARED, magic=True, prealign=True, keys_in_registers=True,
+                           keys_only=True)),
+    "128k_shared_keys_regs": (131072, 64, Options(**SHARED, keys_in_registers=True)),
 }
 TIMING_ONLY = ("keys_only", "const_scales")
 
@@ -106,13 +115,16 @@ def main():
     for _ in range(3):
       jax.block_until_ready(f(*margs))
     return
+  versions = VERSIONS
+  if sys.argv[1:2] == ["only"]:
+    versions = {name: VERSIONS[name] for name in sys.argv[2].split(",")}
   res = {**run_metadata(), "checks": {},
          "triton_ms": {}, "transpose_ms": {}, "versions": {}}
   # Compiled checks against float64 numpy: one row with 1000 of 2048 tokens live.
   q, kc, vc, kw, vw, ks, kz, vs, vz = reference.make(2, 2, 2048)
   nv = jnp.asarray([2048, 1000], jnp.int32)
   ref = reference.reference(q, kc, vc, ks, kz, vs, vz, nv, 2)
-  for name, (_, _, opts) in VERSIONS.items():
+  for name, (_, _, opts) in versions.items():
     if name.startswith("128k") or any(t in name for t in TIMING_ONLY):
       continue
     f = kernel.build(2, 2, 2048, 2, opts)
@@ -129,7 +141,7 @@ def main():
                                  args[5:7])
     margs = transposed(args)
     print(L, "triton", res["triton_ms"][L], "transpose", res["transpose_ms"][L], flush=True)
-    for name, (length, splits, opts) in VERSIONS.items():
+    for name, (length, splits, opts) in versions.items():
       if length != L:
         continue
       f = jax.jit(kernel.build(B, K, CAPACITY[L], splits, opts))

@@ -48,6 +48,7 @@ class Options:
   swizzle_words: bool = False  # word tiles swizzled in shared memory, optimized loads
   keys_only: bool = False   # timing only: no values (wrong output)
   const_scales: bool = False  # timing only: constants for scales and zeros (wrong output)
+  keys_in_registers: bool = False  # S^T's A operand: the keys in registers, not stored
 
 
 def build(B, K, C, splits, opts=Options(), interpret=None):
@@ -148,12 +149,19 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
                 for u in (0, 1)]
           k = kc * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
               upper, bc_col(zk[0]), bc_col(zk[1]))
-        kdq_smem[...] = k.astype(jnp.bfloat16)
-        plgpu.commit_smem()
+        if opts.keys_in_registers and not interp:
+          # k is in the WGMMA layout (its words were loaded so): wgmma's A operand
+          # as it is, with no shared-memory round trip (NOTES.md "BitDecoding, read").
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, k.astype(jnp.bfloat16), T(q_smem))
+            return acc_ref[...]
+        else:
+          kdq_smem[...] = k.astype(jnp.bfloat16)
+          plgpu.commit_smem()
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, kdq_smem, T(q_smem))
-          return acc_ref[...]
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, kdq_smem, T(q_smem))
+            return acc_ref[...]
         st = pl.run_scoped(qk, plgpu.ACC((2 * G, N), jnp.float32)) * sm_scale
         tok = (pb0 + i) * PB + 2 * G * jp + tok_in
         return jnp.where(tok < n_valid, st, NEG), shift
