@@ -6,7 +6,7 @@ type, offset), then the tensors' data at `general.alignment`. `gguf.GGUFReader`
 builds a numpy view for every value and string it meets, which for SmolLM2's
 49152-token vocabulary and 48900 merges takes seconds in every process that
 loads the model; `struct` reads the same bytes in a fraction of that
-(`tests/test_loading.py` checks both readers agree on every field and tensor).
+(`tests/test_gguf_file.py` checks both readers agree on every field and tensor).
 The tensors stay as the file's bytes, memory-mapped; `gguf.quants.dequantize`
 turns them into numbers.
 """
@@ -17,10 +17,12 @@ import dataclasses
 import mmap
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+if TYPE_CHECKING:
+  from gguf import GGMLQuantizationType
 
 # GGUF value types: the scalars' struct formats; 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -82,6 +84,7 @@ class _Bytes:
 
 def read_gguf(path: str | Path) -> GGUFFile:
   """The fields (scalars, strings, lists) and tensors of the GGUF file at `path`."""
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # 0.2 s: imported on use
   with open(path, "rb") as f:
     buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
   cur = _Bytes(buf)
