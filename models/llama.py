@@ -165,6 +165,41 @@ def _attend(q, k_cache, v_cache, k_rot, v, layer_cache, lengths, n_new, rope_fre
   return attn, append(layer_cache, k_cache, v_cache, lengths, n_new, kv, impl)
 
 
+# Every layer has the same shapes, so inside the model's `jit` this one is traced
+# and lowered once and called per layer (XLA inlines the calls before it
+# optimizes): 30 unrolled layers traced and lowered 30 times took most of a
+# SmolLM2 `generate`'s time before compiling (benchmarks/NOTES.md, "What running
+# the CLI again costs").
+@functools.partial(jax.jit, static_argnames=("kv", "config", "impl", "prompt", "mesh"))
+def _layer(p, layer_cache, x, positions, inv_freq, rope_freq, lengths, n_new, *, kv,
+           config: ModelConfig, impl: str, prompt: bool, mesh):
+  """One decoder layer: `(x, new layer cache)` for the residual stream `x`
+  `[B, T, D]` and the layer's parameters `p` and cache."""
+  b, t = x.shape[:2]
+  h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  # [B, T, Hkv, Hq/Hkv + 2, Dh] -> q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh]
+  qkv = _project(h, p["wqkv"])
+  rep = qkv.shape[3] - 2
+  q = apply_rope(qkv[:, :, :, :rep].reshape(b, t, -1, qkv.shape[-1]), positions, inv_freq)
+  k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
+  k_rot = apply_rope(k, positions, inv_freq)
+  # [B, Hkv, T, Dh]: what the cache stores.
+  k_cache, v_cache = (k if kv.pre_rope else k_rot).swapaxes(1, 2), v.swapaxes(1, 2)
+  attend = functools.partial(_attend, kv=kv, config=config, impl=impl, prompt=prompt)
+  if mesh is not None:
+    attend = sharding.shard_layer_attention(attend, mesh, layer_cache)
+  attn, layer_cache = attend(q, k_cache, v_cache, k_rot, v, layer_cache, lengths, n_new,
+                             rope_freq)
+  # [B, T, Hq * Dh] @ [Hq * Dh, D]: flat operands, so XLA has no axis order
+  # to choose and never transposes the weight to suit the activation.
+  wo = p["wo"].reshape(-1, p["wo"].shape[-1])
+  x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, -1), wo)
+  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  gate_up = jnp.einsum("BTD,DCF->BTCF", h, p["w_gate_up"])
+  gate, up = jax.nn.silu(gate_up[:, :, 0]), gate_up[:, :, 1]
+  return x + jnp.einsum("BTF,FD->BTD", gate * up, p["w_down"]), layer_cache
+
+
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
              prompt: bool, last_only: bool):
   b, t = input_ids.shape
@@ -185,33 +220,12 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
   # [B, T, D]
   x = params["embed"][ids].astype(dtype)
 
-  attend = functools.partial(_attend, kv=kv, config=config, impl=cache.impl,
-                             prompt=prompt)
   new_layers = []
   for p, layer_cache in zip(params["layers"], cache.layers):
-    h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-    # [B, T, Hkv, Hq/Hkv + 2, Dh] -> q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh]
-    qkv = _project(h, p["wqkv"])
-    rep = qkv.shape[3] - 2
-    q = apply_rope(qkv[:, :, :, :rep].reshape(b, t, -1, qkv.shape[-1]), positions, inv_freq)
-    k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
-    k_rot = apply_rope(k, positions, inv_freq)
-    # [B, Hkv, T, Dh]: what the cache stores.
-    k_cache, v_cache = (k if kv.pre_rope else k_rot).swapaxes(1, 2), v.swapaxes(1, 2)
-    layer_attend = attend
-    if cache.mesh is not None:
-      layer_attend = sharding.shard_layer_attention(attend, cache.mesh, layer_cache)
-    attn, layer_cache = layer_attend(q, k_cache, v_cache, k_rot, v, layer_cache,
-                                     cache.lengths, n_new, rope_freq)
+    x, layer_cache = _layer(p, layer_cache, x, positions, inv_freq, rope_freq, cache.lengths,
+                            n_new, kv=kv, config=config, impl=cache.impl, prompt=prompt,
+                            mesh=cache.mesh)
     new_layers.append(layer_cache)
-    # [B, T, Hq * Dh] @ [Hq * Dh, D]: flat operands, so XLA has no axis order
-    # to choose and never transposes the weight to suit the activation.
-    wo = p["wo"].reshape(-1, p["wo"].shape[-1])
-    x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, -1), wo)
-    h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-    gate_up = jnp.einsum("BTD,DCF->BTCF", h, p["w_gate_up"])
-    gate, up = jax.nn.silu(gate_up[:, :, 0]), gate_up[:, :, 1]
-    x = x + jnp.einsum("BTF,FD->BTD", gate * up, p["w_down"])
 
   head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
   new_cache = cache.replace(layers=tuple(new_layers), lengths=cache.lengths + n_new)
