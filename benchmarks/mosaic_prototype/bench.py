@@ -72,6 +72,14 @@ VERSIONS = {
         32768, 64, Options(**SHARED, magic=True, prealign=True, keys_in_registers=True,
                            keys_only=True)),
     "128k_shared_keys_regs": (131072, 64, Options(**SHARED, keys_in_registers=True)),
+    # ... and values too (their words passed channel-major).
+    "shared_kv_regs": (32768, 64, Options(**SHARED, keys_in_registers=True,
+                                          values_in_registers=True)),
+    "shared_magic_prealign_kv_regs": (
+        32768, 64, Options(**SHARED, magic=True, prealign=True, keys_in_registers=True,
+                           values_in_registers=True)),
+    "128k_shared_kv_regs": (131072, 64, Options(**SHARED, keys_in_registers=True,
+                                                values_in_registers=True)),
 }
 TIMING_ONLY = ("keys_only", "const_scales")
 
@@ -103,15 +111,18 @@ def inputs(L):
           jnp.asarray(np.full((B,), L - 128), jnp.int32))
 
 
-def transposed(args):
-  return (*args[:5], jnp.swapaxes(args[5], 2, 3), jnp.swapaxes(args[6], 2, 3), args[7])
+def transposed(args, opts):
+  """The value scales transposed, and the value words too for
+  `values_in_registers`."""
+  vw = jnp.swapaxes(args[4], 2, 3) if opts.values_in_registers else args[4]
+  return (*args[:4], vw, jnp.swapaxes(args[5], 2, 3), jnp.swapaxes(args[6], 2, 3), args[7])
 
 
 def main():
   if sys.argv[1:2] == ["ncu"]:
     L, splits, opts = VERSIONS[sys.argv[2]]
     f = jax.jit(kernel.build(B, K, CAPACITY[L], splits, opts))
-    margs = transposed(inputs(L))
+    margs = transposed(inputs(L), opts)
     for _ in range(3):
       jax.block_until_ready(f(*margs))
     return
@@ -128,8 +139,9 @@ def main():
     if name.startswith("128k") or any(t in name for t in TIMING_ONLY):
       continue
     f = kernel.build(2, 2, 2048, 2, opts)
+    words = np.swapaxes(vw, 2, 3) if opts.values_in_registers else vw
     res["checks"][name] = reference.check(
-        reference.run(f, q, kw, ks, kz, vw, vs, vz, nv, False), ref)
+        reference.run(f, q, kw, ks, kz, words, vs, vz, nv, False), ref)
   for L in CAPACITY:
     args = inputs(L)
     tri = jax.jit(lambda *a: da.quantized_decode_partials(
@@ -139,12 +151,12 @@ def main():
     res["transpose_ms"][L] = med(jax.jit(lambda vs, vz: (jnp.swapaxes(vs, 2, 3),
                                                          jnp.swapaxes(vz, 2, 3))),
                                  args[5:7])
-    margs = transposed(args)
     print(L, "triton", res["triton_ms"][L], "transpose", res["transpose_ms"][L], flush=True)
     for name, (length, splits, opts) in versions.items():
       if length != L:
         continue
       f = jax.jit(kernel.build(B, K, CAPACITY[L], splits, opts))
+      margs = transposed(args, opts)
       o, m, l = f(*margs)
       got = da.merge_partials(jnp.swapaxes(o, 3, 4), m, l)[0]
       row = {"L": L, "splits": splits, "options": {

@@ -49,6 +49,7 @@ class Options:
   keys_only: bool = False   # timing only: no values (wrong output)
   const_scales: bool = False  # timing only: constants for scales and zeros (wrong output)
   keys_in_registers: bool = False  # S^T's A operand: the keys in registers, not stored
+  values_in_registers: bool = False  # O^T's A operand likewise: value words channel-major
 
 
 def build(B, K, C, splits, opts=Options(), interpret=None):
@@ -58,6 +59,12 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   sm_scale = 1 / math.sqrt(D)
   WG = plgpu.Layout.WGMMA
   interp = interpret is not None
+  # V^T [D, tokens] as wgmma's A operand from registers needs the value words with
+  # channels as rows: `vw` arrives as [B, K, D, C/W] (the cache's words transposed)
+  # and one [D, G] tile serves both slots of a pair (shifts 4 jp and 4 jp + 2).
+  vin = opts.values_in_registers
+  if vin and (interp or opts.swizzle_words or opts.reload_words):
+    raise ValueError("values_in_registers: compiled only, with plain word tiles held")
 
   def lc(x, layout):
     return x if interp else plgpu.layout_cast(x, layout)
@@ -95,11 +102,14 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
     def fetch(i, slot):
       pb = pb0 + i
       bar = bars.at[slot]
+      if vin:
+        plgpu.copy_gmem_to_smem(vw_ref.at[b, h, :, pl.ds(pb * G, G)], vw_smem.at[slot], bar)
       for half in range(2):
         plgpu.copy_gmem_to_smem(kw_ref.at[b, h, pl.ds(pb * G, G)],
                                 kw_smem.at[slot, pl.ds(half * G, G)], bar)
-        plgpu.copy_gmem_to_smem(vw_ref.at[b, h, pl.ds(pb * G, G)],
-                                vw_smem.at[slot, pl.ds(half * G, G)], bar)
+        if not vin:
+          plgpu.copy_gmem_to_smem(vw_ref.at[b, h, pl.ds(pb * G, G)],
+                                  vw_smem.at[slot, pl.ds(half * G, G)], bar)
         plgpu.copy_gmem_to_smem(vs_ref.at[b, h, :, pl.ds(pb * PB + half * 256, 256)],
                                 vs_smem.at[slot, half], bar)
         plgpu.copy_gmem_to_smem(vz_ref.at[b, h, :, pl.ds(pb * PB + half * 256, 256)],
@@ -116,6 +126,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
     tok_in = iota((2 * G, N), 0)
     bc_col = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [1])
     bc_row = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [0])
+    cgrp_t = iota((D, G), 0) // G if vin else None  # channel group of each row of V^T
+    bc_tok = lambda v: lax.broadcast_in_dim(v, (D, G), [1])
 
     def step(i, carry):
       slot = lax.rem(i, stages)
@@ -130,7 +142,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         return jnp.where(upper, w, w >> 2) if opts.prealign else w
       kwords = vwords = None
       if not opts.reload_words:
-        kwords, vwords = words(kw_smem), words(vw_smem)
+        kwords = words(kw_smem)
+        vwords = ld(vw_smem.at[slot], WG) if vin else words(vw_smem)
 
       def keys(jp):
         """Scores S^T [64 tokens, N] of slot pair `jp`, scaled and masked."""
@@ -166,8 +179,33 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         tok = (pb0 + i) * PB + 2 * G * jp + tok_in
         return jnp.where(tok < n_valid, st, NEG), shift
 
+      def values_from_registers(jp, p, acc):
+        """acc + V^T P^T over slot pair `jp`, V^T [D, G] per slot in registers."""
+        vts = []
+        for u in range(2):  # the pair's two slots, tokens 32 u .. of its 64
+          vc = to_f32((vwords >> (4 * jp + 2 * u)) & 3)  # [D, G]
+          if opts.const_scales:
+            vts.append((vc * jnp.where(cgrp_t == 0, 0.5, 0.25) + 0.1).astype(jnp.bfloat16))
+            continue
+
+          def per_group(ref):  # [D, G]: each row's channel group's scale of each token
+            rows = [bc_tok(ld(ref.at[slot, jp // 4, g, pl.ds(2 * G * (jp % 4) + G * u, G)],
+                              WG.reduce(0)).astype(jnp.float32)) for g in range(D // G)]
+            return jnp.where(cgrp_t == 0, rows[0], jnp.where(
+                cgrp_t == 1, rows[1], jnp.where(cgrp_t == 2, rows[2], rows[3])))
+          vts.append((vc * per_group(vs_smem) + per_group(vz_smem)).astype(jnp.bfloat16))
+        p_smem[...] = p.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+
+        def pv(acc_ref):
+          for u in range(2):
+            plgpu.wgmma(acc_ref, vts[u], p_smem.at[pl.ds(G * u, G)])
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+
       def values(jp, shift, p, acc):
         """acc + V^T P^T over slot pair `jp`."""
+        if vin:
+          return values_from_registers(jp, p, acc)
         vws = words(vw_smem) if opts.reload_words else vwords
         vc = to_f32((vws >> shift) & 3)
         if opts.const_scales:
@@ -253,7 +291,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       tiled((D, N), jnp.bfloat16) if interp else tiled((N, D), jnp.bfloat16, kswz),
       word_tiles(),
       plgpu.SMEM((stages, W, D), jnp.bfloat16), plgpu.SMEM((stages, W, D), jnp.bfloat16),
-      word_tiles(),
+      plgpu.SMEM((stages, D, G), jnp.uint32) if vin else word_tiles(),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
       tiled((2 * G, D), jnp.bfloat16, kswz),
@@ -261,7 +299,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
           tiled((D, 2 * G), jnp.bfloat16) if interp else tiled((2 * G, D), jnp.bfloat16, 32)]),
       tiled((2 * G, N), jnp.bfloat16, 32),
       plgpu.Barrier(num_barriers=1),
-      plgpu.Barrier(num_arrivals=10, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=9 if vin else 10, num_barriers=stages),
   ]
   return plgpu.kernel(
       kernel,
