@@ -349,7 +349,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
   input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
   max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
   vocab = model.config.vocab_size
-  for name, value in (("temperature", temperature), ("top_p", 1.0 if top_p is None else top_p)):
+  top_p_value = 1.0 if top_p is None else top_p  # 1.0: traced, unused without nucleus
+  for name, value in (("temperature", temperature), ("top_p", top_p_value)):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
       raise ValueError(f"{name} must be a number, got {value!r}")
   if not temperature >= 0:
@@ -381,8 +382,8 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
       raise ValueError("kv_config is required (kivi_jax.get_preset('kivi2'), say), unless "
                        "a cache to continue is given")
     if max_length is None:
-      need = input_ids.shape[1] + max_new_tokens
-      max_length = memory.bucket(need, model.config.max_position_embeddings)
+      max_length, _ = memory.generate_lengths(input_ids.shape[1], max_new_tokens,
+                                              model.config.max_position_embeddings)
     else:
       max_length = _positive_int("max_length", max_length)
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
@@ -392,7 +393,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
   sampling = dict(greedy=temperature == 0, top_k=top_k, nucleus=top_p is not None,
                   pad_token_id=pad_token_id)
   traced = (jax.random.key(seed), jnp.asarray(eos if eos else [-1], jnp.int32),
-            jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p))
+            jnp.float32(temperature), jnp.float32(top_p_value))
   tokens, done, tok = _start(logits, *traced, max_new_tokens=max_new_tokens, **sampling)
   del logits
   step, chunk = 1, 1

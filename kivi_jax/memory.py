@@ -158,6 +158,12 @@ def bucket(n: int, limit: int) -> int:
   return max(n, min(-(-n // BUCKET) * BUCKET, limit))
 
 
+def generate_lengths(prompt_tokens: int, new_tokens: int, max_positions: int) -> tuple[int, int]:
+  """`generate`'s default cache capacity and its prompts' padded width."""
+  length = bucket(prompt_tokens + new_tokens, max_positions)
+  return length, bucket(prompt_tokens, length)
+
+
 def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
                    new_tokens: int, flash: bool) -> int:
   """An upper estimate of `generate`'s peak device memory for `batch` rows:
@@ -166,9 +172,7 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
   prompt attention is cuDNN's (`uses_flash_attention`)."""
   config = model.config
   weights = _bytes(model.params)
-  # The capacity and the prompts' width as `generate` makes them.
-  length = bucket(prompt_tokens + new_tokens, config.max_position_embeddings)
-  width = bucket(prompt_tokens, length)
+  length, width = generate_lengths(prompt_tokens, new_tokens, config.max_position_embeddings)
   cache = cache_bytes(config, kv_config, batch, length)
   rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash)
   prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash)
