@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import kernel  # noqa: E402
 import reference  # noqa: E402
 from kernel import Options  # noqa: E402
+from kivi_jax import quantization  # noqa: E402
 from kivi_jax.cli import run_metadata  # noqa: E402
 from kivi_jax.pallas_kernels import decode_attention as da  # noqa: E402
 
@@ -80,6 +81,12 @@ VERSIONS = {
                            values_in_registers=True)),
     "128k_shared_kv_regs": (131072, 64, Options(**SHARED, keys_in_registers=True,
                                                 values_in_registers=True)),
+    # Keys in the pair layout (kernel.key_pair_words), dequantized as bf16 pairs.
+    "shared_kp": (32768, 64, Options(**SHARED, keys_pairs=True)),
+    "shared_kp_keys_only": (32768, 64, Options(**SHARED, keys_pairs=True, keys_only=True)),
+    "shared_kp_v_regs": (32768, 64, Options(**SHARED, keys_pairs=True,
+                                            values_in_registers=True)),
+    "128k_shared_kp": (131072, 64, Options(**SHARED, keys_pairs=True)),
 }
 TIMING_ONLY = ("keys_only", "const_scales")
 
@@ -112,10 +119,15 @@ def inputs(L):
 
 
 def transposed(args, opts):
-  """The value scales transposed, and the value words too for
-  `values_in_registers`."""
+  """The value scales transposed, the value words too for `values_in_registers`,
+  the key words in the pair layout for `keys_pairs`."""
+  kw = args[1]
+  if opts.keys_pairs:
+    kw = jax.jit(lambda w: kernel.key_pair_words(
+        quantization.unpack(w, 2, kernel.G)))(kw)
   vw = jnp.swapaxes(args[4], 2, 3) if opts.values_in_registers else args[4]
-  return (*args[:4], vw, jnp.swapaxes(args[5], 2, 3), jnp.swapaxes(args[6], 2, 3), args[7])
+  return (args[0], kw, *args[2:4], vw, jnp.swapaxes(args[5], 2, 3),
+          jnp.swapaxes(args[6], 2, 3), args[7])
 
 
 def main():
@@ -140,8 +152,9 @@ def main():
       continue
     f = kernel.build(2, 2, 2048, 2, opts)
     words = np.swapaxes(vw, 2, 3) if opts.values_in_registers else vw
+    kwords = kernel.key_pair_words(kc) if opts.keys_pairs else kw
     res["checks"][name] = reference.check(
-        reference.run(f, q, kw, ks, kz, words, vs, vz, nv, False), ref)
+        reference.run(f, q, kwords, ks, kz, words, vs, vz, nv, False), ref)
   for L in CAPACITY:
     args = inputs(L)
     tri = jax.jit(lambda *a: da.quantized_decode_partials(

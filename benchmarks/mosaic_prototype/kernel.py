@@ -25,8 +25,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 G, D, N = 32, 128, 16
@@ -50,6 +55,48 @@ class Options:
   const_scales: bool = False  # timing only: constants for scales and zeros (wrong output)
   keys_in_registers: bool = False  # S^T's A operand: the keys in registers, not stored
   values_in_registers: bool = False  # O^T's A operand likewise: value words channel-major
+  # Keys in the pair layout (`key_pair_words`), unpacked by one shift and one
+  # and/or per two codes into bf16 pairs 128 + code, dequantized in bf16x2.
+  keys_pairs: bool = False
+
+
+def key_pair_words(codes):
+  """2-bit key codes [..., T, 128] -> uint32 words [..., T, 8], the pair layout:
+  word 2j + h holds channel 16s + 8h + 2j + e at bit 2s + 16e (s < 8, e < 2), so
+  that a thread's two words of a token row in the WGMMA layout (words 2j, 2j+1)
+  give by `(w >> 2s) & 0x30003 | 0x43004300` its bf16 pairs of k-step s."""
+  codes = jnp.asarray(codes, jnp.uint32)
+  *lead, t, _ = codes.shape
+  c = codes.reshape(*lead, t, D // 16, 2, 4, 2)  # channel 16s + 8h + 2j + e
+  bit = (2 * jnp.arange(D // 16)[:, None, None, None]
+         + 16 * jnp.arange(2)).astype(jnp.uint32)  # [s, 1, 1, e]
+  words = jnp.sum(c << bit, axis=(-4, -1), dtype=jnp.uint32)  # [..., T, h, j]
+  return jnp.swapaxes(words, -1, -2).reshape(*lead, t, 8)
+
+
+def _key_pairs_to_bf16(words):
+  """uint32 [64, 8] (`key_pair_words`, WGMMA layout) -> bf16 [64, 128] holding
+  128 + code, exactly, in the WGMMA layout wgmma's A operand takes."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg,),
+                     return_type=plgpu.ShapeDtypeStruct((2 * G, D), jnp.bfloat16, wg))
+  def unpack(ctx, w):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((2 * G, D)), dtype=object)
+    for h in range(2):  # rows r and r + 8 of the thread's warp
+      reg = w.registers[0, 0, 0, 0, h, 0, 0, 0, 0]
+      for half in range(2):
+        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(half, half + 1)), i32)
+        for st in range(D // 16):
+          x = arith.shrui(word, mgpu_utils.c(2 * st, i32)) if st else word
+          x = arith.ori(arith.andi(x, mgpu_utils.c(0x00030003, i32)),
+                        mgpu_utils.c(0x43004300, i32))
+          out[0, 2 * st + half, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(x, pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+  return unpack(words)
 
 
 def build(B, K, C, splits, opts=Options(), interpret=None):
@@ -65,6 +112,10 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   vin = opts.values_in_registers
   if vin and (interp or opts.swizzle_words or opts.reload_words):
     raise ValueError("values_in_registers: compiled only, with plain word tiles held")
+  kp = opts.keys_pairs
+  if kp and (interp or opts.swizzle_words or opts.reload_words or opts.magic
+             or opts.const_scales):
+    raise ValueError("keys_pairs: compiled only, plain word tiles, real scales")
 
   def lc(x, layout):
     return x if interp else plgpu.layout_cast(x, layout)
@@ -105,8 +156,12 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       if vin:
         plgpu.copy_gmem_to_smem(vw_ref.at[b, h, :, pl.ds(pb * G, G)], vw_smem.at[slot], bar)
       for half in range(2):
-        plgpu.copy_gmem_to_smem(kw_ref.at[b, h, pl.ds(pb * G, G)],
-                                kw_smem.at[slot, pl.ds(half * G, G)], bar)
+        if kp:  # a TMA box holds at most 256 rows
+          plgpu.copy_gmem_to_smem(kw_ref.at[b, h, pl.ds(pb * PB + half * 256, 256)],
+                                  kw_smem.at[slot, pl.ds(half * 256, 256)], bar)
+        else:
+          plgpu.copy_gmem_to_smem(kw_ref.at[b, h, pl.ds(pb * G, G)],
+                                  kw_smem.at[slot, pl.ds(half * G, G)], bar)
         if not vin:
           plgpu.copy_gmem_to_smem(vw_ref.at[b, h, pl.ds(pb * G, G)],
                                   vw_smem.at[slot, pl.ds(half * G, G)], bar)
@@ -142,7 +197,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         return jnp.where(upper, w, w >> 2) if opts.prealign else w
       kwords = vwords = None
       if not opts.reload_words:
-        kwords = words(kw_smem)
+        kwords = None if kp else words(kw_smem)
         vwords = ld(vw_smem.at[slot], WG) if vin else words(vw_smem)
 
       def keys(jp):
@@ -151,18 +206,26 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
           shift = jnp.asarray(4 * jp).astype(jnp.uint32)
         else:
           shift = jnp.where(upper, 4 * jp, 4 * jp + 2).astype(jnp.uint32)
-        kws = words(kw_smem) if opts.reload_words else kwords
-        kc = to_f32((kws >> shift) & 3)
-        if opts.const_scales:
-          k = kc * jnp.where(upper, 0.5, 0.25) + jnp.where(upper, 0.1, 0.2)
-        else:
-          sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
-                for u in (0, 1)]
-          zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
-                for u in (0, 1)]
-          k = kc * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
+        if kp:
+          kb = _key_pairs_to_bf16(
+              ld(kw_smem.at[slot, pl.ds(2 * G * jp, 2 * G)], WG))  # 128 + code
+          sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)) for u in (0, 1)]
+          zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)) for u in (0, 1)]
+          k = (kb - 128) * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
               upper, bc_col(zk[0]), bc_col(zk[1]))
-        if opts.keys_in_registers and not interp:
+        else:
+          kws = words(kw_smem) if opts.reload_words else kwords
+          kc = to_f32((kws >> shift) & 3)
+          if opts.const_scales:
+            k = kc * jnp.where(upper, 0.5, 0.25) + jnp.where(upper, 0.1, 0.2)
+          else:
+            sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
+                  for u in (0, 1)]
+            zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)).astype(jnp.float32)
+                  for u in (0, 1)]
+            k = kc * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
+                upper, bc_col(zk[0]), bc_col(zk[1]))
+        if (opts.keys_in_registers or kp) and not interp:
           # k is in the WGMMA layout (its words were loaded so): wgmma's A operand
           # as it is, with no shared-memory round trip (NOTES.md "BitDecoding, read").
           def qk(acc_ref):
@@ -289,7 +352,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   kswz = 32 if opts.shared_dq else 128
   scratch = [
       tiled((D, N), jnp.bfloat16) if interp else tiled((N, D), jnp.bfloat16, kswz),
-      word_tiles(),
+      plgpu.SMEM((stages, PB, 8), jnp.uint32) if kp else word_tiles(),
       plgpu.SMEM((stages, W, D), jnp.bfloat16), plgpu.SMEM((stages, W, D), jnp.bfloat16),
       plgpu.SMEM((stages, D, G), jnp.uint32) if vin else word_tiles(),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
