@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src.lib.mlir import ir
-from jax._src.lib.mlir.dialects import arith
+from jax._src.lib.mlir.dialects import arith, llvm, vector
 from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.mosaic.gpu import utils as mgpu_utils
@@ -55,8 +55,7 @@ class Options:
   const_scales: bool = False  # timing only: constants for scales and zeros (wrong output)
   keys_in_registers: bool = False  # S^T's A operand: the keys in registers, not stored
   values_in_registers: bool = False  # O^T's A operand likewise: value words channel-major
-  # Keys in the pair layout (`key_pair_words`), unpacked by one shift and one
-  # and/or per two codes into bf16 pairs 128 + code, dequantized in bf16x2.
+  # Keys in the pair layout (`key_pair_words`), dequantized by `_dequant_pairs`.
   keys_pairs: bool = False
 
 
@@ -74,29 +73,43 @@ def key_pair_words(codes):
   return jnp.swapaxes(words, -1, -2).reshape(*lead, t, 8)
 
 
-def _key_pairs_to_bf16(words):
-  """uint32 [64, 8] (`key_pair_words`, WGMMA layout) -> bf16 [64, 128] holding
-  128 + code, exactly, in the WGMMA layout wgmma's A operand takes."""
+def _dequant_pairs(words, scale_ref, zero_ref):
+  """uint32 words [R, 8] (`key_pair_words` of codes [R, 128]; WGMMA layout) ->
+  bf16 [R, 128] = code * scale + zero in the WGMMA layout wgmma's A operand takes,
+  row r's scales and zeros at row r // 32 of `scale_ref`, `zero_ref` [R / 32, 128].
+  Per register (two codes): a shift, an and/or into bf16 pairs 128 + code, a
+  subtraction of 128 (exact) and one bf16x2 fma (one rounding, as the reference)."""
   wg = plgpu.Layout.WGMMA
+  rows = words.shape[0]
 
-  @plgpu.inline_mgpu(arg_types=(wg,),
-                     return_type=plgpu.ShapeDtypeStruct((2 * G, D), jnp.bfloat16, wg))
-  def unpack(ctx, w):
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((rows, D), jnp.bfloat16, wg))
+  def dequant(ctx, w, scales, zeros):
     del ctx
-    i32 = ir.IntegerType.get_signless(32)
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
-    out = np.empty(mgpu.WGMMA_LAYOUT.registers_shape((2 * G, D)), dtype=object)
-    for h in range(2):  # rows r and r + 8 of the thread's warp
-      reg = w.registers[0, 0, 0, 0, h, 0, 0, 0, 0]
-      for half in range(2):
-        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(half, half + 1)), i32)
-        for st in range(D // 16):
-          x = arith.shrui(word, mgpu_utils.c(2 * st, i32)) if st else word
-          x = arith.ori(arith.andi(x, mgpu_utils.c(0x00030003, i32)),
-                        mgpu_utils.c(0x43004300, i32))
-          out[0, 2 * st + half, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(x, pair)
-    return mgpu.FragmentedArray(_registers=out, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
-  return unpack(words)
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((rows, D)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, D))))
+    for idx in np.ndindex(out.shape):
+      rt, ct, h = idx[0], idx[1], idx[4]
+      word = mgpu_utils.bitcast(mgpu_utils.vector_slice(
+          w.registers[rt, 0, 0, 0, h, 0, 0, 0, 0], slice(ct % 2, ct % 2 + 1)), i32)
+      row, col = where[idx]
+      at = [arith.divui(row, mgpu_utils.c(32, index)), col]
+      sz = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32) for ref in (scales, zeros)]
+      x = llvm.inline_asm(i32, [word, *sz], f"""
+          {{
+          .reg .b32 t, m;
+          shr.b32 t, $1, {2 * (ct // 2)};
+          lop3.b32 t, t, 0x00030003, 0x43004300, 0xea;
+          mov.b32 m, 0x43004300;
+          sub.bf16x2 t, t, m;
+          fma.rn.bf16x2 $0, t, $2, $3;
+          }}""", "=r,r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return dequant(words, scale_ref, zero_ref)
 
 
 def build(B, K, C, splits, opts=Options(), interpret=None):
@@ -207,12 +220,9 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         else:
           shift = jnp.where(upper, 4 * jp, 4 * jp + 2).astype(jnp.uint32)
         if kp:
-          kb = _key_pairs_to_bf16(
-              ld(kw_smem.at[slot, pl.ds(2 * G * jp, 2 * G)], WG))  # 128 + code
-          sk = [ld(ks_smem.at[slot, 2 * jp + u], WG.reduce(0)) for u in (0, 1)]
-          zk = [ld(kz_smem.at[slot, 2 * jp + u], WG.reduce(0)) for u in (0, 1)]
-          k = (kb - 128) * jnp.where(upper, bc_col(sk[0]), bc_col(sk[1])) + jnp.where(
-              upper, bc_col(zk[0]), bc_col(zk[1]))
+          k = _dequant_pairs(ld(kw_smem.at[slot, pl.ds(2 * G * jp, 2 * G)], WG),
+                             ks_smem.at[slot, pl.ds(2 * jp, 2)],
+                             kz_smem.at[slot, pl.ds(2 * jp, 2)])
         else:
           kws = words(kw_smem) if opts.reload_words else kwords
           kc = to_f32((kws >> shift) & 3)
