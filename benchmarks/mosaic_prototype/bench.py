@@ -87,6 +87,14 @@ VERSIONS = {
     "shared_kp_v_regs": (32768, 64, Options(**SHARED, keys_pairs=True,
                                             values_in_registers=True)),
     "128k_shared_kp": (131072, 64, Options(**SHARED, keys_pairs=True)),
+    "shared_kp_vp": (32768, 64, Options(**SHARED, chunk=2, keys_pairs=True,
+                                        values_pairs=True)),
+    "shared_kp_vp_defer": (32768, 64, Options(**SHARED, chunk=2, defer_sum=True,
+                                              keys_pairs=True, values_pairs=True)),
+    "shared2_kp_vp": (32768, 64, Options(stages=2, chunk=2, keys_pairs=True,
+                                         values_pairs=True)),
+    "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
+                                              values_pairs=True)),
 }
 TIMING_ONLY = ("keys_only", "const_scales")
 
@@ -120,12 +128,16 @@ def inputs(L):
 
 def transposed(args, opts):
   """The value scales transposed, the value words too for `values_in_registers`,
-  the key words in the pair layout for `keys_pairs`."""
+  the key words in the pair layout for `keys_pairs`, the value words transposed
+  in the pair layout for `values_pairs`."""
   kw = args[1]
   if opts.keys_pairs:
     kw = jax.jit(lambda w: kernel.key_pair_words(
         quantization.unpack(w, 2, kernel.G)))(kw)
   vw = jnp.swapaxes(args[4], 2, 3) if opts.values_in_registers else args[4]
+  if opts.values_pairs:
+    vw = jax.jit(lambda w: kernel.key_pair_words(
+        jnp.swapaxes(quantization.unpack(w, 2, kernel.G), 2, 3)))(args[4])
   return (args[0], kw, *args[2:4], vw, jnp.swapaxes(args[5], 2, 3),
           jnp.swapaxes(args[6], 2, 3), args[7])
 
@@ -152,6 +164,8 @@ def main():
       continue
     f = kernel.build(2, 2, 2048, 2, opts)
     words = np.swapaxes(vw, 2, 3) if opts.values_in_registers else vw
+    if opts.values_pairs:
+      words = kernel.key_pair_words(np.swapaxes(vc, 2, 3))
     kwords = kernel.key_pair_words(kc) if opts.keys_pairs else kw
     res["checks"][name] = reference.check(
         reference.run(f, q, kwords, ks, kz, words, vs, vz, nv, False), ref)

@@ -57,6 +57,9 @@ class Options:
   values_in_registers: bool = False  # O^T's A operand likewise: value words channel-major
   # Keys in the pair layout (`key_pair_words`), dequantized by `_dequant_pairs`.
   keys_pairs: bool = False
+  # Values likewise (V^T's words channel-major in the pair layout along tokens):
+  # per two slot pairs (chunk=2) one V^T [128, 128] A operand from registers.
+  values_pairs: bool = False
 
 
 def key_pair_words(codes):
@@ -122,7 +125,10 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   # V^T [D, tokens] as wgmma's A operand from registers needs the value words with
   # channels as rows: `vw` arrives as [B, K, D, C/W] (the cache's words transposed)
   # and one [D, G] tile serves both slots of a pair (shifts 4 jp and 4 jp + 2).
-  vin = opts.values_in_registers
+  vp = opts.values_pairs
+  if vp and (opts.chunk != 2 or opts.values_in_registers or opts.const_scales or interp):
+    raise ValueError("values_pairs: compiled only, chunk=2, real scales")
+  vin = opts.values_in_registers or vp  # value words [B, K, D, C/W], one copy a block
   if vin and (interp or opts.swizzle_words or opts.reload_words):
     raise ValueError("values_in_registers: compiled only, with plain word tiles held")
   kp = opts.keys_pairs
@@ -211,7 +217,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       kwords = vwords = None
       if not opts.reload_words:
         kwords = None if kp else words(kw_smem)
-        vwords = ld(vw_smem.at[slot], WG) if vin else words(vw_smem)
+        vwords = None if vp else ld(vw_smem.at[slot], WG) if vin else words(vw_smem)
 
       def keys(jp):
         """Scores S^T [64 tokens, N] of slot pair `jp`, scaled and masked."""
@@ -275,6 +281,20 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
             plgpu.wgmma(acc_ref, vts[u], p_smem.at[pl.ds(G * u, G)])
         return pl.run_state(pv)(plgpu.ACC.init(acc))
 
+      def values_pairs(c, ps, acc):
+        """acc + V^T P^T over slot pairs 2c, 2c + 1 (128 tokens), V^T [D, 128]
+        dequantized in registers (`_dequant_pairs`)."""
+        vt = _dequant_pairs(ld(vw_smem.at[slot, :, pl.ds(8 * c, 8)], WG),
+                            vs_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
+                            vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)])
+        for u in range(2):
+          p_smem[pl.ds(2 * G * u, 2 * G)] = ps[u].astype(jnp.bfloat16)
+        plgpu.commit_smem()
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, vt, p_smem)
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+
       def values(jp, shift, p, acc):
         """acc + V^T P^T over slot pair `jp`."""
         if vin:
@@ -324,6 +344,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         if opts.keys_only:
           return m_new, l, acc
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+        if vp:
+          return m_new, l, values_pairs(c, ps, acc)
         for jp, shift, p in zip(jps, shifts, ps):
           acc = values(jp, shift, p, acc)
         return m_new, l, acc
@@ -370,7 +392,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       tiled((2 * G, D), jnp.bfloat16, kswz),
       *([] if opts.shared_dq else [
           tiled((D, 2 * G), jnp.bfloat16) if interp else tiled((2 * G, D), jnp.bfloat16, 32)]),
-      tiled((2 * G, N), jnp.bfloat16, 32),
+      tiled((4 * G if vp else 2 * G, N), jnp.bfloat16, 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=9 if vin else 10, num_barriers=stages),
   ]
