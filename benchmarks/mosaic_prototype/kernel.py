@@ -63,17 +63,18 @@ class Options:
 
 
 def key_pair_words(codes):
-  """2-bit key codes [..., T, 128] -> uint32 words [..., T, 8], the pair layout:
-  word 2j + h holds channel 16s + 8h + 2j + e at bit 2s + 16e (s < 8, e < 2), so
-  that a thread's two words of a token row in the WGMMA layout (words 2j, 2j+1)
-  give by `(w >> 2s) & 0x30003 | 0x43004300` its bf16 pairs of k-step s."""
+  """2-bit codes [..., R, 128 n] -> uint32 words [..., R, 8 n], the pair layout:
+  of each 128 columns, word 2j + h holds column 16s + 8h + 2j + e at bit 2s + 16e
+  (s < 8, e < 2), so that a thread's two words of a row in the WGMMA layout
+  (words 2j, 2j+1) give by `(w >> 2s) & 0x30003 | 0x43004300` its bf16 pairs of
+  k-step s."""
   codes = jnp.asarray(codes, jnp.uint32)
-  *lead, t, _ = codes.shape
-  c = codes.reshape(*lead, t, D // 16, 2, 4, 2)  # channel 16s + 8h + 2j + e
+  *lead, r, n = codes.shape
+  c = codes.reshape(*lead, r, n // D, D // 16, 2, 4, 2)  # column 16s + 8h + 2j + e
   bit = (2 * jnp.arange(D // 16)[:, None, None, None]
          + 16 * jnp.arange(2)).astype(jnp.uint32)  # [s, 1, 1, e]
-  words = jnp.sum(c << bit, axis=(-4, -1), dtype=jnp.uint32)  # [..., T, h, j]
-  return jnp.swapaxes(words, -1, -2).reshape(*lead, t, 8)
+  words = jnp.sum(c << bit, axis=(-4, -1), dtype=jnp.uint32)  # [..., R, n, h, j]
+  return jnp.swapaxes(words, -1, -2).reshape(*lead, r, n // 16)
 
 
 def _dequant_pairs(words, scale_ref, zero_ref):
