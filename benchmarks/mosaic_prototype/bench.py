@@ -93,6 +93,14 @@ VERSIONS = {
                                               keys_pairs=True, values_pairs=True)),
     "shared2_kp_vp": (32768, 64, Options(stages=2, chunk=2, keys_pairs=True,
                                          values_pairs=True)),
+    "shared_kp_vp_defer_s32": (32768, 32, Options(**SHARED, chunk=2, defer_sum=True,
+                                                  keys_pairs=True, values_pairs=True)),
+    "shared_kp_vp_defer_s128": (32768, 128, Options(**SHARED, chunk=2, defer_sum=True,
+                                                    keys_pairs=True, values_pairs=True)),
+    "128k_shared_kp_vp_defer": (131072, 64, Options(**SHARED, chunk=2, defer_sum=True,
+                                                    keys_pairs=True, values_pairs=True)),
+    "128k_shared_kp_vp_defer_s128": (131072, 128, Options(
+        **SHARED, chunk=2, defer_sum=True, keys_pairs=True, values_pairs=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }
