@@ -101,6 +101,11 @@ VERSIONS = {
                                                     keys_pairs=True, values_pairs=True)),
     "128k_shared_kp_vp_defer_s128": (131072, 128, Options(
         **SHARED, chunk=2, defer_sum=True, keys_pairs=True, values_pairs=True)),
+    # No dequantized tile in shared memory: two stages (prefetch) fit two blocks an SM.
+    "kp_vp_defer_st2": (32768, 64, Options(stages=2, chunk=2, defer_sum=True,
+                                           keys_pairs=True, values_pairs=True)),
+    "128k_kp_vp_defer_st2": (131072, 64, Options(stages=2, chunk=2, defer_sum=True,
+                                                 keys_pairs=True, values_pairs=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }

@@ -95,13 +95,17 @@ def _dequant_pairs(words, scale_ref, zero_ref):
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, D)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, D))))
+    loaded = {}  # rows r and r + 8 of a thread (h = 0, 1) lie in one group of 32
     for idx in np.ndindex(out.shape):
       rt, ct, h = idx[0], idx[1], idx[4]
       word = mgpu_utils.bitcast(mgpu_utils.vector_slice(
           w.registers[rt, 0, 0, 0, h, 0, 0, 0, 0], slice(ct % 2, ct % 2 + 1)), i32)
-      row, col = where[idx]
-      at = [arith.divui(row, mgpu_utils.c(32, index)), col]
-      sz = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32) for ref in (scales, zeros)]
+      if (rt, ct) not in loaded:
+        row, col = where[idx]
+        at = [arith.divui(row, mgpu_utils.c(32, index)), col]
+        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
+                          for ref in (scales, zeros)]
+      sz = loaded[rt, ct]
       x = llvm.inline_asm(i32, [word, *sz], f"""
           {{
           .reg .b32 t, m;
@@ -158,13 +162,15 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
 
   def kernel(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref,
              o_out, m_out, l_out,
-             q_smem, kw_smem, ks_smem, kz_smem, vw_smem, vs_smem, vz_smem,
-             kdq_smem, *rest):
-    if opts.shared_dq:
+             q_smem, kw_smem, ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, *rest):
+    if kp and vp:  # both operands from registers: no dequantized tile in shared memory
+      kdq_smem = vdq_smem = None
       p_smem, bar_q, bars = rest
+    elif opts.shared_dq:
+      kdq_smem, p_smem, bar_q, bars = rest
       vdq_smem = kdq_smem
     else:
-      vdq_smem, p_smem, bar_q, bars = rest
+      kdq_smem, vdq_smem, p_smem, bar_q, bars = rest
     b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     pb0 = s * pb_per_split
     n_valid = n_ref[b]
@@ -390,8 +396,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       plgpu.SMEM((stages, D, G), jnp.uint32) if vin else word_tiles(),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
       plgpu.SMEM((stages, 2, D // G, PB // 2), jnp.bfloat16),
-      tiled((2 * G, D), jnp.bfloat16, kswz),
-      *([] if opts.shared_dq else [
+      *([] if kp and vp else [tiled((2 * G, D), jnp.bfloat16, kswz)]),
+      *([] if opts.shared_dq or (kp and vp) else [
           tiled((D, 2 * G), jnp.bfloat16) if interp else tiled((2 * G, D), jnp.bfloat16, 32)]),
       tiled((4 * G if vp else 2 * G, N), jnp.bfloat16, 32),
       plgpu.Barrier(num_barriers=1),
