@@ -84,8 +84,6 @@ VERSIONS = {
     # Keys in the pair layout (kernel.key_pair_words), dequantized as bf16 pairs.
     "shared_kp": (32768, 64, Options(**SHARED, keys_pairs=True)),
     "shared_kp_keys_only": (32768, 64, Options(**SHARED, keys_pairs=True, keys_only=True)),
-    "shared_kp_v_regs": (32768, 64, Options(**SHARED, keys_pairs=True,
-                                            values_in_registers=True)),
     "128k_shared_kp": (131072, 64, Options(**SHARED, keys_pairs=True)),
     "shared_kp_vp": (32768, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                         values_pairs=True)),

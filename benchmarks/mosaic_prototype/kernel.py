@@ -13,7 +13,11 @@ Outputs the split's unnormalized O^T [D, N], max m [N] and sum l [N], as
 Inputs: q [B, K, N, D] bf16; k_codes, v_codes [B, K, C/16, D] uint32 (2-bit,
 `kivi_jax.quantization.pack`'s slot layout); k_scale, k_zero [B, K, C/32, D];
 v_scale, v_zero TRANSPOSED [B, K, D/32, C] (the cache holds [B, K, C, D/32]: a
-TMA box needs 16 bytes on its inner dimension); n_valid [B] int32.
+TMA box needs 16 bytes on its inner dimension); n_valid [B] int32. With
+`keys_pairs` the key words are [B, K, C, 8] and with `values_pairs` the value
+words [B, K, D, C/16], both in the pair layout (`key_pair_words`), and the
+dequantized tiles never reach shared memory (benchmarks/NOTES.md "Codes in the
+operand's layout").
 
 `Options` are the versions measured (benchmarks/NOTES.md "Mosaic GPU prototype").
 With `interpret` (jax 0.10.2's Mosaic GPU interpret mode, CPU), operations the
