@@ -104,6 +104,11 @@ VERSIONS = {
                                            keys_pairs=True, values_pairs=True)),
     "128k_kp_vp_defer_st2": (131072, 64, Options(stages=2, chunk=2, defer_sum=True,
                                                  keys_pairs=True, values_pairs=True)),
+    # One softmax update (one cross-warp maximum) per 256 tokens, not 128.
+    "kp_vp_chunk4_defer_st2": (32768, 64, Options(stages=2, chunk=4, defer_sum=True,
+                                                  keys_pairs=True, values_pairs=True)),
+    "shared_kp_vp_chunk4_defer": (32768, 64, Options(**SHARED, chunk=4, defer_sum=True,
+                                                     keys_pairs=True, values_pairs=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }

@@ -62,7 +62,7 @@ class Options:
   # Keys in the pair layout (`key_pair_words`), dequantized by `_dequant_pairs`.
   keys_pairs: bool = False
   # Values likewise (V^T's words channel-major in the pair layout along tokens):
-  # per two slot pairs (chunk=2) one V^T [128, 128] A operand from registers.
+  # per two slot pairs one V^T [128, 128] A operand from registers (chunk 2, 4 or 8).
   values_pairs: bool = False
 
 
@@ -135,8 +135,9 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   # channels as rows: `vw` arrives as [B, K, D, C/W] (the cache's words transposed)
   # and one [D, G] tile serves both slots of a pair (shifts 4 jp and 4 jp + 2).
   vp = opts.values_pairs
-  if vp and (opts.chunk != 2 or opts.values_in_registers or opts.const_scales or interp):
-    raise ValueError("values_pairs: compiled only, chunk=2, real scales")
+  if vp and (opts.chunk not in (2, 4, 8) or opts.values_in_registers or opts.const_scales
+             or interp):
+    raise ValueError("values_pairs: compiled only, chunk 2, 4 or 8, real scales")
   vin = opts.values_in_registers or vp  # value words [B, K, D, C/W], one copy a block
   if vin and (interp or opts.swizzle_words or opts.reload_words):
     raise ValueError("values_in_registers: compiled only, with plain word tiles held")
@@ -293,8 +294,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         return pl.run_state(pv)(plgpu.ACC.init(acc))
 
       def values_pairs(c, ps, acc):
-        """acc + V^T P^T over slot pairs 2c, 2c + 1 (128 tokens), V^T [D, 128]
-        dequantized in registers (`_dequant_pairs`)."""
+        """acc + V^T P^T over slot pairs 2c, 2c + 1 (128 tokens, `ps` their
+        probabilities), V^T [D, 128] dequantized in registers (`_dequant_pairs`)."""
         vt = _dequant_pairs(ld(vw_smem.at[slot, :, pl.ds(8 * c, 8)], WG),
                             vs_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
                             vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)])
@@ -355,8 +356,10 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         if opts.keys_only:
           return m_new, l, acc
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-        if vp:
-          return m_new, l, values_pairs(c, ps, acc)
+        if vp:  # the chunk's 128-token blocks, one V^T operand each
+          for u in range(opts.chunk // 2):
+            acc = values_pairs(c * (opts.chunk // 2) + u, ps[2 * u:2 * u + 2], acc)
+          return m_new, l, acc
         for jp, shift, p in zip(jps, shifts, ps):
           acc = values(jp, shift, p, acc)
         return m_new, l, acc
