@@ -166,10 +166,6 @@ def _load_transformers_model(hf_model, dtype: str, mesh) -> Model:
 # GGUF
 
 
-def _gguf_field(reader: GGUFFile, key: str, default=None):
-  return reader.fields.get(key, default)
-
-
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row permutation (interleaved RoPE -> HF's rotate_half).
 
@@ -181,14 +177,14 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def gguf_model_config(reader: GGUFFile, dtype: str = "float32") -> ModelConfig:
-  arch = _gguf_field(reader, "general.architecture")
+  arch = reader.fields.get("general.architecture")
   if arch not in ("llama", "mistral"):
     raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: llama, mistral")
-  f = lambda k, default=None: _gguf_field(reader, f"{arch}.{k}", default)
+  f = lambda k, default=None: reader.fields.get(f"{arch}.{k}", default)
   heads = int(f("attention.head_count"))
   hidden = int(f("embedding_length"))
   names = {t.name for t in reader.tensors}
-  vocab = f("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens"))
+  vocab = f("vocab_size") or len(reader.fields.get("tokenizer.ggml.tokens"))
   scaling = None
   if f("rope.scaling.type") == "linear":
     scaling = (("factor", float(f("rope.scaling.factor"))), ("rope_type", "linear"))
@@ -210,8 +206,8 @@ def gguf_model_config(reader: GGUFFile, dtype: str = "float32") -> ModelConfig:
       tie_word_embeddings="output.weight" not in names,
       sliding_window=int(window) if window else None,
       max_position_embeddings=int(f("context_length", 4096)),
-      bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-      eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+      bos_token_id=reader.fields.get("tokenizer.ggml.bos_token_id"),
+      eos_token_id=reader.fields.get("tokenizer.ggml.eos_token_id"),
       dtype=dtype,
   )
 
@@ -300,12 +296,12 @@ def _gguf_tokenizer(path: Path):
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
   from transformers import PreTrainedTokenizerFast
   reader = read_gguf(path)
-  kind = _gguf_field(reader, "tokenizer.ggml.model")
+  kind = reader.fields.get("tokenizer.ggml.model")
   if kind != "gpt2":
     raise ValueError(f"{path}: tokenizer model {kind!r} is not supported (only 'gpt2' BPE)")
-  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ")) for m in _gguf_field(reader, "tokenizer.ggml.merges")]
-  types = _gguf_field(reader, "tokenizer.ggml.token_type")
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
+  merges = [tuple(m.split(" ")) for m in reader.fields.get("tokenizer.ggml.merges")]
+  types = reader.fields.get("tokenizer.ggml.token_type")
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
                              fuse_unk=False))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -314,12 +310,12 @@ def _gguf_tokenizer(path: Path):
   tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                           for t, ty in zip(tokens, types) if ty == 3])
   special = lambda key: (lambda i: None if i is None else tokens[i])(
-      _gguf_field(reader, f"tokenizer.ggml.{key}"))
+      reader.fields.get(f"tokenizer.ggml.{key}"))
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=special("bos_token_id"),
       eos_token=special("eos_token_id"), unk_token=special("unknown_token_id"),
       pad_token=special("padding_token_id"),
-      chat_template=_gguf_field(reader, "tokenizer.chat_template"))
+      chat_template=reader.fields.get("tokenizer.chat_template"))
 
 
 def load_tokenizer(source):
