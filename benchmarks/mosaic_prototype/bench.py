@@ -111,6 +111,25 @@ VERSIONS = {
                                                   keys_pairs=True, values_pairs=True)),
     "shared_kp_vp_chunk4_defer": (32768, 64, Options(**SHARED, chunk=4, defer_sum=True,
                                                      keys_pairs=True, values_pairs=True)),
+    # The eighth round's profile (NOTES.md): 15% of warp stalls at barriers, 53 a
+    # step that Pallas inserts; and the exponentials' range reduction.
+    "kp_vp_chunk8_defer_st2": (32768, 64, Options(stages=2, chunk=8, defer_sum=True,
+                                                  keys_pairs=True, values_pairs=True)),
+    "kp_vp_chunk4_defer_st2_mb": (32768, 64, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True)),
+    "kp_vp_chunk4_defer_st2_approx": (32768, 64, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        approx_math=True)),
+    "kp_vp_chunk4_defer_st2_mb_approx": (32768, 64, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True, approx_math=True)),
+    "kp_vp_chunk4_defer_st3_mb_approx": (32768, 64, Options(
+        stages=3, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True, approx_math=True)),
+    "128k_kp_vp_chunk4_defer_st2_mb_approx": (131072, 64, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True, approx_math=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }

@@ -64,6 +64,11 @@ class Options:
   # Values likewise (V^T's words channel-major in the pair layout along tokens):
   # per two slot pairs one V^T [128, 128] A operand from registers (chunk 2, 4 or 8).
   values_pairs: bool = False
+  # Pallas inserts no barrier of its own (`unsafe_no_auto_barriers`): one
+  # `commit_smem` a step before the refetch, one a V^T P^T product after its
+  # probabilities, which alternate between two buffers (pair layouts only).
+  manual_barriers: bool = False
+  approx_math: bool = False  # `CompilerParams(approx_math=True)`: exp by ex2.approx
 
 
 def key_pair_words(codes):
@@ -145,6 +150,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   if kp and (interp or opts.swizzle_words or opts.reload_words or opts.magic
              or opts.const_scales):
     raise ValueError("keys_pairs: compiled only, plain word tiles, real scales")
+  if opts.manual_barriers and not (kp and vp):
+    raise ValueError("manual_barriers: with keys_pairs and values_pairs only")
 
   def lc(x, layout):
     return x if interp else plgpu.layout_cast(x, layout)
@@ -217,6 +224,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
 
     def step(i, carry):
       slot = lax.rem(i, stages)
+      if opts.manual_barriers:  # every warp done reading the slot refetched below
+        plgpu.commit_smem()
 
       @pl.when(i + stages - 1 < n_steps)
       def _():
@@ -299,12 +308,15 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         vt = _dequant_pairs(ld(vw_smem.at[slot, :, pl.ds(8 * c, 8)], WG),
                             vs_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
                             vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)])
+        # With manual barriers the buffer alternates: the commit before the
+        # other buffer's product follows every warp's wait on this one's last.
+        p_buf = p_smem.at[lax.rem(c, 2)] if opts.manual_barriers else p_smem
         for u in range(2):
-          p_smem[pl.ds(2 * G * u, 2 * G)] = ps[u].astype(jnp.bfloat16)
+          p_buf[pl.ds(2 * G * u, 2 * G)] = ps[u].astype(jnp.bfloat16)
         plgpu.commit_smem()
 
         def pv(acc_ref):
-          plgpu.wgmma(acc_ref, vt, p_smem)
+          plgpu.wgmma(acc_ref, vt, p_buf)
         return pl.run_state(pv)(plgpu.ACC.init(acc))
 
       def values(jp, shift, p, acc):
@@ -406,7 +418,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       *([] if kp and vp else [tiled((2 * G, D), jnp.bfloat16, kswz)]),
       *([] if opts.shared_dq or (kp and vp) else [
           tiled((D, 2 * G), jnp.bfloat16) if interp else tiled((2 * G, D), jnp.bfloat16, 32)]),
-      tiled((4 * G if vp else 2 * G, N), jnp.bfloat16, 32),
+      tiled((2, 4 * G, N) if opts.manual_barriers else (4 * G if vp else 2 * G, N),
+            jnp.bfloat16, 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=9 if vin else 10, num_barriers=stages),
   ]
@@ -417,4 +430,6 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
                 jax.ShapeDtypeStruct((B, K, splits, N), jnp.float32)],
       scratch_types=scratch,
       grid=(B, K, splits), grid_names=("b", "h", "s"),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=opts.approx_math, unsafe_no_auto_barriers=opts.manual_barriers),
       **({} if interpret is None else dict(interpret=interpret)))
