@@ -69,6 +69,12 @@ class Options:
   # probabilities, which alternate between two buffers (pair layouts only).
   manual_barriers: bool = False
   approx_math: bool = False  # `CompilerParams(approx_math=True)`: exp by ex2.approx
+  # Key scales and zeros, and value scales and zeros per 128 tokens, in
+  # `scale_pair_order`: a thread's pairs of a row in 16-byte loads.
+  vec_scales: bool = False
+  # Scores and softmax over 8 query rows (S^T [64, 8], wgmma N = 8), the
+  # probabilities padded with zeros to P^T's 16 columns (pair layouts only).
+  rows8: bool = False
 
 
 def key_pair_words(codes):
@@ -86,12 +92,23 @@ def key_pair_words(codes):
   return jnp.swapaxes(words, -1, -2).reshape(*lead, r, n // 16)
 
 
-def _dequant_pairs(words, scale_ref, zero_ref):
+def scale_pair_order(x):
+  """[..., 128 n] -> the same in `vec_scales` order: of each 128, column
+  8 ct + 2 j + e at 32 j + 2 ct + e, so that the 16 column pairs a thread of the
+  WGMMA layout holds in a row (lane % 4 = j) are 64 contiguous bytes."""
+  *lead, n = x.shape
+  x = x.reshape(*lead, n // D, D // 8, 4, 2)  # [..., n, ct, j, e]
+  return jnp.swapaxes(x, -2, -3).reshape(*lead, n)
+
+
+def _dequant_pairs(words, scale_ref, zero_ref, vec=False):
   """uint32 words [R, 8] (`key_pair_words` of codes [R, 128]; WGMMA layout) ->
   bf16 [R, 128] = code * scale + zero in the WGMMA layout wgmma's A operand takes,
-  row r's scales and zeros at row r // 32 of `scale_ref`, `zero_ref` [R / 32, 128].
-  Per register (two codes): a shift, an and/or into bf16 pairs 128 + code, a
-  subtraction of 128 (exact) and one bf16x2 fma (one rounding, as the reference)."""
+  row r's scales and zeros at row r // 32 of `scale_ref`, `zero_ref` [R / 32, 128]
+  (in `scale_pair_order` with `vec`: four 16-byte loads each per row tile, not 16
+  of 4 bytes). Per register (two codes): a shift, an and/or into bf16 pairs
+  128 + code, a subtraction of 128 (exact) and one bf16x2 fma (one rounding, as
+  the reference)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
 
@@ -109,12 +126,24 @@ def _dequant_pairs(words, scale_ref, zero_ref):
       rt, ct, h = idx[0], idx[1], idx[4]
       word = mgpu_utils.bitcast(mgpu_utils.vector_slice(
           w.registers[rt, 0, 0, 0, h, 0, 0, 0, 0], slice(ct % 2, ct % 2 + 1)), i32)
-      if (rt, ct) not in loaded:
+      if vec and rt not in loaded:
+        row, col = where[idx]  # ct = 0: col = 2 j
+        at = [arith.divui(row, mgpu_utils.c(32, index)),
+              arith.muli(col, mgpu_utils.c(16, index))]
+        octet = ir.VectorType.get((8,), ir.BF16Type.get())
+        quad = ir.VectorType.get((4,), i32)
+        loaded[rt] = [[mgpu_utils.bitcast(vector.load(octet, ref, [
+            at[0], arith.addi(at[1], mgpu_utils.c(8 * v, index))], alignment=16), quad)
+            for v in range(4)] for ref in (scales, zeros)]
+      if vec:
+        sz = [vector.extract(part[ct // 4], [], [ct % 4]) for part in loaded[rt]]
+      elif (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(32, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
-      sz = loaded[rt, ct]
+      if not vec:
+        sz = loaded[rt, ct]
       x = llvm.inline_asm(i32, [word, *sz], f"""
           {{
           .reg .b32 t, m;
@@ -127,6 +156,24 @@ def _dequant_pairs(words, scale_ref, zero_ref):
       out[idx] = mgpu_utils.bitcast(x, pair)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
   return dequant(words, scale_ref, zero_ref)
+
+
+def _pad_columns(x, fill, layout):
+  """x [..., 8] in the WGMMA `layout` (or its column vector) -> [..., 16], the
+  new columns `fill`: their registers are constants, no instruction a value."""
+  shape = (*x.shape[:-1], 2 * x.shape[-1])
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, x.dtype, layout))
+  def pad(ctx, a):
+    del ctx
+    ty = ir.BF16Type.get() if x.dtype == jnp.bfloat16 else ir.F32Type.get()
+    full = mgpu.FragmentedArray.splat(mgpu_utils.c(fill, ty), shape, a.layout)
+    regs = np.array(full.registers)
+    col = len(shape) - 1  # the column-tile dimension of the registers
+    regs[(slice(None),) * col + (slice(0, a.registers.shape[col]),)] = a.registers
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+  return pad(x)
 
 
 def build(B, K, C, splits, opts=Options(), interpret=None):
@@ -150,8 +197,10 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   if kp and (interp or opts.swizzle_words or opts.reload_words or opts.magic
              or opts.const_scales):
     raise ValueError("keys_pairs: compiled only, plain word tiles, real scales")
-  if opts.manual_barriers and not (kp and vp):
-    raise ValueError("manual_barriers: with keys_pairs and values_pairs only")
+  if (opts.manual_barriers or opts.vec_scales or opts.rows8) and not (kp and vp):
+    raise ValueError("manual_barriers, vec_scales, rows8: with keys_pairs and "
+                     "values_pairs only")
+  NS = 8 if opts.rows8 else N  # query rows of the scores and the softmax
 
   def lc(x, layout):
     return x if interp else plgpu.layout_cast(x, layout)
@@ -210,13 +259,13 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
       plgpu.copy_gmem_to_smem(ks_ref.at[b, h, pl.ds(pb * W, W)], ks_smem.at[slot], bar)
       plgpu.copy_gmem_to_smem(kz_ref.at[b, h, pl.ds(pb * W, W)], kz_smem.at[slot], bar)
 
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h], q_smem, bar_q)
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(0, NS)], q_smem, bar_q)
     for i in range(min(stages - 1, pb_per_split)):
       pl.when(i < n_steps)(lambda i=i: fetch(i, i))
     plgpu.barrier_wait(bar_q)
     upper = iota((2 * G, D), 0) < G  # rows of the pair's first slot
     cgrp = iota((2 * G, D), 1) // G  # channel group of each column
-    tok_in = iota((2 * G, N), 0)
+    tok_in = iota((2 * G, NS), 0)
     bc_col = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [1])
     bc_row = lambda v: lax.broadcast_in_dim(v, (2 * G, D), [0])
     cgrp_t = iota((D, G), 0) // G if vin else None  # channel group of each row of V^T
@@ -249,7 +298,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         if kp:
           k = _dequant_pairs(ld(kw_smem.at[slot, pl.ds(2 * G * jp, 2 * G)], WG),
                              ks_smem.at[slot, pl.ds(2 * jp, 2)],
-                             kz_smem.at[slot, pl.ds(2 * jp, 2)])
+                             kz_smem.at[slot, pl.ds(2 * jp, 2)], opts.vec_scales)
         else:
           kws = words(kw_smem) if opts.reload_words else kwords
           kc = to_f32((kws >> shift) & 3)
@@ -275,7 +324,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, kdq_smem, T(q_smem))
             return acc_ref[...]
-        st = pl.run_scoped(qk, plgpu.ACC((2 * G, N), jnp.float32)) * sm_scale
+        st = pl.run_scoped(qk, plgpu.ACC((2 * G, NS), jnp.float32)) * sm_scale
         tok = (pb0 + i) * PB + 2 * G * jp + tok_in
         return jnp.where(tok < n_valid, st, NEG), shift
 
@@ -307,12 +356,14 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         probabilities), V^T [D, 128] dequantized in registers (`_dequant_pairs`)."""
         vt = _dequant_pairs(ld(vw_smem.at[slot, :, pl.ds(8 * c, 8)], WG),
                             vs_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
-                            vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)])
+                            vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
+                            opts.vec_scales)
         # With manual barriers the buffer alternates: the commit before the
         # other buffer's product follows every warp's wait on this one's last.
         p_buf = p_smem.at[lax.rem(c, 2)] if opts.manual_barriers else p_smem
         for u in range(2):
-          p_buf[pl.ds(2 * G * u, 2 * G)] = ps[u].astype(jnp.bfloat16)
+          pu = ps[u].astype(jnp.bfloat16)
+          p_buf[pl.ds(2 * G * u, 2 * G)] = _pad_columns(pu, 0.0, WG) if opts.rows8 else pu
         plgpu.commit_smem()
 
         def pv(acc_ref):
@@ -367,7 +418,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
           l = l * alpha + psum.sum(axis=0)
         if opts.keys_only:
           return m_new, l, acc
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+        alpha_n = _pad_columns(alpha, 1.0, WG.reduce(0)) if opts.rows8 else alpha
+        acc = acc * lax.broadcast_in_dim(alpha_n, acc.shape, [1])
         if vp:  # the chunk's 128-token blocks, one V^T operand each
           for u in range(opts.chunk // 2):
             acc = values_pairs(c * (opts.chunk // 2) + u, ps[2 * u:2 * u + 2], acc)
@@ -383,9 +435,9 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         return carry
       return lax.fori_loop(0, n_chunks, pairs, carry)
 
-    m0 = lc(jnp.full((N,), NEG, jnp.float32), WG.reduce(0))
-    l0 = (lc(jnp.full((2 * G, N), 0.0, jnp.float32), WG) if opts.defer_sum
-          else lc(jnp.full((N,), 0.0, jnp.float32), WG.reduce(0)))
+    m0 = lc(jnp.full((NS,), NEG, jnp.float32), WG.reduce(0))
+    l0 = (lc(jnp.full((2 * G, NS), 0.0, jnp.float32), WG) if opts.defer_sum
+          else lc(jnp.full((NS,), 0.0, jnp.float32), WG.reduce(0)))
     a0 = lc(jnp.full((D, N), 0.0, jnp.float32), WG)
     m, l, acc = lax.fori_loop(0, n_steps, step, (m0, l0, a0))
     if opts.defer_sum:
@@ -409,7 +461,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
 
   kswz = 32 if opts.shared_dq else 128
   scratch = [
-      tiled((D, N), jnp.bfloat16) if interp else tiled((N, D), jnp.bfloat16, kswz),
+      tiled((D, N), jnp.bfloat16) if interp else tiled((NS, D), jnp.bfloat16, kswz),
       plgpu.SMEM((stages, PB, 8), jnp.uint32) if kp else word_tiles(),
       plgpu.SMEM((stages, W, D), jnp.bfloat16), plgpu.SMEM((stages, W, D), jnp.bfloat16),
       plgpu.SMEM((stages, D, G), jnp.uint32) if vin else word_tiles(),
@@ -426,8 +478,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   return plgpu.kernel(
       kernel,
       out_type=[jax.ShapeDtypeStruct((B, K, splits, D, N), jnp.float32),
-                jax.ShapeDtypeStruct((B, K, splits, N), jnp.float32),
-                jax.ShapeDtypeStruct((B, K, splits, N), jnp.float32)],
+                jax.ShapeDtypeStruct((B, K, splits, NS), jnp.float32),
+                jax.ShapeDtypeStruct((B, K, splits, NS), jnp.float32)],
       scratch_types=scratch,
       grid=(B, K, splits), grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(
