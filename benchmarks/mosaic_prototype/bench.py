@@ -156,6 +156,12 @@ VERSIONS = {
     "128k_kp_vp_chunk4_mb_approx_vec_rows8": (131072, 64, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True, vec_scales=True, rows8=True)),
+    "kp_vp_chunk4_mb_approx_rows8_s65": (32768, 65, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True, approx_math=True, rows8=True)),
+    "128k_kp_vp_chunk4_mb_approx_rows8": (131072, 64, Options(
+        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
+        manual_barriers=True, approx_math=True, rows8=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }
