@@ -130,19 +130,13 @@ VERSIONS = {
     "128k_kp_vp_chunk4_defer_st2_mb_approx": (131072, 64, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True)),
-    # Per-thread scale loads 16 bytes wide; split counts that leave no split idle.
-    "kp_vp_chunk4_mb_approx_vec": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, vec_scales=True)),
+    # Split counts that leave no split idle.
     "kp_vp_chunk4_mb_approx_s65": (32768, 65, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True)),
     "kp_vp_chunk4_mb_approx_s22": (32768, 22, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True)),
-    "128k_kp_vp_chunk4_mb_approx_vec": (131072, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, vec_scales=True)),
     "128k_kp_vp_chunk4_mb_approx_s86": (131072, 86, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True)),
@@ -150,12 +144,6 @@ VERSIONS = {
     "kp_vp_chunk4_mb_approx_rows8": (32768, 64, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True, rows8=True)),
-    "kp_vp_chunk4_mb_approx_vec_rows8": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, vec_scales=True, rows8=True)),
-    "128k_kp_vp_chunk4_mb_approx_vec_rows8": (131072, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, vec_scales=True, rows8=True)),
     "kp_vp_chunk4_mb_approx_rows8_s65": (32768, 65, Options(
         stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
         manual_barriers=True, approx_math=True, rows8=True)),
@@ -198,8 +186,7 @@ def inputs(L):
 def transposed(args, opts):
   """The value scales transposed, the value words too for `values_in_registers`,
   the key words in the pair layout for `keys_pairs`, the value words transposed
-  in the pair layout for `values_pairs`, all scales and zeros in
-  `kernel.scale_pair_order` for `vec_scales`."""
+  in the pair layout for `values_pairs`."""
   kw = args[1]
   if opts.keys_pairs:
     kw = jax.jit(lambda w: kernel.key_pair_words(
@@ -208,11 +195,8 @@ def transposed(args, opts):
   if opts.values_pairs:
     vw = jax.jit(lambda w: kernel.key_pair_words(
         jnp.swapaxes(quantization.unpack(w, 2, kernel.G), 2, 3)))(args[4])
-  scales = (*args[2:4], jnp.swapaxes(args[5], 2, 3), jnp.swapaxes(args[6], 2, 3))
-  if opts.vec_scales:
-    scales = tuple(map(jax.jit(kernel.scale_pair_order), scales))
-  ks, kz, vs, vz = scales
-  return (args[0], kw, ks, kz, vw, vs, vz, args[7])
+  return (args[0], kw, *args[2:4], vw, jnp.swapaxes(args[5], 2, 3),
+          jnp.swapaxes(args[6], 2, 3), args[7])
 
 
 def main():
@@ -240,9 +224,6 @@ def main():
     if opts.values_pairs:
       words = kernel.key_pair_words(np.swapaxes(vc, 2, 3))
     kwords = kernel.key_pair_words(kc) if opts.keys_pairs else kw
-    if opts.vec_scales:  # reference.run transposes the value scales first
-      f = (lambda f: lambda q, kw, ks, kz, vw, vs, vz, n: f(q, kw, *map(
-          kernel.scale_pair_order, (ks, kz, vs, vz)), n))(f)
     try:
       out = reference.run(f, q, kwords, ks, kz, words, vs, vz, nv, False)
       if opts.rows8:  # the first 8 query rows

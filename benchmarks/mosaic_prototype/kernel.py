@@ -69,9 +69,6 @@ class Options:
   # probabilities, which alternate between two buffers (pair layouts only).
   manual_barriers: bool = False
   approx_math: bool = False  # `CompilerParams(approx_math=True)`: exp by ex2.approx
-  # Key scales and zeros, and value scales and zeros per 128 tokens, in
-  # `scale_pair_order`: a thread's pairs of a row in 16-byte loads.
-  vec_scales: bool = False
   # Scores and softmax over 8 query rows (S^T [64, 8], wgmma N = 8), the
   # probabilities padded with zeros to P^T's 16 columns (pair layouts only).
   rows8: bool = False
@@ -92,23 +89,12 @@ def key_pair_words(codes):
   return jnp.swapaxes(words, -1, -2).reshape(*lead, r, n // 16)
 
 
-def scale_pair_order(x):
-  """[..., 128 n] -> the same in `vec_scales` order: of each 128, column
-  8 ct + 2 j + e at 32 j + 2 ct + e, so that the 16 column pairs a thread of the
-  WGMMA layout holds in a row (lane % 4 = j) are 64 contiguous bytes."""
-  *lead, n = x.shape
-  x = x.reshape(*lead, n // D, D // 8, 4, 2)  # [..., n, ct, j, e]
-  return jnp.swapaxes(x, -2, -3).reshape(*lead, n)
-
-
-def _dequant_pairs(words, scale_ref, zero_ref, vec=False):
+def _dequant_pairs(words, scale_ref, zero_ref):
   """uint32 words [R, 8] (`key_pair_words` of codes [R, 128]; WGMMA layout) ->
   bf16 [R, 128] = code * scale + zero in the WGMMA layout wgmma's A operand takes,
-  row r's scales and zeros at row r // 32 of `scale_ref`, `zero_ref` [R / 32, 128]
-  (in `scale_pair_order` with `vec`: four 16-byte loads each per row tile, not 16
-  of 4 bytes). Per register (two codes): a shift, an and/or into bf16 pairs
-  128 + code, a subtraction of 128 (exact) and one bf16x2 fma (one rounding, as
-  the reference)."""
+  row r's scales and zeros at row r // 32 of `scale_ref`, `zero_ref` [R / 32, 128].
+  Per register (two codes): a shift, an and/or into bf16 pairs 128 + code, a
+  subtraction of 128 (exact) and one bf16x2 fma (one rounding, as the reference)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
 
@@ -126,24 +112,12 @@ def _dequant_pairs(words, scale_ref, zero_ref, vec=False):
       rt, ct, h = idx[0], idx[1], idx[4]
       word = mgpu_utils.bitcast(mgpu_utils.vector_slice(
           w.registers[rt, 0, 0, 0, h, 0, 0, 0, 0], slice(ct % 2, ct % 2 + 1)), i32)
-      if vec and rt not in loaded:
-        row, col = where[idx]  # ct = 0: col = 2 j
-        at = [arith.divui(row, mgpu_utils.c(32, index)),
-              arith.muli(col, mgpu_utils.c(16, index))]
-        octet = ir.VectorType.get((8,), ir.BF16Type.get())
-        quad = ir.VectorType.get((4,), i32)
-        loaded[rt] = [[mgpu_utils.bitcast(vector.load(octet, ref, [
-            at[0], arith.addi(at[1], mgpu_utils.c(8 * v, index))], alignment=16), quad)
-            for v in range(4)] for ref in (scales, zeros)]
-      if vec:
-        sz = [vector.extract(part[ct // 4], [], [ct % 4]) for part in loaded[rt]]
-      elif (rt, ct) not in loaded:
+      if (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(32, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
-      if not vec:
-        sz = loaded[rt, ct]
+      sz = loaded[rt, ct]
       x = llvm.inline_asm(i32, [word, *sz], f"""
           {{
           .reg .b32 t, m;
@@ -197,9 +171,8 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
   if kp and (interp or opts.swizzle_words or opts.reload_words or opts.magic
              or opts.const_scales):
     raise ValueError("keys_pairs: compiled only, plain word tiles, real scales")
-  if (opts.manual_barriers or opts.vec_scales or opts.rows8) and not (kp and vp):
-    raise ValueError("manual_barriers, vec_scales, rows8: with keys_pairs and "
-                     "values_pairs only")
+  if (opts.manual_barriers or opts.rows8) and not (kp and vp):
+    raise ValueError("manual_barriers, rows8: with keys_pairs and values_pairs only")
   NS = 8 if opts.rows8 else N  # query rows of the scores and the softmax
 
   def lc(x, layout):
@@ -298,7 +271,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         if kp:
           k = _dequant_pairs(ld(kw_smem.at[slot, pl.ds(2 * G * jp, 2 * G)], WG),
                              ks_smem.at[slot, pl.ds(2 * jp, 2)],
-                             kz_smem.at[slot, pl.ds(2 * jp, 2)], opts.vec_scales)
+                             kz_smem.at[slot, pl.ds(2 * jp, 2)])
         else:
           kws = words(kw_smem) if opts.reload_words else kwords
           kc = to_f32((kws >> shift) & 3)
@@ -356,8 +329,7 @@ def build(B, K, C, splits, opts=Options(), interpret=None):
         probabilities), V^T [D, 128] dequantized in registers (`_dequant_pairs`)."""
         vt = _dequant_pairs(ld(vw_smem.at[slot, :, pl.ds(8 * c, 8)], WG),
                             vs_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
-                            vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)],
-                            opts.vec_scales)
+                            vz_smem.at[slot, c // 2, :, pl.ds(128 * (c % 2), 128)])
         # With manual barriers the buffer alternates: the commit before the
         # other buffer's product follows every warp's wait on this one's last.
         p_buf = p_smem.at[lax.rem(c, 2)] if opts.manual_barriers else p_smem
