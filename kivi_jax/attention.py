@@ -281,6 +281,8 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     return o_blk.reshape(b, 1, hq, d).astype(q.dtype)
   nq = n_quantized(lengths, config)
   which = resolve_impl(impl, config, d, hkv, 1)
+  if "pairs" in (layer.k.layout, layer.v.layout):
+    which = "reference"  # no kernel reads the pair layout yet: jnp does
   if which != "reference":
     o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
   elif _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):

@@ -43,18 +43,27 @@ class QuantizedBlock:
   dim `Hkv * Dh` in the `ChannelMap`'s order, with scale and zero `[..., C, n]`
   for `n` groups.
 
-  bits < 16:
+  bits < 16, layout "slots":
     codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along
       tokens in group slots (`quantization.pack`).
     scale, zero: `[..., C/G, D]` for axis "channel", `[..., C, D/G]` for axis
       "token"; in the model dtype.
+  bits < 16, layout "pairs" (`quantization.pair_pack`, for Hopper's `wgmma`:
+  each row packed along the axis a kernel contracts):
+    axis "channel": codes uint32 `[..., C, D b/32]`, each token's channels
+      packed; scale, zero `[..., C/G, D]`.
+    axis "token": codes uint32 `[..., D, C b/32]`, each channel's tokens
+      packed; scale, zero `[..., D/G, C]` (transposed).
   bits == 16:
     codes: the tensor itself, model dtype `[..., C, D]`; scale and zero are None.
+
+  layout: static; "slots" or "pairs" (`init_cache`'s `layout`).
   """
 
   codes: Array
   scale: Array | None
   zero: Array | None
+  layout: str = struct.field(pytree_node=False, default="slots")
 
 
 @struct.dataclass
@@ -134,6 +143,12 @@ class KVCache:
     return _block_tokens(self.layers[0].k, self.config.k_bits, self.config.key_axis,
                          self.config.group_size) + self.config.sinks
 
+  @property
+  def layout(self) -> str:
+    """How the quantized blocks are packed: `init_cache`'s `layout`."""
+    first = self.layers[0]
+    return "pairs" if "pairs" in (first.k.layout, first.v.layout) else "slots"
+
   def n_quantized(self) -> Array:
     """int32 `[B]`: tokens of each row that sit in the quantized block."""
     return n_quantized(self.lengths, self.config)
@@ -147,6 +162,8 @@ def _block_tokens(block: QuantizedBlock, bits: int, axis: QuantAxis, group: int)
   """The block's capacity `C`: its scales' (its codes may hold more: `_empty_block`)."""
   if bits == 16:
     return block.codes.shape[-2]
+  if block.layout == "pairs" and axis == "token":
+    return block.scale.shape[-1]
   return block.scale.shape[-2] * (group if axis == "channel" else 1)
 
 
@@ -168,14 +185,25 @@ def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
 
 
 def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVIConfig,
-                 dtype):
+                 dtype, layout: str = "slots"):
   """An empty block of `capacity` tokens; `head_dim` is the hidden dim with
   `channel_group`. Its codes take whole packing blocks (`w * G` tokens, `G`
   word rows): more than `capacity` tokens where it is not a multiple of them
-  (SKVQ's `block_granularity`); scales and zeros take exactly `capacity`."""
+  (SKVQ's `block_granularity`); scales and zeros take exactly `capacity`.
+  In the pair layout `capacity` and `head_dim` are multiples of 128."""
   if bits == 16:
     return QuantizedBlock(jnp.zeros((*lead, capacity, head_dim), dtype), None, None)
   g = config.group_size
+  sdtype = config.scale_dtype or dtype
+  if layout == "pairs":
+    if axis == "channel":
+      cshape, sshape = (capacity, head_dim * bits // 32), (capacity // g, head_dim)
+    else:
+      cg = channel_group(g, head_dim)
+      cshape, sshape = (head_dim, capacity * bits // 32), (head_dim // cg, capacity)
+    zeros = lambda shape, dt: jnp.zeros((*lead, *shape), dt)  # noqa: E731
+    return QuantizedBlock(zeros(cshape, jnp.uint32), zeros(sshape, sdtype),
+                          zeros(sshape, sdtype), layout)
   rows = -(-capacity // (codes_per_word(bits) * g)) * g
   codes = jnp.zeros((*lead, rows, head_dim), jnp.uint32)
   if axis == "channel":
@@ -184,7 +212,6 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVICo
     sshape = (*lead, capacity, config.hidden_groups(head_dim))
   else:
     sshape = (*lead, capacity, head_dim // channel_group(config.group_size, head_dim))
-  sdtype = config.scale_dtype or dtype
   return QuantizedBlock(codes, jnp.zeros(sshape, sdtype), jnp.zeros(sshape, sdtype))
 
 
@@ -222,8 +249,31 @@ def plain_channel_map(config: KIVIConfig, hidden: int) -> ChannelMap:
                     clip=jnp.asarray(config.clip, jnp.float32))
 
 
+LAYOUTS = ("slots", "pairs")
+
+
+def check_layout(layout: str, kv_config: KIVIConfig, head_dim: int) -> None:
+  """Raises ValueError where `init_cache`'s `layout` cannot hold this config."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  if layout == "slots":
+    return
+  if kv_config.channel_group is not None:
+    raise ValueError("layout='pairs' packs each head's blocks; SKVQ's channel_group "
+                     "layout (over the hidden dim) has only layout='slots'")
+  for name in ("k_bits", "v_bits"):
+    bits = getattr(kv_config, name)
+    if bits != 16 and bits not in quantization.PAIR_BITS:
+      raise ValueError(f"layout='pairs' holds {quantization.PAIR_BITS}- or 16-bit "
+                       f"tensors, got {name}={bits}")
+  if head_dim % quantization.PAIR_SPAN:
+    raise ValueError(f"layout='pairs' needs a head_dim that is a multiple of "
+                     f"{quantization.PAIR_SPAN}, got head_dim={head_dim}")
+
+
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
-               dtype=None, impl: str = "auto", calibration=None, mesh=None) -> KVCache:
+               dtype=None, impl: str = "auto", calibration=None, mesh=None,
+               layout: str = "slots") -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
   Args:
@@ -231,7 +281,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       `dtype` (a `kivi_jax.ModelConfig`).
     kv_config: how keys and values are quantized.
     batch_size, max_length: positive; the block capacity is `max_length` rounded
-      up to a whole number of packing blocks (`block_granularity`).
+      up to a whole number of packing blocks (`block_granularity`), and of 128
+      tokens in the pair layout.
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
     impl: decode-attention implementation (`KVCache.impl`).
@@ -239,6 +290,11 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       `kv_config`; required where `kv_config.needs_calibration`.
     mesh: a `kivi_jax.make_mesh` mesh to split the cache over (`KVCache.mesh`);
       each device creates only its own shard.
+    layout: how the quantized blocks are packed (`QuantizedBlock`): "slots"
+      (every kernel's) or "pairs" (each row packed along the axis Hopper's
+      `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim a multiple of 128, not
+      SKVQ's hidden-dim layout; a 16-bit tensor lies as it is in either). The
+      jnp reference writes and reads "pairs"; no kernel does yet.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -248,12 +304,15 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   kv_config.check_head_dim(model_config.head_dim)
+  check_layout(layout, kv_config, model_config.head_dim)
   if kv_config.needs_calibration and calibration is None:
     raise ValueError(
         "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
         "kivi_jax.calibrate(...) result for this model and config")
   dtype = jnp.dtype(dtype or model_config.dtype)
   step = block_granularity(kv_config)
+  if layout == "pairs":
+    step = math.lcm(step, quantization.PAIR_SPAN)
   capacity = -(-max_length // step) * step
   ly, hkv, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
   lead = (batch_size, hkv)
@@ -278,9 +337,9 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     ring_shape = (*lead, kv_config.ring_size, d)
     return LayerKV(
         k=_empty_block(block_lead, capacity, block_d, kv_config.k_bits, kv_config.key_axis,
-                       kv_config, dtype),
+                       kv_config, dtype, layout),
         v=_empty_block(block_lead, capacity, block_d, kv_config.v_bits,
-                       kv_config.value_axis, kv_config, dtype),
+                       kv_config.value_axis, kv_config, dtype, layout),
         ring_k=jnp.zeros(ring_shape, dtype), ring_v=jnp.zeros(ring_shape, dtype), **extra)
 
   def build():
@@ -327,6 +386,12 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
   """
   if bits == 16:
     x = block.codes.astype(dtype)
+  elif block.layout == "pairs":
+    codes = quantization.pair_unpack(block.codes, bits)
+    scale, zero = block.scale, block.zero
+    if axis == "token":  # [..., D, C] -> [..., C, D], scales likewise
+      codes, scale, zero = (jnp.swapaxes(a, -1, -2) for a in (codes, scale, zero))
+    x = quantization.dequantize(codes, scale, zero, config.group_size, axis, dtype)
   else:
     codes = quantization.unpack(block.codes, bits, config.group_size)
     codes = codes[..., :_block_tokens(block, bits, axis, config.group_size), :]
@@ -399,6 +464,10 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(scatter_tokens(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   kw = dict(bits=bits, group_size=config.group_size, axis=axis)
+  if block.layout == "pairs":  # no kernel writes the pair layout yet: jnp does
+    out = quantize_pack.quantize_pack_pairs_reference(
+        x, block.codes, block.scale, block.zero, start, n_tokens, config.clip, **kw)
+    return QuantizedBlock(*out, block.layout)
   which = write_kernel(impl, config, x.shape[-1])
   if which is not None:
     kernel = quantize_pack if which == "gpu" else quantize_pack_tpu

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kivi_jax import sharding
-from kivi_jax.cache import IMPLS, KVCache, init_cache
+from kivi_jax.cache import IMPLS, LAYOUTS, KVCache, init_cache
 from kivi_jax.calibration import model_fingerprint
 from kivi_jax.config import KIVIConfig
 
@@ -48,7 +48,8 @@ def _describe(cache: KVCache, model, metadata) -> dict:
   return {"format": FORMAT, "model": model_fingerprint(model),
           "kv_config": dataclasses.asdict(cache.config), "batch": int(cache.lengths.shape[0]),
           "capacity": cache.capacity, "dtype": np.dtype(cache.layers[0].ring_k.dtype).name,
-          "impl": cache.impl, "lengths": np.asarray(cache.lengths).tolist(),
+          "impl": cache.impl, "layout": cache.layout,
+          "lengths": np.asarray(cache.lengths).tolist(),
           "metadata": metadata}
 
 
@@ -101,7 +102,8 @@ def cache_info(path) -> dict:
   Returns:
     A dict: `model` (the fingerprint of the model it was made for),
     `kv_config` (a `KIVIConfig`), `batch`, `capacity`, `lengths` (tokens held
-    per row), `dtype`, `impl`, and the `metadata` given to `save_cache`.
+    per row), `dtype`, `impl`, `layout` ("slots" for a checkpoint written
+    before layouts), and the `metadata` given to `save_cache`.
 
   Raises:
     ValueError: `path` is not a checkpoint, or its description is damaged or of
@@ -124,6 +126,9 @@ def cache_info(path) -> dict:
     meta["batch"], meta["capacity"] = int(meta["batch"]), int(meta["capacity"])
     meta["lengths"] = [int(n) for n in meta["lengths"]]
     meta["dtype"] = np.dtype(meta["dtype"]).name
+    meta["layout"] = meta.get("layout", "slots")
+    if meta["layout"] not in LAYOUTS:
+      raise ValueError(f"layout {meta['layout']!r} is none of {LAYOUTS}")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{meta_path} is damaged: {e}") from e
   return meta
@@ -169,8 +174,10 @@ def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
   # target is built without one and the saved maps fill it.
   plain = dataclasses.replace(saved, reorder=False, clip=1.0) if saved.needs_calibration \
       else saved
+  layout = meta["layout"]
   shapes = jax.eval_shape(lambda: init_cache(model.config, plain, batch,
-                                             capacity - saved.sinks, dtype=dtype, impl=impl))
+                                             capacity - saved.sinks, dtype=dtype, impl=impl,
+                                             layout=layout))
   if shapes.capacity != capacity:
     raise ValueError(f"{meta_path} is damaged: capacity {capacity} is no cache's capacity "
                      f"for this config")

@@ -24,6 +24,14 @@ Ternary codes (1.5 bits, SKVQ's values) use the same slots, 20 to a word:
 slot `j` is base-3 digit `j % 5` of byte `j // 5`, so a byte holds 5 codes
 (3^5 = 243 <= 256): 1.6 bits per code.
 
+The *pair* layout (`pair_pack`; a cache's `layout="pairs"`) packs 2-, 4- or
+8-bit codes along a row's last axis instead, in spans of 128 columns, for
+Hopper's `wgmma`: column `c = 16 s + 8 h + 2 j + e` (`s < 8`, `h, e < 2`,
+`j < 4`) of a span sits in word `8 (s // p) + 2 j + h` of the span's `4 b`
+words, at bit `b (s % p) + 16 e`, `p = 16 // b`. A thread of the WGMMA register
+layout holds words `2 j + h` of its rows, and `(w >> b (s % p)) & field` in
+each 16-bit half is then its pair of k-step `s`, already in place.
+
 `quantize` and `dequantize` also take an explicit channel grouping for axis
 "token" (SKVQ's unequal groups over the reordered hidden dim): `groups = (ids,
 n)`, `ids` int32 `[D]` the nondecreasing group of each channel, `n` groups;
@@ -76,6 +84,46 @@ def unpack(words: Array, bits: float, group_size: int) -> Array:
   shift, div = jnp.asarray(shift)[:, None, None], jnp.asarray(div)[:, None, None]
   codes = ((words >> shift) & jnp.uint32(field)) // div % jnp.uint32(levels(bits) + 1)
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
+
+
+PAIR_SPAN = 128  # columns of one span of the pair layout
+PAIR_BITS = (2, 4, 8)
+
+
+def _pair_fields(bits: int):
+  """`(p, shift)`: steps per word and the shift of each `(s % p, e)` field,
+  uint32 `[p, 2]` (module docstring, the pair layout)."""
+  if bits not in PAIR_BITS:
+    raise ValueError(f"the pair layout holds {PAIR_BITS}-bit codes, got {bits}")
+  p = 16 // bits
+  return p, (bits * np.arange(p)[:, None] + 16 * np.arange(2)).astype(np.uint32)
+
+
+def pair_pack(codes: Array, bits: int) -> Array:
+  """Packs integer codes `[..., n]` in `[0, 2^b - 1]` (n a multiple of 128) into
+  uint32 `[..., n b / 32]` in the pair layout (module docstring)."""
+  p, shift = _pair_fields(bits)
+  *lead, n = codes.shape
+  if n % PAIR_SPAN:
+    raise ValueError(f"the last axis ({n}) must be a multiple of {PAIR_SPAN} to pack "
+                     "codes in the pair layout")
+  # Column 16 s + 8 h + 2 j + e with s = p s_hi + s_lo: [..., span, s_hi, s_lo, h, j, e].
+  c = codes.astype(jnp.uint32).reshape(*lead, n // PAIR_SPAN, 8 // p, p, 2, 4, 2)
+  place = jnp.asarray(shift)[:, None, None, :]  # [s_lo, 1, 1, e]
+  # The fields are disjoint, so their sum is their bitwise or.
+  words = jnp.sum(c << place, axis=(-4, -1), dtype=jnp.uint32)  # [..., span, s_hi, h, j]
+  return jnp.swapaxes(words, -1, -2).reshape(*lead, n * bits // 32)
+
+
+def pair_unpack(words: Array, bits: int) -> Array:
+  """Inverse of `pair_pack`: uint32 `[..., n b / 32]` -> uint8 codes `[..., n]`."""
+  p, shift = _pair_fields(bits)
+  *lead, nw = words.shape
+  spans = nw // (4 * bits)
+  w = jnp.swapaxes(words.reshape(*lead, spans, 8 // p, 4, 2), -1, -2)  # [.., s_hi, h, j]
+  c = (w[..., None, :, :, None] >> jnp.asarray(shift)[:, None, None, :]) & jnp.uint32(
+      2**bits - 1)  # [..., span, s_hi, s_lo, h, j, e]
+  return c.reshape(*lead, spans * PAIR_SPAN).astype(jnp.uint8)
 
 
 def _grouped(x: Array, group_size: int, axis: QuantAxis) -> Array:

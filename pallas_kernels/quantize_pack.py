@@ -15,6 +15,10 @@ slots, and writes the tile, scales and zeros back through
 `input_output_aliases`, so under `jit` with the cache donated nothing is
 copied. One owner per tile means no two programs write the same word.
 
+`quantize_pack_pairs_reference` writes a block in the pair layout
+(`kivi_jax.quantization.pair_pack`) the same way, in jnp; no kernel writes that
+layout yet.
+
 Shapes (B batch, H heads, n tokens offered, D channels, C block capacity):
   x               [B, H, n, D]      model dtype; n a multiple of G
   words           [B, H, C/w, D]    uint32
@@ -170,6 +174,46 @@ def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, gr
                     capacity)
     return words, scatter_tokens(scale, grp, sc), scatter_tokens(zero, grp, zr)
   return words, scatter_tokens(scale, tok, sc), scatter_tokens(zero, tok, zr)
+
+
+def quantize_pack_pairs_reference(x, words, scale, zero, start, n_tokens, clip=1.0, *,
+                                  bits: int, group_size: int, axis: str):
+  """`quantize_pack_reference` into a block in the pair layout
+  (`kivi_jax.cache.QuantizedBlock`, `kivi_jax.quantization.pair_pack`): for axis
+  "channel" each token's row of words, for axis "token" each channel's words
+  along tokens, where a flushed group shares its words with the others of its
+  128-token span, and the scales `[B, H, D/G, C]`."""
+  from kivi_jax import quantization
+  g, n = group_size, x.shape[2]
+  i = jnp.arange(n)[None, :]
+  live = i < n_tokens[:, None]
+  codes, sc, zr = quantization.quantize(x, bits, g, axis, scale.dtype, clip)
+  if axis == "channel":
+    capacity = words.shape[2]
+    tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
+    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
+                    capacity)
+    return (scatter_tokens(words, tok, quantization.pair_pack(codes, bits)),
+            scatter_tokens(scale, grp, sc), scatter_tokens(zero, grp, zr))
+  capacity = scale.shape[-1]
+  tok = start[:, None] + i  # [B, n]
+  # Token t's code: span t // 128, column c = 16 s + 8 h + 2 j + e of it, in
+  # word 8 (s // p) + 2 j + h of the span at bit b (s % p) + 16 e.
+  p, c = 16 // bits, tok % quantization.PAIR_SPAN
+  s, h, j, e = c // 16, c // 8 % 2, c // 2 % 4, c % 2
+  word = tok // quantization.PAIR_SPAN * 4 * bits + 8 * (s // p) + 2 * j + h
+  word = jnp.where(live, word, words.shape[-1])
+  bit = (bits * (s % p) + 16 * e).astype(jnp.uint32)
+  placed = jnp.swapaxes(codes, 2, 3).astype(jnp.uint32) << bit[:, None, None, :]
+
+  def along_tokens(dst, idx, src, add=False):  # dst [H, X, N], idx [n], src [H, X, n]
+    ref = dst.at[:, :, idx]
+    return ref.add(src, mode="drop") if add else ref.set(src, mode="drop")
+  # Each code's bits are written once, into zero bits: adding is or-ing.
+  words = jax.vmap(functools.partial(along_tokens, add=True))(words, word, placed)
+  tok = jnp.where(live, tok, capacity)
+  return (words, jax.vmap(along_tokens)(scale, tok, jnp.swapaxes(sc, 2, 3)),
+          jax.vmap(along_tokens)(zero, tok, jnp.swapaxes(zr, 2, 3)))
 
 
 def scatter_tokens(dst, idx, src, add: bool = False):

@@ -86,6 +86,15 @@ def wikitext_calibration(model, tokenizer, kv_config):
                             progress=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheShape:
+  """What `init_cache` reads of a model config: one float32 layer."""
+  num_kv_heads: int
+  head_dim: int
+  num_layers: int = 1
+  dtype: str = "float32"
+
+
 def tiny_llama_config(**overrides):
   from transformers import LlamaConfig
   kw = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2,

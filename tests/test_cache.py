@@ -13,17 +13,14 @@ from kivi_jax import cache as cache_lib
 from kivi_jax import quantization
 from kivi_jax.cache import append, n_quantized, ring_positions
 from kivi_jax.calibration import CALIBRATED_FIELDS, Calibration
+from conftest import CacheShape
 import spec_reference
 
 B, HKV, D = 3, 2, 32
 
 
-@dataclasses.dataclass(frozen=True)
-class _Shape:
-  num_layers: int = 1
-  num_kv_heads: int = HKV
-  head_dim: int = D
-  dtype: str = "float32"
+def _shape(**kw):
+  return CacheShape(**{"num_kv_heads": HKV, "head_dim": D, **kw})
 
 
 CONFIGS = {
@@ -110,7 +107,7 @@ def _kv(n, seed=0):
 
 def _fill(config, k, v, lengths, chunk):
   """Appends row b's first lengths[b] tokens, `chunk` tokens per call."""
-  cache = kivi_jax.init_cache(_Shape(), config, B, max(int(np.max(lengths)), 1),
+  cache = kivi_jax.init_cache(_shape(), config, B, max(int(np.max(lengths)), 1),
                               calibration=_calibration(config))
   layer, done = _layer(cache), jnp.zeros((B,), jnp.int32)
   n = k.shape[2]
@@ -208,7 +205,7 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
 
 
 def test_nbytes_counts_every_array():
-  shape = _Shape(num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16")
+  shape = _shape(num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16")
   cache = kivi_jax.init_cache(shape, kivi_jax.PRESETS["kivi2"], 2, 4096)
   elems = 4 * 2 * 8 * 4096 * 128
   # Codes: 2 bits; scale and zero: 16 bits per 32 elements each -> 3 bits per element.
@@ -225,20 +222,20 @@ def test_nbytes_counts_every_array():
 
 def test_init_cache_validates():
   with pytest.raises(ValueError, match="group_size=64 must divide the head dim"):
-    kivi_jax.init_cache(_Shape(head_dim=96), kivi_jax.KIVIConfig(2, 2, 64, 128), 1, 64)
+    kivi_jax.init_cache(_shape(head_dim=96), kivi_jax.KIVIConfig(2, 2, 64, 128), 1, 64)
   with pytest.raises(ValueError, match="batch_size"):
-    kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 0, 64)
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 0, 64)
   with pytest.raises(ValueError, match="max_length"):
-    kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 1, -5)
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, -5)
   with pytest.raises(ValueError,
                      match=r"impl must be one of \('auto', 'reference', 'gpu', 'tpu'\)"):
-    kivi_jax.init_cache(_Shape(), kivi_jax.PRESETS["kivi2"], 1, 64, impl="cuda")
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, impl="cuda")
   with pytest.raises(TypeError, match="kv_config"):
-    kivi_jax.init_cache(_Shape(), {"k_bits": 2}, 1, 64)
+    kivi_jax.init_cache(_shape(), {"k_bits": 2}, 1, 64)
 
 
 def test_cache_is_a_pytree_through_jit():
-  cache = kivi_jax.init_cache(_Shape(), CONFIGS["kivi2-g16-r32"], B, 64)
+  cache = kivi_jax.init_cache(_shape(), CONFIGS["kivi2-g16-r32"], B, 64)
   leaves, treedef = jax.tree_util.tree_flatten(cache)
   again = jax.tree_util.tree_unflatten(treedef, leaves)
   assert again.config == cache.config
@@ -257,7 +254,7 @@ def test_skvq_tensors_do_not_pad_each_other(max_length, capacity, k_rows, v_rows
   # exactly the capacity. (Both had been rounded to 2560 tokens.)
   kv = dataclasses.replace(kivi_jax.get_preset("skvq-k2v1.5-g16-fp8"), reorder=False,
                            clip=0.9)
-  cache = kivi_jax.init_cache(_Shape(), kv, 1, max_length)
+  cache = kivi_jax.init_cache(_shape(), kv, 1, max_length)
   layer = cache.layers[0]
   assert cache.capacity == capacity + kv.sinks
   assert (layer.k.codes.shape[2], layer.v.codes.shape[2]) == (k_rows, v_rows)
