@@ -13,7 +13,7 @@ from kivi_jax.attention import (_cudnn_block_attention, _cudnn_reads_block, _rin
                                 kernel_applies)
 from kivi_jax.cache import append_flushing, n_quantized
 import spec_reference
-from test_cache import (B, CONFIGS, D, HKV, _append, _channel_maps, _fill, _kv, _layer, _Shape,
+from test_cache import (B, CONFIGS, D, HKV, _append, _channel_maps, _fill, _kv, _layer, _shape,
                         spec_block)
 
 _attend_jit = jax.jit(cache_attention, static_argnames=("config", "sliding_window", "impl"))
@@ -174,7 +174,7 @@ def test_decode_over_a_block_holding_every_token(rep, window, dtype, impl):
   hq = HKV * rep
   k, v = (x.astype(dtype) for x in _kv(91, seed=7))
   lengths = jnp.array([90, 61, 5], jnp.int32)
-  cache = kivi_jax.init_cache(_Shape(dtype=dtype), config, B, 91)
+  cache = kivi_jax.init_cache(_shape(dtype=dtype), config, B, 91)
   layer = _append(_layer(cache), k[:, :, :90], v[:, :, :90], jnp.zeros(B, jnp.int32),
                   lengths, config)
   k_new = jnp.stack([k[b, :, lengths[b]:lengths[b] + 1] for b in range(B)])

@@ -19,7 +19,7 @@ from kivi_jax.cache import n_quantized, write_kernel
 from kivi_jax.config import codes_per_word
 from kivi_jax.pallas_kernels import quantize_pack as qp
 from kivi_jax.pallas_kernels import quantize_pack_tpu as qp_tpu
-from conftest import tpu_interpret_params
+from conftest import CacheShape, tpu_interpret_params
 
 ON_GPU = jax.default_backend() == "gpu"
 CPU = jax.devices("cpu")[0]
@@ -122,8 +122,7 @@ def test_tpu_kernel_rejects_a_capacity_of_odd_spans():
                          interpret=True)
 
 
-class _Shape:
-  num_layers, num_kv_heads, head_dim, dtype = 1, 2, 64, "bfloat16"
+_SHAPE = CacheShape(num_kv_heads=2, head_dim=64, dtype="bfloat16")
 
 
 @pytest.mark.parametrize("config", [kivi_jax.PRESETS["kivi2"], kivi_jax.PRESETS["kivi4"],
@@ -139,7 +138,7 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
   its decode steps."""
   if kernel == "tpu" and ON_GPU:
     pytest.skip("TPU interpret mode is a CPU check")
-  assert write_kernel(kernel, config, _Shape.head_dim) == kernel
+  assert write_kernel(kernel, config, _SHAPE.head_dim) == kernel
   steps = 6
   flush_at = [max(t for t in range(1, top + 1)
                   if n_quantized(np.int32(t), config) > n_quantized(np.int32(t - 1), config))
@@ -150,7 +149,7 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
   append = jax.jit(kivi_jax.cache.append, static_argnames=("config", "impl"))
 
   def fill(impl):
-    cache = kivi_jax.init_cache(_Shape(), config, B, 340, impl=impl)
+    cache = kivi_jax.init_cache(_SHAPE, config, B, 340, impl=impl)
     layer = cache.layers[0]
     done = jnp.zeros(B, jnp.int32)
     for n in (jnp.asarray(prefill), *[jnp.ones(B, jnp.int32)] * steps):
