@@ -34,6 +34,11 @@ from kivi_jax.pallas_kernels import decode_attention as da  # noqa: E402
 B, K = 8, 8
 CAPACITY = {32768: 33280, 131072: 131584}  # bench._kivi_layer's block capacity
 SHARED = dict(shared_dq=True, stages=1)  # 2 blocks per SM
+# Keys and values in the pair layout, the softmax sum deferred; with two stages and
+# a softmax update per 256 tokens; with Pallas's barriers off and ex2.approx.
+PAIRS = dict(defer_sum=True, keys_pairs=True, values_pairs=True)
+PAIRS4 = dict(**PAIRS, stages=2, chunk=4)
+FAST = dict(**PAIRS4, manual_barriers=True, approx_math=True)
 # name -> (L, splits, options)
 VERSIONS = {
     "unrolled": (32768, 16, Options(unrolled=True)),
@@ -113,43 +118,20 @@ VERSIONS = {
                                                      keys_pairs=True, values_pairs=True)),
     # The eighth round's profile (NOTES.md): 15% of warp stalls at barriers, 53 a
     # step that Pallas inserts; and the exponentials' range reduction.
-    "kp_vp_chunk8_defer_st2": (32768, 64, Options(stages=2, chunk=8, defer_sum=True,
-                                                  keys_pairs=True, values_pairs=True)),
-    "kp_vp_chunk4_defer_st2_mb": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True)),
-    "kp_vp_chunk4_defer_st2_approx": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        approx_math=True)),
-    "kp_vp_chunk4_defer_st2_mb_approx": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
-    "kp_vp_chunk4_defer_st3_mb_approx": (32768, 64, Options(
-        stages=3, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
-    "128k_kp_vp_chunk4_defer_st2_mb_approx": (131072, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
+    "kp_vp_chunk8_defer_st2": (32768, 64, Options(**PAIRS, stages=2, chunk=8)),
+    "kp_vp_chunk4_defer_st2_mb": (32768, 64, Options(**PAIRS4, manual_barriers=True)),
+    "kp_vp_chunk4_defer_st2_approx": (32768, 64, Options(**PAIRS4, approx_math=True)),
+    "kp_vp_chunk4_defer_st2_mb_approx": (32768, 64, Options(**FAST)),
+    "kp_vp_chunk4_defer_st3_mb_approx": (32768, 64, Options(**{**FAST, "stages": 3})),
+    "128k_kp_vp_chunk4_defer_st2_mb_approx": (131072, 64, Options(**FAST)),
     # Split counts that leave no split idle.
-    "kp_vp_chunk4_mb_approx_s65": (32768, 65, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
-    "kp_vp_chunk4_mb_approx_s22": (32768, 22, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
-    "128k_kp_vp_chunk4_mb_approx_s86": (131072, 86, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True)),
+    "kp_vp_chunk4_mb_approx_s65": (32768, 65, Options(**FAST)),
+    "kp_vp_chunk4_mb_approx_s22": (32768, 22, Options(**FAST)),
+    "128k_kp_vp_chunk4_mb_approx_s86": (131072, 86, Options(**FAST)),
     # Scores and softmax over 8 query rows (GQA up to 8), P^T padded to 16.
-    "kp_vp_chunk4_mb_approx_rows8": (32768, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, rows8=True)),
-    "kp_vp_chunk4_mb_approx_rows8_s65": (32768, 65, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, rows8=True)),
-    "128k_kp_vp_chunk4_mb_approx_rows8": (131072, 64, Options(
-        stages=2, chunk=4, defer_sum=True, keys_pairs=True, values_pairs=True,
-        manual_barriers=True, approx_math=True, rows8=True)),
+    "kp_vp_chunk4_mb_approx_rows8": (32768, 64, Options(**FAST, rows8=True)),
+    "kp_vp_chunk4_mb_approx_rows8_s65": (32768, 65, Options(**FAST, rows8=True)),
+    "128k_kp_vp_chunk4_mb_approx_rows8": (131072, 64, Options(**FAST, rows8=True)),
     "128k_shared_kp_vp": (131072, 64, Options(**SHARED, chunk=2, keys_pairs=True,
                                               values_pairs=True)),
 }
