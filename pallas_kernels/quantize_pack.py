@@ -155,11 +155,9 @@ def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, gr
   """
   from kivi_jax import quantization
   g, w = group_size, codes_per_word(bits)
-  n = x.shape[2]
-  capacity = words.shape[2] * w
-  i = jnp.arange(n)[None, :]
+  i = jnp.arange(x.shape[2])[None, :]
   live = i < n_tokens[:, None]
-  tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
+  tok = start[:, None] + i  # [B, n]
   codes, sc, zr = quantization.quantize(x, bits, g, axis, scale.dtype, clip, groups)
   group = tok // g
   row = jnp.where(live, group // w * g + tok % g, words.shape[-2])
@@ -169,11 +167,7 @@ def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, gr
   # Each slot of a word is written once, into zero bits: adding is or-ing, and
   # groups of one flush that share word rows combine.
   words = scatter_tokens(words, row, codes.astype(jnp.uint32) * place, add=True)
-  if axis == "channel":
-    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
-                    capacity)
-    return words, scatter_tokens(scale, grp, sc), scatter_tokens(zero, grp, zr)
-  return words, scatter_tokens(scale, tok, sc), scatter_tokens(zero, tok, zr)
+  return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis))
 
 
 def quantize_pack_pairs_reference(x, words, scale, zero, start, n_tokens, clip=1.0, *,
@@ -188,41 +182,50 @@ def quantize_pack_pairs_reference(x, words, scale, zero, start, n_tokens, clip=1
   i = jnp.arange(n)[None, :]
   live = i < n_tokens[:, None]
   codes, sc, zr = quantization.quantize(x, bits, g, axis, scale.dtype, clip)
-  if axis == "channel":
-    capacity = words.shape[2]
-    tok = jnp.where(live, start[:, None] + i, capacity)  # [B, n]; dead ones dropped
-    grp = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :],
-                    capacity)
-    return (scatter_tokens(words, tok, quantization.pair_pack(codes, bits)),
-            scatter_tokens(scale, grp, sc), scatter_tokens(zero, grp, zr))
-  capacity = scale.shape[-1]
   tok = start[:, None] + i  # [B, n]
+  if axis == "channel":
+    words = scatter_tokens(words, jnp.where(live, tok, words.shape[2]),
+                           quantization.pair_pack(codes, bits))
+    return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis))
   # Token t's code: span t // 128, column c = 16 s + 8 h + 2 j + e of it, in
   # word 8 (s // p) + 2 j + h of the span at bit b (s % p) + 16 e.
   p, c = 16 // bits, tok % quantization.PAIR_SPAN
   s, h, j, e = c // 16, c // 8 % 2, c // 2 % 4, c % 2
   word = tok // quantization.PAIR_SPAN * 4 * bits + 8 * (s // p) + 2 * j + h
-  word = jnp.where(live, word, words.shape[-1])
   bit = (bits * (s % p) + 16 * e).astype(jnp.uint32)
   placed = jnp.swapaxes(codes, 2, 3).astype(jnp.uint32) << bit[:, None, None, :]
-
-  def along_tokens(dst, idx, src, add=False):  # dst [H, X, N], idx [n], src [H, X, n]
-    ref = dst.at[:, :, idx]
-    return ref.add(src, mode="drop") if add else ref.set(src, mode="drop")
   # Each code's bits are written once, into zero bits: adding is or-ing.
-  words = jax.vmap(functools.partial(along_tokens, add=True))(words, word, placed)
-  tok = jnp.where(live, tok, capacity)
-  return (words, jax.vmap(along_tokens)(scale, tok, jnp.swapaxes(sc, 2, 3)),
-          jax.vmap(along_tokens)(zero, tok, jnp.swapaxes(zr, 2, 3)))
+  words = scatter_tokens(words, jnp.where(live, word, words.shape[-1]), placed, add=True,
+                         last=True)
+  return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis, last=True))
 
 
-def scatter_tokens(dst, idx, src, add: bool = False):
+def _scatter_scales(scale, zero, sc, zr, start, live, group_size: int, axis: str,
+                    last: bool = False):
+  """The new tokens' scales and zeros (`quantize`'s `sc`, `zr`) into the block's:
+  one per group of `G` tokens for axis "channel", one per token for "token", row
+  b's from token `start[b]` where `live` `[B, n]`; along the block's last axis
+  with `last` (the pair layout's transposed value scales)."""
+  g, n = group_size, live.shape[1]
+  drop = scale.shape[-1 if last else 2]  # an index past the end: not written
+  if axis == "channel":
+    idx = jnp.where(live[:, ::g], start[:, None] // g + jnp.arange(n // g)[None, :], drop)
+  else:
+    idx = jnp.where(live, start[:, None] + jnp.arange(n)[None, :], drop)
+  if last:
+    sc, zr = jnp.swapaxes(sc, 2, 3), jnp.swapaxes(zr, 2, 3)
+  return (scatter_tokens(scale, idx, sc, last=last),
+          scatter_tokens(zero, idx, zr, last=last))
+
+
+def scatter_tokens(dst, idx, src, add: bool = False, last: bool = False):
   """Per batch row `b`: `dst[b, :, idx[b]] = src[b]` (or `+=`) on the token axis.
 
-  dst `[B, H, N, X]`, idx int32 `[B, n]`, src `[B, H, n, X]`; indices out of
-  range are dropped.
+  dst `[B, H, N, X]`, idx int32 `[B, n]`, src `[B, H, n, X]`; with `last` the
+  token axis is the last one: dst `[B, H, X, N]`, src `[B, H, X, n]`. Indices
+  out of range are dropped.
   """
   def one(d, i, s):
-    ref = d.at[:, i]
+    ref = d.at[:, :, i] if last else d.at[:, i]
     return ref.add(s, mode="drop") if add else ref.set(s, mode="drop")
   return jax.vmap(one)(dst, idx, src)
