@@ -1,0 +1,346 @@
+"""Decode attention over a KIVI block in the pair layout: a Mosaic GPU kernel for
+Hopper's tensor cores (`wgmma`), and where it applies.
+
+The pair layout (`kivi_jax.quantization.pair_pack`) packs each row of a tensor
+along the axis `wgmma` contracts: a token's channels for the keys, a channel's
+tokens for the values (`V^T`). Of each 128 columns, word `8 (s // p) + 2 j + h`
+holds column `16 s + 8 h + 2 j + e` at bit `b (s % p) + 16 e` (`p = 16 / b`), so a
+thread of the WGMMA register layout finds the two codes of each of its bf16 pairs
+in one word, in the two 16-bit halves. Per register one inline PTX block turns
+them into `wgmma`'s A operand: a shift, `lop3` into the bf16 pair `128 + code`
+(exact below 8 bits), a subtraction of 128 and one `fma.rn.bf16x2` with the
+pair's scale and zero (8-bit codes go through `cvt`, 256 + code not being exact in
+bf16). The dequantized tiles stay in registers:
+
+  per 64 tokens      S^T [64, N] = K Q^T       (K [64, 128] from registers)
+  per 256 tokens     one online-softmax update over the 256 tokens' scores
+  per 128 tokens     O^T [128, 16] += V^T P^T  (V^T [128 channels, 128 tokens])
+
+with `N` = 8 query rows (P^T's columns padded to 16 by constant registers) or 16.
+One warpgroup per (batch row, kv head, split); each split walks steps of
+`step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
+of the softmax kept per element and reduced once, Pallas's automatic barriers
+off (each step's `commit_smem` guards the buffer refetched; P^T alternates
+between two buffers), exponentials by `ex2.approx`. The design and its
+measurements: `benchmarks/NOTES.md`, "Codes in the operand's layout" and after.
+
+Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128, C block
+capacity, a multiple of `STEP_TOKENS`; G group size, cg = min(G, D)):
+  q        [B, K, M, D]        bf16
+  k_codes  [B, K, C, D b/32]   uint32   k_scale, k_zero [B, K, C/G, D]  bf16
+  v_codes  [B, K, D, C b/32]   uint32   v_scale, v_zero [B, K, D/cg, C] bf16
+  n_valid  [B] int32: quantized tokens per row; lo [B] int32: first visible token.
+Returns the per-split partials `(acc [B, K, S, M, D], m, l [B, K, S, M])` float32,
+as `decode_attention.quantized_decode_partials`'s (`merge_partials` merges them).
+
+Compiled only (Mosaic GPU on sm_90a): the inline PTX and the register operands of
+`wgmma` have no interpret mode. CI lowers it for CUDA on a CPU; its results are
+checked against float64 on an H200 (`benchmarks/decode_pairs_check.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, llvm, vector
+from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+
+HEAD_DIM = 128
+BITS = (2, 4, 8)
+# Block capacities are whole numbers of this many tokens (`kivi_jax.cache`).
+STEP_TOKENS = 512
+PAIR = 64     # tokens of one S^T tile
+UPDATE = 256  # tokens per online-softmax update
+SPAN = 128    # tokens of one V^T tile
+TMA_ROWS = 256  # the longest dimension of a TMA box
+
+
+def step_tokens(k_bits: int, v_bits: int) -> int:
+  """Tokens a step's TMA brings: 512, or 256 with 8-bit codes (two buffers of
+  512 tokens' 8-bit words would not fit in shared memory)."""
+  return UPDATE if 8 in (k_bits, v_bits) else STEP_TOKENS
+
+
+def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
+            scale_dtype) -> bool:
+  """Whether this kernel reads the block: 2-, 4- or 8-bit codes, groups of a power
+  of two from 16 tokens to a step, head_dim 128, at most 16 query rows per kv
+  head, a bf16 model with bf16 scales (the kernel's fma is bf16x2)."""
+  g = group_size
+  return (k_bits in BITS and v_bits in BITS and 16 <= g <= step_tokens(k_bits, v_bits)
+          and not g & (g - 1) and head_dim == HEAD_DIM and 1 <= rows <= 16
+          and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
+
+
+def hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x)."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def default_splits(batch: int, kv_heads: int, n_steps: int,
+                   target_programs: int = 4096) -> int:
+  """Sequence splits so that batch x heads x splits reaches `target_programs`
+  (on an H200, 64 splits of P1's 8 x 8 (row, head) pairs beat 16 and 32:
+  NOTES.md "Codes in the operand's layout")."""
+  return max(1, min(-(-target_programs // (batch * kv_heads)), n_steps))
+
+
+def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
+  """`(first, count)`: the steps of `step` tokens split `split` reads, those of
+  its range holding a live token (below `n_valid`, from `lo` on); none where
+  the row has no live token."""
+  first = jnp.maximum(split * steps_per_split, lo // step)
+  last = jnp.minimum((split + 1) * steps_per_split, (n_valid + step - 1) // step)
+  return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
+
+
+def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
+  """uint32 words `[R, 4 b]` (`pair_pack` of codes `[R, 128]`, WGMMA layout) ->
+  bf16 `[R, 128]` = code * scale + zero in the WGMMA layout, row `r`'s scales and
+  zeros at row `r // rows_per_scale` of `scale_ref`, `zero_ref` `[.., 128]`.
+  Rows `r` and `r + 8` of a thread lie in one group (groups of 16 rows or more)."""
+  wg = plgpu.Layout.WGMMA
+  rows = words.shape[0]
+  p = 16 // bits
+  mask = (2**bits - 1) * 0x10001
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((rows, HEAD_DIM), jnp.bfloat16, wg))
+  def dequant(ctx, w, scales, zeros):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((rows, HEAD_DIM)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, HEAD_DIM))))
+    loaded = {}
+    for idx in np.ndindex(out.shape):
+      rt, ct, half = idx[0], idx[1], idx[4]
+      s, h = ct // 2, ct % 2  # k-step s, its column half h
+      reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
+      word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
+      if (rt, ct) not in loaded:
+        row, col = where[idx]
+        at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
+        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
+                          for ref in (scales, zeros)]
+      shift = bits * (s % p)
+      shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
+      if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
+        body = f"""
+            lop3.b32 t, t, {mask:#x}, 0x43004300, 0xea;
+            mov.b32 m, 0x43004300;
+            sub.bf16x2 t, t, m;"""
+      else:
+        body = """
+            and.b32 m, t, 0xff;
+            cvt.rn.f32.u32 lo, m;
+            shr.b32 m, t, 16;
+            and.b32 m, m, 0xff;
+            cvt.rn.f32.u32 hi, m;
+            cvt.rn.bf16x2.f32 t, hi, lo;"""
+      x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
+          {{
+          .reg .b32 t, m;
+          .reg .f32 lo, hi;
+          {shr}{body}
+          fma.rn.bf16x2 $0, t, $2, $3;
+          }}""", "=r,r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, pair)
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return dequant(words, scale_ref, zero_ref)
+
+
+def _pad_columns(x, fill: float, layout):
+  """`x` `[..., 8]` in the WGMMA `layout` (or its column vector) -> `[..., 16]`,
+  the new columns `fill`: constant registers, no instruction a value."""
+  shape = (*x.shape[:-1], 2 * x.shape[-1])
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, x.dtype, layout))
+  def pad(ctx, a):
+    del ctx
+    ty = ir.BF16Type.get() if x.dtype == jnp.bfloat16 else ir.F32Type.get()
+    full = mgpu.FragmentedArray.splat(mgpu_utils.c(fill, ty), shape, a.layout)
+    regs = np.array(full.registers)
+    col = len(shape) - 1  # the column-tile dimension of the registers
+    regs[(slice(None),) * col + (slice(0, a.registers.shape[col]),)] = a.registers
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+  return pad(x)
+
+
+def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
+           v_bits: int, group: int):
+  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows."""
+  d = HEAD_DIM
+  step = step_tokens(k_bits, v_bits)
+  per = -(-(capacity // step) // splits)
+  cg = min(group, d)
+  k_words = 4 * k_bits           # a token's key words
+  v_words = SPAN * v_bits // 32  # a channel's value words per V^T tile
+  boxes = step // TMA_ROWS
+  sm_scale = 1 / math.sqrt(d)
+  wg = plgpu.Layout.WGMMA
+
+  def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref,
+             o_out, m_out, l_out,
+             q_smem, kw_smem, ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem,
+             bar_q, bars):
+    bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+    n_valid, lo = n_ref[bi], lo_ref[bi]
+    first, n_steps = split_steps(s, n_valid, lo, per, step)
+
+    def fetch(i, slot):
+      st = first + i
+      bar = bars.at[slot]
+      plgpu.copy_gmem_to_smem(vw_ref.at[bi, h, :, pl.ds(st * (step // SPAN) * v_words,
+                                                         step // SPAN * v_words)],
+                              vw_smem.at[slot], bar)
+      for u in range(boxes):
+        t0 = st * step + u * TMA_ROWS
+        plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
+                                kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+                                vs_smem.at[slot, u], bar)
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+                                vz_smem.at[slot, u], bar)
+      groups = pl.ds(st * (step // group), step // group)
+      plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
+      plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
+
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, h], q_smem, bar_q)
+    pl.when(n_steps > 0)(lambda: fetch(0, 0))
+    plgpu.barrier_wait(bar_q)
+    # Word tiles in the WGMMA layout (their rows' strides conflict on banks).
+    load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
+    tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
+
+    def step_body(i, carry):
+      slot = lax.rem(i, 2)
+      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
+
+      @pl.when(i + 1 < n_steps)
+      def _():
+        fetch(i + 1, lax.rem(i + 1, 2))
+      plgpu.barrier_wait(bars.at[slot])
+      t_step = (first + i) * step
+
+      def scores(jp):
+        """S^T [64 tokens, N] of tile `jp` of the step, scaled and masked."""
+        k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]),
+                     ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                     kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                     k_bits, group)
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
+          return acc_ref[...]
+        st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
+        tok = t_step + PAIR * jp + tok_in
+        return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
+
+      def values(c, ps, acc):
+        """acc + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
+        two S^T tiles')."""
+        vt = _dequant(load_words(vw_smem.at[slot, :, pl.ds(v_words * c, v_words)]),
+                      vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
+                      vz_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
+                      v_bits, cg)
+        # Two buffers: the commit before one's stores follows every warp's wait
+        # on the other's product.
+        p_buf = p_smem.at[lax.rem(c, 2)]
+        for u in range(2):
+          pu = ps[u].astype(jnp.bfloat16)
+          p_buf[pl.ds(PAIR * u, PAIR)] = _pad_columns(pu, 0.0, wg) if n_rows == 8 else pu
+        plgpu.commit_smem()
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, vt, p_buf)
+        return pl.run_state(pv)(plgpu.ACC.init(acc))
+
+      def update(c, carry):
+        """The scores of 256 tokens, one softmax update, their values."""
+        m, l, acc = carry
+        sts = [scores(4 * c + u) for u in range(UPDATE // PAIR)]
+        m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
+        alpha = jnp.exp(m - m_new)
+        ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
+        l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
+        alpha = _pad_columns(alpha, 1.0, wg.reduce(0)) if n_rows == 8 else alpha
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+        for u in range(UPDATE // SPAN):
+          acc = values(2 * c + u, ps[2 * u:2 * u + 2], acc)
+        return m_new, l, acc
+      return lax.fori_loop(0, step // UPDATE, update, carry)
+
+    m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
+    l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
+    a0 = plgpu.layout_cast(jnp.full((d, 16), 0.0, jnp.float32), wg)
+    m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
+    o_out[bi, h, s] = acc
+    m_out[bi, h, s] = m
+    l_out[bi, h, s] = l.sum(axis=0)
+
+  def swizzled(shape, swizzle):
+    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(
+        plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
+
+  scratch = [
+      swizzled((n_rows, d), 128),
+      plgpu.SMEM((2, step, k_words), jnp.uint32),
+      plgpu.SMEM((2, step // group, d), jnp.bfloat16),
+      plgpu.SMEM((2, step // group, d), jnp.bfloat16),
+      plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
+      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
+      swizzled((2, 2 * PAIR, 16), 32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
+  ]
+  return plgpu.kernel(
+      kivi_pair_decode_attention,  # the kernel's name in profiles
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, 16), jnp.float32),
+                jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
+                jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
+      scratch_types=scratch,
+      grid=(b, kh, splits), grid_names=("b", "h", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
+
+
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits"))
+def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid,
+                         lo, *, k_bits: int, v_bits: int, group_size: int,
+                         splits: int | None = None):
+  """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`
+  (module docstring); `splits` programs share each row's sequence."""
+  b, kh, m_rows, d = q.shape
+  capacity = k_codes.shape[2]
+  step = step_tokens(k_bits, v_bits)
+  if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
+    raise ValueError(
+        f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to {step} "
+        f"tokens, head_dim {HEAD_DIM}, at most 16 bf16 query rows with bf16 scales; got "
+        f"k_bits={k_bits}, v_bits={v_bits}, group_size={group_size}, head_dim={d}, "
+        f"rows={m_rows}, q {q.dtype}, scales {k_scale.dtype}")
+  if capacity % step:
+    raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
+  n_rows = 8 if m_rows <= 8 else 16
+  if splits is None:
+    splits = default_splits(b, kh, capacity // step)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
+  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size)(
+      q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
+      lo.astype(jnp.int32))
+  return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

@@ -1,0 +1,174 @@
+"""The pair layout's Mosaic GPU decode kernel (`decode_attention_pairs`).
+
+It is compiled only (inline PTX, `wgmma` operands from registers: no interpret
+mode): on a CPU it is lowered for CUDA for every shape it reads and its step
+ranges are checked against brute force; on a Hopper GPU its partials, merged,
+are checked against SPEC's attention in float64.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kivi_jax
+from conftest import CacheShape
+from kivi_jax import attention, quantization
+from kivi_jax.cache import append, append_flushing
+from kivi_jax.pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention_pairs as dp
+import spec_reference
+
+ON_HOPPER = dp.hopper()
+BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)]
+D = dp.HEAD_DIM
+
+
+def _shapes(b, kv_heads, rows, capacity, k_bits, v_bits, g):
+  cg = min(g, D)
+  sd = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  return (sd((b, kv_heads, rows, D), bf), sd((b, kv_heads, capacity, D * k_bits // 32), jnp.uint32),
+          *2 * [sd((b, kv_heads, capacity // g, D), bf)],
+          sd((b, kv_heads, D, capacity * v_bits // 32), jnp.uint32),
+          *2 * [sd((b, kv_heads, D // cg, capacity), bf)],
+          sd((b,), jnp.int32), sd((b,), jnp.int32))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 12, 16])
+@pytest.mark.parametrize("g", [16, 32, 128])
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows):
+  """Every shape the kernel claims to read traces and lowers to Mosaic GPU
+  (what a CPU can check of a kernel it cannot run)."""
+  assert dp.applies(k_bits, v_bits, g, D, rows, jnp.bfloat16, jnp.bfloat16)
+  f = jax.jit(lambda *a: dp.pair_decode_partials(*a, k_bits=k_bits, v_bits=v_bits,
+                                                 group_size=g, splits=3))
+  lowered = f.trace(*_shapes(2, 2, rows, 2048, k_bits, v_bits, g)).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("step", [256, 512])
+def test_split_steps_are_the_steps_with_live_tokens(step):
+  n_steps, splits = 9, 4
+  per = -(-n_steps // splits)
+  for n_valid in range(0, n_steps * step + 1, 96):
+    for lo in (0, 1, step - 1, step, 3 * step + 17, n_valid, n_valid + 5):
+      seen = []
+      for s in range(splits):
+        first, count = map(int, dp.split_steps(jnp.int32(s), jnp.int32(n_valid),
+                                               jnp.int32(lo), per, step))
+        assert count >= 0  # and where it reads, only its own range:
+        assert not count or s * per <= first and first + count <= (s + 1) * per
+        seen += range(first, first + count)
+      live = [i for i in range(n_steps)
+              if max(i * step, lo) < min((i + 1) * step, n_valid)]
+      assert seen == live, (n_valid, lo)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(k_bits=3), "k_bits=3"),
+    (dict(v_bits=1.5), "v_bits=1.5"),
+    (dict(group_size=8), "group_size=8"),
+    (dict(group_size=48), "group_size=48"),
+    (dict(d=64), "head_dim=64"),
+    (dict(rows=17), "rows=17"),
+    (dict(dtype=jnp.float32), "float32"),
+    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 512"),
+])
+def test_kernel_names_what_it_cannot_read(kw, match):
+  kb, vb = kw.get("k_bits", 2), kw.get("v_bits", 2)
+  g, d, rows = kw.get("group_size", 32), kw.get("d", D), kw.get("rows", 4)
+  cap = kw.get("capacity", 1024)
+  dtype = kw.get("dtype", jnp.bfloat16)
+  wb = lambda bits: 2 if bits == 1.5 else bits  # noqa: E731
+  args = (jnp.zeros((1, 1, rows, d), dtype),
+          jnp.zeros((1, 1, cap, d * wb(kb) // 32), jnp.uint32),
+          *2 * [jnp.zeros((1, 1, cap // 16, d), dtype)],
+          jnp.zeros((1, 1, d, cap * wb(vb) // 32), jnp.uint32),
+          *2 * [jnp.zeros((1, 1, 1, cap), dtype)], jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1,), jnp.int32))
+  with pytest.raises(ValueError, match=match):
+    dp.pair_decode_partials(*args, k_bits=kb, v_bits=vb, group_size=g)
+
+
+def _bf16(x):
+  return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32),
+                    np.float64)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("rep", [1, 4, 12])
+@pytest.mark.parametrize("g", [16, 32, 128])
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep):
+  """SPEC's attention over the block in float64, keys and values as the
+  kernel rounds them (code * scale + zero to bf16 once); the kernel also rounds
+  probabilities to bf16 for its dot (relative error up to 2^-8 each)."""
+  rng = np.random.default_rng(hash((k_bits, v_bits, g, rep)) % 2**32)
+  b, kh, cap = 5, 2, 2048
+  k = rng.standard_normal((b, kh, cap, D))
+  k[..., 1] *= 30  # an outlier channel
+  v = rng.standard_normal((b, kh, cap, D))
+  kc, ks, kz, _ = spec_reference.quantize(k, k_bits, g, "channel", scale_dtype=jnp.bfloat16)
+  vc, vs, vz, _ = spec_reference.quantize(v, v_bits, g, "token", scale_dtype=jnp.bfloat16)
+  cg = min(g, D)
+  keys = _bf16(kc * np.repeat(ks, g, 2) + np.repeat(kz, g, 2))
+  values = _bf16(vc * np.repeat(vs, cg, 3) + np.repeat(vz, cg, 3))
+  q = _bf16(rng.standard_normal((b, kh, rep, D)))
+  n_valid = np.array([0, g, cap - 3 * g, cap, 5 * g])
+  lo = np.array([0, 0, 517, 0, 2 * g + 7])
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  pack = lambda c, bits: quantization.pair_pack(jnp.asarray(c, jnp.uint32), bits)  # noqa: E731
+  acc, m, l = dp.pair_decode_partials(
+      bf(q), pack(kc, k_bits), bf(ks), bf(kz), pack(np.swapaxes(vc, 2, 3), v_bits),
+      bf(np.swapaxes(vs, 2, 3)), bf(np.swapaxes(vz, 2, 3)), jnp.asarray(n_valid, jnp.int32),
+      jnp.asarray(lo, jnp.int32), k_bits=k_bits, v_bits=v_bits, group_size=g, splits=3)
+  o, lse = map(np.asarray, da.merge_partials(acc, m, l))
+  t = np.arange(cap)
+  for i in range(b):
+    live = (t >= lo[i]) & (t < n_valid[i])
+    if not live.any():
+      assert np.all(o[i] == 0) and np.all(lse[i] < -1e29)
+      continue
+    s = np.einsum("hmd,htd->hmt", q[i], keys[i][:, live]) / math.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hmt,htd->hmd", p, values[i][:, live]) / p.sum(-1)[..., None]
+    err = np.linalg.norm(o[i] - want) / np.linalg.norm(want)
+    assert err < 2**-8, (i, err)
+    np.testing.assert_allclose(lse[i], s.max(-1) + np.log(p.sum(-1)), atol=1e-4)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("rep, window", [(1, None), (4, None), (4, 700)])
+def test_a_decode_step_reads_the_pair_layout_through_the_kernel(rep, window):
+  """`decode_attention` over a bf16 cache in the pair layout: the kernel reads
+  the block (its custom call is in the step) and the step's output (block,
+  ring and new token merged) equals the jnp reference's within the kernel's
+  rounding of probabilities."""
+  config = kivi_jax.KIVIConfig(2, 2, 32, 128)
+  b, hkv, n = 3, 2, 1500
+  rng = np.random.default_rng(rep)
+  k, v = (jnp.asarray(rng.standard_normal((b, hkv, n, D)), jnp.bfloat16) for _ in range(2))
+  lengths = jnp.asarray([n, 1000, 129], jnp.int32)
+  shape = CacheShape(num_kv_heads=hkv, head_dim=D, dtype=jnp.bfloat16)
+  layer = kivi_jax.init_cache(shape, config, b, n + 1, layout="pairs").layers[0]
+  layer = append(layer, k, v, jnp.zeros_like(lengths), lengths, config, "gpu")
+  q = jnp.asarray(rng.standard_normal((b, 1, rep * hkv, D)), jnp.bfloat16)
+  k1, v1 = (jnp.asarray(rng.standard_normal((b, hkv, 1, D)), jnp.bfloat16) for _ in range(2))
+  ones = jnp.ones((b,), jnp.int32)
+  out = {}
+  for impl in ("gpu", "reference"):
+    appended, flushed = append_flushing(layer, k1, v1, lengths, ones, config, impl)
+    step = jax.jit(lambda q, a, f, impl=impl: attention.decode_attention(
+        q, a, f, lengths, ones, config, window, impl=impl))
+    hlo = step.lower(q, appended, flushed).as_text()
+    assert ("mosaic_gpu" in hlo) == (impl == "gpu")
+    out[impl] = np.asarray(step(q, appended, flushed), np.float32)
+  err = np.linalg.norm(out["gpu"] - out["reference"]) / np.linalg.norm(out["reference"])
+  # Both read the same bf16 keys and values and round probabilities to bf16 for
+  # their dots (at different maxima): 2^-8 each way.
+  assert err < 2**-7, err
