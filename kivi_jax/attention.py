@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from jax import Array
 
 from kivi_jax.cache import (LayerKV, append_flushing, dequantize_block, kernel_backend,
-                            kernel_interpret, n_quantized, ring_positions)
+                            kernel_interpret, n_quantized, pair_kernel_reads, ring_positions)
 from kivi_jax.config import KIVIConfig
 from kivi_jax.pallas_kernels import decode_attention as gpu_decode
 from kivi_jax.pallas_kernels import decode_attention_dense as gpu_dense
 from kivi_jax.pallas_kernels import decode_attention_hidden as gpu_hidden
 from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
+from kivi_jax.pallas_kernels import decode_attention_pairs as gpu_pairs
 from kivi_jax.pallas_kernels import decode_attention_ring as gpu_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
@@ -282,8 +283,12 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   nq = n_quantized(lengths, config)
   which = resolve_impl(impl, config, d, hkv, 1)
   if "pairs" in (layer.k.layout, layer.v.layout):
-    which = "reference"  # no kernel reads the pair layout yet: jnp does
-  if which != "reference":
+    # The pair layout's one kernel is Hopper's; elsewhere jnp reads it.
+    which = ("pairs" if _pair_kernel_reads(impl, config, layer, q.dtype, rep, rope_inv_freq)
+             else "reference")
+  if which == "pairs":
+    o_blk, lse_blk = _pair_block_attention(qg, layer, nq, lo, config)
+  elif which != "reference":
     o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
   elif _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):
     o_blk, lse_blk = _dense_block_attention(qg, layer, nq, lo, config)
@@ -465,6 +470,26 @@ def _cudnn_block_attention(q, layer: LayerKV, nq, with_lse: bool = True):
   if with_lse:
     lse = jnp.where(some, lse.reshape(b, hkv, hq // hkv).astype(jnp.float32), _NEG)
   return o, lse
+
+
+def _pair_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, dtype, rep: int,
+                       rope_inv_freq) -> bool:
+  """Whether `decode_attention_pairs`' kernel reads this layer's block: both
+  tensors in the pair layout, keys after RoPE, and `pair_kernel_reads`."""
+  return (layer.k.layout == layer.v.layout == "pairs" and rope_inv_freq is None
+          and pair_kernel_reads(impl, config, layer.ring_k.shape[-1], rep, dtype,
+                                layer.k.scale.dtype))
+
+
+def _pair_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
+  """`(o, lse)` as `_jnp_block_attention`, by `decode_attention_pairs`' kernel
+  over each row's block tokens below `nq[b]` from the window's `lo`."""
+  # The block holds body tokens: token S + i at index i.
+  partials = gpu_pairs.pair_decode_partials(
+      qg, layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
+      layer.v.zero, nq, jnp.maximum(lo - config.sinks, 0), k_bits=config.k_bits,
+      v_bits=config.v_bits, group_size=config.group_size)
+  return gpu_decode.merge_partials(*partials)
 
 
 def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIConfig,

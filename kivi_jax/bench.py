@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax.attention import decode_attention
-from kivi_jax.cache import LayerKV, append, append_flushing, init_cache, n_quantized
+from kivi_jax.cache import (LAYOUTS, LayerKV, append, append_flushing, init_cache,
+                            n_quantized)
 from kivi_jax.config import KIVIConfig, get_preset
 
 _L2_DODGE_BYTES = 512 * 2**20
@@ -54,11 +55,12 @@ def _copies(nbytes: int) -> int:
   return int(min(8, max(1, -(-_L2_DODGE_BYTES // max(nbytes, 1)))))
 
 
-def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype, impl="gpu"):
+def _kivi_layer(rng, config: KIVIConfig, b, hkv, length, d, dtype, impl="gpu",
+                layout="slots"):
   """A cache layer holding `length` random tokens per row, filled by one prefill
-  `append` (as `generate` fills it)."""
+  `append` (as `generate` fills it), its blocks in `layout`."""
   shape = types.SimpleNamespace(num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=dtype)
-  layer = init_cache(shape, config, b, length + 1, impl=impl).layers[0]
+  layer = init_cache(shape, config, b, length + 1, impl=impl, layout=layout).layers[0]
   k = jax.random.normal(rng, (b, hkv, length, d), dtype)
   v = jax.random.normal(jax.random.fold_in(rng, 1), (b, hkv, length, d), dtype)
   lengths = jnp.full((b,), length, jnp.int32)
@@ -79,8 +81,9 @@ def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: in
 def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int = 8,
                         q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                         methods=("kivi4", "kivi2"), repeats: int = 30, impl: str = "gpu",
-                        progress=print) -> dict:
-  """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue)."""
+                        layouts=("slots",), progress=print) -> dict:
+  """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue), each
+  method once per cache `layout` (`init_cache`'s)."""
   for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
                       ("head_dim", head_dim), ("repeats", repeats)):
     if not (isinstance(value, int) and value > 0):
@@ -90,6 +93,9 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
     raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")
   if not lengths or not all(isinstance(n, int) and n > 1 for n in lengths):
     raise ValueError(f"lengths must be integers above 1, got {tuple(lengths)}")
+  for layout in layouts:
+    if layout not in LAYOUTS:
+      raise ValueError(f"layouts must be among {LAYOUTS}, got {layout!r}")
   if jax.default_backend() != "gpu":
     raise RuntimeError("the attention benchmark times the GPU kernels against cuDNN: jax's "
                        f"backend here is {jax.default_backend()!r}")
@@ -115,10 +121,10 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
                      L=length, ms=base_ms, baseline_ms=base_ms, speedup=1.0,
                      tbps=kv_bytes / (base_ms * 1e-3) / 1e12))
     progress(f"L={length} bf16 cudnn {base_ms:.3f} ms")
-    for method in methods:
+    for method, layout in ((m, ly) for m in methods for ly in layouts):
       config = configs[method]
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
-                                impl)
+                                impl, layout)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
       # The new token appended beforehand (the writes have their own
       # benchmark, scripts/gpu_cache_write.py): the step's attention alone.
@@ -133,20 +139,21 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       step = jax.jit(lambda q, lay, flushed, ln, config=config: decode_attention(
           q, lay, flushed, ln, jnp.ones_like(ln), config, None, impl))
       ms = _time(step, inputs, repeats)
-      rows.append(dict(method=method, B=batch, Hq=q_heads, Hkv=kv_heads, d=head_dim,
-                       L=length, ms=ms, baseline_ms=base_ms, speedup=base_ms / ms,
-                       tbps=nbytes / (ms * 1e-3) / 1e12))
-      progress(f"L={length} {method} {ms:.3f} ms ({base_ms / ms:.2f}x, "
+      rows.append(dict(method=method, layout=layout, B=batch, Hq=q_heads, Hkv=kv_heads,
+                       d=head_dim, L=length, ms=ms, baseline_ms=base_ms,
+                       speedup=base_ms / ms, tbps=nbytes / (ms * 1e-3) / 1e12))
+      progress(f"L={length} {method} {layout} {ms:.3f} ms ({base_ms / ms:.2f}x, "
                f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s)")
       del inputs, layer
   return {"copy_tbps": copy_tbps, "rows": rows}
 
 
 def markdown_table(result: dict) -> str:
-  lines = ["| method | L | ms | cuDNN bf16 ms | speed-up | TB/s | % of copy |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| method | layout | B | Hq/Hkv | L | ms | cuDNN bf16 ms | speed-up | TB/s "
+           "| % of copy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in result["rows"]:
-    lines.append(f"| {r['method']} | {r['L']} | {r['ms']:.3f} | {r['baseline_ms']:.3f} | "
+    lines.append(f"| {r['method']} | {r.get('layout', '')} | {r['B']} | {r['Hq']}/{r['Hkv']} "
+                 f"| {r['L']} | {r['ms']:.3f} | {r['baseline_ms']:.3f} | "
                  f"{r['speedup']:.2f}x | {r['tbps']:.2f} | "
                  f"{100 * r['tbps'] / result['copy_tbps']:.0f}% |")
   return "\n".join(lines)

@@ -233,16 +233,17 @@ def _decode_steps(params, tok, cache, *, config: ModelConfig, steps: int):
 
 def time_decode_step(model: Model, method: str, batch: int, context: int, steps: int = 16,
                      repeats: int = 3, impl: str = "auto", copy_tbps: float | None = None,
-                     profile_dir: str | None = None, mesh=None) -> dict:
+                     profile_dir: str | None = None, mesh=None, layout: str = "auto") -> dict:
   """Median ms of one decode step with `context` tokens cached per row (a
   loop of `steps` steps timed `repeats` times after a warm-up), against its
-  floor; with `profile_dir`, a trace of one more loop summarized."""
+  floor; with `profile_dir`, a trace of one more loop summarized. `layout`:
+  the cache's (`init_cache`'s)."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _rows(_prompt(batch, context, model.config.vocab_size), mesh)
   capacity = context + steps * (repeats + 2)
   empty = init_cache(model.config, kv, batch, capacity, impl=impl, calibration=calib,
-                     mesh=mesh)
+                     mesh=mesh, layout=layout)
   logits, cache = _prefill(model.params, ids, jnp.ones_like(ids), empty, config=model.config)
   del empty
   tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
@@ -257,7 +258,7 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
     times.append((time.perf_counter() - t0) / steps)
   ms = 1e3 * statistics.median(times)
   floor_ms = (weights + kv_read) / (copy_tbps * 1e12) * 1e3
-  row = {"step_ms": ms, "floor_ms": floor_ms, "weight_bytes": weights,
+  row = {"step_ms": ms, "layout": cache.layout, "floor_ms": floor_ms, "weight_bytes": weights,
          "cache_bytes_read": kv_read, "cache_bytes": cache.nbytes(), "copy_tbps": copy_tbps,
          "weights_floor_ms": weights / (copy_tbps * 1e12) * 1e3}
   if profile_dir is not None:
@@ -271,7 +272,8 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
 
 _KINDS = (
     ("attention kernel",
-     r"kivi_decode|kivi_dense_decode|kivi_mha|kivi_ring_attention|skvq_decode|decode_attention"),
+     r"kivi_decode|kivi_dense_decode|kivi_mha|kivi_ring_attention|skvq_decode|decode_attention"
+     r"|mosaic"),
     ("write kernel", r"kivi_quantize_pack|quantize_pack|kivi_ring_update"),
     ("cudnn attention", r"cudnn|fmha|flash|sdpa"),
     ("matmul", r"gemm|cublas|sm90_xmma|cutlass|nvjet|dot"),

@@ -31,7 +31,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax import quantization, sharding
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
-from kivi_jax.pallas_kernels import quantize_pack, quantize_pack_tpu, ring_update
+from kivi_jax.pallas_kernels import (decode_attention_pairs, quantize_pack, quantize_pack_tpu,
+                                     ring_update)
 from kivi_jax.pallas_kernels.quantize_pack import scatter_tokens
 
 
@@ -252,11 +253,39 @@ def plain_channel_map(config: KIVIConfig, hidden: int) -> ChannelMap:
 LAYOUTS = ("slots", "pairs")
 
 
+def pair_kernel_reads(impl: str, kv_config: KIVIConfig, head_dim: int, rows: int, dtype,
+                      scale_dtype) -> bool:
+  """Whether `decode_attention_pairs`' kernel reads a block of this config in
+  the pair layout: with a GPU's kernels (`impl`) on a Hopper GPU, KIVI's axes,
+  keys cached after RoPE, and what `decode_attention_pairs.applies` names
+  (`rows` query rows per kv head)."""
+  return (kernel_backend(impl) == "gpu" and kv_config.key_axis == "channel"
+          and kv_config.value_axis == "token" and not kv_config.pre_rope
+          and kv_config.channel_group is None
+          and decode_attention_pairs.applies(kv_config.k_bits, kv_config.v_bits,
+                                             kv_config.group_size, head_dim, rows, dtype,
+                                             scale_dtype)
+          and decode_attention_pairs.hopper())
+
+
+def resolve_layout(layout: str, model_config, kv_config: KIVIConfig, impl: str,
+                   dtype) -> str:
+  """`init_cache`'s `layout` with "auto" resolved: "pairs" where
+  `pair_kernel_reads` (a Hopper GPU's decode kernel reads it), else "slots"."""
+  if layout != "auto":
+    return layout
+  hkv = model_config.num_kv_heads
+  rows = getattr(model_config, "num_heads", hkv) // hkv
+  reads = pair_kernel_reads(impl, kv_config, model_config.head_dim, rows, dtype,
+                            kv_config.scale_dtype or dtype)
+  return "pairs" if reads else "slots"
+
+
 def check_layout(layout: str, kv_config: KIVIConfig, head_dim: int) -> None:
   """Raises ValueError where `init_cache`'s `layout` cannot hold this config."""
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  if layout == "slots":
+  if layout not in ("auto", *LAYOUTS):
+    raise ValueError(f"layout must be one of {('auto', *LAYOUTS)}, got {layout!r}")
+  if layout != "pairs":  # "auto" takes "pairs" only where it holds the config
     return
   if kv_config.channel_group is not None:
     raise ValueError("layout='pairs' packs each head's blocks; SKVQ's channel_group "
@@ -273,7 +302,7 @@ def check_layout(layout: str, kv_config: KIVIConfig, head_dim: int) -> None:
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
                dtype=None, impl: str = "auto", calibration=None, mesh=None,
-               layout: str = "slots") -> KVCache:
+               layout: str = "auto") -> KVCache:
   """An empty cache for `batch_size` rows of up to `max_length` tokens each.
 
   Args:
@@ -281,8 +310,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       `dtype` (a `kivi_jax.ModelConfig`).
     kv_config: how keys and values are quantized.
     batch_size, max_length: positive; the block capacity is `max_length` rounded
-      up to a whole number of packing blocks (`block_granularity`), and of 128
-      tokens in the pair layout.
+      up to a whole number of packing blocks (`block_granularity`), and of 512
+      tokens in the pair layout (`decode_attention_pairs.STEP_TOKENS`).
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
     impl: decode-attention implementation (`KVCache.impl`).
@@ -294,7 +323,9 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       (every kernel's) or "pairs" (each row packed along the axis Hopper's
       `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim a multiple of 128, not
       SKVQ's hidden-dim layout; a 16-bit tensor lies as it is in either). The
-      jnp reference writes and reads "pairs"; no kernel does yet.
+      jnp reference writes "pairs"; on a Hopper GPU `decode_attention_pairs`'
+      kernel reads it, elsewhere the jnp reference. "auto" (the default):
+      "pairs" where that kernel reads the cache (`resolve_layout`), else "slots".
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -310,9 +341,10 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
         "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
         "kivi_jax.calibrate(...) result for this model and config")
   dtype = jnp.dtype(dtype or model_config.dtype)
+  layout = resolve_layout(layout, model_config, kv_config, impl, dtype)
   step = block_granularity(kv_config)
-  if layout == "pairs":
-    step = math.lcm(step, quantization.PAIR_SPAN)
+  if layout == "pairs":  # whole steps of the pair kernel (themselves whole spans)
+    step = math.lcm(step, decode_attention_pairs.STEP_TOKENS)
   capacity = -(-max_length // step) * step
   ly, hkv, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
   lead = (batch_size, hkv)
