@@ -496,11 +496,16 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(scatter_tokens(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   kw = dict(bits=bits, group_size=config.group_size, axis=axis)
-  if block.layout == "pairs":  # no kernel writes the pair layout yet: jnp does
-    out = quantize_pack.quantize_pack_pairs_reference(
-        x, block.codes, block.scale, block.zero, start, n_tokens, config.clip, **kw)
-    return QuantizedBlock(*out, block.layout)
   which = write_kernel(impl, config, x.shape[-1])
+  if block.layout == "pairs":  # the GPU's kernel, in groups of up to a span; else jnp
+    if which == "gpu" and config.group_size <= quantize_pack.SPAN:
+      out = quantize_pack.quantize_pack_pairs(
+          x, block.codes, block.scale, block.zero, start, n_tokens, clip=config.clip,
+          interpret=kernel_interpret(which), **kw)
+    else:
+      out = quantize_pack.quantize_pack_pairs_reference(
+          x, block.codes, block.scale, block.zero, start, n_tokens, config.clip, **kw)
+    return QuantizedBlock(*out, block.layout)
   if which is not None:
     kernel = quantize_pack if which == "gpu" else quantize_pack_tpu
     out = kernel.quantize_pack(x, block.codes, block.scale, block.zero, start, n_tokens,

@@ -15,9 +15,12 @@ slots, and writes the tile, scales and zeros back through
 `input_output_aliases`, so under `jit` with the cache donated nothing is
 copied. One owner per tile means no two programs write the same word.
 
-`quantize_pack_pairs_reference` writes a block in the pair layout
-(`kivi_jax.quantization.pair_pack`) the same way, in jnp; no kernel writes that
-layout yet.
+`quantize_pack_pairs` writes a block in the pair layout
+(`kivi_jax.quantization.pair_pack`; `quantize_pack_pairs_reference` in jnp): one
+program per (row, head, 128-token span touched). Keys (axis "channel") are
+packed along each token's channels, a word row per token; values (axis
+"token") along each channel's tokens, so a flushed group shares its span's
+words with the span's other groups and is ORed into them.
 
 Shapes (B batch, H heads, n tokens offered, D channels, C block capacity):
   x               [B, H, n, D]      model dtype; n a multiple of G
@@ -37,6 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
+
+SPAN = 128  # columns of one span of the pair layout (`kivi_jax.quantization.PAIR_SPAN`)
 
 
 def _slot_place(slot, bits: float, width: int):
@@ -143,6 +148,119 @@ def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_
       compiler_params=pltriton.CompilerParams(num_warps=num_warps),
       interpret=interpret,
       name="kivi_quantize_pack",
+  )(x, start, n_tokens, words, scale, zero)
+
+
+def _pair_places(col, bits: int):
+  """`(word, shift)` int32 of columns `col` (int32, any shape) of a 128-column
+  span in the pair layout: column `16 s + 8 h + 2 j + e` sits in word
+  `8 (s // p) + 2 j + h` at bit `b (s % p) + 16 e` (`p = 16 / b`). Bit operations
+  only (Triton takes no `%` of a scalar)."""
+  lg = {2: 3, 4: 2, 8: 1}[bits]  # log2(p)
+  c = col & (SPAN - 1)
+  s, h, j, e = c >> 4, (c >> 3) & 1, (c >> 1) & 3, c & 1
+  return ((s >> lg) << 3) + 2 * j + h, bits * (s & ((1 << lg) - 1)) + 16 * e
+
+
+def _pair_words(placed, word, n_words: int, axis: int):
+  """The words `[..., n_words]` of codes `placed` (shifted into their fields)
+  summed over `axis` (0 or 1) where `word` (broadcast to `placed`) names them:
+  fields are disjoint, so the sum is their OR. Masked reductions, no reshape."""
+  other = placed.shape[1 - axis]
+  col = jax.lax.broadcasted_iota(jnp.int32, (other, n_words), 1)
+  out = jnp.zeros((other, n_words), jnp.uint32)
+  for w in range(n_words):
+    red = jnp.sum(jnp.where(word == w, placed, jnp.uint32(0)), axis=axis)
+    out = jnp.where(col == w, red[:, None], out)
+  return out
+
+
+def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref,
+                 scale_ref, zero_ref, *, bits: int, group: int, axis: str, clip: float,
+                 interpret: bool):
+  del scale_in, zero_in  # aliased with scale_ref, zero_ref, written whole-group
+  g = group
+  n, d = x_ref.shape
+  start, n_tok = start_ref[0], ntok_ref[0]
+  first_tok = (start // SPAN + pl.program_id(2)) * SPAN  # this program's span
+  live_lo = jnp.maximum(start, first_tok)
+  live_hi = jnp.minimum(start + n_tok, first_tok + SPAN)
+  divide = functools.partial(_divide, interpret=interpret)
+  tile = lambda j, cols=slice(None): x_ref[  # noqa: E731
+      pl.ds(pl.multiple_of(first_tok + j * g - start, g), g), cols]
+
+  @pl.when(live_lo < live_hi)
+  def _():
+    groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
+    if axis == "channel":
+      # Each token's own word row: the group's tokens' rows written whole.
+      word, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits)
+      word = word + (jax.lax.broadcasted_iota(jnp.int32, (1, d), 1) // SPAN) * (4 * bits)
+
+      def one(j, carry):
+        tok0 = first_tok + j * g
+        codes, scale, zero = quantize_tile(tile(j).astype(jnp.float32), axis, bits, clip,
+                                           scale_ref.dtype, divide)
+        scale_ref[tok0 // g, :] = scale[0]
+        zero_ref[tok0 // g, :] = zero[0]
+        words_ref[pl.ds(pl.multiple_of(tok0, g), g), :] = _pair_words(
+            codes << shift.astype(jnp.uint32), word, d * bits // 32, axis=1)
+        return carry
+      jax.lax.fori_loop(*groups, one, 0)
+      return
+    cg = min(g, d)
+    n_words = 4 * bits  # a channel's words of the span
+    cols = pl.ds(pl.multiple_of(first_tok // SPAN * n_words, n_words), n_words)
+    for c0 in range(0, d, cg):  # one channel group at a time, as the scales
+      def one(j, acc):
+        tok0 = first_tok + j * g
+        x = tile(j, pl.ds(c0, cg)).astype(jnp.float32)
+        codes, scale, zero = quantize_tile(x, axis, bits, clip, scale_ref.dtype, divide)
+        scale_ref[c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = scale[:, 0]
+        zero_ref[c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = zero[:, 0]
+        word, shift = _pair_places(
+            tok0 + jax.lax.broadcasted_iota(jnp.int32, (g, 1), 0), bits)
+        return acc + _pair_words(codes << shift.astype(jnp.uint32), word, n_words, axis=0)
+      acc = jax.lax.fori_loop(*groups, one, jnp.zeros((cg, n_words), jnp.uint32))
+      # The span's other groups keep their fields (zeros where this one's go).
+      rows = pl.ds(c0, cg)
+      words_ref[rows, cols] = words_in[rows, cols] + acc
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "bits", "group_size", "axis", "clip", "num_warps", "interpret"))
+def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
+                        group_size: int, axis: str, clip: float = 1.0, num_warps: int = 4,
+                        interpret: bool = False):
+  """`quantize_pack` into a block in the pair layout (module docstring): words
+  `[B, H, C, D b/32]` (axis "channel") or `[B, H, D, C b/32]` (axis "token"),
+  scale and zero `[B, H, C/G, D]` or `[B, H, D/min(G, D), C]`. Groups of at
+  most 128 tokens (a span), head_dim a multiple of 128."""
+  b, h, n, d = x.shape
+  g = group_size
+  if n % g:
+    raise ValueError(f"x has {n} tokens, not a multiple of group_size={g}")
+  if g > SPAN or d % SPAN:
+    raise ValueError(f"the pair writer takes groups of at most {SPAN} tokens and a head_dim "
+                     f"that is a multiple of {SPAN}, got group_size={g}, head_dim={d}")
+  capacity = scale.shape[-1] if axis == "token" else scale.shape[2] * g
+  start = start.astype(jnp.int32)
+  n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0, n)
+  spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
+  kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
+                             interpret=interpret)
+  slab = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
+  row = pl.BlockSpec((1,), lambda i, j, t: (i,))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, h, spans),
+      in_specs=[slab(x), row, row, slab(words), slab(scale), slab(zero)],
+      out_specs=[slab(words), slab(scale), slab(zero)],
+      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
+      input_output_aliases={3: 0, 4: 1, 5: 2},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps),
+      interpret=interpret,
+      name="kivi_quantize_pack_pairs",
   )(x, start, n_tokens, words, scale, zero)
 
 

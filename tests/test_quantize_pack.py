@@ -103,6 +103,61 @@ def test_kernel_matches_reference(kernel, case, dtype, clip, scale_dtype):
   assert not np.array_equal(np.asarray(got[0]), np.asarray(block[0]))
 
 
+PAIR_CASES = [
+    # As CASES, in the pair layout (2/4/8 bits, groups up to a 128-token span,
+    # head dims of whole spans): flushes of one group into a span holding
+    # others, prefills across spans, a run past the capacity (dropped).
+    (2, 32, "channel", 128, 32, (160, 0, 480), (32, 32, 0)),
+    (2, 32, "token", 128, 32, (160, 0, 480), (32, 32, 32)),
+    (4, 16, "token", 256, 96, (16 * 14, 0, 48), (96, 64, 96)),
+    (4, 64, "channel", 256, 192, (64 * 3, 0, 64 * 9), (192, 64, 192)),
+    (8, 128, "channel", 128, 256, (128 * 4, 0, 128), (256, 128, 0)),
+    (8, 32, "token", 128, 64, (32 * 7, 0, 32 * 30), (64, 32, 64)),
+    (2, 64, "token", 128, 320, (0, 64 * 3, 64 * 12), (320, 128, 320)),
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES,
+                         ids=lambda c: f"b{c[0]}-g{c[1]}-{c[2]}-d{c[3]}-n{c[4]}")
+@pytest.mark.parametrize("dtype,clip", [(jnp.float32, 1.0), (jnp.bfloat16, 0.9)])
+def test_pair_kernel_matches_reference(case, dtype, clip):
+  """The GPU's pair writer (interpret mode on a CPU) against the jnp pair
+  writer, bit for bit, into a block already holding random codes elsewhere."""
+  bits, g, axis, d, n, starts, ntoks = case
+  rng = np.random.default_rng(PAIR_CASES.index(case))
+  capacity = 1024
+  codes = rng.integers(0, 2**bits, (B, H, capacity, d), np.uint8)
+  for b, (s, k) in enumerate(zip(starts, ntoks)):
+    codes[b, :, s:s + k] = 0  # the tokens about to be written are empty
+  if axis == "channel":
+    words, shape = quantization.pair_pack(jnp.asarray(codes), bits), (B, H, capacity // g, d)
+  else:
+    words = quantization.pair_pack(jnp.swapaxes(jnp.asarray(codes), 2, 3), bits)
+    shape = (B, H, d // min(g, d), capacity)
+  block = (words, jnp.full(shape, 7.0, dtype), jnp.full(shape, -5.0, dtype))
+  x = rng.standard_normal((B, H, n, d)).astype(np.float32)
+  x[..., 1] *= 30  # an outlier channel
+  x[0, 1, :g] = 0.25  # a constant group
+  x = jnp.asarray(x, dtype)
+  start, n_tok = jnp.asarray(starts, jnp.int32), jnp.asarray(ntoks, jnp.int32)
+  kw = dict(bits=bits, group_size=g, axis=axis)
+  want = _on_cpu(qp.quantize_pack_pairs_reference, x, *block, start, n_tok, clip, **kw)
+  got = qp.quantize_pack_pairs(x, *block, start, n_tok, clip=clip, **kw, interpret=not ON_GPU)
+  for name, a, b in zip(("words", "scale", "zero"), got, want):
+    assert a.dtype == b.dtype and a.shape == b.shape, name
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8),
+                                  err_msg=name)
+  assert not np.array_equal(np.asarray(got[0]), np.asarray(block[0]))
+
+
+def test_pair_kernel_names_what_it_cannot_write():
+  x = jnp.zeros((1, 1, 256, 128))
+  words, scale = jnp.zeros((1, 1, 128, 16), jnp.uint32), jnp.zeros((1, 1, 1, 512))
+  with pytest.raises(ValueError, match="group_size=256, head_dim=128"):
+    qp.quantize_pack_pairs(x, words, scale, scale, jnp.zeros(1, jnp.int32),
+                           jnp.ones(1, jnp.int32), bits=2, group_size=256, axis="token")
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kernel_rejects_partial_groups(kernel):
   x = jnp.zeros((1, 1, 40, 32))
