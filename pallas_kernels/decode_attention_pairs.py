@@ -163,22 +163,25 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
   return dequant(words, scale_ref, zero_ref)
 
 
-def _pad_columns(x, fill: float, layout):
-  """`x` `[..., 8]` in the WGMMA `layout` (or its column vector) -> `[..., 16]`,
-  the new columns `fill`: constant registers, no instruction a value."""
-  shape = (*x.shape[:-1], 2 * x.shape[-1])
+def _with_columns(x, cols: int, layout, fill: float = 0.0):
+  """`x` `[..., n]` in the WGMMA `layout` (or its column vector), n and `cols`
+  multiples of 8, as `[..., cols]`: its first `cols` columns, or padded with
+  `fill`. Registers are taken or made constant: no instruction a value."""
+  shape = (*x.shape[:-1], cols)
 
   @plgpu.inline_mgpu(arg_types=(layout,),
                      return_type=plgpu.ShapeDtypeStruct(shape, x.dtype, layout))
-  def pad(ctx, a):
+  def resize(ctx, a):
     del ctx
     ty = ir.BF16Type.get() if x.dtype == jnp.bfloat16 else ir.F32Type.get()
-    full = mgpu.FragmentedArray.splat(mgpu_utils.c(fill, ty), shape, a.layout)
-    regs = np.array(full.registers)
+    regs = np.array(mgpu.FragmentedArray.splat(mgpu_utils.c(fill, ty), shape,
+                                               a.layout).registers)
     col = len(shape) - 1  # the column-tile dimension of the registers
-    regs[(slice(None),) * col + (slice(0, a.registers.shape[col]),)] = a.registers
+    n = min(regs.shape[col], a.registers.shape[col])
+    at = (slice(None),) * col + (slice(0, n),)
+    regs[at] = a.registers[at]
     return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
-  return pad(x)
+  return resize(x)
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
@@ -263,7 +266,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         p_buf = p_smem.at[lax.rem(c, 2)]
         for u in range(2):
           pu = ps[u].astype(jnp.bfloat16)
-          p_buf[pl.ds(PAIR * u, PAIR)] = _pad_columns(pu, 0.0, wg) if n_rows == 8 else pu
+          p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
 
         def pv(acc_ref):
@@ -278,7 +281,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
-        alpha = _pad_columns(alpha, 1.0, wg.reduce(0)) if n_rows == 8 else alpha
+        alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
         for u in range(UPDATE // SPAN):
           acc = values(2 * c + u, ps[2 * u:2 * u + 2], acc)
@@ -289,7 +292,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
     a0 = plgpu.layout_cast(jnp.full((d, 16), 0.0, jnp.float32), wg)
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    o_out[bi, h, s] = acc
+    o_out[bi, h, s] = _with_columns(acc, 8, wg) if n_rows == 8 else acc  # the real rows
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
@@ -311,7 +314,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, 16), jnp.float32),
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
       scratch_types=scratch,
