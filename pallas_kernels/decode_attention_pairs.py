@@ -90,10 +90,13 @@ def hopper() -> bool:
 
 
 def default_splits(batch: int, kv_heads: int, n_steps: int,
-                   target_programs: int = 4096) -> int:
-  """Sequence splits so that batch x heads x splits reaches `target_programs`
-  (on an H200, 64 splits of P1's 8 x 8 (row, head) pairs beat 16 and 32:
-  NOTES.md "Codes in the operand's layout")."""
+                   target_programs: int = 256) -> int:
+  """Sequence splits so that batch x heads x splits reaches `target_programs`,
+  about one wave of the kernel's two blocks an SM (an H200 has 132 SMs). On the
+  H200 the whole decode attention at P1's shape took 0.190, 0.186, 0.158, 0.153
+  and 0.151 ms at 32k with 64, 32, 16, 8 and 4 splits (targets 4096 to 256),
+  0.490 to 0.466 at 128k (`benchmarks/results/pair_splits_h200.json`): the
+  partials' writes and merge cost more than the idle SMs of fewer splits."""
   return max(1, min(-(-target_programs // (batch * kv_heads)), n_steps))
 
 
