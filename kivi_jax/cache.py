@@ -269,11 +269,15 @@ def pair_kernel_reads(impl: str, kv_config: KIVIConfig, head_dim: int, rows: int
 
 
 def resolve_layout(layout: str, model_config, kv_config: KIVIConfig, impl: str,
-                   dtype) -> str:
+                   dtype, mesh=None) -> str:
   """`init_cache`'s `layout` with "auto" resolved: "pairs" where
-  `pair_kernel_reads` (a Hopper GPU's decode kernel reads it), else "slots"."""
+  `pair_kernel_reads` (a Hopper GPU's decode kernel reads it), else "slots". A
+  cache split over a `mesh` keeps the slots (the pair layout is not tested
+  split over devices)."""
   if layout != "auto":
     return layout
+  if mesh is not None:
+    return "slots"
   hkv = model_config.num_kv_heads
   rows = getattr(model_config, "num_heads", hkv) // hkv
   reads = pair_kernel_reads(impl, kv_config, model_config.head_dim, rows, dtype,
@@ -323,9 +327,10 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       (every kernel's) or "pairs" (each row packed along the axis Hopper's
       `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim a multiple of 128, not
       SKVQ's hidden-dim layout; a 16-bit tensor lies as it is in either). The
-      jnp reference writes "pairs"; on a Hopper GPU `decode_attention_pairs`'
-      kernel reads it, elsewhere the jnp reference. "auto" (the default):
-      "pairs" where that kernel reads the cache (`resolve_layout`), else "slots".
+      GPU's `quantize_pack_pairs` writes "pairs" (jnp elsewhere); on a Hopper GPU
+      `decode_attention_pairs`' kernel reads it, elsewhere the jnp reference.
+      "auto" (the default): "pairs" where that kernel reads the cache and no
+      `mesh` splits it (`resolve_layout`), else "slots".
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -341,7 +346,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
         "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
         "kivi_jax.calibrate(...) result for this model and config")
   dtype = jnp.dtype(dtype or model_config.dtype)
-  layout = resolve_layout(layout, model_config, kv_config, impl, dtype)
+  layout = resolve_layout(layout, model_config, kv_config, impl, dtype, mesh)
   step = block_granularity(kv_config)
   if layout == "pairs":  # whole steps of the pair kernel (themselves whole spans)
     step = math.lcm(step, decode_attention_pairs.STEP_TOKENS)

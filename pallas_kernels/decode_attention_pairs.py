@@ -34,8 +34,8 @@ Returns the per-split partials `(acc [B, K, S, M, D], m, l [B, K, S, M])` float3
 as `decode_attention.quantized_decode_partials`'s (`merge_partials` merges them).
 
 Compiled only (Mosaic GPU on sm_90a): the inline PTX and the register operands of
-`wgmma` have no interpret mode. CI lowers it for CUDA on a CPU; its results are
-checked against float64 on an H200 (`benchmarks/decode_pairs_check.py`).
+`wgmma` have no interpret mode. CI lowers it for CUDA on a CPU; on a Hopper GPU
+`tests/test_decode_pairs.py` checks its results against float64.
 """
 
 from __future__ import annotations

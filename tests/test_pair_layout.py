@@ -2,6 +2,8 @@
 Hopper's `wgmma` contracts. Its cache holds exactly the slot layout's codes,
 scales and zeros (SPEC.md's), so every reader sees the same keys and values."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -212,3 +214,32 @@ def test_pair_capacity_is_a_whole_number_of_kernel_steps():
                               layout="pairs")
   assert cache.capacity == 512  # decode_attention_pairs.STEP_TOKENS, whole spans of 128
   assert cache.layers[0].v.codes.shape[-1] == cache.capacity * 8 // 32
+
+
+def test_auto_layout_is_pairs_exactly_where_the_hopper_kernel_reads_it(monkeypatch):
+  """`init_cache(layout="auto")`: the pair layout where `decode_attention_pairs`
+  reads the cache (here a Hopper GPU is pretended), the slots everywhere else."""
+  from kivi_jax import cache as cache_mod
+  from kivi_jax.pallas_kernels import decode_attention_pairs
+  kivi2 = kivi_jax.PRESETS["kivi2"]
+  shape = lambda **kw: CacheShape(**{"num_kv_heads": 2, "head_dim": 128,  # noqa: E731
+                                     "dtype": "bfloat16", **kw})
+
+  def layout(shape, config=kivi2, impl="gpu", **kw):
+    return kivi_jax.init_cache(shape, config, 1, 64, impl=impl, **kw).layout
+  assert layout(shape()) == "slots"  # no Hopper GPU here
+  monkeypatch.setattr(decode_attention_pairs, "hopper", lambda: True)
+  assert layout(shape()) == "pairs"
+  assert layout(shape(), layout="slots") == "slots"
+  assert layout(shape(), impl="reference") == "slots"
+  assert layout(shape(dtype="float32")) == "slots"
+  assert layout(shape(head_dim=64)) == "slots"
+  assert layout(shape(), config=kivi_jax.KIVIConfig(2, 2, 32, 32, pre_rope=True)) == "slots"
+  assert layout(shape(), config=kivi_jax.KIVIConfig(2, 1.5, 32, 32)) == "slots"  # ternary
+  assert cache_mod.resolve_layout("auto", shape(), kivi2, "gpu", jnp.bfloat16,
+                                  mesh=object()) == "slots"
+  # 17 query rows a kv head are more than the kernel's 16.
+  assert cache_mod.resolve_layout("auto", types.SimpleNamespace(
+      num_heads=34, num_kv_heads=2, head_dim=128), kivi2, "gpu", jnp.bfloat16) == "slots"
+  assert cache_mod.resolve_layout("auto", types.SimpleNamespace(
+      num_heads=32, num_kv_heads=2, head_dim=128), kivi2, "gpu", jnp.bfloat16) == "pairs"
