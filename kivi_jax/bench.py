@@ -81,9 +81,9 @@ def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: in
 def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int = 8,
                         q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                         methods=("kivi4", "kivi2"), repeats: int = 30, impl: str = "gpu",
-                        layouts=("slots",), progress=print) -> dict:
+                        layouts=("auto",), progress=print) -> dict:
   """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue), each
-  method once per cache `layout` (`init_cache`'s)."""
+  method once per cache `layout` (`init_cache`'s; a row names the one "auto" took)."""
   for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
                       ("head_dim", head_dim), ("repeats", repeats)):
     if not (isinstance(value, int) and value > 0):
@@ -94,8 +94,8 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
   if not lengths or not all(isinstance(n, int) and n > 1 for n in lengths):
     raise ValueError(f"lengths must be integers above 1, got {tuple(lengths)}")
   for layout in layouts:
-    if layout not in LAYOUTS:
-      raise ValueError(f"layouts must be among {LAYOUTS}, got {layout!r}")
+    if layout not in ("auto", *LAYOUTS):
+      raise ValueError(f"layouts must be among {('auto', *LAYOUTS)}, got {layout!r}")
   if jax.default_backend() != "gpu":
     raise RuntimeError("the attention benchmark times the GPU kernels against cuDNN: jax's "
                        f"backend here is {jax.default_backend()!r}")
@@ -126,6 +126,7 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
                                 impl, layout)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
+      layout = "pairs" if "pairs" in (layer.k.layout, layer.v.layout) else "slots"
       # The new token appended beforehand (the writes have their own
       # benchmark, scripts/gpu_cache_write.py): the step's attention alone.
       ones = jnp.ones_like(lens)

@@ -505,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
   att.add_argument("--kv-heads", type=int, default=8)
   att.add_argument("--head-dim", type=int, default=128)
   att.add_argument("--repeats", type=int, default=30)
-  att.add_argument("--layouts", default="slots", help="cache layouts to time each method "
-                   "in, comma-separated: slots, pairs (init_cache's layout)")
+  att.add_argument("--layouts", default="auto", help="cache layouts to time each method "
+                   "in, comma-separated: auto, slots, pairs (init_cache's layout)")
   att.add_argument("--out", help="write the results as JSON here")
   att.set_defaults(run=_bench_attention)
   gen_bench = bench_sub.add_parser(

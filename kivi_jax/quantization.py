@@ -46,7 +46,7 @@ import numpy as np
 from jax import Array
 
 from kivi_jax.config import QuantAxis, channel_group, codes_per_word, levels
-from kivi_jax.pallas_kernels.common import ieee_divide
+from kivi_jax.pallas_kernels.common import PAIR_SPAN, ieee_divide
 
 
 def slot_fields(bits: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -86,7 +86,6 @@ def unpack(words: Array, bits: float, group_size: int) -> Array:
   return codes.reshape(*lead, tw * w, d).astype(jnp.uint8)
 
 
-PAIR_SPAN = 128  # columns of one span of the pair layout
 PAIR_BITS = (2, 4, 8)
 
 

@@ -9,6 +9,9 @@ import jax.numpy as jnp
 # attention uses 0.7 * the float32 minimum for the same reason).
 MASK_VALUE = -1e30
 
+# Columns of one span of the pair layout (`kivi_jax.quantization.pair_pack`).
+PAIR_SPAN = 128
+
 
 def codes_per_word(bits: float) -> int:
   """As `kivi_jax.config.codes_per_word`: `bits`-bit codes per uint32 word

@@ -55,6 +55,7 @@ from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
+from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN  # tokens of one V^T tile
 
 HEAD_DIM = 128
 BITS = (2, 4, 8)
@@ -62,7 +63,6 @@ BITS = (2, 4, 8)
 STEP_TOKENS = 512
 PAIR = 64     # tokens of one S^T tile
 UPDATE = 256  # tokens per online-softmax update
-SPAN = 128    # tokens of one V^T tile
 TMA_ROWS = 256  # the longest dimension of a TMA box
 
 

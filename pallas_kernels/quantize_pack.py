@@ -39,9 +39,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN
 from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
-
-SPAN = 128  # columns of one span of the pair layout (`kivi_jax.quantization.PAIR_SPAN`)
 
 
 def _slot_place(slot, bits: float, width: int):
@@ -305,12 +304,9 @@ def quantize_pack_pairs_reference(x, words, scale, zero, start, n_tokens, clip=1
     words = scatter_tokens(words, jnp.where(live, tok, words.shape[2]),
                            quantization.pair_pack(codes, bits))
     return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis))
-  # Token t's code: span t // 128, column c = 16 s + 8 h + 2 j + e of it, in
-  # word 8 (s // p) + 2 j + h of the span at bit b (s % p) + 16 e.
-  p, c = 16 // bits, tok % quantization.PAIR_SPAN
-  s, h, j, e = c // 16, c // 8 % 2, c // 2 % 4, c % 2
-  word = tok // quantization.PAIR_SPAN * 4 * bits + 8 * (s // p) + 2 * j + h
-  bit = (bits * (s % p) + 16 * e).astype(jnp.uint32)
+  # Token t's code: in its span's words (span t // 128), as `_pair_places` says.
+  word, bit = _pair_places(tok, bits)
+  word, bit = word + tok // SPAN * 4 * bits, bit.astype(jnp.uint32)
   placed = jnp.swapaxes(codes, 2, 3).astype(jnp.uint32) << bit[:, None, None, :]
   # Each code's bits are written once, into zero bits: adding is or-ing.
   words = scatter_tokens(words, jnp.where(live, word, words.shape[-1]), placed, add=True,
