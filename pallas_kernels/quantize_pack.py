@@ -121,32 +121,42 @@ def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_
   Returns the new `(words, scale, zero)`, aliased to the inputs: inside a jit
   that donates them (as `generate` donates the cache) they are updated in place.
   """
-  b, h, n, d = x.shape
+  n, d = x.shape[2:]
   g, w = group_size, codes_per_word(bits)
   if n % g:
     raise ValueError(f"x has {n} tokens, not a multiple of group_size={g}")
-  capacity = words.shape[2] * w
-  start = start.astype(jnp.int32)
-  # Tokens past the capacity are dropped (as the reference's scatter drops them).
-  n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0, n)
   # Programs per row: the packing blocks a run of n tokens starting on a group
   # boundary can touch.
   tiles = -(-(n + w * g - g) // (w * g))
   col_block = min(g, d) if axis == "token" else min(32, d)
   kernel = functools.partial(_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              col_block=col_block, interpret=interpret)
+  return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, words.shape[2] * w,
+                         tiles, num_warps=num_warps, interpret=interpret,
+                         name="kivi_quantize_pack")
+
+
+def _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity: int,
+                    programs: int, *, num_warps: int, interpret: bool, name: str):
+  """`kernel` over the grid (B, H, `programs`), each program seeing its (row,
+  head)'s slab of every array, `words`, `scale`, `zero` written in place
+  (`input_output_aliases`). Tokens past `capacity` are dropped (as the
+  references' scatters drop them)."""
+  start = start.astype(jnp.int32)
+  n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0,
+                      x.shape[2])
   slab = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, t: (i,))
   return pl.pallas_call(
       kernel,
-      grid=(b, h, tiles),
+      grid=(*x.shape[:2], programs),
       in_specs=[slab(x), row, row, slab(words), slab(scale), slab(zero)],
       out_specs=[slab(words), slab(scale), slab(zero)],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
       input_output_aliases={3: 0, 4: 1, 5: 2},
       compiler_params=pltriton.CompilerParams(num_warps=num_warps),
       interpret=interpret,
-      name="kivi_quantize_pack",
+      name=name,
   )(x, start, n_tokens, words, scale, zero)
 
 
@@ -235,7 +245,7 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
   `[B, H, C, D b/32]` (axis "channel") or `[B, H, D, C b/32]` (axis "token"),
   scale and zero `[B, H, C/G, D]` or `[B, H, D/min(G, D), C]`. Groups of at
   most 128 tokens (a span), head_dim a multiple of 128."""
-  b, h, n, d = x.shape
+  n, d = x.shape[2:]
   g = group_size
   if n % g:
     raise ValueError(f"x has {n} tokens, not a multiple of group_size={g}")
@@ -243,24 +253,12 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
     raise ValueError(f"the pair writer takes groups of at most {SPAN} tokens and a head_dim "
                      f"that is a multiple of {SPAN}, got group_size={g}, head_dim={d}")
   capacity = scale.shape[-1] if axis == "token" else scale.shape[2] * g
-  start = start.astype(jnp.int32)
-  n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0, n)
   spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              interpret=interpret)
-  slab = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
-  row = pl.BlockSpec((1,), lambda i, j, t: (i,))
-  return pl.pallas_call(
-      kernel,
-      grid=(b, h, spans),
-      in_specs=[slab(x), row, row, slab(words), slab(scale), slab(zero)],
-      out_specs=[slab(words), slab(scale), slab(zero)],
-      out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
-      input_output_aliases={3: 0, 4: 1, 5: 2},
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps),
-      interpret=interpret,
-      name="kivi_quantize_pack_pairs",
-  )(x, start, n_tokens, words, scale, zero)
+  return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, spans,
+                         num_warps=num_warps, interpret=interpret,
+                         name="kivi_quantize_pack_pairs")
 
 
 def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, groups=None,
