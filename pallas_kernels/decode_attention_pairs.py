@@ -200,10 +200,10 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
 
-  def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref,
-             o_out, m_out, l_out,
-             q_smem, kw_smem, ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem,
-             bar_q, bars):
+  def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
+                                 n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
+                                 ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
+                                 bars):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)

@@ -27,10 +27,12 @@ D = dp.HEAD_DIM
 
 
 def _shapes(b, kv_heads, rows, capacity, k_bits, v_bits, g):
+  """The kernel's arguments as shapes: `pair_decode_partials`' docstring."""
   cg = min(g, D)
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
-  return (sd((b, kv_heads, rows, D), bf), sd((b, kv_heads, capacity, D * k_bits // 32), jnp.uint32),
+  return (sd((b, kv_heads, rows, D), bf),
+          sd((b, kv_heads, capacity, D * k_bits // 32), jnp.uint32),
           *2 * [sd((b, kv_heads, capacity // g, D), bf)],
           sd((b, kv_heads, D, capacity * v_bits // 32), jnp.uint32),
           *2 * [sd((b, kv_heads, D // cg, capacity), bf)],
