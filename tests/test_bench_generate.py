@@ -13,8 +13,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from kivi_jax import bench_generate as bg
+from kivi_jax import memory
 from kivi_jax import pallas_kernels
 from kivi_jax.cli import main, run_metadata
+from kivi_jax.config import get_preset
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.sharding import make_mesh
 
@@ -55,6 +57,24 @@ def test_generate_and_step_measure(model, method, monkeypatch):
   assert step["weight_bytes"] == sum(
       x.nbytes for x in jax.tree.leaves(model.params)) - \
       model.params["embed"].nbytes
+
+
+def test_decode_step_prefills_in_chunks_of_rows(monkeypatch):
+  """As `generate`, the step's context is prefilled a chunk of rows at a time
+  (`memory.prefill_rows`), into one cache of every row."""
+  model = bg.random_model(TINY)
+  chunks = []
+
+  def one_row(batch, *args):
+    chunks.append(batch)
+    return 1
+  monkeypatch.setattr(bg.memory, "prefill_rows", one_row)
+  step = bg.time_decode_step(model, "kivi2", batch=2, context=100, steps=3, repeats=2,
+                             copy_tbps=1.0)
+  assert chunks == [2] and step["step_ms"] > 0
+  capacity = 100 + 3 * (2 + 2)
+  assert step["cache_bytes"] == memory.cache_bytes(model.config, get_preset("kivi2"), 2,
+                                                   capacity)
 
 
 def test_measures_over_a_mesh():
