@@ -45,7 +45,7 @@ from kivi_jax import memory, sharding
 from kivi_jax.bench import copy_bandwidth_tbps
 from kivi_jax.cache import init_cache, n_quantized
 from kivi_jax.config import get_preset
-from kivi_jax.generate import _prefill, _rows, generate
+from kivi_jax.generate import _prefill, _rows, generate, prefill_chunk_rows
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.models.loading import Model
@@ -180,9 +180,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   ids = _prompt(batch, prompt, model.config.vocab_size)
   length = prompt + new
   cache_total = memory.cache_bytes(model.config, kv, batch, length)
-  rows = batch if mesh is not None else memory.prefill_rows(
-      batch, model.config, kv, prompt, length, memory.workspace_bytes(cache_total),
-      memory.uses_flash_attention(model.config, impl))
+  rows = prefill_chunk_rows(model, kv, batch, prompt, length, cache_total, impl, mesh)
   empty = init_cache(model.config, kv, rows, length, impl=impl, calibration=calib, mesh=mesh)
   args = (model.params, _rows(ids, mesh), _rows(np.ones_like(ids), mesh), empty)
   # Each result is dropped before the next call: two caches of the largest
@@ -244,10 +242,8 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
   calib = _calibration(model, kv)
   ids = _rows(_prompt(batch, context, model.config.vocab_size), mesh)
   capacity = context + steps * (repeats + 2)
-  rows = batch if mesh is not None else memory.prefill_rows(
-      batch, model.config, kv, context, capacity,
-      memory.workspace_bytes(memory.cache_bytes(model.config, kv, batch, capacity)),
-      memory.uses_flash_attention(model.config, impl))
+  rows = prefill_chunk_rows(model, kv, batch, context, capacity,
+                            memory.cache_bytes(model.config, kv, batch, capacity), impl, mesh)
   empty = init_cache(model.config, kv, rows, capacity, impl=impl, calibration=calib,
                      mesh=mesh, layout=layout)
   logits, cache = _prefill(model.params, ids, jnp.ones_like(ids), empty, config=model.config)

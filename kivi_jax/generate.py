@@ -216,17 +216,24 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
               "pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
               "many rows fit)")
   width = memory.bucket(t, max_length)  # the prompts padded (masked) to it
-  if mesh is None:
-    rows = memory.prefill_rows(b, model.config, kv_config, width, max_length,
-                               memory.workspace_bytes(cache_total),
-                               memory.uses_flash_attention(model.config, impl))
-  else:
-    rows = b  # all rows at once, spread over the mesh (no chunks of rows yet)
+  rows = prefill_chunk_rows(model, kv_config, b, width, max_length, cache_total, impl, mesh)
   empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
                      calibration=calibration, mesh=mesh)
   pad = ((0, 0), (0, width - t))
   return _prefill(_params(model, mesh), _rows(np.pad(input_ids, pad), mesh),
                   _rows(np.pad(attention_mask, pad), mesh), empty, config=model.config)
+
+
+def prefill_chunk_rows(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
+                       max_length: int, cache_total: int, impl: str, mesh=None) -> int:
+  """The rows a prefill runs at once (`_prefill`'s chunks): the most whose
+  workspace fits beside a cache of `cache_total` bytes (`memory.prefill_rows`),
+  or all of them spread over a `mesh` (no chunks of rows there yet)."""
+  if mesh is not None:
+    return batch
+  return memory.prefill_rows(batch, model.config, kv_config, prompt_tokens, max_length,
+                             memory.workspace_bytes(cache_total),
+                             memory.uses_flash_attention(model.config, impl))
 
 
 def _params(model, mesh):
