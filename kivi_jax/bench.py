@@ -126,7 +126,6 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
                                 impl, layout)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
-      taken = "pairs" if "pairs" in (layer.k.layout, layer.v.layout) else "slots"
       # The new token appended beforehand (the writes have their own
       # benchmark, scripts/gpu_cache_write.py): the step's attention alone.
       ones = jnp.ones_like(lens)
@@ -140,10 +139,10 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       step = jax.jit(lambda q, lay, flushed, ln, config=config: decode_attention(
           q, lay, flushed, ln, jnp.ones_like(ln), config, None, impl))
       ms = _time(step, inputs, repeats)
-      rows.append(dict(method=method, layout=taken, B=batch, Hq=q_heads, Hkv=kv_heads,
+      rows.append(dict(method=method, layout=layer.layout, B=batch, Hq=q_heads, Hkv=kv_heads,
                        d=head_dim, L=length, ms=ms, baseline_ms=base_ms,
                        speedup=base_ms / ms, tbps=nbytes / (ms * 1e-3) / 1e12))
-      progress(f"L={length} {method} {taken} {ms:.3f} ms ({base_ms / ms:.2f}x, "
+      progress(f"L={length} {method} {layer.layout} {ms:.3f} ms ({base_ms / ms:.2f}x, "
                f"{nbytes / (ms * 1e-3) / 1e12:.2f} TB/s)")
       del inputs, layer
   return {"copy_tbps": copy_tbps, "rows": rows}

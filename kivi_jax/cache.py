@@ -112,6 +112,12 @@ class LayerKV:
   k_map: ChannelMap | None = None
   v_map: ChannelMap | None = None
 
+  @property
+  def layout(self) -> str:
+    """How the quantized blocks are packed: "pairs" where either tensor's is
+    (a 16-bit tensor lies as it is), else "slots"."""
+    return "pairs" if "pairs" in (self.k.layout, self.v.layout) else "slots"
+
 
 @struct.dataclass
 class KVCache:
@@ -147,8 +153,7 @@ class KVCache:
   @property
   def layout(self) -> str:
     """How the quantized blocks are packed: `init_cache`'s `layout`."""
-    first = self.layers[0]
-    return "pairs" if "pairs" in (first.k.layout, first.v.layout) else "slots"
+    return self.layers[0].layout
 
   def n_quantized(self) -> Array:
     """int32 `[B]`: tokens of each row that sit in the quantized block."""
