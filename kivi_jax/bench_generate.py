@@ -164,6 +164,10 @@ def _prompt(batch: int, tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, vocab, (batch, tokens), dtype=np.int32)
 
 
+PREFILL_TIMING_S = 30.0
+"""Seconds of timed prefill calls after which `time_generate` takes no more."""
+
+
 class _Compiled(Exception):
   """Ends `time_generate`'s first call once everything it runs is compiled."""
 
@@ -173,8 +177,8 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   """`generate` timed on its second call; the first compiles. That first call
   streams, and its streamer stops it once the decode loop has run a step (a
   streamed call runs the same compiled programs). The prefill is timed alone
-  too (median of three calls), in `generate`'s chunks of rows (over `mesh`: all
-  rows at once, as `generate` runs them)."""
+  too (the median of up to three calls: `PREFILL_TIMING_S`), in `generate`'s
+  chunks of rows (over `mesh`: all rows at once, as `generate` runs them)."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _prompt(batch, prompt, model.config.vocab_size)
@@ -186,7 +190,9 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   # Each result is dropped before the next call: two caches of the largest
   # batch do not fit at once.
   times = []
-  for _ in range(4):  # the first compiles
+  # The first call compiles; then up to three timed, fewer where they take over
+  # PREFILL_TIMING_S (the largest batches' prefills take a minute each).
+  while len(times) < 4 and (len(times) < 2 or sum(times[1:]) < PREFILL_TIMING_S):
     t0 = time.perf_counter()
     jax.block_until_ready(_prefill(*args, config=model.config)[0])
     times.append(time.perf_counter() - t0)
