@@ -197,6 +197,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
     jax.block_until_ready(_prefill(*args, config=model.config)[0])
     times.append(time.perf_counter() - t0)
   prefill_s = statistics.median(times[1:])
+  layout = empty.layout
   del empty, args
 
   def run(streamer=None):
@@ -220,7 +221,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   total = time.perf_counter() - t0
   assert out.shape == (batch, new)
   return {"tokens_per_s": batch * new / total, "total_s": total, "prefill_s": prefill_s,
-          "prefill_rows": rows, "cache_bytes": cache_total,
+          "prefill_rows": rows, "cache_bytes": cache_total, "layout": layout,
           "predicted_peak_bytes": memory.generate_bytes(
               model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl))}
 

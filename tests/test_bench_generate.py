@@ -30,6 +30,24 @@ def model():
   return bg.random_model(TINY)
 
 
+@pytest.mark.parametrize("budget_s, calls", [(1e9, 4), (0.0, 2)])
+def test_prefill_is_timed_up_to_three_times_within_its_budget(model, monkeypatch, budget_s,
+                                                              calls):
+  """One compiling call, then timed calls while fewer than three have run and
+  they have taken under `PREFILL_TIMING_S` (a prefill of a minute runs twice)."""
+  ran = []
+
+  def counted(*args, **kwargs):
+    ran.append(1)
+    return prefill(*args, **kwargs)
+
+  prefill = bg._prefill
+  monkeypatch.setattr(bg, "_prefill", counted)
+  monkeypatch.setattr(bg, "PREFILL_TIMING_S", budget_s)
+  bg.time_generate(model, "kivi2", batch=2, prompt=40, new=2)
+  assert len(ran) == calls
+
+
 @pytest.mark.parametrize("method", ["fp16", "kivi2", "skvq-k2v2-g16-fp8"])
 def test_generate_and_step_measure(model, method, monkeypatch):
   # The timed call compiles nothing: the first call, stopped in its decode
@@ -50,8 +68,10 @@ def test_generate_and_step_measure(model, method, monkeypatch):
   assert len(programs) == 3 and programs[1] == programs[2]
   assert row["tokens_per_s"] > 0 and 0 < row["prefill_s"] < row["total_s"]
   assert row["cache_bytes"] < row["predicted_peak_bytes"]
+  assert row["layout"] == "slots"  # a CPU's (the pair layout is Hopper's)
   step = bg.time_decode_step(model, method, batch=2, context=100, steps=3, repeats=2,
                              copy_tbps=1.0)
+  assert step["layout"] == "slots"
   assert step["step_ms"] > 0 and step["floor_ms"] > step["weights_floor_ms"] > 0
   # A decode step reads every weight but the embedding table's gather.
   assert step["weight_bytes"] == sum(
