@@ -1,7 +1,8 @@
 """Plot of the committed end-to-end results (PROTOCOLS.md P2): for each request
 (prompt + new tokens), tokens/s against batch for each cache method and HF
 transformers, and peak memory beside it. Where a method ran a batch more than
-once (at several commits), the file's last row is plotted.
+once (at several commits), the file's last row is plotted; rows of the pair
+layout (Hopper's default since 2026-12-03) are a series of their own.
 
   pip install -e ".[plot]"
   python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
@@ -35,18 +36,20 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
           or (row["prompt"], row["new"]) != request or "error" in row):
         continue
       label = ("HF transformers eager, bf16" if row["kind"] == "hf"
-               else f"kivi-jax {row['method']}")
+               else f"kivi-jax {row['method']}"
+               + (" (pair layout)" if row.get("layout") == "pairs" else ""))
       series[label][row["batch"]] = (row["tokens_per_s"], row["peak_bytes"] / 2**30)
       dates.add(row["date"])
-    for label, points in sorted(series.items()):
+    for i, (label, points) in enumerate(sorted(series.items())):
       batch = sorted(points)
       tps, gib = zip(*(points[b] for b in batch))
       color = colors.setdefault(label, f"C{len(colors)}")
       ax.plot(batch, tps, "o-", label=label, color=color)
       mem.plot(batch, gib, "o-", label=label, color=color)
       for b, t in zip(batch, tps):
-        ax.annotate(f"{t:.0f} ({b})", (b, t), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+        # Staggered by series: systems of similar tokens/s sit close.
+        ax.annotate(f"{t:.0f} ({b})", (b, t), textcoords="offset points",
+                    xytext=(4, (4, -8, -20, 16)[i % 4]), fontsize=7)
     ax.set_title(f"prompt {request[0]} + {request[1]} new tokens", fontsize=9)
     ax.set_xlabel("batch (rows)")
     ax.set_ylabel("tokens/s (prefill included)")
