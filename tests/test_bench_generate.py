@@ -79,10 +79,9 @@ def test_generate_and_step_measure(model, method, monkeypatch):
       model.params["embed"].nbytes
 
 
-def test_decode_step_prefills_in_chunks_of_rows(monkeypatch):
+def test_decode_step_prefills_in_chunks_of_rows(model, monkeypatch):
   """As `generate`, the step's context is prefilled a chunk of rows at a time
   (`memory.prefill_rows`), into one cache of every row."""
-  model = bg.random_model(TINY)
   chunks = []
 
   def one_row(batch, *args):
