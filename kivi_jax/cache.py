@@ -330,7 +330,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       each device creates only its own shard.
     layout: how the quantized blocks are packed (`QuantizedBlock`): "slots"
       (every kernel's) or "pairs" (each row packed along the axis Hopper's
-      `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim a multiple of 128, not
+      `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim 64 or a multiple of 128, not
       SKVQ's hidden-dim layout; a 16-bit tensor lies as it is in either). The
       GPU's `quantize_pack_pairs` writes "pairs" (jnp elsewhere); on a Hopper GPU
       `decode_attention_pairs`' kernel reads it, elsewhere the jnp reference.

@@ -24,7 +24,8 @@ off (each step's `commit_smem` guards the buffer refetched; P^T alternates
 between two buffers), exponentials by `ex2.approx`. The design and its
 measurements: `benchmarks/NOTES.md`, "Codes in the operand's layout" and after.
 
-Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128, C block
+Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128 or 64 (a
+64-wide key row packs alone and is read as 16-bit halves: `pair_pack`), C block
 capacity, a multiple of `STEP_TOKENS`; G group size, cg = min(G, D)):
   q        [B, K, M, D]        bf16
   k_codes  [B, K, C, D b/32]   uint32   k_scale, k_zero [B, K, C/G, D]  bf16
@@ -58,6 +59,7 @@ from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN  # tokens of one V^T tile
 
 HEAD_DIM = 128
+HEAD_DIMS = (64, HEAD_DIM)  # a 64-wide head's key rows are read as 16-bit halves
 BITS = (2, 4, 8)
 # Block capacities are whole numbers of this many tokens (`kivi_jax.cache`).
 STEP_TOKENS = 512
@@ -75,11 +77,11 @@ def step_tokens(k_bits: int, v_bits: int) -> int:
 def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
             scale_dtype) -> bool:
   """Whether this kernel reads the block: 2-, 4- or 8-bit codes, groups of a power
-  of two from 16 tokens to a step, head_dim 128, at most 16 query rows per kv
+  of two from 16 tokens to a step, head_dim 64 or 128, at most 16 query rows per kv
   head, a bf16 model with bf16 scales (the kernel's fma is bf16x2)."""
   g = group_size
   return (k_bits in BITS and v_bits in BITS and 16 <= g <= step_tokens(k_bits, v_bits)
-          and not g & (g - 1) and head_dim == HEAD_DIM and 1 <= rows <= 16
+          and not g & (g - 1) and head_dim in HEAD_DIMS and 1 <= rows <= 16
           and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
 
 
@@ -110,36 +112,43 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
 
 
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
-  """uint32 words `[R, 4 b]` (`pair_pack` of codes `[R, 128]`, WGMMA layout) ->
-  bf16 `[R, 128]` = code * scale + zero in the WGMMA layout, row `r`'s scales and
-  zeros at row `r // rows_per_scale` of `scale_ref`, `zero_ref` `[.., 128]`.
-  Rows `r` and `r + 8` of a thread lie in one group (groups of 16 rows or more)."""
+  """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
+  WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
+  `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
+  `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
+  `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
+  (groups of 16 rows or more)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
+  cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
   mask = (2**bits - 1) * 0x10001
 
   @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((rows, HEAD_DIM), jnp.bfloat16, wg))
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
   def dequant(ctx, w, scales, zeros):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
-    out = np.empty(layout.registers_shape((rows, HEAD_DIM)), dtype=object)
-    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, HEAD_DIM))))
+    out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
     loaded = {}
     for idx in np.ndindex(out.shape):
       rt, ct, half = idx[0], idx[1], idx[4]
-      s, h = ct // 2, ct % 2  # k-step s, its column half h
-      reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
-      word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
+      if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
+        word = mgpu_utils.bitcast(w.registers[rt, ct // p, 0, 0, half, 0, 0, 0, 0], i32)
+        shift = bits * (ct % p)
+      else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
+        s, h = ct // 2, ct % 2
+        reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
+        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
+        shift = bits * (s % p)
       if (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
-      shift = bits * (s % p)
       shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
       if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
         body = f"""
@@ -188,13 +197,15 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int):
-  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows."""
-  d = HEAD_DIM
+           v_bits: int, group: int, d: int):
+  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
+  heads `d` wide."""
   step = step_tokens(k_bits, v_bits)
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
-  k_words = 4 * k_bits           # a token's key words
+  k_words = d * k_bits // 32      # a token's key words
+  k_type = jnp.uint16 if d < HEAD_DIM else jnp.uint32  # 64-wide: read as halves
+  k_cols = k_words * (2 if d < HEAD_DIM else 1)
   v_words = SPAN * v_bits // 32  # a channel's value words per V^T tile
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
@@ -305,7 +316,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
   scratch = [
       swizzled((n_rows, d), 128),
-      plgpu.SMEM((2, step, k_words), jnp.uint32),
+      plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
@@ -337,7 +348,7 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
     raise ValueError(
         f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to {step} "
-        f"tokens, head_dim {HEAD_DIM}, at most 16 bf16 query rows with bf16 scales; got "
+        f"tokens, head_dim {HEAD_DIMS}, at most 16 bf16 query rows with bf16 scales; got "
         f"k_bits={k_bits}, v_bits={v_bits}, group_size={group_size}, head_dim={d}, "
         f"rows={m_rows}, q {q.dtype}, scales {k_scale.dtype}")
   if capacity % step:
@@ -346,7 +357,10 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   if splits is None:
     splits = default_splits(b, kh, capacity // step)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
-  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size)(
+  if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
+    k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
+        *k_codes.shape[:-1], 2 * k_codes.shape[-1])
+  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

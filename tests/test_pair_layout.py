@@ -251,7 +251,8 @@ def test_auto_layout_is_pairs_exactly_where_the_hopper_kernel_reads_it(monkeypat
   assert layout(shape(), layout="slots") == "slots"
   assert layout(shape(), impl="reference") == "slots"
   assert layout(shape(dtype="float32")) == "slots"
-  assert layout(shape(head_dim=64)) == "slots"
+  assert layout(shape(head_dim=64)) == "pairs"  # SmolLM2's heads
+  assert layout(shape(head_dim=96)) == "slots"
   assert layout(shape(), config=kivi_jax.KIVIConfig(2, 2, 32, 32, pre_rope=True)) == "slots"
   assert layout(shape(), config=kivi_jax.KIVIConfig(2, 1.5, 32, 32)) == "slots"  # ternary
   assert cache_mod.resolve_layout("auto", shape(), kivi2, "gpu", jnp.bfloat16,
