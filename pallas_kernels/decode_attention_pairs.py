@@ -197,10 +197,10 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool,
+           per_update: int):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide."""
-  step = step_tokens(k_bits, v_bits)
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
   k_words = d * k_bits // 32      # a token's key words
@@ -268,13 +268,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         tok = t_step + PAIR * jp + tok_in
         return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
 
-      def values(c, ps, acc):
-        """acc + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles')."""
-        vt = _dequant(load_words(vw_smem.at[slot, :, pl.ds(v_words * c, v_words)]),
-                      vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
-                      vz_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
-                      v_bits, cg)
+      def values(c, ps, accs):
+        """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
+        two S^T tiles'), in `len(accs)` parts of channels."""
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
@@ -282,31 +278,44 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
+        rows = d // len(accs)
+        out = []
+        for part, acc in enumerate(accs):
+          at = pl.ds(rows * part // cg, max(1, rows // cg))
+          vt = _dequant(
+              load_words(vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)]),
+              vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, vt, p_buf)
-        return pl.run_state(pv)(plgpu.ACC.init(acc))
+          def pv(acc_ref, vt=vt):
+            plgpu.wgmma(acc_ref, vt, p_buf)
+          out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+        return tuple(out)
 
       def update(c, carry):
-        """The scores of 256 tokens, one softmax update, their values."""
+        """The scores of `per_update` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(4 * c + u) for u in range(UPDATE // PAIR)]
+        sts = [scores(per_update // PAIR * c + u) for u in range(per_update // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
-        for u in range(UPDATE // SPAN):
-          acc = values(2 * c + u, ps[2 * u:2 * u + 2], acc)
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
+        for u in range(per_update // SPAN):
+          acc = values(per_update // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
-      return lax.fori_loop(0, step // UPDATE, update, carry)
+      return lax.fori_loop(0, step // per_update, update, carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    a0 = plgpu.layout_cast(jnp.full((d, 16), 0.0, jnp.float32), wg)
+    parts = 2 if v_halves else 1
+    a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
+               for _ in range(parts))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    o_out[bi, h, s] = _with_columns(acc, 8, wg) if n_rows == 8 else acc  # the real rows
+    for part, a in enumerate(acc):  # the real rows
+      o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+          _with_columns(a, 8, wg) if n_rows == 8 else a)
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
@@ -336,15 +345,17 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits"))
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits",
+                                             "step", "v_halves", "per_update"))
 def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid,
                          lo, *, k_bits: int, v_bits: int, group_size: int,
-                         splits: int | None = None):
+                         splits: int | None = None, step: int | None = None,
+                         v_halves: bool = False, per_update: int = UPDATE):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`
   (module docstring); `splits` programs share each row's sequence."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
-  step = step_tokens(k_bits, v_bits)
+  step = step or step_tokens(k_bits, v_bits)
   if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
     raise ValueError(
         f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to {step} "
@@ -360,7 +371,8 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
-  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d)(
+  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
+                   v_halves, per_update)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

@@ -1,0 +1,86 @@
+"""Experiment (branch exp/pair-regs): the pair kernel with fewer registers and less
+shared memory a block, for a third block an SM.
+
+Variants: `step` (tokens a TMA stage brings: 512, or 256 for half the shared
+memory) and `v_halves` (V^T P^T in two products of 64 channels, so that half the
+dequantized V^T tile is live at once). Each variant's partials are checked
+against the default's on one input, then the whole decode attention is timed
+by `kivi_jax.bench.attention_benchmark` (cuDNN bf16 in the same run).
+
+  python benchmarks/pair_variants.py OUT.json            # check and time
+  ncu --metrics launch__registers_per_thread,launch__occupancy_limit_registers,\
+launch__occupancy_limit_shared_mem -k regex:mosaic python benchmarks/pair_variants.py --once
+"""
+
+import functools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kivi_jax import bench
+from kivi_jax.cli import run_metadata
+from kivi_jax.pallas_kernels import decode_attention as da
+from kivi_jax.pallas_kernels import decode_attention_pairs as dp
+
+VARIANTS = [dict(step=512, v_halves=False), dict(step=512, v_halves=True),
+            dict(step=256, v_halves=False), dict(step=256, v_halves=True)]
+DEFAULT = dp.pair_decode_partials
+
+
+def _inputs(b, kh, rows, cap, kb, vb, g, seed=0):
+  """Random words, scales and zeros (any bits are codes), one live length a row."""
+  rng = np.random.default_rng(seed)
+  cg = min(g, dp.HEAD_DIM)
+  d = dp.HEAD_DIM
+  words = lambda *s: jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint64), jnp.uint32)  # noqa: E731
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+  return (bf(rng.standard_normal((b, kh, rows, d))),
+          words(b, kh, cap, d * kb // 32), bf(rng.uniform(0.01, 0.1, (b, kh, cap // g, d))),
+          bf(rng.standard_normal((b, kh, cap // g, d))),
+          words(b, kh, d, cap * vb // 32), bf(rng.uniform(0.01, 0.1, (b, kh, d // cg, cap))),
+          bf(rng.standard_normal((b, kh, d // cg, cap))),
+          jnp.asarray(rng.integers(cap // 2, cap + 1, b), jnp.int32), jnp.zeros(b, jnp.int32))
+
+
+def check(variant) -> float:
+  """Largest difference of the merged output from the default's, over its largest value."""
+  worst = 0.0
+  for b, kh, rows, cap, kb, vb, g in [(3, 2, 4, 4096, 2, 2, 32), (3, 2, 1, 2048, 4, 4, 32),
+                                      (2, 2, 16, 2048, 2, 4, 128), (2, 2, 8, 2048, 8, 8, 16)]:
+    x = _inputs(b, kh, rows, cap, kb, vb, g)
+    kw = dict(k_bits=kb, v_bits=vb, group_size=g)
+    want = np.asarray(da.merge_partials(*DEFAULT(*x, **kw))[0])
+    got = np.asarray(da.merge_partials(*DEFAULT(*x, **kw, **variant))[0])
+    worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+  return worst
+
+
+def main(out: str) -> None:
+  result = {**run_metadata(), "runs": []}
+  for variant in VARIANTS:
+    err = check(variant)
+    dp.pair_decode_partials = functools.partial(DEFAULT, **variant)
+    rows = bench.attention_benchmark(lengths=(32768, 131072), methods=("kivi2", "kivi4"),
+                                     repeats=20)["rows"]
+    rows += bench.attention_benchmark(lengths=(1536,), batch=32, q_heads=32, kv_heads=32,
+                                      methods=("kivi2",), repeats=20)["rows"]
+    rows += bench.attention_benchmark(lengths=(1536,), batch=256, q_heads=32, kv_heads=32,
+                                      methods=("kivi2",), repeats=20)["rows"]
+    dp.pair_decode_partials = DEFAULT
+    result["runs"].append({**variant, "max_rel_diff_from_default": err, "rows": rows})
+    with open(out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+def once() -> None:
+  """Each variant's kernel launched once at P1's 32k shape (for ncu)."""
+  x = _inputs(8, 8, 4, 32768, 2, 2, 32)
+  for variant in VARIANTS:
+    jax.block_until_ready(DEFAULT(*x, k_bits=2, v_bits=2, group_size=32, **variant))
+
+
+if __name__ == "__main__":
+  once() if sys.argv[1] == "--once" else main(sys.argv[1])
