@@ -2,8 +2,9 @@
 shared memory a block, for a third block an SM.
 
 Variants: `step` (tokens a TMA stage brings: 512, or 256 for half the shared
-memory) and `v_halves` (V^T P^T in two products of 64 channels, so that half the
-dequantized V^T tile is live at once). Each variant's partials are checked
+memory), `v_halves` (V^T P^T in two products of 64 channels, so that half the
+dequantized V^T tile is live at once) and `per_update` (tokens a softmax update
+takes: 256, or 128 for half the live scores). Each variant's partials are checked
 against the default's on one input, then the whole decode attention is timed
 by `kivi_jax.bench.attention_benchmark` (cuDNN bf16 in the same run).
 
@@ -27,16 +28,18 @@ from kivi_jax.pallas_kernels import decode_attention as da
 from kivi_jax.pallas_kernels import decode_attention_pairs as dp
 from kivi_jax.pallas_kernels import decode_attention_ring as ring
 
-VARIANTS = [dict(step=512, v_halves=False), dict(step=512, v_halves=True),
-            dict(step=256, v_halves=False), dict(step=256, v_halves=True)]
+VARIANTS = [dict(step=512, v_halves=False, per_update=256),  # the default
+            dict(step=512, v_halves=True, per_update=256),
+            dict(step=256, v_halves=False, per_update=256),
+            dict(step=256, v_halves=True, per_update=256),
+            dict(step=256, v_halves=True, per_update=128)]
 DEFAULT = dp.pair_decode_partials
 
 
-def _inputs(b, kh, rows, cap, kb, vb, g, seed=0):
+def _inputs(b, kh, rows, cap, kb, vb, g, d=dp.HEAD_DIM, seed=0):
   """Random words, scales and zeros (any bits are codes), one live length a row."""
   rng = np.random.default_rng(seed)
-  cg = min(g, dp.HEAD_DIM)
-  d = dp.HEAD_DIM
+  cg = min(g, d)
   words = lambda *s: jnp.asarray(rng.integers(0, 2**32, s, dtype=np.uint64), jnp.uint32)  # noqa: E731
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
   return (bf(rng.standard_normal((b, kh, rows, d))),
@@ -50,9 +53,11 @@ def _inputs(b, kh, rows, cap, kb, vb, g, seed=0):
 def check(variant) -> float:
   """Largest difference of the merged output from the default's, over its largest value."""
   worst = 0.0
-  for b, kh, rows, cap, kb, vb, g in [(3, 2, 4, 4096, 2, 2, 32), (3, 2, 1, 2048, 4, 4, 32),
-                                      (2, 2, 16, 2048, 2, 4, 128), (2, 2, 8, 2048, 8, 8, 16)]:
-    x = _inputs(b, kh, rows, cap, kb, vb, g)
+  for b, kh, rows, cap, kb, vb, g, d in [
+      (3, 2, 4, 4096, 2, 2, 32, 128), (3, 2, 1, 2048, 4, 4, 32, 128),
+      (2, 2, 16, 2048, 2, 4, 128, 128), (2, 2, 8, 2048, 8, 8, 16, 128),
+      (3, 2, 3, 2048, 2, 2, 16, 64)]:
+    x = _inputs(b, kh, rows, cap, kb, vb, g, d)
     kw = dict(k_bits=kb, v_bits=vb, group_size=g)
     want = np.asarray(da.merge_partials(*DEFAULT(*x, **kw))[0])
     got = np.asarray(da.merge_partials(*DEFAULT(*x, **kw, **variant))[0])
