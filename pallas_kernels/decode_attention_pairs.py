@@ -309,7 +309,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    parts = 2 if v_halves else 1
+    parts = 2 if v_halves and d == HEAD_DIM else 1  # products of 64 channels at least
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
