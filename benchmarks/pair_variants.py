@@ -12,6 +12,14 @@ by `kivi_jax.bench.attention_benchmark` (cuDNN bf16 in the same run).
   python benchmarks/pair_variants.py --ring OUT.json     # the ring kernel's tilings
   ncu --metrics launch__registers_per_thread,launch__occupancy_limit_registers,\
 launch__occupancy_limit_shared_mem -k regex:mosaic python benchmarks/pair_variants.py --once
+
+The device plan for this branch (two calls; SmolLM2's first 10 layers carried as
+`.devrun/model/SmolLM2-135M-Instruct.Q4_1.gguf` by `scripts/gguf_first_layers.py`,
+54 MB, with `KIVI_JAX_CACHE=.devrun/model`):
+  1. compiled checks: `pytest -n 4 tests/test_decode_pairs.py tests/test_quantize_pack.py
+     -k "pair or float64 or decode_step"` (the 64-wide cases among them), then
+     `pytest tests/test_smollm2.py -k pair_kernel`; ncu's registers as above.
+  2. `python benchmarks/pair_variants.py OUT.json`, then `--ring OUT2.json`.
 """
 
 import functools
