@@ -160,13 +160,17 @@ def test_decode_attention_over_pairs_equals_over_slots(impl):
   np.testing.assert_allclose(out["pairs"], out["slots"], rtol=tol, atol=tol)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  """A tiny Llama whose heads are 128 wide (the pair layout's span)."""
-  path = tmp_path_factory.mktemp("model128")
-  tiny_hf_model(tiny_llama_config(hidden_size=256, num_attention_heads=2,
+@pytest.fixture(scope="module", params=[128, 64])
+def model(tmp_path_factory, request):
+  """A tiny Llama whose heads are 128 wide (the pair layout's span) or 64 (its
+  key rows packed alone)."""
+  d = request.param
+  path = tmp_path_factory.mktemp(f"model{d}")
+  tiny_hf_model(tiny_llama_config(hidden_size=2 * d, num_attention_heads=2,
                                   num_key_value_heads=1)).save_pretrained(path)
-  return kivi_jax.load_model(path)
+  model = kivi_jax.load_model(path)
+  assert model.config.head_dim == d
+  return model
 
 
 def _prefilled(model, layout):
