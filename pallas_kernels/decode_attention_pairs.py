@@ -305,7 +305,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         for u in range(per_update // SPAN):
           acc = values(per_update // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
-      return lax.fori_loop(0, step // per_update, update, carry)
+      # Only the updates holding a live token: the first and last steps of a row
+      # may hold dead ones (before `lo`, from `n_valid` on). Every step between
+      # runs whole, so P^T's buffers keep alternating.
+      first_update = jnp.maximum(lo - t_step, 0) // per_update
+      end_update = jnp.minimum((n_valid - t_step + per_update - 1) // per_update,
+                               step // per_update)
+      return lax.fori_loop(first_update, end_update, update, carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
