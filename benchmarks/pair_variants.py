@@ -36,8 +36,8 @@ from kivi_jax.pallas_kernels import decode_attention as da
 from kivi_jax.pallas_kernels import decode_attention_pairs as dp
 from kivi_jax.pallas_kernels import decode_attention_ring as ring
 
-VARIANTS = [dict(step=512, v_halves=False, per_update=256),  # the default
-            dict(step=512, v_halves=True, per_update=256),
+VARIANTS = [dict(step=None, v_halves=False, per_update=256),  # the default
+            dict(step=None, v_halves=True, per_update=256),  # step None: 512 (256 at 8 bits)
             dict(step=256, v_halves=False, per_update=256),
             dict(step=256, v_halves=True, per_update=256),
             dict(step=256, v_halves=True, per_update=128)]
