@@ -14,7 +14,8 @@ bf16). The dequantized tiles stay in registers:
 
   per 64 tokens      S^T [64, N] = K Q^T       (K [64, 128] from registers)
   per 256 tokens     one online-softmax update over the 256 tokens' scores
-  per 128 tokens     O^T [128, 16] += V^T P^T  (V^T [128 channels, 128 tokens])
+  per 128 tokens     O^T [128, 16] += V^T P^T  (V^T [128 channels, 128 tokens];
+                     2-bit codes: two products of 64 channels, `values_in_halves`)
 
 with `N` = 8 query rows (P^T's columns padded to 16 by constant registers) or 16.
 One warpgroup per (batch row, kv head, split); each split walks steps of
@@ -68,10 +69,27 @@ UPDATE = 256  # tokens per online-softmax update
 TMA_ROWS = 256  # the longest dimension of a TMA box
 
 
-def step_tokens(k_bits: int, v_bits: int) -> int:
-  """Tokens a step's TMA brings: 512, or 256 with 8-bit codes (two buffers of
-  512 tokens' 8-bit words would not fit in shared memory)."""
+def step_tokens(group_size: int) -> int:
+  """Tokens a step's TMA brings: 256, or a whole group of 512. Against 512-token
+  steps (2026-12-04, H200, P1's shape; `benchmarks/NOTES.md`, "A third block an
+  SM"): KIVI-4 0.511 ms against 0.702 at 128k (its two buffers of 512 tokens
+  left one block an SM), KIVI-2 the same within 1%."""
+  return max(UPDATE, group_size)
+
+
+def max_group(k_bits, v_bits) -> int:
+  """The largest group the kernel reads: a step of 512 tokens' 8-bit words would
+  not fit in shared memory twice."""
   return UPDATE if 8 in (k_bits, v_bits) else STEP_TOKENS
+
+
+def values_in_halves(k_bits, v_bits, head_dim: int) -> bool:
+  """Whether V^T P^T runs as two products of 64 channels (half the dequantized
+  V^T tile live): for 2-bit codes and 128-wide heads, whose 256-token steps
+  take 61 KiB of shared memory, three blocks' worth of an SM; the halves bring
+  the registers from 233 to 168 a thread, so a third block runs (ncu,
+  2026-12-04). With wider codes shared memory holds two blocks anyway."""
+  return head_dim == HEAD_DIM and k_bits == v_bits == 2
 
 
 def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
@@ -80,7 +98,7 @@ def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
   of two from 16 tokens to a step, head_dim 64 or 128, at most 16 query rows per kv
   head, a bf16 model with bf16 scales (the kernel's fma is bf16x2)."""
   g = group_size
-  return (k_bits in BITS and v_bits in BITS and 16 <= g <= step_tokens(k_bits, v_bits)
+  return (k_bits in BITS and v_bits in BITS and 16 <= g <= max_group(k_bits, v_bits)
           and not g & (g - 1) and head_dim in HEAD_DIMS and 1 <= rows <= 16
           and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
 
@@ -97,8 +115,9 @@ def default_splits(batch: int, kv_heads: int, n_steps: int,
   about one wave of the kernel's two blocks an SM (an H200 has 132 SMs). On the
   H200 the whole decode attention at P1's shape took 0.190, 0.186, 0.158, 0.153
   and 0.151 ms at 32k with 64, 32, 16, 8 and 4 splits (targets 4096 to 256),
-  0.490 to 0.466 at 128k (`benchmarks/results/pair_splits_h200.json`): the
-  partials' writes and merge cost more than the idle SMs of fewer splits."""
+  0.490 to 0.466 at 128k (`benchmarks/results/pair_splits_h200.json`, 512-token
+  steps): the partials' writes and merge cost more than the idle SMs of fewer
+  splits."""
   return max(1, min(-(-target_programs // (batch * kv_heads)), n_steps))
 
 
@@ -197,8 +216,7 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool,
-           per_update: int):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide."""
   per = -(-(capacity // step) // splits)
@@ -293,29 +311,29 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         return tuple(out)
 
       def update(c, carry):
-        """The scores of `per_update` tokens, one softmax update, their values."""
+        """The scores of `UPDATE` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(per_update // PAIR * c + u) for u in range(per_update // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
         acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
-        for u in range(per_update // SPAN):
-          acc = values(per_update // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
+        for u in range(UPDATE // SPAN):
+          acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
       # Only the updates holding a live token: the first and last steps of a row
       # may hold dead ones (before `lo`, from `n_valid` on). Every step between
       # runs whole, so P^T's buffers keep alternating.
-      first_update = jnp.maximum(lo - t_step, 0) // per_update
-      end_update = jnp.minimum((n_valid - t_step + per_update - 1) // per_update,
-                               step // per_update)
+      first_update = jnp.maximum(lo - t_step, 0) // UPDATE
+      end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
+                               step // UPDATE)
       return lax.fori_loop(first_update, end_update, update, carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    parts = 2 if v_halves and d == HEAD_DIM else 1  # products of 64 channels at least
+    parts = 2 if v_halves else 1
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
@@ -351,20 +369,19 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits",
-                                             "step", "v_halves", "per_update"))
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits"))
 def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid,
                          lo, *, k_bits: int, v_bits: int, group_size: int,
-                         splits: int | None = None, step: int | None = None,
-                         v_halves: bool = False, per_update: int = UPDATE):
+                         splits: int | None = None):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`
   (module docstring); `splits` programs share each row's sequence."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
-  step = step or step_tokens(k_bits, v_bits)
+  step = step_tokens(group_size)
   if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
     raise ValueError(
-        f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to {step} "
+        f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to "
+        f"{max_group(k_bits, v_bits)} "
         f"tokens, head_dim {HEAD_DIMS}, at most 16 bf16 query rows with bf16 scales; got "
         f"k_bits={k_bits}, v_bits={v_bits}, group_size={group_size}, head_dim={d}, "
         f"rows={m_rows}, q {q.dtype}, scales {k_scale.dtype}")
@@ -378,7 +395,7 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   v_halves, per_update)(
+                   values_in_halves(k_bits, v_bits, d))(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

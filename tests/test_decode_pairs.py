@@ -23,6 +23,8 @@ import spec_reference
 
 ON_HOPPER = dp.hopper()
 BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)]
+# Groups of 512 tokens take 512-token steps (`step_tokens`); 8-bit codes stop at 256.
+CASES = [(kb, vb, g) for kb, vb in BITS for g in (16, 32, 128)] + [(2, 2, 512), (4, 4, 512)]
 D = dp.HEAD_DIM
 
 
@@ -40,8 +42,7 @@ def _shapes(b, kv_heads, rows, capacity, k_bits, v_bits, g, d=D):
 
 
 @pytest.mark.parametrize("rows, d", [(1, D), (4, D), (12, D), (16, D), (3, 64), (16, 64)])
-@pytest.mark.parametrize("g", [16, 32, 128])
-@pytest.mark.parametrize("k_bits, v_bits", BITS)
+@pytest.mark.parametrize("k_bits, v_bits, g", CASES)
 def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows, d):
   """Every shape the kernel claims to read traces and lowers to Mosaic GPU
   (what a CPU can check of a kernel it cannot run)."""
@@ -79,7 +80,9 @@ def test_split_steps_are_the_steps_with_live_tokens(step):
     (dict(d=96), "head_dim=96"),
     (dict(rows=17), "rows=17"),
     (dict(dtype=jnp.float32), "float32"),
-    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 512"),
+    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 256"),  # a step
+    (dict(group_size=512, capacity=1280), "capacity \\(1280\\) must be a multiple of 512"),
+    (dict(group_size=512, k_bits=8), "group_size=512"),
 ])
 def test_kernel_names_what_it_cannot_read(kw, match):
   kb, vb = kw.get("k_bits", 2), kw.get("v_bits", 2)
@@ -105,14 +108,13 @@ def _bf16(x):
 @pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("d", [D, 64])
 @pytest.mark.parametrize("rep", [1, 4, 12])
-@pytest.mark.parametrize("g", [16, 32, 128])
-@pytest.mark.parametrize("k_bits, v_bits", BITS)
+@pytest.mark.parametrize("k_bits, v_bits, g", CASES)
 def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
   """SPEC's attention over the block in float64, keys and values as the
   kernel rounds them (code * scale + zero to bf16 once); the kernel also rounds
   probabilities to bf16 for its dot (relative error up to 2^-8 each)."""
   rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d)) % 2**32)
-  b, kh, cap = 5, 2, 2048
+  b, kh, cap = 5, 2, max(2048, 8 * g)
   k = rng.standard_normal((b, kh, cap, d))
   k[..., 1] *= 30  # an outlier channel
   v = rng.standard_normal((b, kh, cap, d))
