@@ -109,16 +109,19 @@ def hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def default_splits(batch: int, kv_heads: int, n_steps: int,
-                   target_programs: int = 256) -> int:
-  """Sequence splits so that batch x heads x splits reaches `target_programs`,
-  about one wave of the kernel's two blocks an SM (an H200 has 132 SMs). On the
-  H200 the whole decode attention at P1's shape took 0.190, 0.186, 0.158, 0.153
-  and 0.151 ms at 32k with 64, 32, 16, 8 and 4 splits (targets 4096 to 256),
-  0.490 to 0.466 at 128k (`benchmarks/results/pair_splits_h200.json`, 512-token
-  steps): the partials' writes and merge cost more than the idle SMs of fewer
-  splits."""
-  return max(1, min(-(-target_programs // (batch * kv_heads)), n_steps))
+def default_splits(batch: int, kv_heads: int, n_steps: int, blocks_per_sm: int) -> int:
+  """The most sequence splits that keep batch x heads x splits programs within one
+  wave of the kernel's `blocks_per_sm` blocks on each SM (132 SMs on an H200;
+  at least one split, at most one a step). The partials' writes and merge cost
+  more than idle SMs: at P1's shape (64 rows x heads) the whole decode attention
+  took 0.190, 0.186, 0.158, 0.153 and 0.151 ms at 32k with 64, 32, 16, 8 and 4
+  splits, two blocks an SM (`benchmarks/results/pair_splits_h200.json`, 512-token
+  steps); with three blocks an SM (2-bit codes) 6 splits took KIVI-2 0.148 ms at
+  32k and 0.468 at 128k against 4 splits' 0.153 and 0.501, while KIVI-4's two
+  blocks an SM went from 0.165 / 0.517 to 0.196 / 0.643 with 6
+  (`benchmarks/results/pair_splits3_h200.json`)."""
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return max(1, min(sms * blocks_per_sm // (batch * kv_heads), n_steps))
 
 
 def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
@@ -389,7 +392,9 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
   n_rows = 8 if m_rows <= 8 else 16
   if splits is None:
-    splits = default_splits(b, kh, capacity // step)
+    # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
+    third = values_in_halves(k_bits, v_bits, d) and step == UPDATE
+    splits = default_splits(b, kh, capacity // step, 3 if third else 2)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
