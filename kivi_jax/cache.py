@@ -196,7 +196,7 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVICo
   `channel_group`. Its codes take whole packing blocks (`w * G` tokens, `G`
   word rows): more than `capacity` tokens where it is not a multiple of them
   (SKVQ's `block_granularity`); scales and zeros take exactly `capacity`.
-  In the pair layout `capacity` and `head_dim` are multiples of 128."""
+  In the pair layout `capacity` is a multiple of 128 and `head_dim` 64 or one."""
   if bits == 16:
     return QuantizedBlock(jnp.zeros((*lead, capacity, head_dim), dtype), None, None)
   g = config.group_size
@@ -304,9 +304,9 @@ def check_layout(layout: str, kv_config: KIVIConfig, head_dim: int) -> None:
     if bits != 16 and bits not in quantization.PAIR_BITS:
       raise ValueError(f"layout='pairs' holds {quantization.PAIR_BITS}- or 16-bit "
                        f"tensors, got {name}={bits}")
-  if head_dim % quantization.PAIR_SPAN:
-    raise ValueError(f"layout='pairs' needs a head_dim that is a multiple of "
-                     f"{quantization.PAIR_SPAN}, got head_dim={head_dim}")
+  if head_dim % quantization.PAIR_SPAN and head_dim != quantization.PAIR_SPAN // 2:
+    raise ValueError(f"layout='pairs' needs a head_dim of {quantization.PAIR_SPAN // 2} or a "
+                     f"multiple of {quantization.PAIR_SPAN}, got head_dim={head_dim}")
 
 
 def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length: int,
@@ -330,7 +330,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
       each device creates only its own shard.
     layout: how the quantized blocks are packed (`QuantizedBlock`): "slots"
       (every kernel's) or "pairs" (each row packed along the axis Hopper's
-      `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim a multiple of 128, not
+      `wgmma` contracts: 2-, 4- or 8-bit codes, head_dim 64 or a multiple of 128, not
       SKVQ's hidden-dim layout; a 16-bit tensor lies as it is in either). The
       GPU's `quantize_pack_pairs` writes "pairs" (jnp elsewhere); on a Hopper GPU
       `decode_attention_pairs`' kernel reads it, elsewhere the jnp reference.

@@ -30,7 +30,11 @@ Hopper's `wgmma`: column `c = 16 s + 8 h + 2 j + e` (`s < 8`, `h, e < 2`,
 `j < 4`) of a span sits in word `8 (s // p) + 2 j + h` of the span's `4 b`
 words, at bit `b (s % p) + 16 e`, `p = 16 // b`. A thread of the WGMMA register
 layout holds words `2 j + h` of its rows, and `(w >> b (s % p)) & field` in
-each 16-bit half is then its pair of k-step `s`, already in place.
+each 16-bit half is then its pair of k-step `s`, already in place. A row of 64
+columns (64-wide heads' keys) packs alone, read as 16-bit halves: column
+`c = 8 t + 2 j + e` (`t < 8`) sits in word `4 (t // p) + j` of its `2 b` words,
+at bit `b (t % p) + 16 e` (a thread of the WGMMA layout over the halves holds
+words `4 k + j`).
 
 `quantize` and `dequantize` also take an explicit channel grouping for axis
 "token" (SKVQ's unequal groups over the reordered hidden dim): `groups = (ids,
@@ -99,12 +103,17 @@ def _pair_fields(bits: int):
 
 
 def pair_pack(codes: Array, bits: int) -> Array:
-  """Packs integer codes `[..., n]` in `[0, 2^b - 1]` (n a multiple of 128) into
-  uint32 `[..., n b / 32]` in the pair layout (module docstring)."""
+  """Packs integer codes `[..., n]` in `[0, 2^b - 1]` (n 64 or a multiple of 128)
+  into uint32 `[..., n b / 32]` in the pair layout (module docstring)."""
   p, shift = _pair_fields(bits)
   *lead, n = codes.shape
+  if n == PAIR_SPAN // 2:
+    # Column 8 t + 2 j + e with t = p t_hi + t_lo: [..., t_hi, t_lo, j, e].
+    c = codes.astype(jnp.uint32).reshape(*lead, 8 // p, p, 4, 2)
+    place = jnp.asarray(shift)[:, None, :]  # [t_lo, 1, e]
+    return jnp.sum(c << place, axis=(-3, -1), dtype=jnp.uint32).reshape(*lead, 2 * bits)
   if n % PAIR_SPAN:
-    raise ValueError(f"the last axis ({n}) must be a multiple of {PAIR_SPAN} to pack "
+    raise ValueError(f"the last axis ({n}) must be 64 or a multiple of {PAIR_SPAN} to pack "
                      "codes in the pair layout")
   # Column 16 s + 8 h + 2 j + e with s = p s_hi + s_lo: [..., span, s_hi, s_lo, h, j, e].
   c = codes.astype(jnp.uint32).reshape(*lead, n // PAIR_SPAN, 8 // p, p, 2, 4, 2)
@@ -118,6 +127,10 @@ def pair_unpack(words: Array, bits: int) -> Array:
   """Inverse of `pair_pack`: uint32 `[..., n b / 32]` -> uint8 codes `[..., n]`."""
   p, shift = _pair_fields(bits)
   *lead, nw = words.shape
+  if nw == 2 * bits:  # a row of 64 columns
+    w = words.reshape(*lead, 8 // p, 1, 4, 1)  # [..., t_hi, t_lo, j, e]
+    c = (w >> jnp.asarray(shift)[:, None, :]) & jnp.uint32(2**bits - 1)
+    return c.reshape(*lead, PAIR_SPAN // 2).astype(jnp.uint8)
   spans = nw // (4 * bits)
   w = jnp.swapaxes(words.reshape(*lead, spans, 8 // p, 4, 2), -1, -2)  # [.., s_hi, h, j]
   c = (w[..., None, :, :, None] >> jnp.asarray(shift)[:, None, None, :]) & jnp.uint32(

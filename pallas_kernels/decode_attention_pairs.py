@@ -14,7 +14,8 @@ bf16). The dequantized tiles stay in registers:
 
   per 64 tokens      S^T [64, N] = K Q^T       (K [64, 128] from registers)
   per 256 tokens     one online-softmax update over the 256 tokens' scores
-  per 128 tokens     O^T [128, 16] += V^T P^T  (V^T [128 channels, 128 tokens])
+  per 128 tokens     O^T [128, 16] += V^T P^T  (V^T [128 channels, 128 tokens];
+                     2-bit codes: two products of 64 channels, `values_in_halves`)
 
 with `N` = 8 query rows (P^T's columns padded to 16 by constant registers) or 16.
 One warpgroup per (batch row, kv head, split); each split walks steps of
@@ -24,7 +25,8 @@ off (each step's `commit_smem` guards the buffer refetched; P^T alternates
 between two buffers), exponentials by `ex2.approx`. The design and its
 measurements: `benchmarks/NOTES.md`, "Codes in the operand's layout" and after.
 
-Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128, C block
+Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128 or 64 (a
+64-wide key row packs alone and is read as 16-bit halves: `pair_pack`), C block
 capacity, a multiple of `STEP_TOKENS`; G group size, cg = min(G, D)):
   q        [B, K, M, D]        bf16
   k_codes  [B, K, C, D b/32]   uint32   k_scale, k_zero [B, K, C/G, D]  bf16
@@ -58,6 +60,7 @@ from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN  # tokens of one V^T tile
 
 HEAD_DIM = 128
+HEAD_DIMS = (64, HEAD_DIM)  # a 64-wide head's key rows are read as 16-bit halves
 BITS = (2, 4, 8)
 # Block capacities are whole numbers of this many tokens (`kivi_jax.cache`).
 STEP_TOKENS = 512
@@ -66,20 +69,37 @@ UPDATE = 256  # tokens per online-softmax update
 TMA_ROWS = 256  # the longest dimension of a TMA box
 
 
-def step_tokens(k_bits: int, v_bits: int) -> int:
-  """Tokens a step's TMA brings: 512, or 256 with 8-bit codes (two buffers of
-  512 tokens' 8-bit words would not fit in shared memory)."""
+def step_tokens(group_size: int) -> int:
+  """Tokens a step's TMA brings: 256, or a whole group of 512. Against 512-token
+  steps (2026-12-04, H200, P1's shape; `benchmarks/NOTES.md`, "A third block an
+  SM"): KIVI-4 0.511 ms against 0.702 at 128k (its two buffers of 512 tokens
+  left one block an SM), KIVI-2 the same within 1%."""
+  return max(UPDATE, group_size)
+
+
+def max_group(k_bits, v_bits) -> int:
+  """The largest group the kernel reads: a step of 512 tokens' 8-bit words would
+  not fit in shared memory twice."""
   return UPDATE if 8 in (k_bits, v_bits) else STEP_TOKENS
+
+
+def values_in_halves(k_bits, v_bits, head_dim: int) -> bool:
+  """Whether V^T P^T runs as two products of 64 channels (half the dequantized
+  V^T tile live): for 2-bit codes and 128-wide heads, whose 256-token steps
+  take 61 KiB of shared memory, three blocks' worth of an SM; the halves bring
+  the registers from 233 to 168 a thread, so a third block runs (ncu,
+  2026-12-04). With wider codes shared memory holds two blocks anyway."""
+  return head_dim == HEAD_DIM and k_bits == v_bits == 2
 
 
 def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
             scale_dtype) -> bool:
   """Whether this kernel reads the block: 2-, 4- or 8-bit codes, groups of a power
-  of two from 16 tokens to a step, head_dim 128, at most 16 query rows per kv
+  of two from 16 tokens to a step, head_dim 64 or 128, at most 16 query rows per kv
   head, a bf16 model with bf16 scales (the kernel's fma is bf16x2)."""
   g = group_size
-  return (k_bits in BITS and v_bits in BITS and 16 <= g <= step_tokens(k_bits, v_bits)
-          and not g & (g - 1) and head_dim == HEAD_DIM and 1 <= rows <= 16
+  return (k_bits in BITS and v_bits in BITS and 16 <= g <= max_group(k_bits, v_bits)
+          and not g & (g - 1) and head_dim in HEAD_DIMS and 1 <= rows <= 16
           and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
 
 
@@ -89,15 +109,19 @@ def hopper() -> bool:
   return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
-def default_splits(batch: int, kv_heads: int, n_steps: int,
-                   target_programs: int = 256) -> int:
-  """Sequence splits so that batch x heads x splits reaches `target_programs`,
-  about one wave of the kernel's two blocks an SM (an H200 has 132 SMs). On the
-  H200 the whole decode attention at P1's shape took 0.190, 0.186, 0.158, 0.153
-  and 0.151 ms at 32k with 64, 32, 16, 8 and 4 splits (targets 4096 to 256),
-  0.490 to 0.466 at 128k (`benchmarks/results/pair_splits_h200.json`): the
-  partials' writes and merge cost more than the idle SMs of fewer splits."""
-  return max(1, min(-(-target_programs // (batch * kv_heads)), n_steps))
+def default_splits(batch: int, kv_heads: int, n_steps: int, blocks_per_sm: int) -> int:
+  """The most sequence splits that keep batch x heads x splits programs within one
+  wave of the kernel's `blocks_per_sm` blocks on each SM (132 SMs on an H200;
+  at least one split, at most one a step). The partials' writes and merge cost
+  more than idle SMs: at P1's shape (64 rows x heads) the whole decode attention
+  took 0.190, 0.186, 0.158, 0.153 and 0.151 ms at 32k with 64, 32, 16, 8 and 4
+  splits, two blocks an SM (`benchmarks/results/pair_splits_h200.json`, 512-token
+  steps); with three blocks an SM (2-bit codes) 6 splits took KIVI-2 0.148 ms at
+  32k and 0.468 at 128k against 4 splits' 0.153 and 0.501, while KIVI-4's two
+  blocks an SM went from 0.165 / 0.517 to 0.196 / 0.643 with 6
+  (`benchmarks/results/pair_splits3_h200.json`)."""
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return max(1, min(sms * blocks_per_sm // (batch * kv_heads), n_steps))
 
 
 def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
@@ -110,36 +134,43 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
 
 
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
-  """uint32 words `[R, 4 b]` (`pair_pack` of codes `[R, 128]`, WGMMA layout) ->
-  bf16 `[R, 128]` = code * scale + zero in the WGMMA layout, row `r`'s scales and
-  zeros at row `r // rows_per_scale` of `scale_ref`, `zero_ref` `[.., 128]`.
-  Rows `r` and `r + 8` of a thread lie in one group (groups of 16 rows or more)."""
+  """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
+  WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
+  `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
+  `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
+  `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
+  (groups of 16 rows or more)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
+  cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
   mask = (2**bits - 1) * 0x10001
 
   @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((rows, HEAD_DIM), jnp.bfloat16, wg))
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
   def dequant(ctx, w, scales, zeros):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
-    out = np.empty(layout.registers_shape((rows, HEAD_DIM)), dtype=object)
-    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, HEAD_DIM))))
+    out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
     loaded = {}
     for idx in np.ndindex(out.shape):
       rt, ct, half = idx[0], idx[1], idx[4]
-      s, h = ct // 2, ct % 2  # k-step s, its column half h
-      reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
-      word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
+      if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
+        word = mgpu_utils.bitcast(w.registers[rt, ct // p, 0, 0, half, 0, 0, 0, 0], i32)
+        shift = bits * (ct % p)
+      else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
+        s, h = ct // 2, ct % 2
+        reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
+        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
+        shift = bits * (s % p)
       if (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
-      shift = bits * (s % p)
       shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
       if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
         body = f"""
@@ -188,13 +219,14 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int):
-  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows."""
-  d = HEAD_DIM
-  step = step_tokens(k_bits, v_bits)
+           v_bits: int, group: int, d: int, step: int, v_halves: bool):
+  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
+  heads `d` wide."""
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
-  k_words = 4 * k_bits           # a token's key words
+  k_words = d * k_bits // 32      # a token's key words
+  k_type = jnp.uint16 if d < HEAD_DIM else jnp.uint32  # 64-wide: read as halves
+  k_cols = k_words * (2 if d < HEAD_DIM else 1)
   v_words = SPAN * v_bits // 32  # a channel's value words per V^T tile
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
@@ -257,13 +289,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         tok = t_step + PAIR * jp + tok_in
         return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
 
-      def values(c, ps, acc):
-        """acc + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles')."""
-        vt = _dequant(load_words(vw_smem.at[slot, :, pl.ds(v_words * c, v_words)]),
-                      vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
-                      vz_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2), SPAN)],
-                      v_bits, cg)
+      def values(c, ps, accs):
+        """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
+        two S^T tiles'), in `len(accs)` parts of channels."""
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
@@ -271,31 +299,50 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
+        rows = d // len(accs)
+        out = []
+        for part, acc in enumerate(accs):
+          at = pl.ds(rows * part // cg, max(1, rows // cg))
+          vt = _dequant(
+              load_words(vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)]),
+              vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, vt, p_buf)
-        return pl.run_state(pv)(plgpu.ACC.init(acc))
+          def pv(acc_ref, vt=vt):
+            plgpu.wgmma(acc_ref, vt, p_buf)
+          out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+        return tuple(out)
 
       def update(c, carry):
-        """The scores of 256 tokens, one softmax update, their values."""
+        """The scores of `UPDATE` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(4 * c + u) for u in range(UPDATE // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
         for u in range(UPDATE // SPAN):
-          acc = values(2 * c + u, ps[2 * u:2 * u + 2], acc)
+          acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
-      return lax.fori_loop(0, step // UPDATE, update, carry)
+      # Only the updates holding a live token: the first and last steps of a row
+      # may hold dead ones (before `lo`, from `n_valid` on). Every step between
+      # runs whole, so P^T's buffers keep alternating.
+      first_update = jnp.maximum(lo - t_step, 0) // UPDATE
+      end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
+                               step // UPDATE)
+      return lax.fori_loop(first_update, end_update, update, carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    a0 = plgpu.layout_cast(jnp.full((d, 16), 0.0, jnp.float32), wg)
+    parts = 2 if v_halves else 1
+    a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
+               for _ in range(parts))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    o_out[bi, h, s] = _with_columns(acc, 8, wg) if n_rows == 8 else acc  # the real rows
+    for part, a in enumerate(acc):  # the real rows
+      o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+          _with_columns(a, 8, wg) if n_rows == 8 else a)
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
@@ -305,7 +352,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
   scratch = [
       swizzled((n_rows, d), 128),
-      plgpu.SMEM((2, step, k_words), jnp.uint32),
+      plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
@@ -333,20 +380,27 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   (module docstring); `splits` programs share each row's sequence."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
-  step = step_tokens(k_bits, v_bits)
+  step = step_tokens(group_size)
   if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
     raise ValueError(
-        f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to {step} "
-        f"tokens, head_dim {HEAD_DIM}, at most 16 bf16 query rows with bf16 scales; got "
+        f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to "
+        f"{max_group(k_bits, v_bits)} "
+        f"tokens, head_dim {HEAD_DIMS}, at most 16 bf16 query rows with bf16 scales; got "
         f"k_bits={k_bits}, v_bits={v_bits}, group_size={group_size}, head_dim={d}, "
         f"rows={m_rows}, q {q.dtype}, scales {k_scale.dtype}")
   if capacity % step:
     raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
   n_rows = 8 if m_rows <= 8 else 16
   if splits is None:
-    splits = default_splits(b, kh, capacity // step)
+    # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
+    third = values_in_halves(k_bits, v_bits, d) and step == UPDATE
+    splits = default_splits(b, kh, capacity // step, 3 if third else 2)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
-  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size)(
+  if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
+    k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
+        *k_codes.shape[:-1], 2 * k_codes.shape[-1])
+  o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
+                   values_in_halves(k_bits, v_bits, d))(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

@@ -160,13 +160,17 @@ def _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity: in
   )(x, start, n_tokens, words, scale, zero)
 
 
-def _pair_places(col, bits: int):
+def _pair_places(col, bits: int, width: int = SPAN):
   """`(word, shift)` int32 of columns `col` (int32, any shape) of a 128-column
   span in the pair layout: column `16 s + 8 h + 2 j + e` sits in word
-  `8 (s // p) + 2 j + h` at bit `b (s % p) + 16 e` (`p = 16 / b`). Bit operations
-  only (Triton takes no `%` of a scalar)."""
+  `8 (s // p) + 2 j + h` at bit `b (s % p) + 16 e` (`p = 16 / b`); of a row of
+  `width` 64 columns: column `8 t + 2 j + e` in word `4 (t // p) + j` at bit
+  `b (t % p) + 16 e`. Bit operations only (Triton takes no `%` of a scalar)."""
   lg = {2: 3, 4: 2, 8: 1}[bits]  # log2(p)
-  c = col & (SPAN - 1)
+  c = col & (width - 1)
+  if width == SPAN // 2:
+    t, j, e = c >> 3, (c >> 1) & 3, c & 1
+    return ((t >> lg) << 2) + j, bits * (t & ((1 << lg) - 1)) + 16 * e
   s, h, j, e = c >> 4, (c >> 3) & 1, (c >> 1) & 3, c & 1
   return ((s >> lg) << 3) + 2 * j + h, bits * (s & ((1 << lg) - 1)) + 16 * e
 
@@ -203,7 +207,8 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
     groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
     if axis == "channel":
       # Each token's own word row: the group's tokens' rows written whole.
-      word, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits)
+      word, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits,
+                                 min(d, SPAN))
       word = word + (jax.lax.broadcasted_iota(jnp.int32, (1, d), 1) // SPAN) * (4 * bits)
 
       def one(j, carry):
@@ -244,14 +249,15 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
   """`quantize_pack` into a block in the pair layout (module docstring): words
   `[B, H, C, D b/32]` (axis "channel") or `[B, H, D, C b/32]` (axis "token"),
   scale and zero `[B, H, C/G, D]` or `[B, H, D/min(G, D), C]`. Groups of at
-  most 128 tokens (a span), head_dim a multiple of 128."""
+  most 128 tokens (a span), head_dim 64 or a multiple of 128."""
   n, d = x.shape[2:]
   g = group_size
   if n % g:
     raise ValueError(f"x has {n} tokens, not a multiple of group_size={g}")
-  if g > SPAN or d % SPAN:
+  if g > SPAN or (d % SPAN and d != SPAN // 2):
     raise ValueError(f"the pair writer takes groups of at most {SPAN} tokens and a head_dim "
-                     f"that is a multiple of {SPAN}, got group_size={g}, head_dim={d}")
+                     f"of {SPAN // 2} or a multiple of {SPAN}, got group_size={g}, "
+                     f"head_dim={d}")
   capacity = scale.shape[-1] if axis == "token" else scale.shape[2] * g
   spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,

@@ -23,32 +23,33 @@ import spec_reference
 
 ON_HOPPER = dp.hopper()
 BITS = [(2, 2), (4, 4), (8, 8), (2, 4), (8, 2)]
+# Groups of 512 tokens take 512-token steps (`step_tokens`); 8-bit codes stop at 256.
+CASES = [(kb, vb, g) for kb, vb in BITS for g in (16, 32, 128)] + [(2, 2, 512), (4, 4, 512)]
 D = dp.HEAD_DIM
 
 
-def _shapes(b, kv_heads, rows, capacity, k_bits, v_bits, g):
+def _shapes(b, kv_heads, rows, capacity, k_bits, v_bits, g, d=D):
   """The kernel's arguments as shapes: `pair_decode_partials`' docstring."""
-  cg = min(g, D)
+  cg = min(g, d)
   sd = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
-  return (sd((b, kv_heads, rows, D), bf),
-          sd((b, kv_heads, capacity, D * k_bits // 32), jnp.uint32),
-          *2 * [sd((b, kv_heads, capacity // g, D), bf)],
-          sd((b, kv_heads, D, capacity * v_bits // 32), jnp.uint32),
-          *2 * [sd((b, kv_heads, D // cg, capacity), bf)],
+  return (sd((b, kv_heads, rows, d), bf),
+          sd((b, kv_heads, capacity, d * k_bits // 32), jnp.uint32),
+          *2 * [sd((b, kv_heads, capacity // g, d), bf)],
+          sd((b, kv_heads, d, capacity * v_bits // 32), jnp.uint32),
+          *2 * [sd((b, kv_heads, d // cg, capacity), bf)],
           sd((b,), jnp.int32), sd((b,), jnp.int32))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 12, 16])
-@pytest.mark.parametrize("g", [16, 32, 128])
-@pytest.mark.parametrize("k_bits, v_bits", BITS)
-def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows):
+@pytest.mark.parametrize("rows, d", [(1, D), (4, D), (12, D), (16, D), (3, 64), (16, 64)])
+@pytest.mark.parametrize("k_bits, v_bits, g", CASES)
+def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows, d):
   """Every shape the kernel claims to read traces and lowers to Mosaic GPU
   (what a CPU can check of a kernel it cannot run)."""
-  assert dp.applies(k_bits, v_bits, g, D, rows, jnp.bfloat16, jnp.bfloat16)
+  assert dp.applies(k_bits, v_bits, g, d, rows, jnp.bfloat16, jnp.bfloat16)
   f = jax.jit(lambda *a: dp.pair_decode_partials(*a, k_bits=k_bits, v_bits=v_bits,
                                                  group_size=g, splits=3))
-  lowered = f.trace(*_shapes(2, 2, rows, 2048, k_bits, v_bits, g)).lower(
+  lowered = f.trace(*_shapes(2, 2, rows, 2048, k_bits, v_bits, g, d)).lower(
       lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
 
@@ -76,10 +77,12 @@ def test_split_steps_are_the_steps_with_live_tokens(step):
     (dict(v_bits=1.5), "v_bits=1.5"),
     (dict(group_size=8), "group_size=8"),
     (dict(group_size=48), "group_size=48"),
-    (dict(d=64), "head_dim=64"),
+    (dict(d=96), "head_dim=96"),
     (dict(rows=17), "rows=17"),
     (dict(dtype=jnp.float32), "float32"),
-    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 512"),
+    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 256"),  # a step
+    (dict(group_size=512, capacity=1280), "capacity \\(1280\\) must be a multiple of 512"),
+    (dict(group_size=512, k_bits=8), "group_size=512"),
 ])
 def test_kernel_names_what_it_cannot_read(kw, match):
   kb, vb = kw.get("k_bits", 2), kw.get("v_bits", 2)
@@ -103,24 +106,24 @@ def _bf16(x):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("d", [D, 64])
 @pytest.mark.parametrize("rep", [1, 4, 12])
-@pytest.mark.parametrize("g", [16, 32, 128])
-@pytest.mark.parametrize("k_bits, v_bits", BITS)
-def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep):
+@pytest.mark.parametrize("k_bits, v_bits, g", CASES)
+def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
   """SPEC's attention over the block in float64, keys and values as the
   kernel rounds them (code * scale + zero to bf16 once); the kernel also rounds
   probabilities to bf16 for its dot (relative error up to 2^-8 each)."""
-  rng = np.random.default_rng(hash((k_bits, v_bits, g, rep)) % 2**32)
-  b, kh, cap = 5, 2, 2048
-  k = rng.standard_normal((b, kh, cap, D))
+  rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d)) % 2**32)
+  b, kh, cap = 5, 2, max(2048, 8 * g)
+  k = rng.standard_normal((b, kh, cap, d))
   k[..., 1] *= 30  # an outlier channel
-  v = rng.standard_normal((b, kh, cap, D))
+  v = rng.standard_normal((b, kh, cap, d))
   kc, ks, kz, _ = spec_reference.quantize(k, k_bits, g, "channel", scale_dtype=jnp.bfloat16)
   vc, vs, vz, _ = spec_reference.quantize(v, v_bits, g, "token", scale_dtype=jnp.bfloat16)
-  cg = min(g, D)
+  cg = min(g, d)
   keys = _bf16(kc * np.repeat(ks, g, 2) + np.repeat(kz, g, 2))
   values = _bf16(vc * np.repeat(vs, cg, 3) + np.repeat(vz, cg, 3))
-  q = _bf16(rng.standard_normal((b, kh, rep, D)))
+  q = _bf16(rng.standard_normal((b, kh, rep, d)))
   n_valid = np.array([0, g, cap - 3 * g, cap, 5 * g])
   lo = np.array([0, 0, 517, 0, 2 * g + 7])
   bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
@@ -136,7 +139,7 @@ def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep):
     if not live.any():
       assert np.all(o[i] == 0) and np.all(lse[i] < -1e29)
       continue
-    s = np.einsum("hmd,htd->hmt", q[i], keys[i][:, live]) / math.sqrt(D)
+    s = np.einsum("hmd,htd->hmt", q[i], keys[i][:, live]) / math.sqrt(d)
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("hmt,htd->hmd", p, values[i][:, live]) / p.sum(-1)[..., None]
     err = np.linalg.norm(o[i] - want) / np.linalg.norm(want)
@@ -145,8 +148,9 @@ def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep):
 
 
 @pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
-@pytest.mark.parametrize("rep, window", [(1, None), (4, None), (4, 700)])
-def test_a_decode_step_reads_the_pair_layout_through_the_kernel(rep, window):
+@pytest.mark.parametrize("rep, window, d", [(1, None, D), (4, None, D), (4, 700, D),
+                                             (3, None, 64)])  # SmolLM2's heads: GQA 3, d 64
+def test_a_decode_step_reads_the_pair_layout_through_the_kernel(rep, window, d):
   """`decode_attention` over a bf16 cache in the pair layout: the kernel reads
   the block (its custom call is in the step) and the step's output (block,
   ring and new token merged) equals the jnp reference's within the kernel's
@@ -154,13 +158,13 @@ def test_a_decode_step_reads_the_pair_layout_through_the_kernel(rep, window):
   config = kivi_jax.KIVIConfig(2, 2, 32, 128)
   b, hkv, n = 3, 2, 1500
   rng = np.random.default_rng(rep)
-  k, v = (jnp.asarray(rng.standard_normal((b, hkv, n, D)), jnp.bfloat16) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, hkv, n, d)), jnp.bfloat16) for _ in range(2))
   lengths = jnp.asarray([n, 1000, 129], jnp.int32)
-  shape = CacheShape(num_kv_heads=hkv, head_dim=D, dtype=jnp.bfloat16)
+  shape = CacheShape(num_kv_heads=hkv, head_dim=d, dtype=jnp.bfloat16)
   layer = kivi_jax.init_cache(shape, config, b, n + 1, layout="pairs").layers[0]
   layer = append(layer, k, v, jnp.zeros_like(lengths), lengths, config, "gpu")
-  q = jnp.asarray(rng.standard_normal((b, 1, rep * hkv, D)), jnp.bfloat16)
-  k1, v1 = (jnp.asarray(rng.standard_normal((b, hkv, 1, D)), jnp.bfloat16) for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((b, 1, rep * hkv, d)), jnp.bfloat16)
+  k1, v1 = (jnp.asarray(rng.standard_normal((b, hkv, 1, d)), jnp.bfloat16) for _ in range(2))
   ones = jnp.ones((b,), jnp.int32)
   out = {}
   for impl in ("gpu", "reference"):

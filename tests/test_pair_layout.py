@@ -39,9 +39,26 @@ def test_pair_pack_puts_each_code_where_the_layout_says(bits):
   np.testing.assert_array_equal(quantization.pair_unpack(jnp.asarray(words), bits), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pair_pack_puts_a_64_column_rows_codes_where_the_layout_says(bits):
+  """64-wide heads' key rows: column 8 t + 2 j + e in word 4 (t // p) + j at
+  bit b (t % p) + 16 e (a thread's words when read as 16-bit halves)."""
+  rng = np.random.default_rng(bits)
+  codes = rng.integers(0, 2**bits, (5, 64)).astype(np.uint32)
+  words = np.asarray(quantization.pair_pack(jnp.asarray(codes), bits))
+  assert words.shape == (5, 2 * bits)
+  p = 16 // bits
+  expected = np.zeros_like(words)
+  for c in range(64):
+    t, j, e = c // 8, c // 2 % 4, c % 2
+    expected[:, 4 * (t // p) + j] |= codes[:, c] << (bits * (t % p) + 16 * e)
+  np.testing.assert_array_equal(words, expected)
+  np.testing.assert_array_equal(quantization.pair_unpack(jnp.asarray(words), bits), codes)
+
+
 def test_pair_pack_refuses_what_it_cannot_hold():
-  with pytest.raises(ValueError, match="multiple of 128"):
-    quantization.pair_pack(jnp.zeros((2, 64), jnp.uint32), 2)
+  with pytest.raises(ValueError, match="64 or a multiple of 128"):
+    quantization.pair_pack(jnp.zeros((2, 192), jnp.uint32), 2)
   with pytest.raises(ValueError, match="pair layout holds"):
     quantization.pair_pack(jnp.zeros((2, 128), jnp.uint32), 3)
 
@@ -57,17 +74,17 @@ CONFIGS = {
 }
 
 
-def _kv(n, seed=0):
+def _kv(n, seed=0, d=D):
   rng = np.random.default_rng(seed)
-  k = rng.standard_normal((B, HKV, n, D)).astype(np.float32)
+  k = rng.standard_normal((B, HKV, n, d)).astype(np.float32)
   k[..., 5] *= 30  # an outlier channel
-  return jnp.asarray(k), jnp.asarray(rng.standard_normal((B, HKV, n, D)), jnp.float32)
+  return jnp.asarray(k), jnp.asarray(rng.standard_normal((B, HKV, n, d)), jnp.float32)
 
 
 def _fill(config, layout, k, v, lengths, chunk):
   """Row b's first lengths[b] tokens appended `chunk` at a time."""
-  layer = kivi_jax.init_cache(_shape(), config, B, 400, impl="reference",
-                              layout=layout).layers[0]
+  layer = kivi_jax.init_cache(_shape(head_dim=k.shape[-1]), config, B, 400,
+                              impl="reference", layout=layout).layers[0]
   done = jnp.zeros((B,), jnp.int32)
   for start in range(0, k.shape[2], chunk):
     n_new = jnp.clip(jnp.asarray(lengths) - start, 0, chunk).astype(jnp.int32)
@@ -77,11 +94,12 @@ def _fill(config, layout, k, v, lengths, chunk):
   return layer, done
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("chunk", [1, 97, 300])
-def test_pairs_hold_the_slot_layouts_codes_scales_and_zeros(name, chunk):
+@pytest.mark.parametrize("name, chunk, d", [
+    *((name, chunk, D) for name in CONFIGS for chunk in (1, 97, 300)),
+    *((name, 97, 64) for name in CONFIGS)])  # 64-wide heads (SmolLM2's)
+def test_pairs_hold_the_slot_layouts_codes_scales_and_zeros(name, chunk, d):
   config = CONFIGS[name]
-  k, v = _kv(300)
+  k, v = _kv(300, d=d)
   lengths = [300, 233, 199]
   slots, n_a = _fill(config, "slots", k, v, lengths, chunk)
   pairs, n_b = _fill(config, "pairs", k, v, lengths, chunk)
@@ -142,13 +160,17 @@ def test_decode_attention_over_pairs_equals_over_slots(impl):
   np.testing.assert_allclose(out["pairs"], out["slots"], rtol=tol, atol=tol)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  """A tiny Llama whose heads are 128 wide (the pair layout's span)."""
-  path = tmp_path_factory.mktemp("model128")
-  tiny_hf_model(tiny_llama_config(hidden_size=256, num_attention_heads=2,
+@pytest.fixture(scope="module", params=[128, 64])
+def model(tmp_path_factory, request):
+  """A tiny Llama whose heads are 128 wide (the pair layout's span) or 64 (its
+  key rows packed alone)."""
+  d = request.param
+  path = tmp_path_factory.mktemp(f"model{d}")
+  tiny_hf_model(tiny_llama_config(hidden_size=2 * d, num_attention_heads=2,
                                   num_key_value_heads=1)).save_pretrained(path)
-  return kivi_jax.load_model(path)
+  model = kivi_jax.load_model(path)
+  assert model.config.head_dim == d
+  return model
 
 
 def _prefilled(model, layout):
@@ -197,7 +219,7 @@ def test_a_checkpoint_naming_an_unknown_layout_is_refused(model, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(layout="tiles"), "layout must be one of"),
-    (dict(shape=_shape(head_dim=64)), "head_dim=64"),
+    (dict(shape=_shape(head_dim=96)), "head_dim=96"),
     (dict(config=kivi_jax.KIVIConfig(2, 1.5, 32, 32)), "v_bits=1.5"),
     (dict(config=kivi_jax.KIVIConfig(2, 2, 16, 32, key_axis="token", value_axis="token",
                                      channel_group=16)), "channel_group"),
@@ -233,7 +255,8 @@ def test_auto_layout_is_pairs_exactly_where_the_hopper_kernel_reads_it(monkeypat
   assert layout(shape(), layout="slots") == "slots"
   assert layout(shape(), impl="reference") == "slots"
   assert layout(shape(dtype="float32")) == "slots"
-  assert layout(shape(head_dim=64)) == "slots"
+  assert layout(shape(head_dim=64)) == "pairs"  # SmolLM2's heads
+  assert layout(shape(head_dim=96)) == "slots"
   assert layout(shape(), config=kivi_jax.KIVIConfig(2, 2, 32, 32, pre_rope=True)) == "slots"
   assert layout(shape(), config=kivi_jax.KIVIConfig(2, 1.5, 32, 32)) == "slots"  # ternary
   assert cache_mod.resolve_layout("auto", shape(), kivi2, "gpu", jnp.bfloat16,

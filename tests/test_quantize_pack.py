@@ -105,7 +105,7 @@ def test_kernel_matches_reference(kernel, case, dtype, clip, scale_dtype):
 
 PAIR_CASES = [
     # As CASES, in the pair layout (2/4/8 bits, groups up to a 128-token span,
-    # head dims of whole spans): flushes of one group into a span holding
+    # head dims of whole spans or 64): flushes of one group into a span holding
     # others, prefills across spans, a run past the capacity (dropped).
     (2, 32, "channel", 128, 32, (160, 0, 480), (32, 32, 0)),
     (2, 32, "token", 128, 32, (160, 0, 480), (32, 32, 32)),
@@ -114,6 +114,11 @@ PAIR_CASES = [
     (8, 128, "channel", 128, 256, (128 * 4, 0, 128), (256, 128, 0)),
     (8, 32, "token", 128, 64, (32 * 7, 0, 32 * 30), (64, 32, 64)),
     (2, 64, "token", 128, 320, (0, 64 * 3, 64 * 12), (320, 128, 320)),
+    # 64-wide heads (SmolLM2's): a key row of 64 columns packs alone.
+    (2, 32, "channel", 64, 32, (160, 0, 480), (32, 32, 0)),
+    (4, 64, "channel", 64, 192, (64 * 3, 0, 64 * 9), (192, 64, 192)),
+    (8, 16, "channel", 64, 96, (16 * 14, 0, 48), (96, 64, 96)),
+    (2, 128, "token", 64, 256, (128 * 4, 0, 128), (256, 128, 0)),
 ]
 
 

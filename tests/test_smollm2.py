@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kivi_jax
 from kivi_jax.attention import resolve_impl
+from kivi_jax.pallas_kernels import decode_attention_pairs
 from conftest import first_layers, wikitext_calibration
 
 pytestmark = pytest.mark.slow
@@ -110,4 +111,24 @@ def test_generation_through_the_gpu_kernels_equals_the_reference(ours, method):
                                               max_new_tokens=100, impl=impl,
                                               calibration=calibration))
            for impl in ("gpu", "reference")}
+  np.testing.assert_array_equal(out["gpu"], out["reference"])
+
+
+@pytest.mark.skipif(not decode_attention_pairs.hopper(),
+                    reason="the pair kernel runs on Hopper GPUs only")
+def test_generation_through_the_pair_kernel_equals_the_reference(smollm2_path, ours):
+  """SmolLM2 in bf16 with KIVI-2 (64-wide heads, GQA 3): the cache in the pair
+  layout read by `decode_attention_pairs`' kernel generates the tokens the jnp
+  reference generates (its cache in the slot layout: the same codes, scales and
+  zeros, `test_pair_layout`)."""
+  model = kivi_jax.load_model(smollm2_path, dtype="bfloat16")
+  # A 32-token ring: the 100 new tokens go through the block (groups of 16).
+  kv = dataclasses.replace(kivi_jax.get_preset("kivi2"), residual_length=32, group_size=16)
+  assert kivi_jax.init_cache(model.config, kv, 1, 64, impl="gpu").layout == "pairs"
+  ids = ours[1].apply_chat_template(
+      [{"role": "user", "content": "Name three rivers of Europe and say where each one starts."}],
+      add_generation_prompt=True, tokenize=True, return_dict=False)
+  out = {impl: np.asarray(kivi_jax.generate(model, np.asarray(ids)[None], kv_config=kv,
+                                            max_new_tokens=100, impl=impl))
+         for impl in ("gpu", "reference")}
   np.testing.assert_array_equal(out["gpu"], out["reference"])
