@@ -1,6 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from its GGUF wheel, against transformers."""
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import jax
@@ -132,3 +133,22 @@ def test_generation_through_the_pair_kernel_equals_the_reference(smollm2_path, o
                                             max_new_tokens=100, impl=impl))
          for impl in ("gpu", "reference")}
   np.testing.assert_array_equal(out["gpu"], out["reference"])
+
+
+def test_a_file_of_the_first_layers_holds_the_models_first_layers(smollm2_path, ours,
+                                                                   tmp_path):
+  """`scripts/gguf_first_layers.py` (how SmolLM2 travels to a GPU whose calls carry
+  64 MiB): its file of 2 layers loads as the model's first 2 layers with the same
+  embedding, norm, tokenizer and config otherwise."""
+  spec = importlib.util.spec_from_file_location(
+      "gguf_first_layers", Path(__file__).resolve().parents[1] / "scripts/gguf_first_layers.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  small_path = tmp_path / smollm2_path.name
+  script.main(str(smollm2_path), str(small_path), 2)
+  small = kivi_jax.load_model(small_path)
+  assert small.config == dataclasses.replace(ours[0].config, num_layers=2)
+  want = {**ours[0].params, "layers": ours[0].params["layers"][:2]}
+  jax.tree_util.tree_map(np.testing.assert_array_equal, small.params, want)
+  text = "The river starts in the mountains."
+  assert kivi_jax.load_tokenizer(small_path).encode(text) == ours[1].encode(text)
