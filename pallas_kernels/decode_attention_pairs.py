@@ -72,8 +72,8 @@ TMA_ROWS = 256  # the longest dimension of a TMA box
 def step_tokens(group_size: int) -> int:
   """Tokens a step's TMA brings: 256, or a whole group of 512. Against 512-token
   steps (2026-12-04, H200, P1's shape; `benchmarks/NOTES.md`, "A third block an
-  SM"): KIVI-4 0.511 ms against 0.702 at 128k (its two buffers of 512 tokens
-  left one block an SM), KIVI-2 the same within 1%."""
+  SM"): KIVI-4 0.511 ms against 0.702 at 128k (two buffers of 512 tokens took
+  170 KiB of shared memory: one block an SM), KIVI-2 the same within 1%."""
   return max(UPDATE, group_size)
 
 
