@@ -72,6 +72,21 @@ def test_split_steps_are_the_steps_with_live_tokens(step):
       assert seen == live, (n_valid, lo)
 
 
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_default_splits_fill_one_wave_of_blocks(blocks):
+  """As many programs as an H200's 132 SMs run at once (`blocks` each), no more:
+  P1's 64 rows x heads take 4 splits at two blocks an SM, 6 at three; a split
+  holds a step at least; a batch beyond a wave takes one split."""
+  slots = 132 * blocks
+  for b, kh in [(8, 8), (1, 8), (3, 8), (1, 1), (32, 32), (256, 32), (5, 2)]:
+    for n_steps in (1, 3, 128, 4096):
+      splits = dp.default_splits(b, kh, n_steps, blocks)
+      assert 1 <= splits <= n_steps
+      assert b * kh * splits <= slots or splits == 1
+      assert b * kh * (splits + 1) > slots or splits == n_steps, (b, kh, n_steps)
+  assert dp.default_splits(8, 8, 128, blocks) == {2: 4, 3: 6}[blocks]
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(k_bits=3), "k_bits=3"),
     (dict(v_bits=1.5), "v_bits=1.5"),
