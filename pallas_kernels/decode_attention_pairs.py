@@ -391,16 +391,17 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   if capacity % step:
     raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
   n_rows = 8 if m_rows <= 8 else 16
+  halves = values_in_halves(k_bits, v_bits, d)
   if splits is None:
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
-    third = values_in_halves(k_bits, v_bits, d) and step == UPDATE
+    third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   values_in_halves(k_bits, v_bits, d))(
+                   halves)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]
