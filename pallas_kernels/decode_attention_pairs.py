@@ -133,25 +133,34 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
-def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
-  """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
-  WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
-  `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
-  `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
-  `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
-  (groups of 16 rows or more)."""
+def _magic(bits: int):
+  """`(mask, magic)`: the code of a 16-bit half moved to the top of an fp16
+  mantissa (bits 10 - b to 9), `lop3`-ed with the exponent that makes the half
+  2^b + code, exact (an fp16 mantissa holds 10 bits), for both halves of a word."""
+  return (2**bits - 1) << (10 - bits) | (2**bits - 1) << (26 - bits), (15 + bits) * 0x04000400
+
+
+def _dequant(words, conv_ref, bits: int, rows_per_scale: int):
+  """Words in the WGMMA layout -> fp16 `[R, n]` = code * scale + zero in the
+  WGMMA layout: uint32 `[R, 4 b]` (`pair_pack` of codes `[R, 128]`) for n = 128,
+  or a 64-column row's `2 b` words as uint16 halves `[R, 4 b]` for n = 64. Per
+  register: a shift, a `lop3` into the fp16 pair 2^b + code, one
+  `fma.rn.f16x2` with the pair's scale and zero - 2^b scale (`_convert_scales`'
+  words, row `r`'s at row `r // rows_per_scale` of `conv_ref` `[.., n]`, one
+  128-bit load a thread for two column tiles). Rows `r` and `r + 8` of a thread
+  lie in one group (groups of 16 rows or more)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
-  mask = (2**bits - 1) * 0x10001
+  mask, magic = _magic(bits)
 
-  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
-  def dequant(ctx, w, scales, zeros):
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.float16, wg))
+  def dequant(ctx, w, conv):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    pair, quad = ir.VectorType.get((2,), ir.F16Type.get()), ir.VectorType.get((4,), i32)
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
@@ -160,41 +169,86 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
       rt, ct, half = idx[0], idx[1], idx[4]
       if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
         word = mgpu_utils.bitcast(w.registers[rt, ct // p, 0, 0, half, 0, 0, 0, 0], i32)
-        shift = bits * (ct % p)
+        pos = ct % p
       else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
         s, h = ct // 2, ct % 2
         reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
         word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
-        shift = bits * (s % p)
-      if (rt, ct) not in loaded:
+        pos = s % p
+      if (rt, ct // 2) not in loaded:  # column tiles 2 k, 2 k + 1: words 16 k + 4 l ..
         row, col = where[idx]
-        at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
-        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
-                          for ref in (scales, zeros)]
-      shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-      if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
-        body = f"""
-            lop3.b32 t, t, {mask:#x}, 0x43004300, 0xea;
-            mov.b32 m, 0x43004300;
-            sub.bf16x2 t, t, m;"""
-      else:
-        body = """
-            and.b32 m, t, 0xff;
-            cvt.rn.f32.u32 lo, m;
-            shr.b32 m, t, 16;
-            and.b32 m, m, 0xff;
-            cvt.rn.f32.u32 hi, m;
-            cvt.rn.bf16x2.f32 t, hi, lo;"""
-      x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
+        at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)),
+              arith.addi(arith.muli(arith.andi(col, mgpu_utils.c(7, index)),
+                                    mgpu_utils.c(2, index)),
+                         mgpu_utils.c(16 * (ct // 2), index))]
+        loaded[rt, ct // 2] = vector.load(quad, conv, at)
+      vec = loaded[rt, ct // 2]
+      scale, zero = (mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(i, i + 1)), i32)
+                     for i in (2 * (ct % 2), 2 * (ct % 2) + 1))
+      up = 10 - bits * (pos + 1)  # code at bits b pos .. of the half, wanted at 10 - b ..
+      shift = f"shl.b32 t, $1, {up};" if up > 0 else (
+          f"shr.b32 t, $1, {-up};" if up else "mov.b32 t, $1;")
+      x = llvm.inline_asm(i32, [word, scale, zero], f"""
           {{
-          .reg .b32 t, m;
-          .reg .f32 lo, hi;
-          {shr}{body}
-          fma.rn.bf16x2 $0, t, $2, $3;
+          .reg .b32 t;
+          {shift}
+          lop3.b32 t, t, {mask:#x}, {magic:#x}, 0xea;
+          fma.rn.f16x2 $0, t, $2, $3;
           }}""", "=r,r,r,r")
       out[idx] = mgpu_utils.bitcast(x, pair)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return dequant(words, scale_ref, zero_ref)
+  return dequant(words, conv_ref)
+
+
+def _convert_scales(scale_ref, zero_ref, conv_ref, bits: int, source):
+  """Writes `_dequant`'s words: for row `a` of `conv_ref` `[A, n]` (uint32),
+  column tile `ct` and lane `l`, words `16 (ct // 2) + 4 l + 2 (ct % 2)` and
+  `+ 1` = the fp16 pairs scale and zero - 2^b scale (rounded once, from float32)
+  of the columns `8 ct + 2 l`, `+ 1`, read from `scale_ref`, `zero_ref` (bf16) at
+  `source(a, column)` (static `a`, dynamic column). A thread converts the pairs
+  of one column pair in rows `a0`, `a0 + 128 / (n / 2)`, .. (identical
+  words written twice where the rows are fewer than a sweep)."""
+  n_rows, cols = conv_ref.shape
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType()))
+  def convert(ctx, scales, zeros, conv):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    bf_pair, two = ir.VectorType.get((2,), ir.BF16Type.get()), ir.VectorType.get((2,), i32)
+    c = lambda v: mgpu_utils.c(v, index)  # noqa: E731
+    tid = arith.index_cast(index, mgpu_utils.thread_idx())
+    pairs = cols // 2  # column pairs a row: one a thread of each half
+    col = arith.muli(arith.remui(tid, c(pairs)), c(2))  # 8 ct + 2 l
+    ct, l2 = arith.divui(col, c(8)), arith.remui(col, c(8))
+    dst = arith.addi(arith.addi(arith.muli(arith.divui(ct, c(2)), c(16)),
+                                arith.muli(l2, c(2))),
+                     arith.muli(arith.remui(ct, c(2)), c(2)))
+    per = 128 // pairs  # rows a sweep of the warpgroup converts
+    a0 = arith.divui(tid, c(pairs))
+    minus = f"0f{np.float32(-2.0**bits).view(np.uint32):08X}"  # -2^b as PTX writes floats
+    for i in range(-(-n_rows // per)):
+      a = arith.addi(a0, c(per * i))
+      if n_rows % per:  # fewer rows than a sweep: the rest convert the last row again
+        a = arith.minui(a, c(n_rows - 1))
+      at = source(a, col)
+      s, z = (mgpu_utils.bitcast(vector.load(bf_pair, ref, at), i32) for ref in (scales, zeros))
+      s16, z16 = (llvm.inline_asm(i32, [s, z], f"""
+          {{
+          .reg .b32 t;
+          .reg .f32 s0, s1, z0, z1;
+          shl.b32 t, $1, 16; mov.b32 s0, t;
+          and.b32 t, $1, 0xffff0000; mov.b32 s1, t;
+          shl.b32 t, $2, 16; mov.b32 z0, t;
+          and.b32 t, $2, 0xffff0000; mov.b32 z1, t;
+          {body}
+          }}""", "=r,r,r") for body in (
+              "cvt.rn.f16x2.f32 $0, s1, s0;",
+              f"fma.rn.f32 z0, s0, {minus}, z0;\n"
+              f"          fma.rn.f32 z1, s1, {minus}, z1;\n"
+              "          cvt.rn.f16x2.f32 $0, z1, z0;"))
+      both = vector.from_elements(two, [s16, z16])
+      vector.store(both, conv, [a, dst])
+  convert(scale_ref, zero_ref, conv_ref)
 
 
 def _with_columns(x, cols: int, layout, fill: float = 0.0):
@@ -207,7 +261,7 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
                      return_type=plgpu.ShapeDtypeStruct(shape, x.dtype, layout))
   def resize(ctx, a):
     del ctx
-    ty = ir.BF16Type.get() if x.dtype == jnp.bfloat16 else ir.F32Type.get()
+    ty = {jnp.float16: ir.F16Type, jnp.float32: ir.F32Type}[x.dtype.type].get()
     regs = np.array(mgpu.FragmentedArray.splat(mgpu_utils.c(fill, ty), shape,
                                                a.layout).registers)
     col = len(shape) - 1  # the column-tile dimension of the registers
@@ -229,13 +283,21 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   k_cols = k_words * (2 if d < HEAD_DIM else 1)
   v_words = SPAN * v_bits // 32  # a channel's value words per V^T tile
   boxes = step // TMA_ROWS
+  n_cg = d // cg  # channel groups of the values
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
 
+  def v_source(a, col):
+    """Where `_convert_scales` reads row `a` (V^T tile `a // n_cg`, channel group
+    `a % n_cg`), column `col` of the value scales and zeros."""
+    c = lambda v: mgpu_utils.c(v, ir.IndexType.get())  # noqa: E731
+    t = arith.addi(arith.muli(arith.divui(a, c(n_cg)), c(SPAN)), col)
+    return [arith.divui(t, c(TMA_ROWS)), arith.remui(a, c(n_cg)), arith.remui(t, c(TMA_ROWS))]
+
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
-                                 ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
-                                 bars):
+                                 ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, conv_k, conv_v,
+                                 p_smem, bar_q, bars):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
@@ -273,13 +335,16 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       def _():
         fetch(i + 1, lax.rem(i + 1, 2))
       plgpu.barrier_wait(bars.at[slot])
+      _convert_scales(ks_smem.at[slot], kz_smem.at[slot], conv_k, k_bits,
+                      lambda a, col: [a, col])
+      _convert_scales(vs_smem.at[slot], vz_smem.at[slot], conv_v, v_bits, v_source)
+      plgpu.commit_smem()  # the words converted, for every warp
       t_step = (first + i) * step
 
       def scores(jp):
         """S^T [64 tokens, N] of tile `jp` of the step, scaled and masked."""
         k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]),
-                     ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                     kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                     conv_k.at[pl.ds(PAIR * jp // group, max(1, PAIR // group))],
                      k_bits, group)
 
         def qk(acc_ref):
@@ -296,17 +361,15 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
         for u in range(2):
-          pu = ps[u].astype(jnp.bfloat16)
+          pu = ps[u].astype(jnp.float16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
         rows = d // len(accs)
         out = []
         for part, acc in enumerate(accs):
-          at = pl.ds(rows * part // cg, max(1, rows // cg))
           vt = _dequant(
               load_words(vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)]),
-              vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
-              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
+              conv_v.at[pl.ds(c * n_cg + rows * part // cg, max(1, rows // cg))], v_bits, cg)
 
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
@@ -347,7 +410,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     l_out[bi, h, s] = l.sum(axis=0)
 
   def swizzled(shape, swizzle):
-    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(
+    return plgpu.SMEM(shape, jnp.float16, transforms=(
         plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
 
   scratch = [
@@ -358,6 +421,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
       plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
       plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((step // group, d), jnp.uint32),
+      plgpu.SMEM((step // SPAN * n_cg, SPAN), jnp.uint32),
       swizzled((2, 2 * PAIR, 16), 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
@@ -396,7 +461,7 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0))).astype(jnp.float16)
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
