@@ -133,6 +133,10 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
+import os
+WIDTH = int(os.environ.get("KIVI_EXP_LDS", "4"))
+
+
 def _magic(bits: int):
   """`(mask, magic)`: the code of a 16-bit half moved to the top of an fp16
   mantissa (bits 10 - b to 9), `lop3`-ed with the exponent that makes the half
@@ -175,16 +179,18 @@ def _dequant(words, conv_ref, bits: int, rows_per_scale: int):
         reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
         word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
         pos = s % p
-      if (rt, ct // 2) not in loaded:  # column tiles 2 k, 2 k + 1: words 16 k + 4 l ..
+      key = (rt, ct // 2) if WIDTH == 4 else (rt, ct)
+      if key not in loaded:  # column tiles 2 k, 2 k + 1: words 16 k + 4 l ..
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)),
               arith.addi(arith.muli(arith.andi(col, mgpu_utils.c(7, index)),
                                     mgpu_utils.c(2, index)),
-                         mgpu_utils.c(16 * (ct // 2), index))]
-        loaded[rt, ct // 2] = vector.load(quad, conv, at)
-      vec = loaded[rt, ct // 2]
+                         mgpu_utils.c(16 * (ct // 2) + (0 if WIDTH == 4 else 2 * (ct % 2)), index))]
+        loaded[key] = vector.load(quad if WIDTH == 4 else ir.VectorType.get((2,), i32), conv, at)
+      vec = loaded[key]
+      off = 2 * (ct % 2) if WIDTH == 4 else 0
       scale, zero = (mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(i, i + 1)), i32)
-                     for i in (2 * (ct % 2), 2 * (ct % 2) + 1))
+                     for i in (off, off + 1))
       up = 10 - bits * (pos + 1)  # code at bits b pos .. of the half, wanted at 10 - b ..
       shift = f"shl.b32 t, $1, {up};" if up > 0 else (
           f"shr.b32 t, $1, {-up};" if up else "mov.b32 t, $1;")

@@ -120,15 +120,36 @@ def _bf16(x):
                     np.float64)
 
 
+def _kernel_dequant(codes, scale, zero, bits):
+  """code * scale + zero as the kernel computes it: fp16 (2^b + code) * fp16(scale)
+  + fp16(float32(zero - 2^b scale)), rounded once to fp16 (its `fma.rn.f16x2`;
+  the sum is exact in float64)."""
+  f16 = lambda x: np.asarray(x, np.float16).astype(np.float64)  # noqa: E731
+  shifted = f16(np.asarray(zero - 2.0**bits * scale, np.float32))
+  return f16((2.0**bits + codes) * f16(scale) + shifted)
+
+
+def test_kernel_dequant_is_within_fp16_rounding_of_spec():
+  """The emulation the float64 check reads is within 2^-10 of each group's
+  largest magnitude of SPEC's code * scale + zero: closer than rounding it to
+  bf16 once, as the kernel did before (up to 3.8 x 2^-10 here)."""
+  rng = np.random.default_rng(0)
+  for bits in (2, 4, 8):
+    x = rng.standard_normal((64, 32)) * 30
+    c, s, z, _ = spec_reference.quantize(x, bits, 32, "channel", scale_dtype=jnp.bfloat16)
+    exact = c * np.repeat(s, 32, 0) + np.repeat(z, 32, 0)
+    got = _kernel_dequant(c, np.repeat(s, 32, 0), np.repeat(z, 32, 0), bits)
+    assert np.all(np.abs(got - exact) <= 2**-10 * np.abs(exact).max(0)), bits
+
+
 @pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
 @pytest.mark.parametrize("d", [D, 64])
 @pytest.mark.parametrize("rep", [1, 4, 12])
 @pytest.mark.parametrize("k_bits, v_bits, g", CASES)
 def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
-  """SPEC's attention over the block in float64, keys and values exact (code *
-  scale + zero): the kernel dequantizes in fp16 (zero - 2^b scale rounded to
-  fp16, then one fp16 fma: errors near 2^-10 of a group's largest magnitude)
-  and rounds probabilities to fp16 for its dot (relative error up to 2^-11)."""
+  """SPEC's attention over the block in float64, keys and values as the kernel
+  rounds them (`_kernel_dequant`); the kernel also rounds probabilities to fp16
+  for its dot (relative error up to 2^-11 each)."""
   rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d)) % 2**32)
   b, kh, cap = 5, 2, max(2048, 8 * g)
   k = rng.standard_normal((b, kh, cap, d))
@@ -137,8 +158,8 @@ def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
   kc, ks, kz, _ = spec_reference.quantize(k, k_bits, g, "channel", scale_dtype=jnp.bfloat16)
   vc, vs, vz, _ = spec_reference.quantize(v, v_bits, g, "token", scale_dtype=jnp.bfloat16)
   cg = min(g, d)
-  keys = kc * np.repeat(ks, g, 2) + np.repeat(kz, g, 2)
-  values = vc * np.repeat(vs, cg, 3) + np.repeat(vz, cg, 3)
+  keys = _kernel_dequant(kc, np.repeat(ks, g, 2), np.repeat(kz, g, 2), k_bits)
+  values = _kernel_dequant(vc, np.repeat(vs, cg, 3), np.repeat(vz, cg, 3), v_bits)
   q = _bf16(rng.standard_normal((b, kh, rep, d)))
   n_valid = np.array([0, g, cap - 3 * g, cap, 5 * g])
   lo = np.array([0, 0, 517, 0, 2 * g + 7])
