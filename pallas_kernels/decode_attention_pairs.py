@@ -180,17 +180,27 @@ def _dequant(words, conv_ref, bits: int, rows_per_scale: int):
         word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
         pos = s % p
       key = (rt, ct // 2) if WIDTH == 4 else (rt, ct)
-      if key not in loaded:  # column tiles 2 k, 2 k + 1: words 16 k + 4 l ..
+      if WIDTH == 1 and key not in loaded:  # scales' words, then zeros': word col / 2
+        row, col = where[idx]
+        r = arith.divui(row, mgpu_utils.c(rows_per_scale, index))
+        half = arith.divui(col, mgpu_utils.c(2, index))
+        one = ir.VectorType.get((1,), i32)
+        loaded[key] = [mgpu_utils.bitcast(vector.load(one, conv, [r, w]), i32) for w in (
+            half, arith.addi(half, mgpu_utils.c(cols // 2, index)))]
+      if WIDTH == 1:
+        scale, zero = loaded[key]
+      elif key not in loaded:  # column tiles 2 k, 2 k + 1: words 16 k + 4 l ..
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)),
               arith.addi(arith.muli(arith.andi(col, mgpu_utils.c(7, index)),
                                     mgpu_utils.c(2, index)),
                          mgpu_utils.c(16 * (ct // 2) + (0 if WIDTH == 4 else 2 * (ct % 2)), index))]
         loaded[key] = vector.load(quad if WIDTH == 4 else ir.VectorType.get((2,), i32), conv, at)
-      vec = loaded[key]
-      off = 2 * (ct % 2) if WIDTH == 4 else 0
-      scale, zero = (mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(i, i + 1)), i32)
-                     for i in (off, off + 1))
+      if WIDTH > 1:
+        vec = loaded[key]
+        off = 2 * (ct % 2) if WIDTH == 4 else 0
+        scale, zero = (mgpu_utils.bitcast(mgpu_utils.vector_slice(vec, slice(i, i + 1)), i32)
+                       for i in (off, off + 1))
       up = 10 - bits * (pos + 1)  # code at bits b pos .. of the half, wanted at 10 - b ..
       shift = f"shl.b32 t, $1, {up};" if up > 0 else (
           f"shr.b32 t, $1, {-up};" if up else "mov.b32 t, $1;")
@@ -252,8 +262,14 @@ def _convert_scales(scale_ref, zero_ref, conv_ref, bits: int, source):
               f"fma.rn.f32 z0, s0, {minus}, z0;\n"
               f"          fma.rn.f32 z1, s1, {minus}, z1;\n"
               "          cvt.rn.f16x2.f32 $0, z1, z0;"))
-      both = vector.from_elements(two, [s16, z16])
-      vector.store(both, conv, [a, dst])
+      if WIDTH == 1:
+        one = ir.VectorType.get((1,), i32)
+        half = arith.divui(col, c(2))
+        for x, w in ((s16, half), (z16, arith.addi(half, c(cols // 2)))):
+          vector.store(vector.from_elements(one, [x]), conv, [a, w])
+      else:
+        both = vector.from_elements(two, [s16, z16])
+        vector.store(both, conv, [a, dst])
   convert(scale_ref, zero_ref, conv_ref)
 
 
