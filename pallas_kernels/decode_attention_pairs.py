@@ -479,6 +479,8 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
   n_rows = 8 if m_rows <= 8 else 16
   halves = values_in_halves(k_bits, v_bits, d)
+  if splits is None and os.environ.get("KIVI_EXP_SPLITS"):
+    splits = int(os.environ["KIVI_EXP_SPLITS"])
   if splits is None:
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
