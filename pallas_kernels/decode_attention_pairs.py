@@ -295,7 +295,7 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool):
+           v_bits: int, group: int, d: int, step: int, upd: int, v_halves: bool):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide."""
   per = -(-(capacity // step) // splits)
@@ -304,7 +304,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   k_type = jnp.uint16 if d < HEAD_DIM else jnp.uint32  # 64-wide: read as halves
   k_cols = k_words * (2 if d < HEAD_DIM else 1)
   v_words = SPAN * v_bits // 32  # a channel's value words per V^T tile
-  boxes = step // TMA_ROWS
+  box = min(step, TMA_ROWS)  # tokens of one TMA box of value scales and zeros
+  boxes = step // box
+  tiles = step // SPAN  # V^T tiles a step
   n_cg = d // cg  # channel groups of the values
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
@@ -314,7 +316,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     `a % n_cg`), column `col` of the value scales and zeros."""
     c = lambda v: mgpu_utils.c(v, ir.IndexType.get())  # noqa: E731
     t = arith.addi(arith.muli(arith.divui(a, c(n_cg)), c(SPAN)), col)
-    return [arith.divui(t, c(TMA_ROWS)), arith.remui(a, c(n_cg)), arith.remui(t, c(TMA_ROWS))]
+    return [arith.divui(t, c(box)), arith.remui(a, c(n_cg)), arith.remui(t, c(box))]
 
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
@@ -331,12 +333,12 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
                                                          step // SPAN * v_words)],
                               vw_smem.at[slot], bar)
       for u in range(boxes):
-        t0 = st * step + u * TMA_ROWS
-        plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
-                                kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
-        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+        t0 = st * step + u * box
+        plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, box)],
+                                kw_smem.at[slot, pl.ds(u * box, box)], bar)
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, box)],
                                 vs_smem.at[slot, u], bar)
-        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, box)],
                                 vz_smem.at[slot, u], bar)
       groups = pl.ds(st * (step // group), step // group)
       plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
@@ -379,9 +381,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       def values(c, ps, accs):
         """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
         two S^T tiles'), in `len(accs)` parts of channels."""
-        # Two buffers: the commit before one's stores follows every warp's wait
-        # on the other's product.
-        p_buf = p_smem.at[lax.rem(c, 2)]
+        # Two buffers, alternating across steps too: the commit before one's
+        # stores follows every warp's wait on the other's product.
+        p_buf = p_smem.at[lax.rem(i * tiles + c, 2)]
         for u in range(2):
           pu = ps[u].astype(jnp.float16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
@@ -399,24 +401,24 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         return tuple(out)
 
       def update(c, carry):
-        """The scores of `UPDATE` tokens, one softmax update, their values."""
+        """The scores of `upd` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
+        sts = [scores(upd // PAIR * c + u) for u in range(upd // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
         acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
-        for u in range(UPDATE // SPAN):
-          acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
+        for u in range(upd // SPAN):
+          acc = values(upd // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
       # Only the updates holding a live token: the first and last steps of a row
       # may hold dead ones (before `lo`, from `n_valid` on). Every step between
       # runs whole, so P^T's buffers keep alternating.
-      first_update = jnp.maximum(lo - t_step, 0) // UPDATE
-      end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
-                               step // UPDATE)
+      first_update = jnp.maximum(lo - t_step, 0) // upd
+      end_update = jnp.minimum((n_valid - t_step + upd - 1) // upd,
+                               step // upd)
       return lax.fori_loop(first_update, end_update, update, carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
@@ -441,8 +443,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((2, boxes, d // cg, box), jnp.bfloat16),
+      plgpu.SMEM((2, boxes, d // cg, box), jnp.bfloat16),
       plgpu.SMEM((step // group, d), jnp.uint32),
       plgpu.SMEM((step // SPAN * n_cg, SPAN), jnp.uint32),
       swizzled((2, 2 * PAIR, 16), 32),
@@ -467,7 +469,8 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   (module docstring); `splits` programs share each row's sequence."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
-  step = step_tokens(group_size)
+  step = max(int(os.environ.get("KIVI_EXP_STEP", step_tokens(group_size))), group_size)
+  update = min(int(os.environ.get("KIVI_EXP_UPDATE", UPDATE)), step)
   if not applies(k_bits, v_bits, group_size, d, m_rows, q.dtype, k_scale.dtype):
     raise ValueError(
         f"the pair kernel reads 2/4/8-bit codes in power-of-two groups of 16 to "
@@ -478,19 +481,18 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   if capacity % step:
     raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
   n_rows = 8 if m_rows <= 8 else 16
-  halves = values_in_halves(k_bits, v_bits, d)
-  if splits is None and os.environ.get("KIVI_EXP_SPLITS"):
-    splits = int(os.environ["KIVI_EXP_SPLITS"])
+  halves = d == HEAD_DIM and bool(int(os.environ.get("KIVI_EXP_HALVES", values_in_halves(k_bits, v_bits, d))))
   if splits is None:
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
-    splits = default_splits(b, kh, capacity // step, 3 if third else 2)
+    blocks = int(os.environ.get("KIVI_EXP_BLOCKS", 3 if third else 2))
+    splits = int(os.environ.get("KIVI_EXP_SPLITS", default_splits(b, kh, capacity // step, blocks)))
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0))).astype(jnp.float16)
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves)(
+                   update, halves)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]
