@@ -6,6 +6,7 @@ layout (Hopper's default since 2026-12-03) are a series of their own.
 
   pip install -e ".[plot]"
   python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
+                                    # (Llama-2-7B) and generate_h200_llama3-8b.png
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
       for b, t in zip(batch, tps):
         # Staggered by series: systems of similar tokens/s sit close.
         ax.annotate(f"{t:.0f} ({b})", (b, t), textcoords="offset points",
-                    xytext=(4, (4, -8, -20, 16)[i % 4]), fontsize=7)
+                    xytext=(4, (4, -8, -20, 16)[i % 4]), fontsize=7, color=color)
     ax.set_title(f"prompt {request[0]} + {request[1]} new tokens", fontsize=9)
     ax.set_xlabel("batch (rows)")
     ax.set_ylabel("tokens/s (prefill included)")
@@ -68,10 +69,11 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
   fig.suptitle(f"{shape} shapes (random bf16 weights), {data['device']}, jax {data['jax']}, "
                f"{min(dates)} to {max(dates)}", fontsize=9)
   fig.tight_layout()
-  out = RESULTS / f"{name}.png"
+  out = RESULTS / (f"{name}.png" if shape == "llama2-7b" else f"{name}_{shape}.png")
   fig.savefig(out, dpi=130)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
   main()
+  main(shape="llama3-8b", requests=((1024, 512),))
