@@ -54,7 +54,7 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   RoPE), v and the attention output, the MLP's gate, up and their product,
   the flushed keys and values with the float32 temporaries of their
   quantization, and, without flash attention, one query chunk's scores and
-  probabilities."""
+  probabilities; besides, the prompt's keys and values of every layer."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
@@ -68,21 +68,28 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   # a KIVI-2 prefill of 9 rows of 1024 tokens over Llama-2-7B shapes asked
   # for 7.7 GB of temporaries, 2.6 times this sum plus the rows' caches.
   act *= ACTIVATION_MARGIN
+  # And the prompt's keys and values of every layer at once: on an H200 each
+  # prefill row's peak passed the rest of this estimate by about that (0.5-0.6
+  # GB a row of 1024 tokens over Llama-2-7B shapes, 1 to 8 rows a chunk, fp16,
+  # KIVI-2 and KIVI-4; benchmarks/results/generate_h200.json, 2026-12-04).
+  every_layer_kv = c.num_layers * t * 2 * kv * itemsize
   own_cache = (cache_bytes(c, kv_config, 2, max_length)
                - cache_bytes(c, kv_config, 1, max_length))
-  return int(act + c.vocab_size * 4 + own_cache)
+  return int(act + every_layer_kv + c.vocab_size * 4 + own_cache)
 
 
 def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
   """An upper estimate of one row's decode-step temporaries: the float32
-  logits and their sampling copy, the flushed group's keys and values as
+  logits three times (with two, `generate_bytes` fell 0.37 GB short of the
+  peak measured for 1439 rows of Llama-3-8B shapes on an H200, 2026-12-03,
+  where this share is the larger), the flushed group's keys and values as
   read and as written, and the decode kernel's float32 partials (query rows
   padded to 16)."""
   c = model_config
   itemsize = np.dtype(c.dtype).itemsize
   kv = c.num_kv_heads * c.head_dim
   group = kv_config.group_size
-  return int(2 * c.vocab_size * 4 + 4 * group * kv * itemsize
+  return int(3 * c.vocab_size * 4 + 4 * group * kv * itemsize
              + c.num_kv_heads * max(16, c.num_heads // c.num_kv_heads) * c.head_dim * 4)
 
 

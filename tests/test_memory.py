@@ -1,5 +1,8 @@
 """kivi_jax.memory: the cache's bytes, the prefill's chunks of rows, max_batch."""
 
+import json
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -85,3 +88,28 @@ def test_an_accelerators_free_memory_is_its_limit_less_what_is_in_use():
 
   assert memory.device_memory_bytes(Device()) == 1000
   assert memory.free_memory_bytes(Device()) == 700
+
+
+def test_the_estimate_covers_every_peak_measured_on_the_gpu():
+  # generate's rows of P2 on an H200 record their peak and how many rows a
+  # prefill chunk ran; with those chunks the estimate must cover the peak
+  # (it is what max_batch and the chunks plan on), and by no more than 2.5 GB
+  # at the requests of up to 4096 tokens, so that max_batch stays near the
+  # largest batch that fits.
+  results = Path(__file__).resolve().parent.parent / "benchmarks/results/generate_h200.json"
+  rows = [r for r in json.loads(results.read_text())["rows"]
+          if r["kind"] == "generate" and "peak_bytes" in r]
+  assert len(rows) >= 30
+  for r in rows:
+    length, width = memory.generate_lengths(r["prompt"], r["new"], 1 << 30)
+    config, _ = bench_generate.fit_window(bench_generate.SHAPES[r["shape"]], length)
+    kv = kivi_jax.get_preset(r["method"])
+    weights = memory._bytes(jax.eval_shape(lambda: bench_generate.random_model(config).params))
+    prefill = r["prefill_rows"] * memory.prefill_bytes_per_row(config, kv, width, length, True)
+    decode = r["batch"] * memory.decode_bytes_per_row(config, kv)
+    estimate = (weights + memory.cache_bytes(config, kv, r["batch"], length)
+                + memory.FIXED_WORKSPACE + max(prefill, decode))
+    where = f"{r['shape']} {r['method']} {r['batch']} x {r['prompt']} + {r['new']}"
+    assert estimate >= r["peak_bytes"], where
+    if r["prompt"] <= 4096:
+      assert estimate <= r["peak_bytes"] + 2.5e9, where
