@@ -639,12 +639,15 @@ def _ring_tail(layer: LayerKV, k_new, v_new, body, n_new, nq0, nq1, config: KIVI
   `F = G * ceil(T / G)` (the ring keeps `R - G + 1` to `R`)."""
   g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
-  # Flushed token i is body token nq0 + i, from the ring or the new tokens.
+  # Flushed token i is body token nq0 + i, from the ring or the new tokens: one
+  # gather from the two side by side. (A gather from the ring alone needs
+  # nothing of the layer, so XLA may form every layer's at the program's start
+  # and keep them all: a prefill row's keys and values of every layer at once.)
   flush_pos = nq0[:, None] + jnp.arange(g * -(-t // g))[None, :]
-  from_ring = (flush_pos < body[:, None])[:, None, :, None]
-  new_idx = jnp.clip(flush_pos - body[:, None], 0, t - 1)
-  k_flush = jnp.where(from_ring, _gather(layer.ring_k, flush_pos % r), _gather(k_new, new_idx))
-  v_flush = jnp.where(from_ring, _gather(layer.ring_v, flush_pos % r), _gather(v_new, new_idx))
+  idx = jnp.where(flush_pos < body[:, None], flush_pos % r,
+                  r + jnp.clip(flush_pos - body[:, None], 0, t - 1))
+  k_flush = _gather(jnp.concatenate([layer.ring_k, k_new], axis=2), idx)
+  v_flush = _gather(jnp.concatenate([layer.ring_v, v_new], axis=2), idx)
   # New token j stays in the ring if it is not quantized: at most R of them,
   # so their slots are distinct; the others are dropped (slot R is out of range).
   pos = body[:, None] + jnp.arange(t)[None, :]

@@ -1,5 +1,6 @@
 """The compiled decode step: weights and cache read in place, never copied, and
-temporaries that do not grow with the cache."""
+temporaries that do not grow with the cache; the compiled prefill's temporaries
+do not grow with the layers."""
 
 import dataclasses
 import functools
@@ -11,6 +12,7 @@ import pytest
 
 import kivi_jax
 from kivi_jax import bench_generate, quantization
+from kivi_jax.generate import _prefill
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 
@@ -102,3 +104,28 @@ def test_decode_step_temporaries_do_not_grow_with_layers_or_the_cache(method):
   # KIVI-2 (4 rows x 2 heads x 32 channels x 2 tensors).
   per_token = 2 * 4 * 4 * 4 + (0 if method == "fp16" else 2 * 4 * 2 * 32 * 4)
   assert temp[6, 4096] - temp[6, 1024] <= 1.05 * per_token * (4096 - 1024)
+
+
+@pytest.mark.parametrize("method", ["fp16", "kivi2", "kivi4", "skvq-k2v2-g32"])
+def test_prefill_temporaries_do_not_grow_with_layers(method):
+  # A prefill's temporaries are one layer's at a time. A float32 model, so that
+  # the CPU compiler adds no bfloat16 conversions of each layer's weights. The
+  # flush once gathered each layer's ring alone, which needs nothing of the
+  # layer: XLA formed every layer's gather at the program's start, and the
+  # temporaries grew by a layer's keys and values (2 MiB here) per layer.
+  kv = kivi_jax.get_preset(method)
+  if kv.needs_calibration:
+    kv = dataclasses.replace(kv, reorder=False, clip=0.9)
+  temp = {}
+  for layers in (2, 6):
+    config = ModelConfig(architecture="llama", vocab_size=256, hidden_size=256,
+                         intermediate_size=512, num_layers=layers, num_heads=8,
+                         num_kv_heads=8, head_dim=32, dtype="float32")
+    model = bench_generate.random_model(config)
+    empty = kivi_jax.init_cache(config, kv, 2, 640, impl="reference")
+    ids = jnp.zeros((2, 512), jnp.int32)
+    prefill = jax.jit(functools.partial(_prefill, config=config))
+    compiled = prefill.lower(model.params, ids, jnp.ones_like(ids), empty).compile()
+    temp[layers] = compiled.memory_analysis().temp_size_in_bytes
+  layer_kv = 2 * 512 * 2 * 256 * 4  # rows x tokens x (keys, values) x width x float32
+  assert temp[6] - temp[2] < layer_kv / 4
