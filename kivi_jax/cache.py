@@ -657,14 +657,26 @@ def _ring_tail(layer: LayerKV, k_new, v_new, body, n_new, nq0, nq1, config: KIVI
           scatter_tokens(layer.ring_v, slot, v_new))
 
 
-def concat_rows(chunks: KVCache, template: KVCache) -> KVCache:
-  """Caches of `n` chunks of rows stacked on a leading axis (as `lax.map`
-  returns them: `[n, rows, ...]`) as one cache of `n * rows` rows, in chunk
-  order; the channel maps, which are not per row, are `template`'s."""
-  def layer(stacked: LayerKV, own: LayerKV) -> LayerKV:
-    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]),
-                        stacked.replace(k_map=None, v_map=None))
-    return rows.replace(k_map=own.k_map, v_map=own.v_map)
+def _map_rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
+  """`fn` over the arrays of `cache` (and the matching ones of `others`) that
+  have a leading row axis: all but the channel maps, kept as `cache`'s."""
+  def layer(x: LayerKV, *ys: LayerKV) -> LayerKV:
+    rows = jax.tree.map(fn, x.replace(k_map=None, v_map=None),
+                        *(y.replace(k_map=None, v_map=None) for y in ys))
+    return rows.replace(k_map=x.k_map, v_map=x.v_map)
 
-  return chunks.replace(layers=tuple(map(layer, chunks.layers, template.layers)),
-                        lengths=chunks.lengths.reshape(-1))
+  return cache.replace(layers=tuple(map(layer, cache.layers, *(o.layers for o in others))),
+                       lengths=fn(cache.lengths, *(o.lengths for o in others)))
+
+
+def zeros_rows(template: KVCache, rows: int) -> KVCache:
+  """A cache of `rows` rows of zeros shaped as `template`'s, its channel maps
+  kept: the buffer a prefill in chunks of rows writes into."""
+  return _map_rows(lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), template)
+
+
+def write_rows(cache: KVCache, part: KVCache, start) -> KVCache:
+  """`cache` with its rows `start ..` replaced by `part`'s (in place inside a
+  loop or under donation)."""
+  return _map_rows(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0),
+                   cache, part)

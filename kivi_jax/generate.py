@@ -20,7 +20,7 @@ import numpy as np
 from jax import Array
 
 from kivi_jax import memory, sharding
-from kivi_jax.cache import KVCache, concat_rows, init_cache
+from kivi_jax.cache import KVCache, init_cache, write_rows, zeros_rows
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
@@ -52,19 +52,28 @@ def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: Model
   """Prefills `B` prompts in chunks of the `R` rows of `empty` (an empty cache):
   `(logits [B, V], cache of B rows)`.
 
-  Each chunk starts from `empty` and its cache is written into the result's
-  rows, so the result is the only full-size cache and the activations are a
-  chunk's (`kivi_jax.memory.prefill_rows`)."""
-  b, t = input_ids.shape
+  Chunk `i` runs rows `min(i R, B - R) ..`, so `R` need not divide `B` (the
+  last chunk repeats up to `R - 1` rows of the one before, the same prompts
+  giving the same cache). Each chunk starts from `empty` and its cache is
+  written in place into the result's rows, so the result is the only
+  full-size cache and the activations are a chunk's
+  (`kivi_jax.memory.prefill_rows`)."""
+  b = input_ids.shape[0]
   rows = empty.lengths.shape[0]
+  if rows == b:
+    return llama.prefill(params, input_ids, empty, attention_mask, config=config)
 
-  def chunk(ids_mask):
-    ids, mask = ids_mask
-    return llama.prefill(params, ids, empty, mask, config=config)
+  def chunk(i, out):
+    logits, cache = out
+    start = jnp.minimum(i * rows, b - rows)
+    part_logits, part = llama.prefill(
+        params, jax.lax.dynamic_slice_in_dim(input_ids, start, rows), empty,
+        jax.lax.dynamic_slice_in_dim(attention_mask, start, rows), config=config)
+    return (jax.lax.dynamic_update_slice_in_dim(logits, part_logits, start, 0),
+            write_rows(cache, part, start))
 
-  logits, caches = jax.lax.map(chunk, (input_ids.reshape(-1, rows, t),
-                                       attention_mask.reshape(-1, rows, t)))
-  return logits.reshape(b, -1), concat_rows(caches, empty)
+  logits = jnp.zeros((b, config.vocab_size), jnp.float32)
+  return jax.lax.fori_loop(0, -(-b // rows), chunk, (logits, zeros_rows(empty, b)))
 
 
 # With a streamer, `generate` runs the decode loop in calls of growing length

@@ -95,11 +95,10 @@ def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
 
 def prefill_rows(batch: int, model_config, kv_config: KIVIConfig, prompt_tokens: int,
                  max_length: int, budget_bytes: int, flash: bool) -> int:
-  """The largest divisor of `batch` whose rows' prefill workspace
+  """The most rows, at most `batch`, whose prefill workspace
   (`prefill_bytes_per_row`) fits in `budget_bytes` (at least 1)."""
   per_row = prefill_bytes_per_row(model_config, kv_config, prompt_tokens, max_length, flash)
-  fits = max(1, budget_bytes // per_row)
-  return max(r for r in range(1, batch + 1) if batch % r == 0 and r <= fits)
+  return int(max(1, min(batch, budget_bytes // per_row)))
 
 
 def workspace_bytes(cache_total: int) -> int:

@@ -239,6 +239,11 @@ def test_prefill_in_chunks_of_rows_equals_one_chunk(model, method, monkeypatch):
   chunked = kivi_jax.generate(model, ids, attention_mask=mask, kv_config=METHODS[method],
                               max_new_tokens=24)
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+  # Chunks of 3 rows of 4: the second runs rows 1-3, the first's 1-2 again.
+  monkeypatch.setattr(kivi_jax.memory, "prefill_rows", lambda *args: 3)
+  overlapping = kivi_jax.generate(model, ids, attention_mask=mask,
+                                  kv_config=METHODS[method], max_new_tokens=24)
+  np.testing.assert_array_equal(np.asarray(overlapping), np.asarray(whole))
 
 
 def test_prefill_of_a_filled_cache_gives_nan(model):

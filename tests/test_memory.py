@@ -31,11 +31,13 @@ def test_cache_bytes_is_what_init_cache_allocates(method):
   assert memory.cache_bytes(small, kv, 3, 700) == cache.nbytes()
 
 
-def test_prefill_rows_divide_the_batch_within_the_budget():
+def test_prefill_rows_fill_the_budget():
   kv = kivi_jax.get_preset("kivi2")
   per_row = memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=True)
-  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 8
-  assert memory.prefill_rows(97, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 1
+  # The chunks need not divide the batch (the last one repeats rows).
+  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 10
+  assert memory.prefill_rows(97, CONFIG, kv, 1024, 1536, 10.5 * per_row, True) == 10
+  assert memory.prefill_rows(6, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 6
   assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 0, True) == 1
   # Without flash attention a query chunk's scores join each row's share.
   assert memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=False) > per_row
