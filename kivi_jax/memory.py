@@ -171,16 +171,18 @@ def generate_lengths(prompt_tokens: int, new_tokens: int, max_positions: int) ->
 
 
 def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
-                   new_tokens: int, flash: bool) -> int:
+                   new_tokens: int, flash: bool, rows: int | None = None) -> int:
   """An upper estimate of `generate`'s peak device memory for `batch` rows:
   weights, the cache, `FIXED_WORKSPACE`, and the larger of the prefill's
   chunk of activations and a decode step's temporaries; `flash`: whether the
-  prompt attention is cuDNN's (`uses_flash_attention`)."""
+  prompt attention is cuDNN's (`uses_flash_attention`); `rows`: the rows a
+  prefill chunk runs, by default `prefill_rows`'."""
   config = model.config
   weights = _bytes(model.params)
   length, width = generate_lengths(prompt_tokens, new_tokens, config.max_position_embeddings)
   cache = cache_bytes(config, kv_config, batch, length)
-  rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash)
+  if rows is None:
+    rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash)
   prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
