@@ -22,9 +22,10 @@ FIXED_WORKSPACE = 1 << 30
 """Bytes kept free beyond the per-row estimates (XLA's own scratch, cuBLAS
 and cuDNN workspaces, the token buffers)."""
 
-ACTIVATION_MARGIN = 3
+ACTIVATION_MARGIN = 1
 """Factor on the layer-by-layer sum of a prefill row's activations
-(`prefill_bytes_per_row`), from the compiled prefill's measured temporaries."""
+(`prefill_bytes_per_row`): the prefill forms each layer's cache before the next
+layer runs, so one layer's activations are live at a time."""
 
 QUERY_CHUNK = 512
 """Queries per chunk of the prompt attention where cuDNN does not run it
@@ -48,13 +49,18 @@ def _bytes(tree) -> int:
 def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: int,
                           max_length: int, flash: bool) -> int:
   """An upper estimate of what one row of a chunk adds to the prefill's
-  workspace: the chunk's own cache (it lands in the result's rows at the
-  chunk's end) and `ACTIVATION_MARGIN` times the row's activations in one
-  layer: the residual stream and the normed input, q, k (before and after
-  RoPE), v and the attention output, the MLP's gate, up and their product,
-  the flushed keys and values with the float32 temporaries of their
-  quantization, and, without flash attention, one query chunk's scores and
-  probabilities; besides, the prompt's keys and values of every layer."""
+  workspace: the chunk's own cache twice (the empty cache it starts from and
+  the one it writes, which lands in the result's rows at the chunk's end) and
+  `ACTIVATION_MARGIN` times the row's activations in one layer: the residual
+  stream and the normed input, q, k (before and after RoPE), v and the
+  attention output, the MLP's gate, up and their product, the flushed keys and
+  values with the float32 temporaries of their quantization, and, without
+  flash attention, one query chunk's scores and probabilities.
+
+  Compiled for an H200 (jax 0.11.2, 2026-12-04), Llama-2-7B shapes, 1024-token
+  prompts, the temporaries grew by 0.33 GB a chunk row for KIVI-2 (its own
+  cache 0.20) and 0.90 for the bf16 cache (0.80): this gives 0.64 and 1.84 with
+  the input cache (benchmarks/NOTES.md, "The prefill's memory a row")."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
@@ -64,18 +70,9 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   act += t * 2 * kv * 4 * 3
   if not flash:
     act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4
-  # XLA keeps more than that alive at once: compiled for an H200 (jax 0.11.2),
-  # a KIVI-2 prefill of 9 rows of 1024 tokens over Llama-2-7B shapes asked
-  # for 7.7 GB of temporaries, 2.6 times this sum plus the rows' caches.
-  act *= ACTIVATION_MARGIN
-  # And the prompt's keys and values of every layer at once: on an H200 each
-  # prefill row's peak passed the rest of this estimate by about that (0.5-0.6
-  # GB a row of 1024 tokens over Llama-2-7B shapes, 1 to 8 rows a chunk, fp16,
-  # KIVI-2 and KIVI-4; benchmarks/results/generate_h200.json, 2026-12-04).
-  every_layer_kv = c.num_layers * t * 2 * kv * itemsize
   own_cache = (cache_bytes(c, kv_config, 2, max_length)
                - cache_bytes(c, kv_config, 1, max_length))
-  return int(act + every_layer_kv + c.vocab_size * 4 + own_cache)
+  return int(ACTIVATION_MARGIN * act + 2 * own_cache + c.vocab_size * 4)
 
 
 def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
@@ -93,12 +90,19 @@ def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
              + c.num_kv_heads * max(16, c.num_heads // c.num_kv_heads) * c.head_dim * 4)
 
 
+PREFILL_TOKENS = 8192
+"""The most prompt tokens a prefill chunk takes (at least one row). Larger
+chunks buy no speed and cost rows of the batch: Llama-2-7B shapes on an H200,
+1024-token prompts, took 25.3, 25.0 and 24.7 ms a row at 2, 4 and 8 rows a
+chunk (benchmarks/results/generate_h200.json, 2026-12-04)."""
+
+
 def prefill_rows(batch: int, model_config, kv_config: KIVIConfig, prompt_tokens: int,
                  max_length: int, budget_bytes: int, flash: bool) -> int:
-  """The most rows, at most `batch`, whose prefill workspace
-  (`prefill_bytes_per_row`) fits in `budget_bytes` (at least 1)."""
+  """The most rows, at most `batch` and `PREFILL_TOKENS` tokens, whose prefill
+  workspace (`prefill_bytes_per_row`) fits in `budget_bytes` (at least 1)."""
   per_row = prefill_bytes_per_row(model_config, kv_config, prompt_tokens, max_length, flash)
-  return int(max(1, min(batch, budget_bytes // per_row)))
+  return int(max(1, min(batch, budget_bytes // per_row, PREFILL_TOKENS // prompt_tokens)))
 
 
 def workspace_bytes(cache_total: int) -> int:

@@ -33,14 +33,19 @@ def test_cache_bytes_is_what_init_cache_allocates(method):
 
 def test_prefill_rows_fill_the_budget():
   kv = kivi_jax.get_preset("kivi2")
-  per_row = memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=True)
+  per_row = memory.prefill_bytes_per_row(CONFIG, kv, 512, 1536, flash=True)
   # The chunks need not divide the batch (the last one repeats rows).
-  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 10
-  assert memory.prefill_rows(97, CONFIG, kv, 1024, 1536, 10.5 * per_row, True) == 10
-  assert memory.prefill_rows(6, CONFIG, kv, 1024, 1536, 10 * per_row, True) == 6
-  assert memory.prefill_rows(96, CONFIG, kv, 1024, 1536, 0, True) == 1
+  assert memory.prefill_rows(96, CONFIG, kv, 512, 1536, 10 * per_row, True) == 10
+  assert memory.prefill_rows(97, CONFIG, kv, 512, 1536, 10.5 * per_row, True) == 10
+  assert memory.prefill_rows(6, CONFIG, kv, 512, 1536, 10 * per_row, True) == 6
+  assert memory.prefill_rows(96, CONFIG, kv, 512, 1536, 0, True) == 1
+  # At most PREFILL_TOKENS tokens a chunk, and at least a row.
+  assert memory.prefill_rows(96, CONFIG, kv, 512, 1536, 100 * per_row, True) == \
+      memory.PREFILL_TOKENS // 512
+  assert memory.prefill_rows(96, CONFIG, kv, 2 * memory.PREFILL_TOKENS, 3 * memory.PREFILL_TOKENS,
+                             1 << 50, True) == 1
   # Without flash attention a query chunk's scores join each row's share.
-  assert memory.prefill_bytes_per_row(CONFIG, kv, 1024, 1536, flash=False) > per_row
+  assert memory.prefill_bytes_per_row(CONFIG, kv, 512, 1536, flash=False) > per_row
 
 
 @pytest.mark.parametrize("method", ["fp16", "kivi2"])
@@ -92,6 +97,13 @@ def test_an_accelerators_free_memory_is_its_limit_less_what_is_in_use():
   assert memory.free_memory_bytes(Device()) == 700
 
 
+# Commits whose prefill kept every layer's q, k, v projection alive to its end
+# (before c37d8ab's barrier): their rows peaked higher than the prefill now does.
+PREFILL_BEFORE_THE_BARRIER = frozenset({
+    "19d40c7", "1e7ce18", "2c3e4e8", "5b45ea6", "66b57a2", "6fe687a", "8f53887",
+    "95da2b7", "9635e39", "d390edb", "eb0c10b"})
+
+
 def test_the_estimate_covers_every_peak_measured_on_the_gpu():
   # generate's rows of P2 on an H200 record their peak and how many rows a
   # prefill chunk ran; with those chunks the estimate must cover the peak
@@ -100,8 +112,9 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
   # largest batch that fits.
   results = Path(__file__).resolve().parent.parent / "benchmarks/results/generate_h200.json"
   rows = [r for r in json.loads(results.read_text())["rows"]
-          if r["kind"] == "generate" and "peak_bytes" in r]
-  assert len(rows) >= 30
+          if r["kind"] == "generate" and "peak_bytes" in r
+          and r["commit"] not in PREFILL_BEFORE_THE_BARRIER]
+  assert len(rows) >= 3
   models = {}
   for r in rows:
     length, _ = memory.generate_lengths(r["prompt"], r["new"], 1 << 30)
