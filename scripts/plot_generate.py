@@ -47,7 +47,12 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
       color = colors.setdefault(label, f"C{len(colors)}")
       ax.plot(batch, tps, "o-", label=label, color=color)
       mem.plot(batch, gib, "o-", label=label, color=color)
+      best = batch[tps.index(max(tps))]
       for b, t in zip(batch, tps):
+        # Labelled: the best, the largest batch, and points with no other of
+        # the series within 15% of their batch (the rest would overlap).
+        if b not in (best, batch[-1]) and any(o != b and 1 / 1.15 < o / b < 1.15 for o in batch):
+          continue
         # Staggered by series: systems of similar tokens/s sit close.
         ax.annotate(f"{t:.0f} ({b})", (b, t), textcoords="offset points",
                     xytext=(4, (4, -8, -20, 16)[i % 4]), fontsize=7, color=color)
