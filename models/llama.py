@@ -225,11 +225,12 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
     x, layer_cache = _layer(p, layer_cache, x, positions, inv_freq, rope_freq, cache.lengths,
                             n_new, kv=kv, config=config, impl=cache.impl, prompt=prompt,
                             mesh=cache.mesh)
-    if prompt:
+    if t > 1:
       # The layer's cache formed before the next layer runs: otherwise XLA may
       # leave each layer's cache writes (fused with their reads of the layer's
       # q, k, v projection) until the program's end, keeping every layer's
-      # projection alive at once (benchmarks/NOTES.md, "The prefill's memory a row").
+      # projection alive at once (seen in a prefill: benchmarks/NOTES.md, "The
+      # prefill's memory a row"). A decode step's one token needs none.
       x, layer_cache = jax.lax.optimization_barrier((x, layer_cache))
     new_layers.append(layer_cache)
 

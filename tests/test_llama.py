@@ -145,8 +145,14 @@ def test_prefill_forms_each_layers_cache_before_the_next_layer():
                          num_kv_heads=2, head_dim=16)
     model = bench_generate.random_model(config)
     empty = kivi_jax.init_cache(config, kv, 1, 128, impl="reference")
-    ids = jnp.zeros((1, 64), jnp.int32)
-    text = jax.jit(functools.partial(llama.prefill, config=config)).lower(
-        model.params, ids, empty, jnp.ones_like(ids)).as_text()
-    count[layers] = text.count("optimization_barrier")
-  assert count[4] - count[2] == 2
+    for name, fn, t in (("prefill", llama.prefill, 64), ("forward", llama.forward, 8),
+                        ("step", llama.forward, 1)):
+      ids = jnp.zeros((1, t), jnp.int32)
+      text = jax.jit(functools.partial(fn, config=config)).lower(
+          model.params, ids, empty, jnp.ones_like(ids)).as_text()
+      count[name, layers] = text.count("optimization_barrier")
+  # One a layer wherever several tokens go through the layers; a decode step
+  # (one token a row, its cache written in place) takes none.
+  assert count["prefill", 4] - count["prefill", 2] == 2
+  assert count["forward", 4] - count["forward", 2] == 2
+  assert count["step", 4] == count["step", 2]
