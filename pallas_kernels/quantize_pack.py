@@ -70,36 +70,44 @@ def _divide(a, b, interpret: bool):
       result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
 
 
+def _heads(body, heads: int):
+  """`body(h)` for each of the program's heads (its refs' leading axis; each
+  access indexes it, Triton's lowering taking one indexer a load)."""
+  def one(h, carry):
+    body(h)
+    return carry
+  jax.lax.fori_loop(0, heads, one, 0)
+
+
 def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, scale_ref,
             zero_ref, *, bits: float, group: int, axis: str, clip: float,
             col_block: int, interpret: bool):
   del scale_in, zero_in  # aliased with scale_ref, zero_ref, written whole-group
   g = group
   w = codes_per_word(bits)
-  n, d = x_ref.shape
+  d = x_ref.shape[-1]
   start, n_tok = start_ref[0], ntok_ref[0]
   tile = start // (w * g) + pl.program_id(2)  # packing block of this program
   first_tok = tile * w * g
   live_lo = jnp.maximum(start, first_tok)
   live_hi = jnp.minimum(start + n_tok, first_tok + w * g)
 
-  @pl.when(live_lo < live_hi)
-  def _():
+  def head(h):
     rows = pl.ds(pl.multiple_of(tile * g, g), g)
     for c0 in range(0, d, col_block):
       cols = pl.ds(c0, col_block)
 
       def slot(j, acc):
         tok0 = first_tok + j * g
-        x = x_ref[pl.ds(pl.multiple_of(tok0 - start, g), g), cols].astype(jnp.float32)
+        x = x_ref[h, pl.ds(pl.multiple_of(tok0 - start, g), g), cols].astype(jnp.float32)
         codes, scale, zero = quantize_tile(x, axis, bits, clip, scale_ref.dtype,
                                            functools.partial(_divide, interpret=interpret))
         if axis == "channel":
-          scale_ref[tok0 // g, cols] = scale[0]
-          zero_ref[tok0 // g, cols] = zero[0]
+          scale_ref[h, tok0 // g, cols] = scale[0]
+          zero_ref[h, tok0 // g, cols] = zero[0]
         else:
-          scale_ref[pl.ds(tok0, g), c0 // col_block] = scale[:, 0]
-          zero_ref[pl.ds(tok0, g), c0 // col_block] = zero[:, 0]
+          scale_ref[h, pl.ds(tok0, g), c0 // col_block] = scale[:, 0]
+          zero_ref[h, pl.ds(tok0, g), c0 // col_block] = zero[:, 0]
         mult, shift = _slot_place(j, bits, col_block)
         return acc + ((codes * mult) << shift)
 
@@ -108,14 +116,17 @@ def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, 
                               jnp.zeros((g, col_block), jnp.uint32))
       # Each slot is written once, into zero bits (as the reference): adding
       # sets it, for binary fields and for ternary digits of a byte alike.
-      words_ref[rows, cols] = words_in[rows, cols] + acc
+      words_ref[h, rows, cols] = words_in[h, rows, cols] + acc
+
+  pl.when(live_lo < live_hi)(
+      lambda: _heads(head, x_ref.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "group_size", "axis", "clip", "num_warps", "interpret"))
+    "bits", "group_size", "axis", "clip", "num_warps", "heads_per_program", "interpret"))
 def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_size: int,
                   axis: str, clip: float = 1.0, num_warps: int = 4,
-                  interpret: bool = False):
+                  heads_per_program: int | None = None, interpret: bool = False):
   """Quantizes `x` and writes it into the block in place (module docstring).
 
   Returns the new `(words, scale, zero)`, aliased to the inputs: inside a jit
@@ -132,24 +143,48 @@ def quantize_pack(x, words, scale, zero, start, n_tokens, *, bits: float, group_
   kernel = functools.partial(_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              col_block=col_block, interpret=interpret)
   return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, words.shape[2] * w,
-                         tiles, num_warps=num_warps, interpret=interpret,
+                         tiles, heads_per_program, num_warps=num_warps, interpret=interpret,
                          name="kivi_quantize_pack")
 
 
+MIN_PROGRAMS = 1024
+"""`heads_per_program`'s floor on a launch's programs (a few per SM)."""
+
+
+def heads_per_program(batch: int, heads: int) -> int:
+  """How many heads of a row one program writes: the largest power of two
+  dividing `heads` that leaves at least `MIN_PROGRAMS` programs (one at
+  least). A program whose row writes nothing returns at once, which a decode
+  step's flush makes most programs (31 steps in 32 at G = 32); at 512 rows of
+  32 heads, B x H programs a launch took 54 and 25 us a layer of a 56 ms step
+  (keys, values; H200, 2026-12-04, benchmarks/NOTES.md, "The decode step at
+  512 rows")."""
+  hp = 1
+  while heads % (2 * hp) == 0 and batch * heads // (2 * hp) >= MIN_PROGRAMS:
+    hp *= 2
+  return hp
+
+
 def _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity: int,
-                    programs: int, *, num_warps: int, interpret: bool, name: str):
-  """`kernel` over the grid (B, H, `programs`), each program seeing its (row,
-  head)'s slab of every array, `words`, `scale`, `zero` written in place
+                    programs: int, heads: int | None, *, num_warps: int, interpret: bool,
+                    name: str):
+  """`kernel` over the grid (B, H / hp, `programs`), hp = `heads` or
+  `heads_per_program`'s, each program seeing its row's slab of hp heads of
+  every array, `words`, `scale`, `zero` written in place
   (`input_output_aliases`). Tokens past `capacity` are dropped (as the
   references' scatters drop them)."""
+  b, h = x.shape[:2]
+  hp = heads or heads_per_program(b, h)
+  if h % hp:
+    raise ValueError(f"heads_per_program={hp} must divide the {h} heads")
   start = start.astype(jnp.int32)
   n_tokens = jnp.clip(jnp.minimum(n_tokens.astype(jnp.int32), capacity - start), 0,
                       x.shape[2])
-  slab = lambda a: pl.BlockSpec((None, None, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
+  slab = lambda a: pl.BlockSpec((None, hp, *a.shape[2:]), lambda i, j, t: (i, j, 0, 0))
   row = pl.BlockSpec((1,), lambda i, j, t: (i,))
   return pl.pallas_call(
       kernel,
-      grid=(*x.shape[:2], programs),
+      grid=(b, h // hp, programs),
       in_specs=[slab(x), row, row, slab(words), slab(scale), slab(zero)],
       out_specs=[slab(words), slab(scale), slab(zero)],
       out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (words, scale, zero)],
@@ -193,17 +228,16 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
                  interpret: bool):
   del scale_in, zero_in  # aliased with scale_ref, zero_ref, written whole-group
   g = group
-  n, d = x_ref.shape
+  d = x_ref.shape[-1]
   start, n_tok = start_ref[0], ntok_ref[0]
   first_tok = (start // SPAN + pl.program_id(2)) * SPAN  # this program's span
   live_lo = jnp.maximum(start, first_tok)
   live_hi = jnp.minimum(start + n_tok, first_tok + SPAN)
   divide = functools.partial(_divide, interpret=interpret)
-  tile = lambda j, cols=slice(None): x_ref[  # noqa: E731
-      pl.ds(pl.multiple_of(first_tok + j * g - start, g), g), cols]
 
-  @pl.when(live_lo < live_hi)
-  def _():
+  def head(h):
+    tile = lambda j, cols=slice(None): x_ref[  # noqa: E731
+        h, pl.ds(pl.multiple_of(first_tok + j * g - start, g), g), cols]
     groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
     if axis == "channel":
       # Each token's own word row: the group's tokens' rows written whole.
@@ -215,9 +249,9 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
         tok0 = first_tok + j * g
         codes, scale, zero = quantize_tile(tile(j).astype(jnp.float32), axis, bits, clip,
                                            scale_ref.dtype, divide)
-        scale_ref[tok0 // g, :] = scale[0]
-        zero_ref[tok0 // g, :] = zero[0]
-        words_ref[pl.ds(pl.multiple_of(tok0, g), g), :] = _pair_words(
+        scale_ref[h, tok0 // g, :] = scale[0]
+        zero_ref[h, tok0 // g, :] = zero[0]
+        words_ref[h, pl.ds(pl.multiple_of(tok0, g), g), :] = _pair_words(
             codes << shift.astype(jnp.uint32), word, d * bits // 32, axis=1)
         return carry
       jax.lax.fori_loop(*groups, one, 0)
@@ -230,22 +264,25 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
         tok0 = first_tok + j * g
         x = tile(j, pl.ds(c0, cg)).astype(jnp.float32)
         codes, scale, zero = quantize_tile(x, axis, bits, clip, scale_ref.dtype, divide)
-        scale_ref[c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = scale[:, 0]
-        zero_ref[c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = zero[:, 0]
+        scale_ref[h, c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = scale[:, 0]
+        zero_ref[h, c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = zero[:, 0]
         word, shift = _pair_places(
             tok0 + jax.lax.broadcasted_iota(jnp.int32, (g, 1), 0), bits)
         return acc + _pair_words(codes << shift.astype(jnp.uint32), word, n_words, axis=0)
       acc = jax.lax.fori_loop(*groups, one, jnp.zeros((cg, n_words), jnp.uint32))
       # The span's other groups keep their fields (zeros where this one's go).
       rows = pl.ds(c0, cg)
-      words_ref[rows, cols] = words_in[rows, cols] + acc
+      words_ref[h, rows, cols] = words_in[h, rows, cols] + acc
+
+  pl.when(live_lo < live_hi)(
+      lambda: _heads(head, x_ref.shape[0]))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "bits", "group_size", "axis", "clip", "num_warps", "interpret"))
+    "bits", "group_size", "axis", "clip", "num_warps", "heads_per_program", "interpret"))
 def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
                         group_size: int, axis: str, clip: float = 1.0, num_warps: int = 4,
-                        interpret: bool = False):
+                        heads_per_program: int | None = None, interpret: bool = False):
   """`quantize_pack` into a block in the pair layout (module docstring): words
   `[B, H, C, D b/32]` (axis "channel") or `[B, H, D, C b/32]` (axis "token"),
   scale and zero `[B, H, C/G, D]` or `[B, H, D/min(G, D), C]`. Groups of at
@@ -263,7 +300,7 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              interpret=interpret)
   return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, spans,
-                         num_warps=num_warps, interpret=interpret,
+                         heads_per_program, num_warps=num_warps, interpret=interpret,
                          name="kivi_quantize_pack_pairs")
 
 

@@ -155,6 +155,48 @@ def test_pair_kernel_matches_reference(case, dtype, clip):
   assert not np.array_equal(np.asarray(got[0]), np.asarray(block[0]))
 
 
+@pytest.mark.parametrize("pairs, case", [(False, CASES[0]), (False, CASES[3]),
+                                         (True, PAIR_CASES[1]), (True, PAIR_CASES[3])],
+                         ids=["slots-flush", "slots-prefill", "pairs-flush", "pairs-prefill"])
+def test_a_program_writes_several_heads_as_one_each(pairs, case):
+  """Both heads in one program (`heads_per_program=2`): the same block, bit
+  for bit, as the reference."""
+  bits, g, axis, d, n, starts, ntoks = case
+  rng = np.random.default_rng(7)
+  if pairs:
+    capacity = 1024
+    codes = jnp.zeros((B, H, capacity, d), jnp.uint8)
+    words = quantization.pair_pack(codes if axis == "channel" else jnp.swapaxes(codes, 2, 3),
+                                   bits)
+    shape = (B, H, capacity // g, d) if axis == "channel" else (B, H, d // min(g, d), capacity)
+    block = (words, jnp.full(shape, 7.0, jnp.bfloat16), jnp.full(shape, -5.0, jnp.bfloat16))
+    kernel, reference = qp.quantize_pack_pairs, qp.quantize_pack_pairs_reference
+  else:
+    capacity = 2 * codes_per_word(bits) * g
+    block = _block(rng, bits, g, axis, d, capacity, starts, ntoks, jnp.bfloat16)
+    kernel, reference = qp.quantize_pack, qp.quantize_pack_reference
+  x = jnp.asarray(rng.standard_normal((B, H, n, d)), jnp.bfloat16)
+  start, n_tok = jnp.asarray(starts, jnp.int32), jnp.asarray(ntoks, jnp.int32)
+  kw = dict(bits=bits, group_size=g, axis=axis)
+  want = _on_cpu(reference, x, *block, start, n_tok, 1.0, **kw)
+  got = kernel(x, *block, start, n_tok, **kw, heads_per_program=2, interpret=not ON_GPU)
+  for name, a, b in zip(("words", "scale", "zero"), got, want):
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8),
+                                  err_msg=name)
+  with pytest.raises(ValueError, match="heads_per_program=3 must divide the 2 heads"):
+    kernel(x, *block, start, n_tok, **kw, heads_per_program=3, interpret=True)
+
+
+def test_heads_a_program_keep_a_thousand_programs():
+  assert qp.heads_per_program(1, 32) == 1
+  assert qp.heads_per_program(32, 32) == 1  # 1024 programs of one head
+  assert qp.heads_per_program(64, 32) == 2
+  assert qp.heads_per_program(512, 32) == 16
+  assert qp.heads_per_program(4096, 32) == 32  # a row a program, no more
+  assert qp.heads_per_program(512, 24) == 8  # powers of two dividing the heads
+  assert qp.heads_per_program(4096, 5) == 1
+
+
 def test_pair_kernel_names_what_it_cannot_write():
   x = jnp.zeros((1, 1, 256, 128))
   words, scale = jnp.zeros((1, 1, 128, 16), jnp.uint32), jnp.zeros((1, 1, 1, 512))
