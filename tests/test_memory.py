@@ -114,7 +114,7 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
   rows = [r for r in json.loads(results.read_text())["rows"]
           if r["kind"] == "generate" and "peak_bytes" in r
           and r["commit"] not in PREFILL_BEFORE_THE_BARRIER]
-  assert len(rows) >= 3
+  assert len(rows) >= 4  # c37d8ab's 539 rows of KIVI-2, fc2e335's three largest batches
   models = {}
   for r in rows:
     length, _ = memory.generate_lengths(r["prompt"], r["new"], 1 << 30)
