@@ -302,6 +302,10 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   if _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq):
     acc, m, l = _ring_kernel_partial(qg, layer, flushed, ring_pos, ring_live, lo)
   else:
+    # A row that flushes nothing has an undefined window (`ring_update`'s kernel
+    # leaves it unwritten): its values are masked here, not multiplied by zero.
+    fk, fv, f_pos, f_live = flushed
+    flushed = (fk, jnp.where(f_live[:, None, :, None], fv, 0), f_pos, f_live)
     parts = [flushed, (layer.ring_k, layer.ring_v, ring_pos, ring_live)]
     if config.sinks:
       parts.insert(0, _sink_part(layer, new_lengths, config))

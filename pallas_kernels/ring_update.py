@@ -5,11 +5,15 @@ A decode step puts each row's new token in ring slot `slot[b]` and reads the
 window of `G` slots holding it (aligned to `G`): when the step flushes, that
 window is exactly the group that leaves the ring for the quantized block
 (`kivi_jax.cache.append_flushing`); at any other step (31 of 32 at G = 32)
-nothing reads it, so a row that does not flush reads no window and returns
-zeros there. The kernel reads the window and writes the one slot in the same
-program, through `input_output_aliases`, so the ring is never copied: in jnp,
-XLA fuses the window's read into the write and then copies the whole ring to
-keep the read's old values (seen on an H200), or scatters slowly.
+nothing reads it, so a row that does not flush reads no window and writes
+none: its window is undefined, and every reader masks a row's window by its
+flush (the reference returns zeros there, but the new token at `new_at`).
+(Zeros there were 268 MB a layer at 512 rows of Llama-2-7B KIVI-2:
+`benchmarks/NOTES.md`, "The decode step at 512 rows".) The kernel reads the
+window and writes the one slot in the same program, through
+`input_output_aliases`, so the ring is never copied: in jnp, XLA fuses the
+window's read into the write and then copies the whole ring to keep the
+read's old values (seen on an H200), or scatters slowly.
 
 Shapes (B batch, H heads, R ring slots, G window, D channels):
   ring_k, ring_v  [B, H, R, D]  model dtype
@@ -21,8 +25,8 @@ Shapes (B batch, H heads, R ring slots, G window, D channels):
                   returned window (where the flushed group includes it), or G
 Returns `(ring_k, ring_v, window_k, window_v)`: the rings with the new tokens
 written (aliased to the inputs) and the windows `[B, H, G, D]` as they were
-before the step, the new token at `new_at` (zeros but that token in a row that
-does not flush).
+before the step, the new token at `new_at`, where the row flushes (undefined
+elsewhere).
 """
 
 from __future__ import annotations
@@ -50,10 +54,6 @@ def _kernel(slot_ref, writes_ref, flushes_ref, new_at_ref, k_new_ref, v_new_ref,
     @pl.when(flushes_ref[0] > 0)
     def _():
       win_ref[...] = jnp.where(at, new, ring_ref[pl.ds(first, g), :])
-
-    @pl.when(flushes_ref[0] == 0)
-    def _():
-      win_ref[...] = jnp.where(at, new, jnp.zeros(win_ref.shape, win_ref.dtype))
 
     @pl.when(writes_ref[0] > 0)
     def _():
@@ -92,7 +92,8 @@ def ring_update(ring_k, ring_v, k_new, v_new, slot, writes, flushes, new_at, *,
 def ring_update_reference(ring_k, ring_v, k_new, v_new, slot, writes, flushes, new_at, *,
                           group_size: int):
   """The same update in plain jnp: gather the window, write it back with the
-  new token in its slot."""
+  new token in its slot. The window of a row that does not flush is zeros
+  but the new token at `new_at`."""
   g = group_size
   first = slot // g * g
   window = first[:, None] + jnp.arange(g)[None, :]  # [B, G]

@@ -25,19 +25,27 @@ def test_kernel_matches_reference(group, ring):
                                 group_size=group, interpret=True)
   ref = ring_update.ring_update_reference(rk, rv, kn, vn, slot, writes, flushes, new_at,
                                           group_size=group)
-  for x, y in zip(out, ref):
+  for x, y in zip(out[:2], ref[:2]):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The row that writes nothing keeps its ring.
   np.testing.assert_array_equal(np.asarray(out[0][1]), np.asarray(rk[1]))
-  # A flushing row's window is the ring's old one (the new token at new_at);
-  # a row that does not flush returns zeros but that token.
+  # A flushing row's window is the ring's old one (the new token at new_at),
+  # the reference's too; a row that does not flush gets no window from the
+  # kernel (interpret mode's unwritten outputs are NaN) and zeros but the
+  # new token from the reference.
   first = np.asarray(slot) // group * group
   for b in range(B):
-    old = np.asarray(rk[b][:, first[b]:first[b] + group])
-    at = np.arange(group) == int(new_at[b])
-    want = old if int(flushes[b]) else np.zeros_like(old)
-    want = np.where(at[None, :, None], np.asarray(kn[b]), want)
-    np.testing.assert_array_equal(np.asarray(out[2][b]), want)
+    for win, win_ref, ring, new in ((out[2], ref[2], rk, kn), (out[3], ref[3], rv, vn)):
+      old = np.asarray(ring[b][:, first[b]:first[b] + group])
+      at = np.arange(group) == int(new_at[b])
+      want = np.where(at[None, :, None], np.asarray(new[b]), old)
+      if int(flushes[b]):
+        np.testing.assert_array_equal(np.asarray(win[b]), want)
+        np.testing.assert_array_equal(np.asarray(win_ref[b]), want)
+      else:
+        assert np.isnan(np.asarray(win[b])).all()
+        np.testing.assert_array_equal(np.asarray(win_ref[b]),
+                                      np.where(at[None, :, None], np.asarray(new[b]), 0))
 
 
 _append = jax.jit(append_flushing, static_argnames=("config", "impl"))
@@ -58,8 +66,11 @@ def test_decode_steps_through_the_kernel_equal_the_reference(name):
       idx = jnp.minimum(ln + i, 79)
       kn = jnp.stack([k[b, :, idx[b]][:, None] for b in range(B)])
       vn = jnp.stack([v[b, :, idx[b]][:, None] for b in range(B)])
-      lay, fl = _append(lay, kn, vn, ln, n_new, config, impl)
-      flushed.append(fl)
+      lay, (fk, fv, pos, live) = _append(lay, kn, vn, ln, n_new, config, impl)
+      # The flushed tokens are defined where live (the kernel writes no
+      # window for a row that does not flush).
+      keep = live[:, None, :, None]
+      flushed.append((jnp.where(keep, fk, 0), jnp.where(keep, fv, 0), pos, live))
       ln = ln + n_new
     out[impl] = (lay, flushed)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
