@@ -103,6 +103,17 @@ def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
           and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
 
 
+def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
+  """Whether the kernel folds the scales and zeros into the query and the
+  probabilities (codes fed to `wgmma` as they are, no per-code scaling): one
+  query row a kv head (MHA), 128-wide heads, groups of 32 tokens and channels,
+  codes below 8 bits."""
+  import os
+  if os.environ.get("KIVI_EXP_FOLD", "1") == "0":
+    return False
+  return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
+
+
 def hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x)."""
   dev = jax.devices()[0]
@@ -145,10 +156,12 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
   mask = (2**bits - 1) * 0x10001
+  codes_only = scale_ref is None  # the codes themselves, exact in bf16 (folded scales)
+  refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
 
-  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
+  @plgpu.inline_mgpu(arg_types=(wg, *refs),
                      return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
-  def dequant(ctx, w, scales, zeros):
+  def dequant(ctx, w, scales=None, zeros=None):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     pair = ir.VectorType.get((2,), ir.BF16Type.get())
@@ -166,7 +179,7 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
         reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
         word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
         shift = bits * (s % p)
-      if (rt, ct) not in loaded:
+      if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
@@ -185,16 +198,25 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
             and.b32 m, m, 0xff;
             cvt.rn.f32.u32 hi, m;
             cvt.rn.bf16x2.f32 t, hi, lo;"""
-      x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
-          {{
-          .reg .b32 t, m;
-          .reg .f32 lo, hi;
-          {shr}{body}
-          fma.rn.bf16x2 $0, t, $2, $3;
-          }}""", "=r,r,r,r")
+      if codes_only:
+        x = llvm.inline_asm(i32, [word], f"""
+            {{
+            .reg .b32 t, m;
+            .reg .f32 lo, hi;
+            {shr}{body}
+            mov.b32 $0, t;
+            }}""", "=r,r")
+      else:
+        x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
+            {{
+            .reg .b32 t, m;
+            .reg .f32 lo, hi;
+            {shr}{body}
+            fma.rn.bf16x2 $0, t, $2, $3;
+            }}""", "=r,r,r,r")
       out[idx] = mgpu_utils.bitcast(x, pair)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return dequant(words, scale_ref, zero_ref)
+  return dequant(words) if codes_only else dequant(words, scale_ref, zero_ref)
 
 
 def _with_columns(x, cols: int, layout, fill: float = 0.0):
@@ -218,10 +240,141 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
   return resize(x)
 
 
+def _lane_warp():
+  """`(lane, warp)` i32 of this thread, the warp within its warpgroup."""
+  i32 = ir.IntegerType.get_signless(32)
+  tid = mgpu_utils.thread_idx()
+  return (arith.andi(tid, mgpu_utils.c(31, i32)),
+          arith.andi(arith.shrui(tid, mgpu_utils.c(5, i32)), mgpu_utils.c(3, i32)))
+
+
+def _by_warp(warp, values):
+  """`values[warp]` for a list of four i32 values (or ints) by selects."""
+  i32 = ir.IntegerType.get_signless(32)
+  as_val = lambda v: mgpu_utils.c(v, i32) if isinstance(v, int) else v  # noqa: E731
+  out = as_val(values[0])
+  for w in range(1, 4):
+    if not (values[w] is values[w - 1] or isinstance(values[w], int)
+            and values[w] == values[w - 1]):
+      out = arith.select(arith.cmpi(arith.CmpIPredicate.eq, warp, mgpu_utils.c(w, i32)),
+                         as_val(values[w]), out)
+  return out
+
+
+def _pick_columns(x, col_of):
+  """`x` float32 `[R, n]` in the WGMMA layout -> `[R, 8]` whose every column
+  holds row t's value at column `col_of(t // 64, w)` of `x`, `w = t % 64 // 16`
+  the row's warp: the warp's register and element by selects, then one
+  `shfl.sync.idx` a row from the lane of the thread's quad that holds the
+  column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg,), return_type=plgpu.ShapeDtypeStruct(
+      (x.shape[0], 8), jnp.float32, wg))
+  def pick(ctx, a):
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    lane, warp = _lane_warp()
+    quad = arith.andi(lane, mgpu_utils.c(0x1C, i32))
+    regs = np.array(a.registers)
+    out = np.empty(regs.shape[:1] + (1,) + regs.shape[2:], dtype=object)
+    for idx in np.ndindex(out.shape):
+      cols = [col_of(idx[0], w) for w in range(4)]
+
+      def elem(col, idx=idx):
+        at = idx[:1] + (col // 8,) + idx[2:]
+        return mgpu_utils.bitcast(
+            mgpu_utils.vector_slice(regs[at], slice(col % 2, col % 2 + 1)), i32)
+      got = {}
+      mine = [got.setdefault((col // 8, col % 2), elem(col)) for col in cols]
+      src = arith.ori(quad, _by_warp(warp, [col % 8 // 2 for col in cols]))
+      v = llvm.inline_asm(i32, [_by_warp(warp, mine), src],
+                          "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r")
+      v = mgpu_utils.bitcast(v, ir.VectorType.get((1,), f32))
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=a.layout, _is_signed=None)
+  return pick(x)
+
+
+def _scale_query(scales, zeros, q_smem, qp_smem, qz_smem):
+  """The B operands of the folded scores: `qp[g] = bf16(q o s_g)`, `qz[g] =
+  bf16(q o z_g)` for the step's 8 key groups (`scales`, `zeros` `[8, 128]`
+  bf16), q the first row of `q_smem`; `q_smem`, `qp_smem` and `qz_smem` are
+  `[8, 128]` with 128-byte swizzle (tiles of 8 x 64): thread t writes 8
+  channels of group t // 16, one 16-byte chunk of each."""
+  swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), swz, swz, swz))
+  def build(ctx, sc, zr, q, qp, qz):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    vec = ir.VectorType.get((8,), ir.BF16Type.get())
+    words = ir.VectorType.get((4,), i32)
+    tid = mgpu_utils.thread_idx()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    g = arith.andi(arith.shrui(tid, ci(4)), ci(7))
+    part = arith.andi(tid, ci(15))
+    tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
+    zero = mgpu_utils.c(0, index)
+    # Row 0's chunk is unswizzled; row g's chunk c sits at c ^ g.
+    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, ix(tile), zero, ix(arith.shli(chunk, ci(3)))]),
+                            words)
+    at = [zero, ix(tile), ix(g), ix(arith.shli(arith.xori(chunk, g), ci(3)))]
+    for src, dst in ((sc, qp), (zr, qz)):
+      x = mgpu_utils.bitcast(vector.load(vec, src, [ix(g), ix(arith.shli(part, ci(3)))]), words)
+      out = []
+      for e in range(4):
+        pick = lambda v, e=e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
+        out.append(llvm.inline_asm(i32, [pick(q8), pick(x)], "mul.rn.bf16x2 $0, $1, $2;",
+                                   "=r,r,r"))
+      vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), dst, at)
+  build(scales, zeros, q_smem, qp_smem, qz_smem)
+
+
+def _scaled_probabilities(p, sz_ref):
+  """P' for the folded values: `p` float32 `[64 tokens, 8]` (every column the
+  row's probability) -> bf16 `[64, 16]` in the WGMMA layout, column `c < 8`
+  holding `bf16(bf16(p) * sz[c, t])` (`sz_ref` `[8, 64]`: the tokens' value
+  scales of the four channel groups, then their zeros), columns 8-15 zero."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 16), jnp.bfloat16, wg))
+  def scaled(ctx, a, sz):
+    del ctx
+    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    half = ir.VectorType.get((1,), ir.BF16Type.get())
+    layout = mgpu.WGMMA_LAYOUT
+    shape = (PAIR, 16)
+    out = np.empty(layout.registers_shape(shape), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
+    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), ir.VectorType.get((2,), ir.BF16Type.get()))
+    for idx in np.ndindex(out.shape):
+      if idx[1]:  # columns 8-15
+        out[idx] = zero
+        continue
+      row, col = where[idx]
+      pr = mgpu_utils.bitcast(mgpu_utils.vector_slice(a.registers[idx], slice(0, 1)), i32)
+      s0, s1 = (vector.load(half, sz, [arith.addi(col, mgpu_utils.c(e, index)), row])
+                for e in (0, 1))
+      pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
+      x = llvm.inline_asm(i32, [pr, pair], """
+          {
+          .reg .b32 t;
+          cvt.rn.bf16x2.f32 t, $1, $1;
+          mul.rn.bf16x2 $0, t, $2;
+          }""", "=r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, ir.VectorType.get((2,), ir.BF16Type.get()))
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return scaled(p, sz_ref)
+
+
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
-  heads `d` wide."""
+  heads `d` wide; `folded`: one query row (q's row repeated in all 8), the
+  scales and zeros folded into the query and the probabilities."""
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
   k_words = d * k_bits // 32      # a token's key words
@@ -232,10 +385,12 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
 
+  ng = d // cg  # value channel groups a head
+
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
                                  ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
-                                 bars):
+                                 bars, *fold_smem):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
@@ -250,10 +405,11 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         t0 = st * step + u * TMA_ROWS
         plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
                                 kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
-        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
-                                vs_smem.at[slot, u], bar)
-        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
-                                vz_smem.at[slot, u], bar)
+        # Folded: a token's value scales and zeros side by side in one buffer.
+        vs_dst = vs_smem.at[slot, u, pl.ds(0, ng)] if folded else vs_smem.at[slot, u]
+        vz_dst = vs_smem.at[slot, u, pl.ds(ng, ng)] if folded else vz_smem.at[slot, u]
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vs_dst, bar)
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vz_dst, bar)
       groups = pl.ds(st * (step // group), step // group)
       plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
       plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
@@ -264,6 +420,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     # Word tiles in the WGMMA layout (their rows' strides conflict on banks).
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
+    if folded:
+      qp_smem, qz_smem = fold_smem
 
     def step_body(i, carry):
       slot = lax.rem(i, 2)
@@ -274,18 +432,37 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         fetch(i + 1, lax.rem(i + 1, 2))
       plgpu.barrier_wait(bars.at[slot])
       t_step = (first + i) * step
+      if folded:
+        # The step's groups' scaled queries q o s_g and q o z_g, rows of `wgmma`'s B.
+        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, qz_smem)
+        plgpu.commit_smem()
 
-      def scores(jp):
-        """S^T [64 tokens, N] of tile `jp` of the step, scaled and masked."""
-        k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]),
-                     ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                     kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                     k_bits, group)
+      def scores(jp, u):
+        """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
+        scaled and masked."""
+        words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
+        if folded:  # codes against q o s_g, ones against q o z_g, each row its group's
+          k = _dequant(words, None, None, k_bits, group)
+          ones = plgpu.layout_cast(jnp.full((PAIR, d), 1.0, jnp.bfloat16), wg)
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
-          return acc_ref[...]
-        st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+            plgpu.wgmma(acc_ref, ones, plgpu.transpose_ref(qz_smem, (1, 0)))
+            return acc_ref[...]
+          # One update a step (`step == UPDATE`): tile u holds the step's groups
+          # (64 u + 16 w) // G, warp w's rows.
+          st = _pick_columns(pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)),
+                             lambda _, w: (PAIR * u + 16 * w) // group) * sm_scale
+        else:
+          k = _dequant(words,
+                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       k_bits, group)
+
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
+            return acc_ref[...]
+          st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
         tok = t_step + PAIR * jp + tok_in
         return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
 
@@ -296,27 +473,39 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
         for u in range(2):
+          if folded:  # columns: p o s_g of the channel groups g, then p o z_g
+            p_buf[pl.ds(PAIR * u, PAIR)] = _scaled_probabilities(
+                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)])
+            continue
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
-        rows = d // len(accs)
+        rows = d // (len(accs) - folded)
         out = []
+        if folded:  # the zeros' part: a row of ones against every column
+          ones = plgpu.layout_cast(jnp.full((PAIR, SPAN), 1.0, jnp.bfloat16), wg)
+
+          def pz(acc_ref):
+            plgpu.wgmma(acc_ref, ones, p_buf)
+          zacc = pl.run_state(pz)(plgpu.ACC.init(accs[-1]))
+          accs = accs[:-1]
         for part, acc in enumerate(accs):
           at = pl.ds(rows * part // cg, max(1, rows // cg))
-          vt = _dequant(
-              load_words(vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)]),
-              vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+          words = load_words(
+              vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
+          vt = _dequant(words, None, None, v_bits, cg) if folded else _dequant(
+              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
               vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
-        return tuple(out)
+        return (*out, zacc) if folded else tuple(out)
 
       def update(c, carry):
         """The scores of `UPDATE` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
@@ -336,13 +525,22 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    parts = 2 if v_halves else 1
+    parts = 2 if v_halves or folded else 1  # folded: halves of 64 channels
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
+    if folded:  # the zeros' part, the same in every row
+      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 16), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    for part, a in enumerate(acc):  # the real rows
-      o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
-          _with_columns(a, 8, wg) if n_rows == 8 else a)
+    if folded:  # channel c's own group's column, and its zeros' column
+      for part, a in enumerate(acc[:-1]):
+        g_of = lambda _, w, part=part: (PAIR * part + 16 * w) // cg  # noqa: E731
+        o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = (
+            _pick_columns(a, g_of)
+            + _pick_columns(acc[-1], lambda _, w, g_of=g_of: ng + g_of(0, w)))
+    else:
+      for part, a in enumerate(acc):  # the real rows
+        o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+            _with_columns(a, 8, wg) if n_rows == 8 else a)
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
@@ -356,11 +554,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
+      # Folded: scales then zeros in one buffer (the second unused).
+      plgpu.SMEM((2, boxes, (1 + folded) * ng, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((1, 1, 1, 8) if folded else (2, boxes, ng, TMA_ROWS), jnp.bfloat16),
       swizzled((2, 2 * PAIR, 16), 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
+      *([swizzled((step // group, d), 128)] * 2 if folded else []),
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
@@ -396,12 +596,16 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
+  folded = folds(k_bits, v_bits, group_size, d, m_rows)
+  if folded:  # the row in every row of the B operand
+    q = jnp.broadcast_to(q, (b, kh, n_rows, d))
+  else:
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves)(
+                   halves, folded)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]
