@@ -106,8 +106,8 @@ def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
 def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   """Whether the kernel folds the scales and zeros into the query and the
   probabilities (codes fed to `wgmma` as they are, no per-code scaling): one
-  query row a kv head (MHA), 128-wide heads, groups of 32 tokens and channels,
-  codes below 8 bits."""
+  query row a kv head (MHA), 128-wide heads, groups of 32 tokens and channels
+  (8 key groups a step, 4 value groups a head), codes below 8 bits."""
   import os
   if os.environ.get("KIVI_EXP_FOLD", "1") == "0":
     return False
@@ -249,14 +249,15 @@ def _lane_warp():
 
 
 def _by_warp(warp, values):
-  """`values[warp]` for a list of four i32 values (or ints) by selects."""
+  """`values[warp]` for a list of four i32 values (or ints) by selects, one
+  where the value changes from warp w - 1 to w."""
   i32 = ir.IntegerType.get_signless(32)
   as_val = lambda v: mgpu_utils.c(v, i32) if isinstance(v, int) else v  # noqa: E731
   out = as_val(values[0])
   for w in range(1, 4):
     if not (values[w] is values[w - 1] or isinstance(values[w], int)
             and values[w] == values[w - 1]):
-      out = arith.select(arith.cmpi(arith.CmpIPredicate.eq, warp, mgpu_utils.c(w, i32)),
+      out = arith.select(arith.cmpi(arith.CmpIPredicate.uge, warp, mgpu_utils.c(w, i32)),
                          as_val(values[w]), out)
   return out
 
@@ -296,18 +297,19 @@ def _pick_columns(x, col_of):
   return pick(x)
 
 
-def _scale_query(scales, zeros, q_smem, qp_smem, qz_smem):
-  """The B operands of the folded scores: `qp[g] = bf16(q o s_g)`, `qz[g] =
-  bf16(q o z_g)` for the step's 8 key groups (`scales`, `zeros` `[8, 128]`
-  bf16), q the first row of `q_smem`; `q_smem`, `qp_smem` and `qz_smem` are
-  `[8, 128]` with 128-byte swizzle (tiles of 8 x 64): thread t writes 8
-  channels of group t // 16, one 16-byte chunk of each."""
+def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
+  """The folded scores' operands for the step's 8 key groups (`scales`,
+  `zeros` `[8, 128]` bf16), q the first row of `q_smem`: `qp[g] = bf16(q o
+  s_g)`, `wgmma`'s B (`q_smem`, `qp_smem` `[8, 128]` with 128-byte swizzle,
+  tiles of 8 x 64), and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem`
+  `[8]`). Thread t takes 8 channels (a 16-byte chunk) of group t // 16; the
+  16 threads of a group sum by shuffles."""
   swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), swz, swz, swz))
-  def build(ctx, sc, zr, q, qp, qz):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), swz, swz, plgpu.RefType()))
+  def build(ctx, sc, zr, q, qp, corr):
     del ctx
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
     vec = ir.VectorType.get((8,), ir.BF16Type.get())
     words = ir.VectorType.get((4,), i32)
     tid = mgpu_utils.thread_idx()
@@ -317,45 +319,83 @@ def _scale_query(scales, zeros, q_smem, qp_smem, qz_smem):
     part = arith.andi(tid, ci(15))
     tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
     zero = mgpu_utils.c(0, index)
+    word = lambda v, e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
     # Row 0's chunk is unswizzled; row g's chunk c sits at c ^ g.
-    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, ix(tile), zero, ix(arith.shli(chunk, ci(3)))]),
-                            words)
-    at = [zero, ix(tile), ix(g), ix(arith.shli(arith.xori(chunk, g), ci(3)))]
-    for src, dst in ((sc, qp), (zr, qz)):
-      x = mgpu_utils.bitcast(vector.load(vec, src, [ix(g), ix(arith.shli(part, ci(3)))]), words)
-      out = []
-      for e in range(4):
-        pick = lambda v, e=e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
-        out.append(llvm.inline_asm(i32, [pick(q8), pick(x)], "mul.rn.bf16x2 $0, $1, $2;",
-                                   "=r,r,r"))
-      vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), dst, at)
-  build(scales, zeros, q_smem, qp_smem, qz_smem)
+    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, ix(tile), zero,
+                                                 ix(arith.shli(chunk, ci(3)))]), words)
+    at = [ix(g), ix(arith.shli(part, ci(3)))]
+    s8 = mgpu_utils.bitcast(vector.load(vec, sc, at), words)
+    out = [llvm.inline_asm(i32, [word(q8, e), word(s8, e)], "mul.rn.bf16x2 $0, $1, $2;",
+                           "=r,r,r") for e in range(4)]
+    vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), qp,
+                 [zero, ix(tile), ix(g), ix(arith.shli(arith.xori(chunk, g), ci(3)))])
+    z8 = mgpu_utils.bitcast(vector.load(vec, zr, at), words)
+    total = mgpu_utils.c(0.0, f32)
+    for e in range(4):  # bf16 pairs to float32: the high half, the low half shifted up
+      qw, zw = word(q8, e), word(z8, e)
+      for lo in (True, False):
+        f = lambda x, lo=lo: mgpu_utils.bitcast(  # noqa: E731
+            arith.shli(x, ci(16)) if lo else arith.andi(x, ci(-65536)), f32)
+        total = arith.addf(total, arith.mulf(f(qw), f(zw)))
+    for dist in (1, 2, 4, 8):
+      total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))):
+      vector.store(vector.from_elements(ir.VectorType.get((1,), f32), [total]), corr, [ix(g)])
+  build(scales, zeros, q_smem, qp_smem, corr_smem)
 
 
-def _scaled_probabilities(p, sz_ref):
-  """P' for the folded values: `p` float32 `[64 tokens, 8]` (every column the
-  row's probability) -> bf16 `[64, 16]` in the WGMMA layout, column `c < 8`
-  holding `bf16(bf16(p) * sz[c, t])` (`sz_ref` `[8, 64]`: the tokens' value
-  scales of the four channel groups, then their zeros), columns 8-15 zero."""
+def _corr_rows(corr_smem):
+  """`[64, 8]` float32 in the WGMMA layout, column g holding `corr[g]` in every
+  row: the scores' accumulator before the codes' product."""
   wg = plgpu.Layout.WGMMA
 
-  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((PAIR, 16), jnp.bfloat16, wg))
-  def scaled(ctx, a, sz):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def rows(ctx, corr):
     del ctx
-    i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
+    pair = ir.VectorType.get((2,), ir.F32Type.get())
+    for idx in np.ndindex(out.shape):
+      out[idx] = vector.load(pair, corr, [where[idx][1]])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return rows(corr_smem)
+
+
+def _scaled_probabilities(p, sz_ref, zsum, ng: int):
+  """The folded values' operands for 64 tokens: `p` float32 `[64, 8]` (every
+  column the row's probability), `sz_ref` `[2 ng, 64]` (the tokens' value
+  scales of the `ng` channel groups, then their zeros). Returns `(P', zsum')`:
+  P' bf16 `[64, 16]` in the WGMMA layout, column `g < ng` holding
+  `bf16(bf16(p) * s_g)`, the others zero; and `zsum` (float32 `[64, 8]`, the
+  WGMMA layout) plus `p * z_g` in float32, lane j of a quad summing group j
+  of its two rows in its first element (`ng` = 4)."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
+                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.bfloat16, wg),
+                                  plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)))
+  def scaled(ctx, a, sz, zs):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    bf_pair = ir.VectorType.get((2,), ir.BF16Type.get())
     half = ir.VectorType.get((1,), ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
     shape = (PAIR, 16)
     out = np.empty(layout.registers_shape(shape), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
-    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), ir.VectorType.get((2,), ir.BF16Type.get()))
+    lane, _ = _lane_warp()
+    j = arith.index_cast(index, arith.andi(lane, mgpu_utils.c(3, i32)))
+    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), bf_pair)
+    zregs = np.array(zs.registers)
     for idx in np.ndindex(out.shape):
       if idx[1]:  # columns 8-15
         out[idx] = zero
         continue
       row, col = where[idx]
-      pr = mgpu_utils.bitcast(mgpu_utils.vector_slice(a.registers[idx], slice(0, 1)), i32)
+      pf = mgpu_utils.vector_slice(a.registers[idx], slice(0, 1))
+      pr = mgpu_utils.bitcast(pf, i32)
       s0, s1 = (vector.load(half, sz, [arith.addi(col, mgpu_utils.c(e, index)), row])
                 for e in (0, 1))
       pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
@@ -365,9 +405,57 @@ def _scaled_probabilities(p, sz_ref):
           cvt.rn.bf16x2.f32 t, $1, $1;
           mul.rn.bf16x2 $0, t, $2;
           }""", "=r,r,r")
-      out[idx] = mgpu_utils.bitcast(x, ir.VectorType.get((2,), ir.BF16Type.get()))
-    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return scaled(p, sz_ref)
+      out[idx] = mgpu_utils.bitcast(x, bf_pair)
+      # The zeros' term in float32: z of group j at this row.
+      zb = vector.load(half, sz, [arith.addi(j, mgpu_utils.c(ng, index)), row])
+      zf = mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(
+          zb, ir.IntegerType.get_signless(16))), mgpu_utils.c(16, i32)), f32)
+      acc = zregs[idx]
+      first = vector.extract(acc, dynamic_position=[], static_position=[0])
+      p0 = vector.extract(a.registers[idx], dynamic_position=[], static_position=[0])
+      zregs[idx] = vector.insert(arith.addf(first, arith.mulf(p0, zf)), acc,
+                                 dynamic_position=[], static_position=[0])
+    return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
+            mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
+  return scaled(p, sz_ref, zsum)
+
+
+def _zero_totals(zsum, red_smem, ng: int, cols):
+  """The values' zero term of each row's group: `zsum` (`_scaled_probabilities`'
+  partial sums) summed over a warp's quads by shuffles and over the warps in
+  `red_smem` (`[4, ng]` float32) -> `[64, 8]` float32 in the WGMMA layout, row
+  t holding the total of group `cols(w)` (w = t // 16) in every column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def totals(ctx, zs, red):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    lane, warp = _lane_warp()
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    regs = np.array(zs.registers)
+    total = mgpu_utils.c(0.0, f32)
+    for idx in np.ndindex(regs.shape):  # the thread's two rows
+      total = arith.addf(total, vector.extract(regs[idx], dynamic_position=[],
+                                               static_position=[0]))
+    for dist in (4, 8, 16):  # the warp's 8 quads
+      total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+    j = arith.andi(lane, mgpu_utils.c(3, i32))
+    one = ir.VectorType.get((1,), f32)
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, mgpu_utils.c(ng, i32))):
+      vector.store(vector.from_elements(one, [total]), red, [ix(warp), ix(j)])
+    mgpu_utils.warpgroup_barrier()
+    g = ix(_by_warp(warp, [cols(w) for w in range(4)]))
+    t = mgpu_utils.c(0.0, f32)
+    for w in range(4):
+      t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), g]),
+                                       dynamic_position=[], static_position=[0]))
+    v = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
+    out = np.empty(regs.shape, dtype=object)
+    out[...] = v
+    return mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None)
+  return totals(zsum, red_smem)
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
@@ -421,7 +509,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
     if folded:
-      qp_smem, qz_smem = fold_smem
+      qp_smem, corr_smem, red_smem = fold_smem
 
     def step_body(i, carry):
       slot = lax.rem(i, 2)
@@ -433,25 +521,23 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.barrier_wait(bars.at[slot])
       t_step = (first + i) * step
       if folded:
-        # The step's groups' scaled queries q o s_g and q o z_g, rows of `wgmma`'s B.
-        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, qz_smem)
+        # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
+        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
         plgpu.commit_smem()
+        corr = _corr_rows(corr_smem)
 
       def scores(jp, u):
         """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
         scaled and masked."""
         words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
-        if folded:  # codes against q o s_g, ones against q o z_g, each row its group's
+        if folded:  # q . z_g + codes against q o s_g; each row its own group's column
           k = _dequant(words, None, None, k_bits, group)
-          ones = plgpu.layout_cast(jnp.full((PAIR, d), 1.0, jnp.bfloat16), wg)
 
           def qk(acc_ref):
             plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
-            plgpu.wgmma(acc_ref, ones, plgpu.transpose_ref(qz_smem, (1, 0)))
-            return acc_ref[...]
           # One update a step (`step == UPDATE`): tile u holds the step's groups
           # (64 u + 16 w) // G, warp w's rows.
-          st = _pick_columns(pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)),
+          st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
                              lambda _, w: (PAIR * u + 16 * w) // group) * sm_scale
         else:
           k = _dequant(words,
@@ -472,23 +558,19 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
+        if folded:
+          *accs, zsum = accs
         for u in range(2):
-          if folded:  # columns: p o s_g of the channel groups g, then p o z_g
-            p_buf[pl.ds(PAIR * u, PAIR)] = _scaled_probabilities(
-                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)])
+          if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
+            p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
+                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
+                zsum, ng)
             continue
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
-        rows = d // (len(accs) - folded)
+        rows = d // len(accs)
         out = []
-        if folded:  # the zeros' part: a row of ones against every column
-          ones = plgpu.layout_cast(jnp.full((PAIR, SPAN), 1.0, jnp.bfloat16), wg)
-
-          def pz(acc_ref):
-            plgpu.wgmma(acc_ref, ones, p_buf)
-          zacc = pl.run_state(pz)(plgpu.ACC.init(accs[-1]))
-          accs = accs[:-1]
         for part, acc in enumerate(accs):
           at = pl.ds(rows * part // cg, max(1, rows // cg))
           words = load_words(
@@ -500,7 +582,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
-        return (*out, zacc) if folded else tuple(out)
+        return (*out, zsum) if folded else tuple(out)
 
       def update(c, carry):
         """The scores of `UPDATE` tokens, one softmax update, their values."""
@@ -510,8 +592,14 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
+        rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
+        if folded:  # the zeros' partial sums, 8 columns
+          *acc, zsum = acc
+          zsum = rescale(zsum, alpha)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
+        acc = tuple(rescale(a, alpha) for a in acc)
+        if folded:
+          acc = (*acc, zsum)
         for u in range(UPDATE // SPAN):
           acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
@@ -528,15 +616,16 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     parts = 2 if v_halves or folded else 1  # folded: halves of 64 channels
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
-    if folded:  # the zeros' part, the same in every row
-      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 16), 0.0, jnp.float32), wg))
+    if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
+      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    if folded:  # channel c's own group's column, and its zeros' column
+    if folded:  # channel c's own group's column, and its group's zero term
       for part, a in enumerate(acc[:-1]):
         g_of = lambda _, w, part=part: (PAIR * part + 16 * w) // cg  # noqa: E731
+        # (Both halves' totals write the same sums to `red_smem`.)
         o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = (
-            _pick_columns(a, g_of)
-            + _pick_columns(acc[-1], lambda _, w, g_of=g_of: ng + g_of(0, w)))
+            _pick_columns(a, g_of) + _zero_totals(acc[-1], red_smem, ng,
+                                                  lambda w, g_of=g_of: g_of(0, w)))
     else:
       for part, a in enumerate(acc):  # the real rows
         o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
@@ -560,7 +649,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       swizzled((2, 2 * PAIR, 16), 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
-      *([swizzled((step // group, d), 128)] * 2 if folded else []),
+      *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
+         plgpu.SMEM((4, ng), jnp.float32)] if folded else []),
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
