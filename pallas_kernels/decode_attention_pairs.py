@@ -144,27 +144,31 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
-def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
+def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
+             dtype=jnp.bfloat16):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
   WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
   `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
   `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
-  (groups of 16 rows or more)."""
+  (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
+  themselves, exact, in `dtype` (bf16, or fp16 from 1024 + code)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
   mask = (2**bits - 1) * 0x10001
-  codes_only = scale_ref is None  # the codes themselves, exact in bf16 (folded scales)
+  codes_only = scale_ref is None
   refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
+  fp16 = jnp.dtype(dtype) == jnp.float16
+  base, kind = (0x64006400, "f16x2") if fp16 else (0x43004300, "bf16x2")
 
   @plgpu.inline_mgpu(arg_types=(wg, *refs),
-                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), dtype, wg))
   def dequant(ctx, w, scales=None, zeros=None):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    pair = ir.VectorType.get((2,), ir.F16Type.get() if fp16 else ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
@@ -185,11 +189,12 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
       shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-      if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
+      if bits < 8:  # 128 + code as bf16 (1024 + code as fp16), exact: the code
+        # fills the low mantissa bits
         body = f"""
-            lop3.b32 t, t, {mask:#x}, 0x43004300, 0xea;
-            mov.b32 m, 0x43004300;
-            sub.bf16x2 t, t, m;"""
+            lop3.b32 t, t, {mask:#x}, {base:#x}, 0xea;
+            mov.b32 m, {base:#x};
+            sub.{kind} t, t, m;"""
       else:
         body = """
             and.b32 m, t, 0xff;
@@ -367,19 +372,19 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
   """The folded values' operands for 64 tokens: `p` float32 `[64, 8]` (every
   column the row's probability), `sz_ref` `[2 ng, 64]` (the tokens' value
   scales of the `ng` channel groups, then their zeros). Returns `(P', zsum')`:
-  P' bf16 `[64, 16]` in the WGMMA layout, column `g < ng` holding
-  `bf16(bf16(p) * s_g)`, the others zero; and `zsum` (float32 `[64, 8]`, the
+  P' fp16 `[64, 16]` in the WGMMA layout, column `g < ng` holding
+  `fp16(p * s_g)` (one rounding: 2^-11), the others unused (8-15 zero); and `zsum` (float32 `[64, 8]`, the
   WGMMA layout) plus `p * z_g` in float32, lane j of a quad summing group j
   of its two rows in its first element (`ng` = 4)."""
   wg = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
-                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.bfloat16, wg),
+                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float16, wg),
                                   plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)))
   def scaled(ctx, a, sz, zs):
     del ctx
     i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
-    bf_pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    f16_pair = ir.VectorType.get((2,), ir.F16Type.get())
     half = ir.VectorType.get((1,), ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
     shape = (PAIR, 16)
@@ -387,7 +392,7 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
     lane, _ = _lane_warp()
     j = arith.index_cast(index, arith.andi(lane, mgpu_utils.c(3, i32)))
-    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), bf_pair)
+    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), f16_pair)
     zregs = np.array(zs.registers)
     for idx in np.ndindex(out.shape):
       if idx[1]:  # columns 8-15
@@ -401,11 +406,14 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
       pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
       x = llvm.inline_asm(i32, [pr, pair], """
           {
-          .reg .b32 t;
-          cvt.rn.bf16x2.f32 t, $1, $1;
-          mul.rn.bf16x2 $0, t, $2;
+          .reg .b32 lo, hi;
+          shl.b32 lo, $2, 16;
+          and.b32 hi, $2, 0xffff0000;
+          mul.f32 lo, $1, lo;
+          mul.f32 hi, $1, hi;
+          cvt.rn.f16x2.f32 $0, hi, lo;
           }""", "=r,r,r")
-      out[idx] = mgpu_utils.bitcast(x, bf_pair)
+      out[idx] = mgpu_utils.bitcast(x, f16_pair)
       # The zeros' term in float32: z of group j at this row.
       zb = vector.load(half, sz, [arith.addi(j, mgpu_utils.c(ng, index)), row])
       zf = mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(
@@ -575,7 +583,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           at = pl.ds(rows * part // cg, max(1, rows // cg))
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          vt = _dequant(words, None, None, v_bits, cg) if folded else _dequant(
+          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
               words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
               vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
@@ -633,8 +641,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
-  def swizzled(shape, swizzle):
-    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(
+  def swizzled(shape, swizzle, dtype=jnp.bfloat16):
+    return plgpu.SMEM(shape, dtype, transforms=(
         plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
 
   scratch = [
@@ -646,7 +654,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       # Folded: scales then zeros in one buffer (the second unused).
       plgpu.SMEM((2, boxes, (1 + folded) * ng, TMA_ROWS), jnp.bfloat16),
       plgpu.SMEM((1, 1, 1, 8) if folded else (2, boxes, ng, TMA_ROWS), jnp.bfloat16),
-      swizzled((2, 2 * PAIR, 16), 32),
+      swizzled((2, 2 * PAIR, 16), 32, jnp.float16 if folded else jnp.bfloat16),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
       *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
