@@ -18,6 +18,21 @@ bf16). The dequantized tiles stay in registers:
                      2-bit codes: two products of 64 channels, `values_in_halves`)
 
 with `N` = 8 query rows (P^T's columns padded to 16 by constant registers) or 16.
+
+With one query row a kv head (`folds`: MHA, groups of 32, d = 128) the scales
+and zeros are folded into the small operands instead, and the codes go to
+`wgmma` as they are (a shift, a `lop3` and a subtraction a pair: no scale or
+zero loaded, no `fma`):
+  keys    S^T[t] = sum_c C[t, c] qp[g, c] + q . z_g, g the token's group:
+          B = qp [128, 8], the step's 8 groups' bf16(q o s_g) side by side,
+          the accumulator starting at q . z_g (float32, once a step); each
+          row keeps its own group's column (`_pick_columns`: a select and a
+          shuffle a row).
+  values  O^T[c] = sum_t C[c, t] P'[t, g] + sum_t p[t] z[t, g], g the
+          channel's group: P^T's columns are fp16(p o s_g) of the head's 4
+          groups (codes and P' in fp16: one rounding of p s, 2^-11), the
+          zeros' sums kept in float32 on CUDA cores and added at the end.
+
 One warpgroup per (batch row, kv head, split); each split walks steps of
 `step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
 of the softmax kept per element and reduced once, Pallas's automatic barriers
@@ -105,12 +120,12 @@ def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
 
 def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   """Whether the kernel folds the scales and zeros into the query and the
-  probabilities (codes fed to `wgmma` as they are, no per-code scaling): one
-  query row a kv head (MHA), 128-wide heads, groups of 32 tokens and channels
-  (8 key groups a step, 4 value groups a head), codes below 8 bits."""
-  import os
-  if os.environ.get("KIVI_EXP_FOLD", "1") == "0":
-    return False
+  probabilities (the module docstring): one query row a kv head (MHA),
+  128-wide heads, groups of 32 tokens and channels (a step's 8 key groups
+  side by side in N = 8, a head's 4 value groups in P^T's columns), codes
+  below 8 bits. 21% fewer instructions at 168 registers; the whole decode
+  attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
+  3.6% (H200, `benchmarks/NOTES.md`, "Folded scales")."""
   return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
 
 
@@ -267,16 +282,15 @@ def _by_warp(warp, values):
   return out
 
 
-def _pick_columns(x, col_of):
-  """`x` float32 `[R, n]` in the WGMMA layout -> `[R, 8]` whose every column
-  holds row t's value at column `col_of(t // 64, w)` of `x`, `w = t % 64 // 16`
-  the row's warp: the warp's register and element by selects, then one
-  `shfl.sync.idx` a row from the lane of the thread's quad that holds the
-  column."""
+def _pick_columns(x, cols):
+  """`x` float32 `[64, n]` in the WGMMA layout -> `[64, 8]` whose every column
+  holds row t's value at column `cols[t // 16]` of `x` (a column a warp): the
+  warp's register and element by selects, then one `shfl.sync.idx` a row from
+  the lane of the thread's quad that holds the column."""
   wg = plgpu.Layout.WGMMA
 
-  @plgpu.inline_mgpu(arg_types=(wg,), return_type=plgpu.ShapeDtypeStruct(
-      (x.shape[0], 8), jnp.float32, wg))
+  @plgpu.inline_mgpu(arg_types=(wg,),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
   def pick(ctx, a):
     del ctx
     i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
@@ -285,8 +299,6 @@ def _pick_columns(x, col_of):
     regs = np.array(a.registers)
     out = np.empty(regs.shape[:1] + (1,) + regs.shape[2:], dtype=object)
     for idx in np.ndindex(out.shape):
-      cols = [col_of(idx[0], w) for w in range(4)]
-
       def elem(col, idx=idx):
         at = idx[:1] + (col // 8,) + idx[2:]
         return mgpu_utils.bitcast(
@@ -373,9 +385,10 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
   column the row's probability), `sz_ref` `[2 ng, 64]` (the tokens' value
   scales of the `ng` channel groups, then their zeros). Returns `(P', zsum')`:
   P' fp16 `[64, 16]` in the WGMMA layout, column `g < ng` holding
-  `fp16(p * s_g)` (one rounding: 2^-11), the others unused (8-15 zero); and `zsum` (float32 `[64, 8]`, the
-  WGMMA layout) plus `p * z_g` in float32, lane j of a quad summing group j
-  of its two rows in its first element (`ng` = 4)."""
+  `fp16(p * s_g)` (one rounding, 2^-11; columns 4-7 p times the zeros, unused;
+  8-15 zero); and `zsum` (float32 `[64, 8]` in the WGMMA layout) plus `p z_g`
+  in float32, lane j of a quad summing group j (`ng` = 4) of each of its two
+  rows in that row's first element."""
   wg = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
@@ -428,15 +441,16 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
   return scaled(p, sz_ref, zsum)
 
 
-def _zero_totals(zsum, red_smem, ng: int, cols):
-  """The values' zero term of each row's group: `zsum` (`_scaled_probabilities`'
+def _zero_totals(zsum, red_smem, ng: int, parts):
+  """The values' zero term of each group: `zsum` (`_scaled_probabilities`'
   partial sums) summed over a warp's quads by shuffles and over the warps in
-  `red_smem` (`[4, ng]` float32) -> `[64, 8]` float32 in the WGMMA layout, row
-  t holding the total of group `cols(w)` (w = t // 16) in every column."""
+  `red_smem` (`[4, ng]` float32). For each list `cols` of `parts`, `[64, 8]`
+  float32 in the WGMMA layout, row t holding the total of group
+  `cols[t // 16]` in every column."""
   wg = plgpu.Layout.WGMMA
+  shape = plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)
 
-  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()), return_type=(shape,) * len(parts))
   def totals(ctx, zs, red):
     del ctx
     i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
@@ -454,15 +468,17 @@ def _zero_totals(zsum, red_smem, ng: int, cols):
     with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, mgpu_utils.c(ng, i32))):
       vector.store(vector.from_elements(one, [total]), red, [ix(warp), ix(j)])
     mgpu_utils.warpgroup_barrier()
-    g = ix(_by_warp(warp, [cols(w) for w in range(4)]))
-    t = mgpu_utils.c(0.0, f32)
-    for w in range(4):
-      t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), g]),
-                                       dynamic_position=[], static_position=[0]))
-    v = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
-    out = np.empty(regs.shape, dtype=object)
-    out[...] = v
-    return mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None)
+    outs = []
+    for cols in parts:
+      g = ix(_by_warp(warp, cols))
+      t = mgpu_utils.c(0.0, f32)
+      for w in range(4):
+        t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), g]),
+                                         dynamic_position=[], static_position=[0]))
+      out = np.empty(regs.shape, dtype=object)
+      out[...] = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
+      outs.append(mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None))
+    return tuple(outs)
   return totals(zsum, red_smem)
 
 
@@ -480,7 +496,6 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
-
   ng = d // cg  # value channel groups a head
 
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
@@ -546,7 +561,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           # One update a step (`step == UPDATE`): tile u holds the step's groups
           # (64 u + 16 w) // G, warp w's rows.
           st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
-                             lambda _, w: (PAIR * u + 16 * w) // group) * sm_scale
+                             [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
         else:
           k = _dequant(words,
                        ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
@@ -562,7 +577,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
       def values(c, ps, accs):
         """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles'), in `len(accs)` parts of channels."""
+        two S^T tiles'), in `len(accs)` parts of channels (folded: the parts,
+        then the zeros' partial sums)."""
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
@@ -628,12 +644,11 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
     if folded:  # channel c's own group's column, and its group's zero term
+      groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
+      zeros = _zero_totals(acc[-1], red_smem, ng, groups)
       for part, a in enumerate(acc[:-1]):
-        g_of = lambda _, w, part=part: (PAIR * part + 16 * w) // cg  # noqa: E731
-        # (Both halves' totals write the same sums to `red_smem`.)
         o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = (
-            _pick_columns(a, g_of) + _zero_totals(acc[-1], red_smem, ng,
-                                                  lambda w, g_of=g_of: g_of(0, w)))
+            _pick_columns(a, groups[part]) + zeros[part])
     else:
       for part, a in enumerate(acc):  # the real rows
         o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
