@@ -18,6 +18,21 @@ bf16). The dequantized tiles stay in registers:
                      2-bit codes: two products of 64 channels, `values_in_halves`)
 
 with `N` = 8 query rows (P^T's columns padded to 16 by constant registers) or 16.
+
+With one query row a kv head (`folds`: MHA, groups of 32, d = 128) the scales
+and zeros are folded into the small operands instead, and the codes go to
+`wgmma` as they are (a shift, a `lop3` and a subtraction a pair: no scale or
+zero loaded, no `fma`):
+  keys    S^T[t] = sum_c C[t, c] qp[g, c] + q . z_g, g the token's group:
+          B = qp [128, 8], the step's 8 groups' bf16(q o s_g) side by side,
+          the accumulator starting at q . z_g (float32, once a step); each
+          row keeps its own group's column (`_pick_columns`: a select and a
+          shuffle a row).
+  values  O^T[c] = sum_t C[c, t] P'[t, g] + sum_t p[t] z[t, g], g the
+          channel's group: P^T's columns are fp16(p o s_g) of the head's 4
+          groups (codes and P' in fp16: one rounding of p s, 2^-11), the
+          zeros' sums kept in float32 on CUDA cores and added at the end.
+
 One warpgroup per (batch row, kv head, split); each split walks steps of
 `step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
 of the softmax kept per element and reduced once, Pallas's automatic barriers
@@ -103,6 +118,17 @@ def applies(k_bits, v_bits, group_size: int, head_dim: int, rows: int, dtype,
           and jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(scale_dtype) == jnp.bfloat16)
 
 
+def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
+  """Whether the kernel folds the scales and zeros into the query and the
+  probabilities (the module docstring): one query row a kv head (MHA),
+  128-wide heads, groups of 32 tokens and channels (a step's 8 key groups
+  side by side in N = 8, a head's 4 value groups in P^T's columns), codes
+  below 8 bits. 21% fewer instructions at 168 registers; the whole decode
+  attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
+  3.6% (H200, `benchmarks/NOTES.md`, "Folded scales")."""
+  return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
+
+
 def hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute capability 9.x)."""
   dev = jax.devices()[0]
@@ -133,25 +159,31 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
-def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
+def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
+             dtype=jnp.bfloat16):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
   WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
   `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
   `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
-  (groups of 16 rows or more)."""
+  (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
+  themselves, exact, in `dtype` (bf16, or fp16 from 1024 + code)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
   mask = (2**bits - 1) * 0x10001
+  codes_only = scale_ref is None
+  refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
+  fp16 = jnp.dtype(dtype) == jnp.float16
+  base, kind = (0x64006400, "f16x2") if fp16 else (0x43004300, "bf16x2")
 
-  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), plgpu.RefType()),
-                     return_type=plgpu.ShapeDtypeStruct((rows, cols), jnp.bfloat16, wg))
-  def dequant(ctx, w, scales, zeros):
+  @plgpu.inline_mgpu(arg_types=(wg, *refs),
+                     return_type=plgpu.ShapeDtypeStruct((rows, cols), dtype, wg))
+  def dequant(ctx, w, scales=None, zeros=None):
     del ctx
     i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
-    pair = ir.VectorType.get((2,), ir.BF16Type.get())
+    pair = ir.VectorType.get((2,), ir.F16Type.get() if fp16 else ir.BF16Type.get())
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
@@ -166,17 +198,18 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
         reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
         word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
         shift = bits * (s % p)
-      if (rt, ct) not in loaded:
+      if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
         at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
                           for ref in (scales, zeros)]
       shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-      if bits < 8:  # 128 + code as bf16, exact: the code fills the low mantissa bits
+      if bits < 8:  # 128 + code as bf16 (1024 + code as fp16), exact: the code
+        # fills the low mantissa bits
         body = f"""
-            lop3.b32 t, t, {mask:#x}, 0x43004300, 0xea;
-            mov.b32 m, 0x43004300;
-            sub.bf16x2 t, t, m;"""
+            lop3.b32 t, t, {mask:#x}, {base:#x}, 0xea;
+            mov.b32 m, {base:#x};
+            sub.{kind} t, t, m;"""
       else:
         body = """
             and.b32 m, t, 0xff;
@@ -185,16 +218,25 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int):
             and.b32 m, m, 0xff;
             cvt.rn.f32.u32 hi, m;
             cvt.rn.bf16x2.f32 t, hi, lo;"""
-      x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
-          {{
-          .reg .b32 t, m;
-          .reg .f32 lo, hi;
-          {shr}{body}
-          fma.rn.bf16x2 $0, t, $2, $3;
-          }}""", "=r,r,r,r")
+      if codes_only:
+        x = llvm.inline_asm(i32, [word], f"""
+            {{
+            .reg .b32 t, m;
+            .reg .f32 lo, hi;
+            {shr}{body}
+            mov.b32 $0, t;
+            }}""", "=r,r")
+      else:
+        x = llvm.inline_asm(i32, [word, *loaded[rt, ct]], f"""
+            {{
+            .reg .b32 t, m;
+            .reg .f32 lo, hi;
+            {shr}{body}
+            fma.rn.bf16x2 $0, t, $2, $3;
+            }}""", "=r,r,r,r")
       out[idx] = mgpu_utils.bitcast(x, pair)
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return dequant(words, scale_ref, zero_ref)
+  return dequant(words) if codes_only else dequant(words, scale_ref, zero_ref)
 
 
 def _with_columns(x, cols: int, layout, fill: float = 0.0):
@@ -218,10 +260,233 @@ def _with_columns(x, cols: int, layout, fill: float = 0.0):
   return resize(x)
 
 
+def _lane_warp():
+  """`(lane, warp)` i32 of this thread, the warp within its warpgroup."""
+  i32 = ir.IntegerType.get_signless(32)
+  tid = mgpu_utils.thread_idx()
+  return (arith.andi(tid, mgpu_utils.c(31, i32)),
+          arith.andi(arith.shrui(tid, mgpu_utils.c(5, i32)), mgpu_utils.c(3, i32)))
+
+
+def _by_warp(warp, values):
+  """`values[warp]` for a list of four i32 values (or ints) by selects, one
+  where the value changes from warp w - 1 to w."""
+  i32 = ir.IntegerType.get_signless(32)
+  as_val = lambda v: mgpu_utils.c(v, i32) if isinstance(v, int) else v  # noqa: E731
+  out = as_val(values[0])
+  for w in range(1, 4):
+    if not (values[w] is values[w - 1] or isinstance(values[w], int)
+            and values[w] == values[w - 1]):
+      out = arith.select(arith.cmpi(arith.CmpIPredicate.uge, warp, mgpu_utils.c(w, i32)),
+                         as_val(values[w]), out)
+  return out
+
+
+def _pick_columns(x, cols):
+  """`x` float32 `[64, n]` in the WGMMA layout -> `[64, 8]` whose every column
+  holds row t's value at column `cols[t // 16]` of `x` (a column a warp): the
+  warp's register and element by selects, then one `shfl.sync.idx` a row from
+  the lane of the thread's quad that holds the column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg,),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def pick(ctx, a):
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    lane, warp = _lane_warp()
+    quad = arith.andi(lane, mgpu_utils.c(0x1C, i32))
+    regs = np.array(a.registers)
+    out = np.empty(regs.shape[:1] + (1,) + regs.shape[2:], dtype=object)
+    for idx in np.ndindex(out.shape):
+      def elem(col, idx=idx):
+        at = idx[:1] + (col // 8,) + idx[2:]
+        return mgpu_utils.bitcast(
+            mgpu_utils.vector_slice(regs[at], slice(col % 2, col % 2 + 1)), i32)
+      got = {}
+      mine = [got.setdefault((col // 8, col % 2), elem(col)) for col in cols]
+      src = arith.ori(quad, _by_warp(warp, [col % 8 // 2 for col in cols]))
+      v = llvm.inline_asm(i32, [_by_warp(warp, mine), src],
+                          "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r")
+      v = mgpu_utils.bitcast(v, ir.VectorType.get((1,), f32))
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=a.layout, _is_signed=None)
+  return pick(x)
+
+
+def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
+  """The folded scores' operands for the step's 8 key groups (`scales`,
+  `zeros` `[8, 128]` bf16), q the first row of `q_smem`: `qp[g] = bf16(q o
+  s_g)`, `wgmma`'s B (`q_smem`, `qp_smem` `[8, 128]` with 128-byte swizzle,
+  tiles of 8 x 64), and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem`
+  `[8]`). Thread t takes 8 channels (a 16-byte chunk) of group t // 16; the
+  16 threads of a group sum by shuffles."""
+  swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), swz, swz, plgpu.RefType()))
+  def build(ctx, sc, zr, q, qp, corr):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    vec = ir.VectorType.get((8,), ir.BF16Type.get())
+    words = ir.VectorType.get((4,), i32)
+    tid = mgpu_utils.thread_idx()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    g = arith.andi(arith.shrui(tid, ci(4)), ci(7))
+    part = arith.andi(tid, ci(15))
+    tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
+    zero = mgpu_utils.c(0, index)
+    word = lambda v, e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
+    # Row 0's chunk is unswizzled; row g's chunk c sits at c ^ g.
+    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, ix(tile), zero,
+                                                 ix(arith.shli(chunk, ci(3)))]), words)
+    at = [ix(g), ix(arith.shli(part, ci(3)))]
+    s8 = mgpu_utils.bitcast(vector.load(vec, sc, at), words)
+    out = [llvm.inline_asm(i32, [word(q8, e), word(s8, e)], "mul.rn.bf16x2 $0, $1, $2;",
+                           "=r,r,r") for e in range(4)]
+    vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), qp,
+                 [zero, ix(tile), ix(g), ix(arith.shli(arith.xori(chunk, g), ci(3)))])
+    z8 = mgpu_utils.bitcast(vector.load(vec, zr, at), words)
+    total = mgpu_utils.c(0.0, f32)
+    for e in range(4):  # bf16 pairs to float32: the high half, the low half shifted up
+      qw, zw = word(q8, e), word(z8, e)
+      for lo in (True, False):
+        f = lambda x, lo=lo: mgpu_utils.bitcast(  # noqa: E731
+            arith.shli(x, ci(16)) if lo else arith.andi(x, ci(-65536)), f32)
+        total = arith.addf(total, arith.mulf(f(qw), f(zw)))
+    for dist in (1, 2, 4, 8):
+      total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))):
+      vector.store(vector.from_elements(ir.VectorType.get((1,), f32), [total]), corr, [ix(g)])
+  build(scales, zeros, q_smem, qp_smem, corr_smem)
+
+
+def _corr_rows(corr_smem):
+  """`[64, 8]` float32 in the WGMMA layout, column g holding `corr[g]` in every
+  row: the scores' accumulator before the codes' product."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def rows(ctx, corr):
+    del ctx
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
+    pair = ir.VectorType.get((2,), ir.F32Type.get())
+    for idx in np.ndindex(out.shape):
+      out[idx] = vector.load(pair, corr, [where[idx][1]])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return rows(corr_smem)
+
+
+def _scaled_probabilities(p, sz_ref, zsum, ng: int):
+  """The folded values' operands for 64 tokens: `p` float32 `[64, 8]` (every
+  column the row's probability), `sz_ref` `[2 ng, 64]` (the tokens' value
+  scales of the `ng` channel groups, then their zeros). Returns `(P', zsum')`:
+  P' fp16 `[64, 16]` in the WGMMA layout, column `g < ng` holding
+  `fp16(p * s_g)` (one rounding, 2^-11; columns 4-7 p times the zeros, unused;
+  8-15 zero); and `zsum` (float32 `[64, 8]` in the WGMMA layout) plus `p z_g`
+  in float32, lane j of a quad summing group j (`ng` = 4) of each of its two
+  rows in that row's first element."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
+                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float16, wg),
+                                  plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)))
+  def scaled(ctx, a, sz, zs):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    f16_pair = ir.VectorType.get((2,), ir.F16Type.get())
+    half = ir.VectorType.get((1,), ir.BF16Type.get())
+    layout = mgpu.WGMMA_LAYOUT
+    shape = (PAIR, 16)
+    out = np.empty(layout.registers_shape(shape), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
+    lane, _ = _lane_warp()
+    j = arith.index_cast(index, arith.andi(lane, mgpu_utils.c(3, i32)))
+    zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), f16_pair)
+    zregs = np.array(zs.registers)
+    for idx in np.ndindex(out.shape):
+      if idx[1]:  # columns 8-15
+        out[idx] = zero
+        continue
+      row, col = where[idx]
+      pf = mgpu_utils.vector_slice(a.registers[idx], slice(0, 1))
+      pr = mgpu_utils.bitcast(pf, i32)
+      s0, s1 = (vector.load(half, sz, [arith.addi(col, mgpu_utils.c(e, index)), row])
+                for e in (0, 1))
+      pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
+      x = llvm.inline_asm(i32, [pr, pair], """
+          {
+          .reg .b32 lo, hi;
+          shl.b32 lo, $2, 16;
+          and.b32 hi, $2, 0xffff0000;
+          mul.f32 lo, $1, lo;
+          mul.f32 hi, $1, hi;
+          cvt.rn.f16x2.f32 $0, hi, lo;
+          }""", "=r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, f16_pair)
+      # The zeros' term in float32: z of group j at this row.
+      zb = vector.load(half, sz, [arith.addi(j, mgpu_utils.c(ng, index)), row])
+      zf = mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(
+          zb, ir.IntegerType.get_signless(16))), mgpu_utils.c(16, i32)), f32)
+      acc = zregs[idx]
+      first = vector.extract(acc, dynamic_position=[], static_position=[0])
+      p0 = vector.extract(a.registers[idx], dynamic_position=[], static_position=[0])
+      zregs[idx] = vector.insert(arith.addf(first, arith.mulf(p0, zf)), acc,
+                                 dynamic_position=[], static_position=[0])
+    return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
+            mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
+  return scaled(p, sz_ref, zsum)
+
+
+def _zero_totals(zsum, red_smem, ng: int, parts):
+  """The values' zero term of each group: `zsum` (`_scaled_probabilities`'
+  partial sums) summed over a warp's quads by shuffles and over the warps in
+  `red_smem` (`[4, ng]` float32). For each list `cols` of `parts`, `[64, 8]`
+  float32 in the WGMMA layout, row t holding the total of group
+  `cols[t // 16]` in every column."""
+  wg = plgpu.Layout.WGMMA
+  shape = plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()), return_type=(shape,) * len(parts))
+  def totals(ctx, zs, red):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    lane, warp = _lane_warp()
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    regs = np.array(zs.registers)
+    total = mgpu_utils.c(0.0, f32)
+    for idx in np.ndindex(regs.shape):  # the thread's two rows
+      total = arith.addf(total, vector.extract(regs[idx], dynamic_position=[],
+                                               static_position=[0]))
+    for dist in (4, 8, 16):  # the warp's 8 quads
+      total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+    j = arith.andi(lane, mgpu_utils.c(3, i32))
+    one = ir.VectorType.get((1,), f32)
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, mgpu_utils.c(ng, i32))):
+      vector.store(vector.from_elements(one, [total]), red, [ix(warp), ix(j)])
+    mgpu_utils.warpgroup_barrier()
+    outs = []
+    for cols in parts:
+      g = ix(_by_warp(warp, cols))
+      t = mgpu_utils.c(0.0, f32)
+      for w in range(4):
+        t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), g]),
+                                         dynamic_position=[], static_position=[0]))
+      out = np.empty(regs.shape, dtype=object)
+      out[...] = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
+      outs.append(mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None))
+    return tuple(outs)
+  return totals(zsum, red_smem)
+
+
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
-  heads `d` wide."""
+  heads `d` wide; `folded`: one query row (q's row repeated in all 8), the
+  scales and zeros folded into the query and the probabilities."""
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
   k_words = d * k_bits // 32      # a token's key words
@@ -231,11 +496,12 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
+  ng = d // cg  # value channel groups a head
 
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
                                  ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
-                                 bars):
+                                 bars, *fold_smem):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
@@ -250,10 +516,11 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         t0 = st * step + u * TMA_ROWS
         plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
                                 kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
-        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
-                                vs_smem.at[slot, u], bar)
-        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
-                                vz_smem.at[slot, u], bar)
+        # Folded: a token's value scales and zeros side by side in one buffer.
+        vs_dst = vs_smem.at[slot, u, pl.ds(0, ng)] if folded else vs_smem.at[slot, u]
+        vz_dst = vs_smem.at[slot, u, pl.ds(ng, ng)] if folded else vz_smem.at[slot, u]
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vs_dst, bar)
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vz_dst, bar)
       groups = pl.ds(st * (step // group), step // group)
       plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
       plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
@@ -264,6 +531,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     # Word tiles in the WGMMA layout (their rows' strides conflict on banks).
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
+    if folded:
+      qp_smem, corr_smem, red_smem = fold_smem
 
     def step_body(i, carry):
       slot = lax.rem(i, 2)
@@ -274,28 +543,53 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         fetch(i + 1, lax.rem(i + 1, 2))
       plgpu.barrier_wait(bars.at[slot])
       t_step = (first + i) * step
+      if folded:
+        # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
+        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
+        plgpu.commit_smem()
+        corr = _corr_rows(corr_smem)
 
-      def scores(jp):
-        """S^T [64 tokens, N] of tile `jp` of the step, scaled and masked."""
-        k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]),
-                     ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                     kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                     k_bits, group)
+      def scores(jp, u):
+        """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
+        scaled and masked."""
+        words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
+        if folded:  # q . z_g + codes against q o s_g; each row its own group's column
+          k = _dequant(words, None, None, k_bits, group)
 
-        def qk(acc_ref):
-          plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
-          return acc_ref[...]
-        st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+          # One update a step (`step == UPDATE`): tile u holds the step's groups
+          # (64 u + 16 w) // G, warp w's rows.
+          st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
+                             [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
+        else:
+          k = _dequant(words,
+                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       k_bits, group)
+
+          def qk(acc_ref):
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
+            return acc_ref[...]
+          st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
         tok = t_step + PAIR * jp + tok_in
         return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
 
       def values(c, ps, accs):
         """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles'), in `len(accs)` parts of channels."""
+        two S^T tiles'), in `len(accs)` parts of channels (folded: the parts,
+        then the zeros' partial sums)."""
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
+        if folded:
+          *accs, zsum = accs
         for u in range(2):
+          if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
+            p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
+                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
+                zsum, ng)
+            continue
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
@@ -303,26 +597,33 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         out = []
         for part, acc in enumerate(accs):
           at = pl.ds(rows * part // cg, max(1, rows // cg))
-          vt = _dequant(
-              load_words(vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)]),
-              vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+          words = load_words(
+              vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
+          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
+              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
               vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
-        return tuple(out)
+        return (*out, zsum) if folded else tuple(out)
 
       def update(c, carry):
         """The scores of `UPDATE` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
+        rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
+        if folded:  # the zeros' partial sums, 8 columns
+          *acc, zsum = acc
+          zsum = rescale(zsum, alpha)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
+        acc = tuple(rescale(a, alpha) for a in acc)
+        if folded:
+          acc = (*acc, zsum)
         for u in range(UPDATE // SPAN):
           acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
@@ -336,18 +637,27 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    parts = 2 if v_halves else 1
+    parts = 2 if v_halves or folded else 1  # folded: halves of 64 channels
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
+    if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
+      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    for part, a in enumerate(acc):  # the real rows
-      o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
-          _with_columns(a, 8, wg) if n_rows == 8 else a)
+    if folded:  # channel c's own group's column, and its group's zero term
+      groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
+      zeros = _zero_totals(acc[-1], red_smem, ng, groups)
+      for part, a in enumerate(acc[:-1]):
+        o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = (
+            _pick_columns(a, groups[part]) + zeros[part])
+    else:
+      for part, a in enumerate(acc):  # the real rows
+        o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+            _with_columns(a, 8, wg) if n_rows == 8 else a)
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
-  def swizzled(shape, swizzle):
-    return plgpu.SMEM(shape, jnp.bfloat16, transforms=(
+  def swizzled(shape, swizzle, dtype=jnp.bfloat16):
+    return plgpu.SMEM(shape, dtype, transforms=(
         plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
 
   scratch = [
@@ -356,11 +666,14 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
-      plgpu.SMEM((2, boxes, d // cg, TMA_ROWS), jnp.bfloat16),
-      swizzled((2, 2 * PAIR, 16), 32),
+      # Folded: scales then zeros in one buffer (the second unused).
+      plgpu.SMEM((2, boxes, (1 + folded) * ng, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((1, 1, 1, 8) if folded else (2, boxes, ng, TMA_ROWS), jnp.bfloat16),
+      swizzled((2, 2 * PAIR, 16), 32, jnp.float16 if folded else jnp.bfloat16),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
+      *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
+         plgpu.SMEM((4, ng), jnp.float32)] if folded else []),
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
@@ -396,12 +709,16 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
+  folded = folds(k_bits, v_bits, group_size, d, m_rows)
+  if folded:  # the row in every row of the B operand
+    q = jnp.broadcast_to(q, (b, kh, n_rows, d))
+  else:
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves)(
+                   halves, folded)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

@@ -127,7 +127,10 @@ def _bf16(x):
 def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
   """SPEC's attention over the block in float64, keys and values as the
   kernel rounds them (code * scale + zero to bf16 once); the kernel also rounds
-  probabilities to bf16 for its dot (relative error up to 2^-8 each)."""
+  probabilities to bf16 for its dot (relative error up to 2^-8 each). Where it
+  folds the scales (`folds`: one query row), the scores as it rounds them
+  (each code exact against q o s_g in bf16, plus q . z_g) and the values exact
+  (it rounds p o s_g to fp16, 2^-11, and sums p z_g in float32)."""
   rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d)) % 2**32)
   b, kh, cap = 5, 2, max(2048, 8 * g)
   k = rng.standard_normal((b, kh, cap, d))
@@ -148,13 +151,21 @@ def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
       bf(np.swapaxes(vs, 2, 3)), bf(np.swapaxes(vz, 2, 3)), jnp.asarray(n_valid, jnp.int32),
       jnp.asarray(lo, jnp.int32), k_bits=k_bits, v_bits=v_bits, group_size=g, splits=3)
   o, lse = map(np.asarray, da.merge_partials(acc, m, l))
+  folded = dp.folds(k_bits, v_bits, g, d, rep)
+  if folded:
+    values = vc * np.repeat(vs, cg, 3) + np.repeat(vz, cg, 3)
   t = np.arange(cap)
   for i in range(b):
     live = (t >= lo[i]) & (t < n_valid[i])
     if not live.any():
       assert np.all(o[i] == 0) and np.all(lse[i] < -1e29)
       continue
-    s = np.einsum("hmd,htd->hmt", q[i], keys[i][:, live]) / math.sqrt(d)
+    if folded:
+      qs = np.repeat(_bf16(q[i][:, :, None] * ks[i][:, None]), g, 2)  # [h, m, t, d]
+      qz = np.repeat(np.einsum("hmd,hgd->hmg", q[i], kz[i]), g, 2)
+      s = (np.einsum("hmtd,htd->hmt", qs, kc[i]) + qz)[..., live] / math.sqrt(d)
+    else:
+      s = np.einsum("hmd,htd->hmt", q[i], keys[i][:, live]) / math.sqrt(d)
     p = np.exp(s - s.max(-1, keepdims=True))
     want = np.einsum("hmt,htd->hmd", p, values[i][:, live]) / p.sum(-1)[..., None]
     err = np.linalg.norm(o[i] - want) / np.linalg.norm(want)
