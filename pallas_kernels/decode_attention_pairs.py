@@ -123,7 +123,7 @@ def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   probabilities (the module docstring): one query row a kv head (MHA),
   128-wide heads, groups of 32 tokens and channels (a step's 8 key groups
   side by side in N = 8, a head's 4 value groups in P^T's columns), codes
-  below 8 bits. 21% fewer instructions at 168 registers; the whole decode
+  below 8 bits. 19% fewer instructions at 168 registers; the whole decode
   attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
   3.6% (H200, `benchmarks/NOTES.md`, "Folded scales")."""
   return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
