@@ -301,23 +301,28 @@ def kernel_kind(name: str) -> str:
   return "other fusion"
 
 
-def summarize_trace(log_dir: str, steps: int, hlo: str = "") -> dict:
-  """Device time per step by kind of work, and the 15 costliest kernels,
-  from the perfetto trace `jax.profiler.trace` wrote under `log_dir`; with
-  the program's optimized `hlo`, each kernel's JAX operations beside it."""
+def device_kernels(log_dir: str) -> list[dict]:
+  """The device's kernels (complete events, `dur` in us) of the perfetto trace
+  `jax.profiler.trace` wrote under `log_dir`."""
   path = sorted(Path(log_dir).rglob("perfetto_trace.json.gz"))[-1]
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
   procs = {e["pid"]: e["args"]["name"] for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
   device = {pid for pid, name in procs.items() if "GPU" in name or "TPU" in name}
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in device]
+
+
+def summarize_trace(log_dir: str, steps: int, hlo: str = "") -> dict:
+  """Device time per step by kind of work, and the 15 costliest kernels,
+  from the perfetto trace `jax.profiler.trace` wrote under `log_dir`; with
+  the program's optimized `hlo`, each kernel's JAX operations beside it."""
   by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      ms = e.get("dur", 0) / 1e3
-      by_kind[kernel_kind(e["name"])] += ms / steps
-      by_name[e["name"]][0] += ms / steps
-      by_name[e["name"]][1] += 1
+  for e in device_kernels(log_dir):
+    ms = e.get("dur", 0) / 1e3
+    by_kind[kernel_kind(e["name"])] += ms / steps
+    by_name[e["name"]][0] += ms / steps
+    by_name[e["name"]][1] += 1
   top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
   ops = {m[1]: m[2] for m in re.finditer(r'%([\w.-]+) = .*?op_name="([^"]*)"', hlo)}
   return {"device_ms_per_step": sum(by_kind.values()),

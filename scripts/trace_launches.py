@@ -7,27 +7,12 @@ steps and all its work at the steps that flush a group.
   python scripts/trace_launches.py ROWS.json 'kivi_ring_update|kivi_quantize'
 """
 
-import gzip
 import json
 import re
 import statistics
 import sys
-from pathlib import Path
 
-
-def launches(profile_dir: str, pattern: str) -> dict[str, list[float]]:
-  """Durations (us) of each matching kernel's launches on the device."""
-  path = sorted(Path(profile_dir).rglob("perfetto_trace.json.gz"))[-1]
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  procs = {e["pid"]: e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, name in procs.items() if "GPU" in name or "TPU" in name}
-  found: dict[str, list[float]] = {}
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device and re.search(pattern, e["name"]):
-      found.setdefault(e["name"], []).append(e.get("dur", 0))
-  return found
+from kivi_jax.bench_generate import device_kernels
 
 
 def main(rows_json: str, pattern: str) -> None:
@@ -35,7 +20,11 @@ def main(rows_json: str, pattern: str) -> None:
     if not row.get("profile_dir"):
       continue
     print(row["method"], row["batch"], row.get("commit"), row["step_ms"])
-    for name, us in sorted(launches(row["profile_dir"], pattern).items()):
+    found: dict[str, list[float]] = {}
+    for e in device_kernels(row["profile_dir"]):
+      if re.search(pattern, e["name"]):
+        found.setdefault(e["name"], []).append(e.get("dur", 0))
+    for name, us in sorted(found.items()):
       us = sorted(us)
       print(f"  {name[:40]:40s} n={len(us)} min={us[0]:.1f} med={statistics.median(us):.1f} "
             f"max={us[-1]:.1f} sum={sum(us) / 1e3:.2f}ms top={us[-4:]}")
