@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kivi_jax.attention import cache_attention
 from kivi_jax.cache import append_flushing
 from kivi_jax.pallas_kernels import ring_update
-from test_cache import B, CONFIGS, _fill, _kv
+from test_cache import B, CONFIGS, HKV, D, _fill, _kv
 
 
 @pytest.mark.parametrize("group, ring", [(16, 64), (1, 1), (32, 32)])
@@ -75,3 +76,27 @@ def test_decode_steps_through_the_kernel_equal_the_reference(name):
     out[impl] = (lay, flushed)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                out["gpu"], out["reference"])
+
+
+_step = jax.jit(cache_attention, static_argnames=("config", "impl"))
+
+
+def test_a_decode_step_reads_no_undefined_window():
+  """Where jnp reads the flushed group (sinks: no ring kernel) after the ring
+  update's kernel left a row's window unwritten (a row that does not flush:
+  NaN in interpret mode), the step's attention equals the reference's."""
+  config = CONFIGS["kivi2-sinks"]
+  k, v = _kv(80, seed=4)
+  lengths = np.array([30, 47, 63])
+  layer, lens = _fill(config, k, v, lengths, chunk=80)
+  q = jnp.asarray(np.random.default_rng(4).standard_normal((B, 1, HKV, D)), jnp.float32)
+  n_new = jnp.array([1, 1, 1])
+  for i in range(17):  # every row flushes once, the others not at that step
+    idx = jnp.minimum(lens + i, 79)
+    kn = jnp.stack([k[b, :, idx[b]][:, None] for b in range(B)])
+    vn = jnp.stack([v[b, :, idx[b]][:, None] for b in range(B)])
+    out = {impl: np.asarray(_step(q, layer, kn, vn, lens + i, n_new, config, impl=impl))
+           for impl in ("gpu", "reference")}
+    assert np.isfinite(out["gpu"]).all(), i
+    np.testing.assert_allclose(out["gpu"], out["reference"], rtol=1e-5, atol=1e-5)
+    layer = append_flushing(layer, kn, vn, lens + i, n_new, config, "reference")[0]
