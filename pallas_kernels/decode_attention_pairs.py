@@ -303,8 +303,11 @@ def _pick_columns(x, cols):
         at = idx[:1] + (col // 8,) + idx[2:]
         return mgpu_utils.bitcast(
             mgpu_utils.vector_slice(regs[at], slice(col % 2, col % 2 + 1)), i32)
-      got = {}
-      mine = [got.setdefault((col // 8, col % 2), elem(col)) for col in cols]
+      got = {}  # one extract a distinct register element (`_by_warp` skips repeats)
+      for col in cols:
+        if (col // 8, col % 2) not in got:
+          got[col // 8, col % 2] = elem(col)
+      mine = [got[col // 8, col % 2] for col in cols]
       src = arith.ori(quad, _by_warp(warp, [col % 8 // 2 for col in cols]))
       v = llvm.inline_asm(i32, [_by_warp(warp, mine), src],
                           "shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r")

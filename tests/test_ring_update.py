@@ -52,6 +52,13 @@ def test_kernel_matches_reference(group, ring):
 _append = jax.jit(append_flushing, static_argnames=("config", "impl"))
 
 
+def _new_tokens(k, v, at):
+  """Row b's token `at[b]` (at most the last of the 80) of `k`, `v` as a
+  decode step's `[B, Hkv, 1, D]`."""
+  idx = jnp.minimum(at, 79)
+  return tuple(jnp.stack([x[b, :, idx[b]][:, None] for b in range(B)]) for x in (k, v))
+
+
 @pytest.mark.parametrize("name", ["kivi2-g16-r32", "kivi2-g16-r0", "kivi2-sinks", "fp16"])
 def test_decode_steps_through_the_kernel_equal_the_reference(name):
   config = CONFIGS[name]
@@ -64,9 +71,7 @@ def test_decode_steps_through_the_kernel_equal_the_reference(name):
     flushed = []
     for i in range(17):  # crosses a flush of every row
       n_new = jnp.array([1, 1, i % 2])  # row 2 is done every other step
-      idx = jnp.minimum(ln + i, 79)
-      kn = jnp.stack([k[b, :, idx[b]][:, None] for b in range(B)])
-      vn = jnp.stack([v[b, :, idx[b]][:, None] for b in range(B)])
+      kn, vn = _new_tokens(k, v, ln + i)
       lay, (fk, fv, pos, live) = _append(lay, kn, vn, ln, n_new, config, impl)
       # The flushed tokens are defined where live (the kernel writes no
       # window for a row that does not flush).
@@ -92,9 +97,7 @@ def test_a_decode_step_reads_no_undefined_window():
   q = jnp.asarray(np.random.default_rng(4).standard_normal((B, 1, HKV, D)), jnp.float32)
   n_new = jnp.array([1, 1, 1])
   for i in range(17):  # every row flushes once, the others not at that step
-    idx = jnp.minimum(lens + i, 79)
-    kn = jnp.stack([k[b, :, idx[b]][:, None] for b in range(B)])
-    vn = jnp.stack([v[b, :, idx[b]][:, None] for b in range(B)])
+    kn, vn = _new_tokens(k, v, lens + i)
     out = {impl: np.asarray(_step(q, layer, kn, vn, lens + i, n_new, config, impl=impl))
            for impl in ("gpu", "reference")}
     assert np.isfinite(out["gpu"]).all(), i
