@@ -32,6 +32,8 @@ zero loaded, no `fma`):
           channel's group: P^T's columns are fp16(p o s_g) of the head's 4
           groups (codes and P' in fp16: one rounding of p s, 2^-11), the
           zeros' sums kept in float32 on CUDA cores and added at the end.
+q's one row is read as it is (no padding) and the output's one row written
+alone (`acc` `[B, K, S, D]` in the kernel).
 
 One warpgroup per (batch row, kv head, split); each split walks steps of
 `step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
@@ -319,14 +321,15 @@ def _pick_columns(x, cols):
 
 def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
   """The folded scores' operands for the step's 8 key groups (`scales`,
-  `zeros` `[8, 128]` bf16), q the first row of `q_smem`: `qp[g] = bf16(q o
-  s_g)`, `wgmma`'s B (`q_smem`, `qp_smem` `[8, 128]` with 128-byte swizzle,
-  tiles of 8 x 64), and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem`
-  `[8]`). Thread t takes 8 channels (a 16-byte chunk) of group t // 16; the
-  16 threads of a group sum by shuffles."""
+  `zeros` `[8, 128]` bf16), q `q_smem` `[1, 128]`: `qp[g] = bf16(q o s_g)`,
+  `wgmma`'s B (`qp_smem` `[8, 128]` with 128-byte swizzle, tiles of 8 x 64),
+  and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem` `[8]`). Thread t
+  takes 8 channels (a 16-byte chunk) of group t // 16; the 16 threads of a
+  group sum by shuffles."""
   swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), swz, swz, plgpu.RefType()))
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), swz,
+                                plgpu.RefType()))
   def build(ctx, sc, zr, q, qp, corr):
     del ctx
     i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
@@ -340,13 +343,12 @@ def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
     tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
     zero = mgpu_utils.c(0, index)
     word = lambda v, e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
-    # Row 0's chunk is unswizzled; row g's chunk c sits at c ^ g.
-    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, ix(tile), zero,
-                                                 ix(arith.shli(chunk, ci(3)))]), words)
     at = [ix(g), ix(arith.shli(part, ci(3)))]
+    q8 = mgpu_utils.bitcast(vector.load(vec, q, [zero, at[1]]), words)
     s8 = mgpu_utils.bitcast(vector.load(vec, sc, at), words)
     out = [llvm.inline_asm(i32, [word(q8, e), word(s8, e)], "mul.rn.bf16x2 $0, $1, $2;",
                            "=r,r,r") for e in range(4)]
+    # Row g's 16-byte chunk c of its 8 x 64 tile sits at c ^ g (128-byte swizzle).
     vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), qp,
                  [zero, ix(tile), ix(g), ix(arith.shli(arith.xori(chunk, g), ci(3)))])
     z8 = mgpu_utils.bitcast(vector.load(vec, zr, at), words)
@@ -442,6 +444,22 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
     return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
             mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
   return scaled(p, sz_ref, zsum)
+
+
+def _store_row(x, o_ref):
+  """`x` float32 `[64, 8]` in the WGMMA layout, every column equal, into the
+  GMEM row `o_ref` `[64]`: each thread stores its two rows' first element (a
+  quad's four lanes the same value to the same address; predicating the store
+  on the quad's first lane hung the kernel on the H200, benchmarks/NOTES.md)."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()))
+  def store(ctx, a, o):
+    del ctx
+    rows = mgpu.WGMMA_LAYOUT.thread_idxs((PAIR, 8))
+    for idx, (row, _) in zip(np.ndindex(a.registers.shape), rows):
+      vector.store(mgpu_utils.vector_slice(a.registers[idx], slice(0, 1)), o, [row])
+  store(x, o_ref)
 
 
 def _zero_totals(zsum, red_smem, ng: int, parts):
@@ -649,9 +667,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     if folded:  # channel c's own group's column, and its group's zero term
       groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
       zeros = _zero_totals(acc[-1], red_smem, ng, groups)
-      for part, a in enumerate(acc[:-1]):
-        o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = (
-            _pick_columns(a, groups[part]) + zeros[part])
+      for part, a in enumerate(acc[:-1]):  # the one row, written alone
+        _store_row(_pick_columns(a, groups[part]) + zeros[part],
+                   o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
     else:
       for part, a in enumerate(acc):  # the real rows
         o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
@@ -664,7 +682,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
 
   scratch = [
-      swizzled((n_rows, d), 128),
+      # Folded: q's one row, read by `_scale_query` (not a `wgmma` operand).
+      plgpu.SMEM((1, d), jnp.bfloat16) if folded else swizzled((n_rows, d), 128),
       plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
@@ -680,7 +699,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, n_rows), jnp.float32),
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d) if folded else
+                                     (b, kh, splits, d, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
       scratch_types=scratch,
@@ -713,9 +733,7 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
-  if folded:  # the row in every row of the B operand
-    q = jnp.broadcast_to(q, (b, kh, n_rows, d))
-  else:
+  if not folded:  # (folded: the one row as it is)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
@@ -724,4 +742,5 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                    halves, folded)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
-  return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]
+  o = o[..., None, :] if folded else jnp.swapaxes(o, 3, 4)[..., :m_rows, :]
+  return o, m[..., :m_rows], l[..., :m_rows]
