@@ -175,17 +175,36 @@ def _pair_places(col, bits: int, width: int = SPAN):
   return ((s >> lg) << 3) + 2 * j + h, bits * (s & ((1 << lg) - 1)) + 16 * e
 
 
-def _pair_words(placed, word, n_words: int, axis: int):
-  """The words `[..., n_words]` of codes `placed` (shifted into their fields)
-  summed over `axis` (0 or 1) where `word` (broadcast to `placed`) names them:
-  fields are disjoint, so the sum is their OR. Masked reductions, no reshape."""
-  other = placed.shape[1 - axis]
-  col = jax.lax.broadcasted_iota(jnp.int32, (other, n_words), 1)
-  out = jnp.zeros((other, n_words), jnp.uint32)
+def _channel_words(placed, word, n_words: int):
+  """The words `[C, n_words]` of value codes `placed` `[T, C]` (T tokens of C
+  channels, shifted into their fields) summed over the tokens where `word`
+  (`[T, 1]`) names them: fields are disjoint, so the sum is their OR. Masked
+  reductions: a group's tokens fill a span's words at a place that depends on
+  where the group starts."""
+  col = jax.lax.broadcasted_iota(jnp.int32, (placed.shape[1], n_words), 1)
+  out = jnp.zeros((placed.shape[1], n_words), jnp.uint32)
   for w in range(n_words):
-    red = jnp.sum(jnp.where(word == w, placed, jnp.uint32(0)), axis=axis)
+    red = jnp.sum(jnp.where(word == w, placed, jnp.uint32(0)), axis=0)
     out = jnp.where(col == w, red[:, None], out)
   return out
+
+
+def _key_row_words(placed, bits: int):
+  """The pair layout's word rows `[g, d b/32]` of key codes `placed` `[g, d]`
+  (uint32, each shifted into its field by `_pair_places`), by reshapes and sums
+  (fields are disjoint: the sum is their OR). Of 128 columns, column
+  `16 (p sq + sr) + 8 h + 2 j + e` goes to word `8 sq + 2 j + h`: the `p` codes
+  `sr` of a 16-bit half summed, then the halves `e`, then `(h, j)` reordered
+  to `(j, h)`. Of a 64-column row, column `8 (p tq + tr) + 2 j + e` goes to
+  word `4 tq + j`: no reorder."""
+  g, d = placed.shape
+  p = 16 // bits
+  if d == SPAN // 2:
+    r = placed.reshape(g * d // (8 * p), p, 8).sum(axis=1)  # [., (j, e)]
+    return r.reshape(-1, 4, 2).sum(axis=2).reshape(g, d * bits // 32)
+  r = placed.reshape(g * d // (16 * p), p, 16).sum(axis=1)  # [., (h, j, e)]
+  r = r.reshape(-1, 2, 4, 2).sum(axis=3)  # [., h, j]
+  return jnp.swapaxes(r, 1, 2).reshape(g, d * bits // 32)
 
 
 def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref,
@@ -207,9 +226,8 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
     groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
     if axis == "channel":
       # Each token's own word row: the group's tokens' rows written whole.
-      word, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits,
-                                 min(d, SPAN))
-      word = word + (jax.lax.broadcasted_iota(jnp.int32, (1, d), 1) // SPAN) * (4 * bits)
+      _, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits,
+                              min(d, SPAN))
 
       def one(j, carry):
         tok0 = first_tok + j * g
@@ -217,8 +235,8 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
                                            scale_ref.dtype, divide)
         scale_ref[tok0 // g, :] = scale[0]
         zero_ref[tok0 // g, :] = zero[0]
-        words_ref[pl.ds(pl.multiple_of(tok0, g), g), :] = _pair_words(
-            codes << shift.astype(jnp.uint32), word, d * bits // 32, axis=1)
+        words_ref[pl.ds(pl.multiple_of(tok0, g), g), :] = _key_row_words(
+            codes << shift.astype(jnp.uint32), bits)
         return carry
       jax.lax.fori_loop(*groups, one, 0)
       return
@@ -234,7 +252,7 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
         zero_ref[c0 // cg, pl.ds(pl.multiple_of(tok0, g), g)] = zero[:, 0]
         word, shift = _pair_places(
             tok0 + jax.lax.broadcasted_iota(jnp.int32, (g, 1), 0), bits)
-        return acc + _pair_words(codes << shift.astype(jnp.uint32), word, n_words, axis=0)
+        return acc + _channel_words(codes << shift.astype(jnp.uint32), word, n_words)
       acc = jax.lax.fori_loop(*groups, one, jnp.zeros((cg, n_words), jnp.uint32))
       # The span's other groups keep their fields (zeros where this one's go).
       rows = pl.ds(c0, cg)
