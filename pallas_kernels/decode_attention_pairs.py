@@ -506,7 +506,7 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
            v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
-  heads `d` wide; `folded`: one query row (q's row repeated in all 8), the
+  heads `d` wide; `folded`: one query row (read and written alone), the
   scales and zeros folded into the query and the probabilities."""
   per = -(-(capacity // step) // splits)
   cg = min(group, d)
