@@ -19,6 +19,9 @@ def main(rows_json: str, pattern: str) -> None:
   for row in json.load(open(rows_json))["rows"]:
     if not row.get("profile_dir"):
       continue
+    if "error" in row:  # e.g. timed out: no step time, maybe no trace
+      print(row["method"], row["batch"], row.get("commit"), row["error"])
+      continue
     print(row["method"], row["batch"], row.get("commit"), row["step_ms"])
     found: dict[str, list[float]] = {}
     for e in device_kernels(row["profile_dir"]):
