@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,30 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
+def unpack_plan(bits: int, fp16: bool) -> tuple[tuple[int, int, int], ...]:
+  """How `_dequant` takes each code of a 16-bit half to a bf16 (or fp16) pair.
+
+  For place `i` of a half (code at bit `bits * i`, both halves alike) a triple
+  `(shift, mask, base)`: the word shifted right by `shift`, then `lop3` keeps
+  `mask`'s bits and sets `base`'s, and subtracting `base` leaves the code, exact.
+  The code needs only to lie inside the mantissa (7 bits for bf16, 10 for fp16),
+  not at its bottom: a code at mantissa bit `k` under the exponent of
+  `2^(mantissa - k)` counts whole units, so `base` is that power of two. Places
+  share a shift while they fit one mantissa: 2-bit codes in bf16 take shifts of 0,
+  6 and 12 (two a word where each place but the first had one), in fp16 of 0 and
+  10. 8-bit codes have no plan (`cvt`)."""
+  mantissa, bias = (10, 15) if fp16 else (7, 127)
+  plan, start = [], None
+  for i in range(16 // bits):
+    at = bits * i
+    if start is None or at - start + bits > mantissa:
+      start = at
+    k = at - start
+    base = (bias + mantissa - k) << mantissa
+    plan.append((start, ((2**bits - 1) << k) * 0x10001, base * 0x10001))
+  return tuple(plan)
+
+
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
              dtype=jnp.bfloat16):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
@@ -169,16 +194,20 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
   `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
   (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
-  themselves, exact, in `dtype` (bf16, or fp16 from 1024 + code)."""
+  themselves, exact, in `dtype` (bf16, or fp16). Codes below 8 bits by
+  `unpack_plan` (each shifted word shared by the places it serves)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
   p = 16 // bits
-  mask = (2**bits - 1) * 0x10001
   codes_only = scale_ref is None
   refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
   fp16 = jnp.dtype(dtype) == jnp.float16
-  base, kind = (0x64006400, "f16x2") if fp16 else (0x43004300, "bf16x2")
+  kind = "f16x2" if fp16 else "bf16x2"
+  plan = unpack_plan(bits, fp16) if bits < 8 else tuple((8 * i, 0, 0) for i in range(2))
+  if bits < 8 and os.environ.get("KIVI_EXP_SHIFTS", "1") == "0":  # main's: a shift a place
+    base = (0x64006400 if fp16 else 0x43004300)
+    plan = tuple((bits * i, (2**bits - 1) * 0x10001, base) for i in range(p))
 
   @plgpu.inline_mgpu(arg_types=(wg, *refs),
                      return_type=plgpu.ShapeDtypeStruct((rows, cols), dtype, wg))
@@ -189,34 +218,37 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
-    loaded = {}
+    loaded, shifted = {}, {}
     for idx in np.ndindex(out.shape):
       rt, ct, half = idx[0], idx[1], idx[4]
       if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
-        word = mgpu_utils.bitcast(w.registers[rt, ct // p, 0, 0, half, 0, 0, 0, 0], i32)
-        shift = bits * (ct % p)
+        at, place = (rt, ct // p, half), ct % p
       else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
         s, h = ct // 2, ct % 2
-        reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
-        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
-        shift = bits * (s % p)
+        at, place = (rt, s // p, half, h), s % p
+      shift, mask, base = plan[place]
+      if (at, shift) not in shifted:
+        reg = w.registers[at[0], at[1], 0, 0, at[2], 0, 0, 0, 0]
+        if cols == HEAD_DIM:
+          reg = mgpu_utils.vector_slice(reg, slice(at[3], at[3] + 1))
+        word = mgpu_utils.bitcast(reg, i32)
+        shifted[at, shift] = arith.shrui(word, mgpu_utils.c(shift, i32)) if shift else word
+      word = shifted[at, shift]
       if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
-        at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
-        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
+        ix = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
+        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, ix), i32)
                           for ref in (scales, zeros)]
-      shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-      if bits < 8:  # 128 + code as bf16 (1024 + code as fp16), exact: the code
-        # fills the low mantissa bits
+      if bits < 8:
         body = f"""
-            lop3.b32 t, t, {mask:#x}, {base:#x}, 0xea;
+            lop3.b32 t, $1, {mask:#x}, {base:#x}, 0xea;
             mov.b32 m, {base:#x};
             sub.{kind} t, t, m;"""
       else:
         body = """
-            and.b32 m, t, 0xff;
+            and.b32 m, $1, 0xff;
             cvt.rn.f32.u32 lo, m;
-            shr.b32 m, t, 16;
+            shr.b32 m, $1, 16;
             and.b32 m, m, 0xff;
             cvt.rn.f32.u32 hi, m;
             cvt.rn.bf16x2.f32 t, hi, lo;"""
@@ -225,7 +257,7 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
             {{
             .reg .b32 t, m;
             .reg .f32 lo, hi;
-            {shr}{body}
+            {body}
             mov.b32 $0, t;
             }}""", "=r,r")
       else:
@@ -233,7 +265,7 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
             {{
             .reg .b32 t, m;
             .reg .f32 lo, hi;
-            {shr}{body}
+            {body}
             fma.rn.bf16x2 $0, t, $2, $3;
             }}""", "=r,r,r,r")
       out[idx] = mgpu_utils.bitcast(x, pair)
