@@ -33,6 +33,7 @@ Shapes (B batch, H heads, n tokens offered, D channels, C block capacity):
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -280,6 +281,8 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
   spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              interpret=interpret)
+  if axis == "token":  # exp/vwarps: the values' writer with KIVI_EXP_VWARPS warps
+    num_warps = int(os.environ.get("KIVI_EXP_VWARPS", "2"))
   return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, spans,
                          num_warps=num_warps, interpret=interpret,
                          name="kivi_quantize_pack_pairs")
