@@ -351,6 +351,9 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
         "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
         "kivi_jax.calibrate(...) result for this model and config")
   dtype = jnp.dtype(dtype or model_config.dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating-point type (the ring's, the scales' and a "
+                     f"16-bit block's), got {dtype}")
   layout = resolve_layout(layout, model_config, kv_config, impl, dtype, mesh)
   step = block_granularity(kv_config)
   if layout == "pairs":  # whole steps of the pair kernel (themselves whole spans)

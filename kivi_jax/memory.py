@@ -215,6 +215,8 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   if memory_bytes is None:
     memory_bytes = device_memory_bytes()
+  elif isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
+    raise ValueError(f"memory_bytes must be a positive integer, got {memory_bytes!r}")
   if flash is None:
     flash = uses_flash_attention(model.config)
 

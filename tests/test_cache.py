@@ -232,6 +232,8 @@ def test_init_cache_validates():
     kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, impl="cuda")
   with pytest.raises(TypeError, match="kv_config"):
     kivi_jax.init_cache(_shape(), {"k_bits": 2}, 1, 64)
+  with pytest.raises(ValueError, match="dtype must be a floating-point type .* got int32"):
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, dtype=jnp.int32)
 
 
 def test_cache_is_a_pytree_through_jit():

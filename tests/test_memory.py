@@ -73,10 +73,14 @@ def test_max_batch_of_a_device_too_small_is_zero():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompt_tokens=0, new_tokens=5), "prompt_tokens must be a positive integer"),
     (dict(prompt_tokens=5, new_tokens=2.5), "new_tokens must be a positive integer"),
+    (dict(memory_bytes=-5), "memory_bytes must be a positive integer, got -5"),
+    (dict(memory_bytes=0), "memory_bytes must be a positive integer, got 0"),
+    (dict(memory_bytes=8e10), "memory_bytes must be a positive integer, got 8"),
 ])
 def test_max_batch_rejects_bad_requests(kwargs, match):
+  kwargs = {"prompt_tokens": 1024, "new_tokens": 512, "memory_bytes": 10**12, **kwargs}
   with pytest.raises(ValueError, match=match):
-    memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), memory_bytes=10**12, **kwargs)
+    memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), **kwargs)
 
 
 def test_a_device_without_a_memory_limit_asks_for_one():
