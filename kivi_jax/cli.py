@@ -22,6 +22,16 @@ def _bits(text: str) -> float:
   return float(text) if "." in text else int(text)
 
 
+def _model_path(args):
+  """`--model` (which must exist), or the default model's file."""
+  if args.model is None:
+    return default_model_path()
+  if not Path(args.model).expanduser().exists():
+    raise ValueError(f"--model {args.model!r} does not exist (an HF checkpoint directory "
+                     "or a .gguf file)")
+  return args.model
+
+
 def _kv_config(args) -> KIVIConfig:
   base = get_preset(args.method or "kivi2")
   overrides = {name: getattr(args, name) for name in
@@ -71,7 +81,7 @@ def _generate(args) -> int:
   elif kv_config.needs_calibration and not args.calibration:
     raise ValueError(f"method {args.method} needs a calibration: make one with "
                      "`kivi-jax calibrate` and pass --calibration")
-  path = args.model or default_model_path()
+  path = _model_path(args)
   tokenizer = kivi_jax.load_tokenizer(path)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   if not args.resume_cache:
@@ -227,7 +237,7 @@ def _calibrate(args) -> int:
     raise ValueError(f"--tokens must be a positive multiple of {step} (sequences of "
                      f"{kv_eval.CALIBRATION_SEQ} tokens in batches of "
                      f"{kv_eval.CALIBRATION_BATCH}), got {args.tokens}")
-  path = args.model or default_model_path()
+  path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
   with jax.default_matmul_precision("highest"):
@@ -249,7 +259,7 @@ def _eval_ppl(args) -> int:
   overrides = {k: getattr(args, k) for k in setting if getattr(args, k) is not None}
   setting.update(overrides)
   setting_name = "custom" if overrides else args.setting
-  path = args.model or default_model_path()
+  path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   for config in configs.values():
     config.check_head_dim(model.config.head_dim)  # every method, before any work
@@ -300,7 +310,7 @@ def _eval_passkey(args) -> int:
 
   configs = _presets(args.methods)
   lengths = list(_positive_ints("--lengths", args.lengths))
-  path = args.model or default_model_path()
+  path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   for config in configs.values():
     config.check_head_dim(model.config.head_dim)

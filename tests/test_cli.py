@@ -119,7 +119,7 @@ def test_calibrate_refuses_a_token_count_it_cannot_batch(tokens):
     (["--method", "skvq-k2v2"], "method skvq-k2v2 needs a calibration"),
     (["--group-size", "32", "--residual-length", "100"],
      "residual_length must be 0 or a positive multiple of group_size (32)"),
-    (["--model", "/nonexistent/model.gguf"], "does not exist"),
+    (["--model", "/nonexistent/model.gguf"], "--model '/nonexistent/model.gguf' does not exist"),
     (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
     (["--max-new-tokens", "10000000"],
      "exceeds the model's context window, max_position_embeddings=8192"),
