@@ -350,6 +350,9 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     raise ValueError(
         "kv_config has reorder=True or clip='calibrated': pass calibration=, a "
         "kivi_jax.calibrate(...) result for this model and config")
+  if calibration is not None and kv_config.channel_group is None:
+    raise ValueError("calibration= is for SKVQ's configs (channel_group set); kv_config "
+                     "quantizes each head alone and has nothing to calibrate")
   dtype = jnp.dtype(dtype or model_config.dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point type (the ring's, the scales' and a "

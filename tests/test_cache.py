@@ -234,6 +234,8 @@ def test_init_cache_validates():
     kivi_jax.init_cache(_shape(), {"k_bits": 2}, 1, 64)
   with pytest.raises(ValueError, match="dtype must be a floating-point type .* got int32"):
     kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, dtype=jnp.int32)
+  with pytest.raises(ValueError, match="calibration= is for SKVQ's configs"):
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, calibration=object())
 
 
 def test_cache_is_a_pytree_through_jit():
