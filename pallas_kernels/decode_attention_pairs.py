@@ -562,6 +562,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   # half dequantized while the first half's `wgmma` runs.
   k_split = os.environ.get("KIVI_EXP_KSPLIT", "1") == "1" and d == HEAD_DIM
   halves_of_k = (0, 1) if k_split else (None,)
+  tail_halves = os.environ.get("KIVI_EXP_TAIL", "1") == "1"
 
   def k_slice(ref, k_half, axis):
     """`ref`'s 64 columns (axis 1) or rows (axis 0) of `k_half`; all with None."""
@@ -682,10 +683,11 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
         return (*out, zsum) if folded else tuple(out)
 
-      def update(c, carry):
-        """The scores of `UPDATE` tokens, one softmax update, their values."""
+      def update(c, carry, tiles=UPDATE // PAIR):
+        """The scores of update `c`'s first `tiles` S^T tiles (all `UPDATE`
+        tokens by default), one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(tiles)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
@@ -698,7 +700,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         acc = tuple(rescale(a, alpha) for a in acc)
         if folded:
           acc = (*acc, zsum)
-        for u in range(UPDATE // SPAN):
+        for u in range(tiles * PAIR // SPAN):
           acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
       # Only the updates holding a live token: the first and last steps of a row
@@ -707,7 +709,15 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       first_update = jnp.maximum(lo - t_step, 0) // UPDATE
       end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
                                step // UPDATE)
-      return lax.fori_loop(first_update, end_update, update, carry)
+      if not tail_halves:
+        return lax.fori_loop(first_update, end_update, update, carry)
+      # exp/tail: a row's last update whose live tokens all lie in its first
+      # `SPAN` runs that half alone (a row's last step is half empty on average).
+      last = end_update - 1
+      carry = lax.fori_loop(first_update, last, update, carry)
+      half = n_valid - t_step - UPDATE * last <= SPAN
+      return lax.cond(half, functools.partial(update, last, tiles=SPAN // PAIR),
+                      functools.partial(update, last), carry)
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
