@@ -21,7 +21,6 @@ question_ids = np.array([tok.encode(" What did the fox jump over?")])
 """
 
 
-
 def python_examples() -> list[str]:
   return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
