@@ -70,6 +70,27 @@ def _unpack(words, first_slot, n_slots: int, bits: float):
   return codes.reshape(n_slots * g, d)
 
 
+def key_scale_rows(w_step: int) -> int:
+  """Groups of key scales a block brings (KIVI's layout): a whole number of
+  steps, and of 8 rows, as a TPU block's second-minor dimension must be (the
+  whole axis aside). A step of 4 groups (8-bit codes, or ternary beside 2-bit
+  codes) takes blocks of two steps."""
+  return math.lcm(w_step, MIN_ROWS)
+
+
+def _step_rows(ref, st, c, w_step: int, chunk_slots: int):
+  """Rows `[chunk_slots, D]` float32 of chunk `c` of step `st` in a block of
+  `key_scale_rows(w_step)` scale rows: the step's part chosen by a select
+  between static slices (no unaligned dynamic offset into packed rows)."""
+  parts = key_scale_rows(w_step) // w_step
+  at = lambda p: pl.ds(pl.multiple_of(p * w_step + c * chunk_slots, chunk_slots),  # noqa: E731
+                       chunk_slots)
+  rows = ref[at(0), :].astype(jnp.float32)
+  for p in range(1, parts):
+    rows = jnp.where(st % parts == p, ref[at(p), :].astype(jnp.float32), rows)
+  return rows
+
+
 def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, *refs,
             k_bits: float, v_bits: float, group: int, sm_scale: float, compute_dtype,
             hidden: bool, rope: bool, pos_offset: int, chunk_slots: int):
@@ -109,9 +130,8 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
       k = k * per_token(ks_ref, rows, k_map[...]) + per_token(kz_ref, rows, k_map[...])
     else:
       # One scale row per group, broadcast over its tokens.
-      slots = pl.ds(pl.multiple_of(c * chunk_slots, chunk_slots), chunk_slots)
-      ks = ks_ref[slots, :].astype(jnp.float32)[:, None, :]
-      kz = kz_ref[slots, :].astype(jnp.float32)[:, None, :]
+      ks = _step_rows(ks_ref, st, c, w_step, chunk_slots)[:, None, :]
+      kz = _step_rows(kz_ref, st, c, w_step, chunk_slots)[:, None, :]
       k = (k.reshape(chunk_slots, g_sz, -1) * ks + kz).reshape(chunk_tok, -1)
     q = q_ref[...].astype(compute_dtype)
 
@@ -203,7 +223,8 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     k_specs = [tokens(k_scale), tokens(k_zero)]
     maps = [_group_map(k_groups, k_scale.shape[-1]), _group_map(v_groups, v_scale.shape[-1])]
   else:
-    k_specs = [blk(w_step, d, lambda i, j, s, n, lo: (i, j, s, 0))] * 2
+    k_rows = key_scale_rows(w_step)
+    k_specs = [blk(k_rows, d, lambda i, j, s, n, lo: (i, j, s * w_step // k_rows, 0))] * 2
     cg = min(g, d)  # channels per value group (kivi_jax.config.channel_group)
     maps = [_group_map(jnp.arange(d) // cg, d // cg)]
   inputs = [q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, *maps]

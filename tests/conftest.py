@@ -63,6 +63,25 @@ def tpu_interpret_params():
                                detect_races=True)
 
 
+@pytest.fixture
+def tpu_lowering():
+  """Lowering for a TPU (`.lower(lowering_platforms=("tpu",))`) on this machine:
+  Pallas's TPU lowering asks the default device for its TPU generation, so for
+  the test's length this device kind reads as a TPU v5e's (a private table of
+  jax 0.10.2's; the test is skipped without it). What it checks that interpret
+  mode does not: the lowering's rules (blocks of 8 x 128 tiles or whole axes,
+  the primitives Mosaic takes); not Mosaic's own compile, which needs a TPU."""
+  try:
+    from jax._src.pallas.mosaic import tpu_info
+    registry, chip = tpu_info.registry, tpu_info.ChipVersion.TPU_V5E
+  except (ImportError, AttributeError):
+    pytest.skip("this jax has no table of TPU generations to extend")
+  kind = jax.devices()[0].device_kind
+  registry[kind] = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
+  yield
+  del registry[kind]
+
+
 def first_layers(model, n):
   """A model's embedding, head and first `n` layers: real weights and
   activations at a fraction of the compile time of all its unrolled layers."""

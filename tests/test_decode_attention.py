@@ -267,6 +267,29 @@ def test_tpu_kernel_matches_reference(k_bits, v_bits, d, g, rep):
                              np.asarray(lse_ref)[live][:, :, :rep], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d, g", DIMS)
+@pytest.mark.parametrize("k_bits, v_bits", BITS)
+def test_tpu_kernel_lowers_for_a_tpu(k_bits, v_bits, d, g, tpu_lowering):
+  """Pallas's TPU lowering takes the kernel for every shape it reads. Interpret
+  mode does not apply its rule on blocks (8 x 128 tiles or whole axes): 8-bit
+  keys and ternary values beside 2-bit keys (steps of 4 groups, and so key scale
+  blocks of 4 rows) passed every interpret test and failed it."""
+  args = _inputs(0, 2, 2, 4, d, g, k_bits, v_bits, jnp.bfloat16)
+  f = jax.jit(lambda *a: da_tpu.quantized_decode_attention(*a, k_bits=k_bits, v_bits=v_bits,
+                                                           group_size=g))
+  assert "tpu_custom_call" in f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 16), (2, 1.5, 32), (8, 2, 16)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_tpu_kernel_in_hidden_layout_lowers_for_a_tpu(k_bits, v_bits, g, rope,
+                                                      tpu_lowering):
+  args = _hidden_inputs(0, 2, 192, 12, g, k_bits, v_bits, jnp.bfloat16, rope)
+  f = jax.jit(lambda *a: da_tpu.quantized_decode_attention(
+      *a, k_bits=k_bits, v_bits=v_bits, group_size=g, pos_offset=3 if rope else 0))
+  assert "tpu_custom_call" in f.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
 @pytest.mark.skipif(ON_GPU, reason="TPU interpret mode is a CPU check")
 @pytest.mark.parametrize("d, g, k_bits, v_bits", [(64, 32, 2, 2), (128, 16, 2, 1.5),
                                                   (64, 128, 8, 4)])

@@ -172,6 +172,22 @@ def test_kernel_rejects_partial_groups(kernel):
                     bits=2, group_size=32, axis="channel", interpret=True)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-g{c[1]}-{c[2]}-d{c[3]}-n{c[4]}")
+@pytest.mark.parametrize("dtype,scale_dtype", [(jnp.float32, None), (jnp.bfloat16, None),
+                                               (jnp.bfloat16, jnp.float8_e4m3fn)])
+def test_tpu_kernel_lowers_for_a_tpu(case, dtype, scale_dtype, tpu_lowering):
+  """Pallas's TPU lowering (its block rules, which interpret mode does not
+  apply) takes the writer for every case the interpret tests run."""
+  bits, g, axis, d, n, starts, ntoks = case
+  block = _block(np.random.default_rng(0), bits, g, axis, d, 2 * codes_per_word(bits) * g,
+                 starts, ntoks, scale_dtype or dtype)
+  f = jax.jit(lambda *a: qp_tpu.quantize_pack(*a, bits=bits, group_size=g, axis=axis,
+                                              clip=0.9))
+  lowered = f.trace(jnp.zeros((B, H, n, d), dtype), *block, jnp.asarray(starts, jnp.int32),
+                    jnp.asarray(ntoks, jnp.int32)).lower(lowering_platforms=("tpu",))
+  assert "tpu_custom_call" in lowered.as_text()
+
+
 def test_tpu_kernel_rejects_a_capacity_of_odd_spans():
   # 8-bit codes: 4 per word, so a span is 2 packing blocks of 4 x 16 tokens.
   x = jnp.zeros((1, 1, 16, 32))
