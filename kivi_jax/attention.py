@@ -29,6 +29,7 @@ from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
 from kivi_jax.pallas_kernels import decode_attention_pairs as gpu_pairs
 from kivi_jax.pallas_kernels import decode_attention_ring as gpu_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
+from kivi_jax.pallas_kernels import prompt_attention_tpu as tpu_prompt
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 
 # The longest block `decode_attention_dense` reads where cuDNN would too, and
@@ -166,8 +167,9 @@ def prompt_attention(q: Array, k: Array, v: Array, n_valid: Array,
     n_valid: int32 `[B]`: row `b`'s real tokens are its first `n_valid[b]`.
     sliding_window: if set, a query at position `i` sees keys at `p > i - W`.
     impl: `KVCache.impl`. On a GPU, bf16 and fp16 go to cuDNN's flash
-      attention; elsewhere scores are formed `query_chunk` queries at a time,
-      so a long prompt never holds `[B, H, T, T]` scores.
+      attention, on a TPU to a Pallas flash kernel (`prompt_attention_tpu`);
+      elsewhere scores are formed `query_chunk` queries at a time, so a long
+      prompt never holds `[B, H, T, T]` scores.
 
   Returns:
     `[B, T, Hq, D]` in `q.dtype`; rows past `n_valid` are meaningless.
@@ -179,6 +181,8 @@ def prompt_attention(q: Array, k: Array, v: Array, n_valid: Array,
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=n_valid, key_value_seq_lengths=n_valid,
         local_window_size=window, implementation="cudnn")
+  if kernel_backend(impl) == "tpu" and jax.default_backend() == "tpu":
+    return tpu_prompt.prompt_attention(q, k, v, n_valid, sliding_window=sliding_window)
   hkv = k.shape[2]
   acc = jnp.promote_types(q.dtype, jnp.float32)
   n_chunks = -(-t // query_chunk)
