@@ -70,7 +70,7 @@ def _unpack(words, first_slot, n_slots: int, bits: float):
   return codes.reshape(n_slots * g, d)
 
 
-def key_scale_rows(w_step: int) -> int:
+def _key_scale_rows(w_step: int) -> int:
   """Groups of key scales a block brings (KIVI's layout): a whole number of
   steps, and of 8 rows, as a TPU block's second-minor dimension must be (the
   whole axis aside). A step of 4 groups (8-bit codes, or ternary beside 2-bit
@@ -80,9 +80,9 @@ def key_scale_rows(w_step: int) -> int:
 
 def _step_rows(ref, st, c, w_step: int, chunk_slots: int):
   """Rows `[chunk_slots, D]` float32 of chunk `c` of step `st` in a block of
-  `key_scale_rows(w_step)` scale rows: the step's part chosen by a select
+  `_key_scale_rows(w_step)` scale rows: the step's part chosen by a select
   between static slices (no unaligned dynamic offset into packed rows)."""
-  parts = key_scale_rows(w_step) // w_step
+  parts = _key_scale_rows(w_step) // w_step
   at = lambda p: pl.ds(pl.multiple_of(p * w_step + c * chunk_slots, chunk_slots),  # noqa: E731
                        chunk_slots)
   rows = ref[at(0), :].astype(jnp.float32)
@@ -223,7 +223,7 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     k_specs = [tokens(k_scale), tokens(k_zero)]
     maps = [_group_map(k_groups, k_scale.shape[-1]), _group_map(v_groups, v_scale.shape[-1])]
   else:
-    k_rows = key_scale_rows(w_step)
+    k_rows = _key_scale_rows(w_step)
     k_specs = [blk(k_rows, d, lambda i, j, s, n, lo: (i, j, s * w_step // k_rows, 0))] * 2
     cg = min(g, d)  # channels per value group (kivi_jax.config.channel_group)
     maps = [_group_map(jnp.arange(d) // cg, d // cg)]
