@@ -77,9 +77,13 @@ def tpu_lowering():
   except (ImportError, AttributeError):
     pytest.skip("this jax has no table of TPU generations to extend")
   kind = jax.devices()[0].device_kind
+  before = registry.get(kind)
   registry[kind] = lambda: tpu_info.get_tpu_info_for_chip(chip, 1)
   yield
-  del registry[kind]
+  if before is None:
+    del registry[kind]
+  else:
+    registry[kind] = before
 
 
 def first_layers(model, n):
