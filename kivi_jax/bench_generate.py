@@ -282,7 +282,7 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
 _KINDS = (
     ("attention kernel",
      r"kivi_decode|kivi_dense_decode|kivi_mha|kivi_ring_attention|skvq_decode|decode_attention"
-     r"|mosaic"),
+     r"|kivi_prompt_attention|mosaic"),
     ("write kernel", r"kivi_quantize_pack|quantize_pack|kivi_ring_update"),
     ("cudnn attention", r"cudnn|fmha|flash|sdpa"),
     ("matmul", r"gemm|cublas|sm90_xmma|cutlass|nvjet|dot"),
