@@ -210,13 +210,14 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
     The largest batch whose `generate_bytes` fit in `memory_bytes`; 0 if not
     even one row fits.
   """
-  for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
+  given = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
+  if memory_bytes is not None:
+    given["memory_bytes"] = memory_bytes
+  for name, value in given.items():
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
   if memory_bytes is None:
     memory_bytes = device_memory_bytes()
-  elif isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
-    raise ValueError(f"memory_bytes must be a positive integer, got {memory_bytes!r}")
   if flash is None:
     flash = uses_flash_attention(model.config)
 
