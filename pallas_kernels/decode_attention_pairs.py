@@ -161,24 +161,55 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
+def unpack_plan(bits: int, fp16: bool) -> tuple[tuple[int, int, int], ...]:
+  """How `_dequant` takes each code of a 16-bit half to a bf16 (or fp16) pair.
+
+  For place `i` of a half (code at bit `bits * i`, both halves alike) a triple
+  `(shift, mask, base)`: the word shifted right by `shift`, then `lop3` keeps
+  `mask`'s bits and sets `base`'s, and subtracting `base` leaves the code, exact.
+  The code needs only to lie inside the mantissa (7 bits for bf16, 10 for fp16),
+  not at its bottom: a code at mantissa bit `k` under the exponent of
+  `2^(mantissa - k)` counts whole units, so `base` is that power of two. Places
+  share a shift while they fit one mantissa: 2-bit codes in bf16 take shifts of 0,
+  6 and 12 (two a word where each place but the first had one), in fp16 of 0 and
+  10. 8-bit codes have no plan (`cvt`)."""
+  mantissa, bias = (10, 15) if fp16 else (7, 127)
+  plan, start = [], None
+  for i in range(16 // bits):
+    at = bits * i
+    if start is None or at - start + bits > mantissa:
+      start = at
+    k = at - start
+    base = (bias + mantissa - k) << mantissa
+    plan.append((start, ((2**bits - 1) << k) * 0x10001, base * 0x10001))
+  return tuple(plan)
+
+
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
-             dtype=jnp.bfloat16):
+             dtype=jnp.bfloat16, k_half: int | None = None):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
   WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
   `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
   `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
   (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
-  themselves, exact, in `dtype` (bf16, or fp16 from 1024 + code)."""
+  themselves, exact, in `dtype` (bf16, or fp16). Codes below 8 bits by
+  `unpack_plan` (each shifted word shared by the places it serves). `k_half`
+  (0 or 1, n = 128 only): that half's 64 columns alone, `[R, 64]`."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
+  c0 = 0
+  if k_half is not None:
+    assert cols == HEAD_DIM
+    cols //= 2
+    c0 = cols * k_half
   p = 16 // bits
-  mask = (2**bits - 1) * 0x10001
   codes_only = scale_ref is None
   refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
   fp16 = jnp.dtype(dtype) == jnp.float16
-  base, kind = (0x64006400, "f16x2") if fp16 else (0x43004300, "bf16x2")
+  kind = "f16x2" if fp16 else "bf16x2"
+  plan = unpack_plan(bits, fp16) if bits < 8 else tuple((8 * i, 0, 0) for i in range(2))
 
   @plgpu.inline_mgpu(arg_types=(wg, *refs),
                      return_type=plgpu.ShapeDtypeStruct((rows, cols), dtype, wg))
@@ -189,34 +220,39 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((rows, cols)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
-    loaded = {}
+    loaded, shifted = {}, {}
     for idx in np.ndindex(out.shape):
-      rt, ct, half = idx[0], idx[1], idx[4]
-      if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
-        word = mgpu_utils.bitcast(w.registers[rt, ct // p, 0, 0, half, 0, 0, 0, 0], i32)
-        shift = bits * (ct % p)
+      rt, ct, half = idx[0], idx[1] + c0 // 8, idx[4]
+      if cols < HEAD_DIM and k_half is None:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
+        at, place = (rt, ct // p, half), ct % p
       else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
         s, h = ct // 2, ct % 2
-        reg = w.registers[rt, s // p, 0, 0, half, 0, 0, 0, 0]
-        word = mgpu_utils.bitcast(mgpu_utils.vector_slice(reg, slice(h, h + 1)), i32)
-        shift = bits * (s % p)
+        at, place = (rt, s // p, half, h), s % p
+      shift, mask, base = plan[place]
+      if (at, shift) not in shifted:
+        reg = w.registers[at[0], at[1], 0, 0, at[2], 0, 0, 0, 0]
+        if len(at) == 4:
+          reg = mgpu_utils.vector_slice(reg, slice(at[3], at[3] + 1))
+        word = mgpu_utils.bitcast(reg, i32)
+        shifted[at, shift] = arith.shrui(word, mgpu_utils.c(shift, i32)) if shift else word
+      word = shifted[at, shift]
       if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
-        at = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
-        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, at), i32)
+        if c0:
+          col = arith.addi(col, mgpu_utils.c(c0, index))
+        ix = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
+        loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, ix), i32)
                           for ref in (scales, zeros)]
-      shr = f"shr.b32 t, $1, {shift};" if shift else "mov.b32 t, $1;"
-      if bits < 8:  # 128 + code as bf16 (1024 + code as fp16), exact: the code
-        # fills the low mantissa bits
+      if bits < 8:
         body = f"""
-            lop3.b32 t, t, {mask:#x}, {base:#x}, 0xea;
+            lop3.b32 t, $1, {mask:#x}, {base:#x}, 0xea;
             mov.b32 m, {base:#x};
             sub.{kind} t, t, m;"""
       else:
         body = """
-            and.b32 m, t, 0xff;
+            and.b32 m, $1, 0xff;
             cvt.rn.f32.u32 lo, m;
-            shr.b32 m, t, 16;
+            shr.b32 m, $1, 16;
             and.b32 m, m, 0xff;
             cvt.rn.f32.u32 hi, m;
             cvt.rn.bf16x2.f32 t, hi, lo;"""
@@ -225,7 +261,7 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
             {{
             .reg .b32 t, m;
             .reg .f32 lo, hi;
-            {shr}{body}
+            {body}
             mov.b32 $0, t;
             }}""", "=r,r")
       else:
@@ -233,7 +269,7 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
             {{
             .reg .b32 t, m;
             .reg .f32 lo, hi;
-            {shr}{body}
+            {body}
             fma.rn.bf16x2 $0, t, $2, $3;
             }}""", "=r,r,r,r")
       out[idx] = mgpu_utils.bitcast(x, pair)
@@ -518,6 +554,18 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
   ng = d // cg  # value channel groups a head
+  # Unfolded: each tile's product in two halves of K (64 columns), the second half
+  # dequantized while the first half's `wgmma` runs (P1 32k: 0.156 ms against 0.179).
+  # Not folded: there it measured slower beside the shared shifts (NOTES.md).
+  k_split = not folded and d == HEAD_DIM
+  halves_of_k = (0, 1) if k_split else (None,)
+
+  def k_slice(ref, k_half, axis):
+    """`ref`'s 64 columns (axis 1) or rows (axis 0) of `k_half`; all with None."""
+    if k_half is None:
+      return ref
+    at = pl.ds(PAIR * k_half, PAIR)
+    return ref.at[:, at] if axis else ref.at[at]
 
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
@@ -575,22 +623,22 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         scaled and masked."""
         words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
         if folded:  # q . z_g + codes against q o s_g; each row its own group's column
-          k = _dequant(words, None, None, k_bits, group)
-
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+            for kh_ in halves_of_k:
+              k = _dequant(words, None, None, k_bits, group, k_half=kh_)
+              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(qp_smem, kh_, 1), (1, 0)))
           # One update a step (`step == UPDATE`): tile u holds the step's groups
           # (64 u + 16 w) // G, warp w's rows.
           st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
                              [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
         else:
-          k = _dequant(words,
-                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       k_bits, group)
-
           def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
+            for kh_ in halves_of_k:
+              k = _dequant(
+                  words, ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                  kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                  k_bits, group, k_half=kh_)
+              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(q_smem, kh_, 1), (1, 0)))
             return acc_ref[...]
           st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
         tok = t_step + PAIR * jp + tok_in
@@ -620,12 +668,14 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           at = pl.ds(rows * part // cg, max(1, rows // cg))
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
-              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
-              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
-
-          def pv(acc_ref, vt=vt):
-            plgpu.wgmma(acc_ref, vt, p_buf)
+          def pv(acc_ref, words=words, at=at):
+            for kh_ in halves_of_k:
+              vt = _dequant(words, None, None, v_bits, cg, jnp.float16,
+                            k_half=kh_) if folded else _dequant(
+                  words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+                  vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg,
+                  k_half=kh_)
+              plgpu.wgmma(acc_ref, vt, k_slice(p_buf, kh_, 0))
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
         return (*out, zsum) if folded else tuple(out)
 

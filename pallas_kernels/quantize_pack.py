@@ -262,12 +262,14 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
 @functools.partial(jax.jit, static_argnames=(
     "bits", "group_size", "axis", "clip", "num_warps", "interpret"))
 def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
-                        group_size: int, axis: str, clip: float = 1.0, num_warps: int = 4,
-                        interpret: bool = False):
+                        group_size: int, axis: str, clip: float = 1.0,
+                        num_warps: int | None = None, interpret: bool = False):
   """`quantize_pack` into a block in the pair layout (module docstring): words
   `[B, H, C, D b/32]` (axis "channel") or `[B, H, D, C b/32]` (axis "token"),
   scale and zero `[B, H, C/G, D]` or `[B, H, D/min(G, D), C]`. Groups of at
-  most 128 tokens (a span), head_dim 64 or a multiple of 128."""
+  most 128 tokens (a span), head_dim 64 or a multiple of 128. `num_warps`
+  None: 2 for the values (their full-span launches measured 0.43 ms against
+  0.71 with 4 in the 512-row Llama-2-7B step on an H200), 4 for the keys."""
   n, d = x.shape[2:]
   g = group_size
   if n % g:
@@ -280,6 +282,8 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
   spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              interpret=interpret)
+  if num_warps is None:
+    num_warps = 2 if axis == "token" else 4
   return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, spans,
                          num_warps=num_warps, interpret=interpret,
                          name="kivi_quantize_pack_pairs")

@@ -54,6 +54,37 @@ def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows, d):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unpack_plan_gives_every_code_exactly(bits, fp16):
+  """`lop3` under each place's plan then the subtraction of its base, done bit for
+  bit in numpy on words holding every code at every place: each half reads as its
+  code, exact. And the shifts the plan shares: 2-bit codes take three a word in
+  bf16 and two in fp16 (the first of them none) where each place once had its own."""
+  rng = np.random.default_rng(0)
+  words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+  words[:2**bits] = np.uint32(0x10001) * np.arange(2**bits, dtype=np.uint32)  # (c, c)
+  words[2**bits:2**(bits + 1)] = ~words[:2**bits]
+  plan = dp.unpack_plan(bits, fp16)
+  assert len(plan) == 16 // bits
+
+  def as_float(half):  # uint32 holding a 16-bit pattern -> float64
+    if fp16:
+      return half.astype(np.uint16).view(np.float16).astype(np.float64)
+    return (half << np.uint32(16)).view(np.float32).astype(np.float64)
+
+  for place, (shift, mask, base) in enumerate(plan):
+    t = ((words >> np.uint32(shift)) & np.uint32(mask)) | np.uint32(base)
+    for e in (0, 1):
+      code = (words >> np.uint32(bits * place + 16 * e)) & np.uint32(2**bits - 1)
+      got = as_float((t >> np.uint32(16 * e)) & np.uint32(0xFFFF))
+      got -= as_float(np.array([base >> 16 * e], np.uint32) & np.uint32(0xFFFF))
+      np.testing.assert_array_equal(got, code.astype(np.float64), err_msg=f"{place=} {e=}")
+  shifts = sorted({shift for shift, _, _ in plan})
+  assert shifts == {(2, False): [0, 6, 12], (2, True): [0, 10], (4, False): [0, 4, 8, 12],
+                    (4, True): [0, 8]}[bits, fp16]
+
+
 @pytest.mark.parametrize("step", [256, 512])
 def test_split_steps_are_the_steps_with_live_tokens(step):
   n_steps, splits = 9, 4
