@@ -555,8 +555,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   wg = plgpu.Layout.WGMMA
   ng = d // cg  # value channel groups a head
   # Unfolded: each tile's product in two halves of K (64 columns), the second half
-  # dequantized while the first half's `wgmma` runs (P1 32k: 0.156 ms against 0.179).
-  # Not folded: there it measured slower beside the shared shifts (NOTES.md).
+  # dequantized while the first half's `wgmma` runs: measured no faster than one
+  # product (NOTES.md, fifteenth round), kept as the form checked on the GPU. Not
+  # folded: there it measured slower beside the shared shifts.
   k_split = not folded and d == HEAD_DIM
   halves_of_k = (0, 1) if k_split else (None,)
 
