@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -559,6 +560,10 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   # Not folded: there it measured slower beside the shared shifts (NOTES.md).
   k_split = not folded and d == HEAD_DIM
   halves_of_k = (0, 1) if k_split else (None,)
+  # exp/fsplit: the folded kernel's keys ("k"), values ("v") or both split.
+  fsplit = os.environ.get("KIVI_EXP_FSPLIT", "")
+  halves_k = (0, 1) if folded and d == HEAD_DIM and "k" in fsplit else halves_of_k
+  halves_v = (0, 1) if folded and d == HEAD_DIM and "v" in fsplit else halves_of_k
 
   def k_slice(ref, k_half, axis):
     """`ref`'s 64 columns (axis 1) or rows (axis 0) of `k_half`; all with None."""
@@ -624,7 +629,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
         if folded:  # q . z_g + codes against q o s_g; each row its own group's column
           def qk(acc_ref):
-            for kh_ in halves_of_k:
+            for kh_ in halves_k:
               k = _dequant(words, None, None, k_bits, group, k_half=kh_)
               plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(qp_smem, kh_, 1), (1, 0)))
           # One update a step (`step == UPDATE`): tile u holds the step's groups
@@ -633,7 +638,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
                              [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
         else:
           def qk(acc_ref):
-            for kh_ in halves_of_k:
+            for kh_ in halves_k:
               k = _dequant(
                   words, ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
                   kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
@@ -669,7 +674,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
           def pv(acc_ref, words=words, at=at):
-            for kh_ in halves_of_k:
+            for kh_ in halves_v:
               vt = _dequant(words, None, None, v_bits, cg, jnp.float16,
                             k_half=kh_) if folded else _dequant(
                   words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
