@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from kivi_jax.attention import decode_attention
 from kivi_jax.cache import (LAYOUTS, LayerKV, append, append_flushing, init_cache,
                             n_quantized)
+from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig, get_preset
 
 _L2_DODGE_BYTES = 512 * 2**20
@@ -84,10 +85,10 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
                         layouts=("auto",), progress=print) -> dict:
   """Runs P1; returns `{"copy_tbps", "rows": [...]}` (rows as in the issue), each
   method once per cache `layout` (`init_cache`'s; a row names the one "auto" took)."""
-  for name, value in (("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
-                      ("head_dim", head_dim), ("repeats", repeats)):
-    if not (isinstance(value, int) and value > 0):
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  batch, q_heads, kv_heads, head_dim, repeats = (
+      positive_int(name, value) for name, value in (
+          ("batch", batch), ("q_heads", q_heads), ("kv_heads", kv_heads),
+          ("head_dim", head_dim), ("repeats", repeats)))
   configs = {m: get_preset(m) for m in methods}  # an unknown name is refused by name
   if q_heads % kv_heads:
     raise ValueError(f"q_heads={q_heads} must be a multiple of kv_heads={kv_heads}")

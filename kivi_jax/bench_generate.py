@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import memory, sharding
 from kivi_jax.bench import copy_bandwidth_tbps
 from kivi_jax.cache import init_cache, n_quantized
+from kivi_jax.checks import positive_int
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, _rows, generate, prefill_chunk_rows
 from kivi_jax.models import llama
@@ -459,8 +460,7 @@ def generate_benchmark(shape: str = "llama2-7b",
                        ("hf_batches", hf_batches)):
     if not all(isinstance(v, int) and v > 0 for v in values):
       raise ValueError(f"{name} must be positive integers, got {tuple(values)}")
-  if not (isinstance(step_context, int) and step_context > 0):
-    raise ValueError(f"step_context must be a positive number of tokens, got {step_context!r}")
+  step_context = positive_int("step_context", step_context)
   if mesh is not None and largest:
     raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
                      "counts one device): pass largest=False (--no-largest) with batches")

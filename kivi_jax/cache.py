@@ -30,6 +30,7 @@ from jax import Array
 from jax.experimental.pallas import tpu as pltpu
 
 from kivi_jax import quantization, sharding
+from kivi_jax.checks import positive_int
 from kivi_jax.config import IMPLS, KIVIConfig, QuantAxis, channel_group, codes_per_word
 from kivi_jax.pallas_kernels import (decode_attention_pairs, quantize_pack, quantize_pack_tpu,
                                      ring_update)
@@ -341,9 +342,8 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if not isinstance(kv_config, KIVIConfig):
     raise TypeError(f"kv_config must be a KIVIConfig, got {type(kv_config).__name__}")
-  for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  batch_size = positive_int("batch_size", batch_size)
+  max_length = positive_int("max_length", max_length)
   kv_config.check_head_dim(model_config.head_dim)
   check_layout(layout, kv_config, model_config.head_dim)
   if kv_config.needs_calibration and calibration is None:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from kivi_jax import quantization
 from kivi_jax.cache import ChannelMap, equal_groups, init_cache
+from kivi_jax.checks import nonnegative_int
 from kivi_jax.config import KIVIConfig
 
 CALIBRATED_FIELDS = ("k_bits", "v_bits", "channel_group", "reorder", "clip", "pre_rope",
@@ -249,8 +250,7 @@ def calibrate(model, token_batches, kv_config: KIVIConfig, *, seed: int = 0,
   if kv_config.channel_group is None:
     raise ValueError("calibrate needs a kv_config with channel_group (SKVQ's groups over "
                      "the hidden dim)")
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  seed = nonnegative_int("seed", seed)
   grid = np.asarray(clip_grid, np.float64)
   if grid.ndim != 1 or not grid.size or (grid <= 0).any() or (grid > 1).any():
     raise ValueError(f"clip_grid must be a non-empty list of numbers in (0, 1], got "

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kivi_jax.cache import init_cache
+from kivi_jax.checks import nonnegative_int, positive_int
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
@@ -73,9 +74,9 @@ def kv_perplexity(model, token_ids, kv_config: KIVIConfig, prefill: int = 512,
   token_ids = np.asarray(token_ids)
   if token_ids.ndim != 1:
     raise ValueError(f"token_ids must be 1-D, got shape {token_ids.shape}")
-  for name, value in (("prefill", prefill), ("decode", decode), ("windows", windows)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  prefill = positive_int("prefill", prefill)
+  decode = positive_int("decode", decode)
+  windows = positive_int("windows", windows)
   span = prefill + decode
   if windows * span > token_ids.size:
     raise ValueError(f"windows={windows} of prefill+decode={span} tokens need "
@@ -175,12 +176,11 @@ def passkey(model, tokenizer, kv_config: KIVIConfig, lengths=(512, 1024, 2048, 4
   """
   from kivi_jax.generate import generate
 
-  for name, value in (("depths", depths), ("trials", trials), ("batch_size", batch_size),
-                      ("answer_tokens", answer_tokens)):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+  depths = positive_int("depths", depths)
+  trials = positive_int("trials", trials)
+  batch_size = positive_int("batch_size", batch_size)
+  answer_tokens = positive_int("answer_tokens", answer_tokens)
+  seed = nonnegative_int("seed", seed)
   limit = model.config.max_position_embeddings
   for length in lengths:
     if not 0 < length <= limit:

@@ -21,6 +21,7 @@ from jax import Array
 
 from kivi_jax import memory, sharding
 from kivi_jax.cache import KVCache, init_cache, write_rows, zeros_rows
+from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
@@ -146,12 +147,6 @@ def _continue(params, input_ids, attention_mask, cache: KVCache, *, config: Mode
   cache (a document) can take many continuations (questions)."""
   return llama.forward(params, input_ids, cache, attention_mask, config=config,
                        last_only=True)
-
-
-def _positive_int(name, value):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return int(value)
 
 
 def _token_id(name, value, vocab: int) -> int:
@@ -280,7 +275,7 @@ def prefill_cache(model, input_ids, *, kv_config: KIVIConfig, max_length: int,
   """
   input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
   _, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
-                              _positive_int("max_length", max_length), 0, calibration,
+                              positive_int("max_length", max_length), 0, calibration,
                               impl, mesh)
   return cache
 
@@ -363,7 +358,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     int32 `[B, max_new_tokens]`.
   """
   input_ids, attention_mask = _prompts(model, input_ids, attention_mask)
-  max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+  max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
   vocab = model.config.vocab_size
   top_p_value = 1.0 if top_p is None else top_p  # 1.0: traced, unused without nucleus
   for name, value in (("temperature", temperature), ("top_p", top_p_value)):
@@ -371,7 +366,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
       raise ValueError(f"{name} must be a number, got {value!r}")
   if not temperature >= 0:
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-  if top_k is not None and not 0 < _positive_int("top_k", top_k) <= vocab:
+  if top_k is not None and not 0 < positive_int("top_k", top_k) <= vocab:
     raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
@@ -401,7 +396,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
       max_length, _ = memory.generate_lengths(input_ids.shape[1], max_new_tokens,
                                               model.config.max_position_embeddings)
     else:
-      max_length = _positive_int("max_length", max_length)
+      max_length = positive_int("max_length", max_length)
     logits, cache = _prefill_checked(model, input_ids, attention_mask, kv_config,
                                      max_length, max_new_tokens, calibration,
                                      impl or "auto", mesh)

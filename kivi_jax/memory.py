@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from kivi_jax.cache import init_cache
+from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
 
 FIXED_WORKSPACE = 1 << 30
@@ -210,14 +211,12 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
     The largest batch whose `generate_bytes` fit in `memory_bytes`; 0 if not
     even one row fits.
   """
-  given = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens}
-  if memory_bytes is not None:
-    given["memory_bytes"] = memory_bytes
-  for name, value in given.items():
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  prompt_tokens = positive_int("prompt_tokens", prompt_tokens)
+  new_tokens = positive_int("new_tokens", new_tokens)
   if memory_bytes is None:
     memory_bytes = device_memory_bytes()
+  else:
+    memory_bytes = positive_int("memory_bytes", memory_bytes)
   if flash is None:
     flash = uses_flash_attention(model.config)
 

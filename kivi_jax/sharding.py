@@ -26,6 +26,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kivi_jax.checks import positive_int
+
 DATA, MODEL = "data", "model"
 
 # Parameter name -> how its axes split (module docstring): q, k, v `[D, Hkv, ., Dh]`
@@ -48,9 +50,7 @@ def layer_param_spec(name: str) -> P:
 def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
   """A `data x model` mesh over the first `data * model` of `devices`
   (`jax.devices()` by default)."""
-  for name, value in (("data", data), ("model", model)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  data, model = positive_int("data", data), positive_int("model", model)
   devices = list(jax.devices() if devices is None else devices)
   if data * model > len(devices):
     raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "

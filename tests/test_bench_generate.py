@@ -172,7 +172,7 @@ def test_bench_generate_rejects_bad_arguments(args, match, capsys):
     (dict(batches=(8, 0)), r"batches must be positive integers, got \(8, 0\)"),
     (dict(step_batches=(1.5,)), r"step_batches must be positive integers"),
     (dict(hf_batches=(-1,)), r"hf_batches must be positive integers"),
-    (dict(step_context=0), r"step_context must be a positive number of tokens, got 0"),
+    (dict(step_context=0), r"step_context must be a positive integer, got 0"),
 ])
 def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, monkeypatch):
   monkeypatch.setattr(bg, "measure", lambda *a, **k: pytest.fail("measured"))

@@ -236,6 +236,19 @@ def test_init_cache_validates():
     kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, dtype=jnp.int32)
   with pytest.raises(ValueError, match="calibration= is for SKVQ's configs"):
     kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64, calibration=object())
+  with pytest.raises(ValueError, match="batch_size must be a positive integer, got True"):
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], True, 64)
+  with pytest.raises(ValueError, match=r"max_length must be a positive integer, got 64\.0"):
+    kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 1, 64.0)
+
+
+def test_init_cache_takes_numpy_integers():
+  # A batch size or length read from an array is the same cache as a Python int.
+  got = kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], np.int64(2), np.int32(64))
+  want = kivi_jax.init_cache(_shape(), kivi_jax.PRESETS["kivi2"], 2, 64)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == \
+      [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
 
 
 def test_cache_is_a_pytree_through_jit():

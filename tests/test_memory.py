@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 import kivi_jax
@@ -81,6 +82,16 @@ def test_max_batch_rejects_bad_requests(kwargs, match):
   kwargs = {"prompt_tokens": 1024, "new_tokens": 512, "memory_bytes": 10**12, **kwargs}
   with pytest.raises(ValueError, match=match):
     memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), **kwargs)
+
+
+def test_max_batch_takes_numpy_integers():
+  # Counts read from arrays (np.int64) plan the same batch as Python ints.
+  fp16 = kivi_jax.get_preset("fp16")
+  assert memory.max_batch(MODEL, fp16, np.int64(1024), np.int32(512),
+                          memory_bytes=np.int64(80 * 10**9), flash=True) == \
+      memory.max_batch(MODEL, fp16, 1024, 512, memory_bytes=80 * 10**9, flash=True) > 0
+  with pytest.raises(ValueError, match="new_tokens must be a positive integer, got True"):
+    memory.max_batch(MODEL, fp16, 1024, True, memory_bytes=10**12, flash=True)
 
 
 def test_a_device_without_a_memory_limit_asks_for_one():
