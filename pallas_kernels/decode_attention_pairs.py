@@ -223,7 +223,8 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
     loaded, shifted = {}, {}
     for idx in np.ndindex(out.shape):
       rt, ct, half = idx[0], idx[1] + c0 // 8, idx[4]
-      if cols < HEAD_DIM and k_half is None:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
+      if cols < HEAD_DIM and k_half is None:
+        # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
         at, place = (rt, ct // p, half), ct % p
       else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
         s, h = ct // 2, ct % 2
