@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +129,9 @@ def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   below 8 bits. 19% fewer instructions at 168 registers; the whole decode
   attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
   3.6% (H200, `benchmarks/NOTES.md`, "Folded scales")."""
-  return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
+  gqa = 1 < rows <= 4 and os.environ.get("KIVI_EXP_GQAFOLD", "0") == "1"  # exp/gqafold
+  return ((rows == 1 or gqa) and head_dim == HEAD_DIM and group_size == 32
+          and max(k_bits, v_bits) < 8)
 
 
 def hopper() -> bool:
@@ -540,8 +543,242 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
   return totals(zsum, red_smem)
 
 
+# exp/gqafold: the folded form for R <= 4 query rows a kv head (GQA). Column
+# `c(r, g) = 8 (g // 2) + 2 r + g % 2` of the scores' and the values' products
+# holds query row r's group g: in the WGMMA layout lane j of a quad holds
+# columns 8 k + 2 j + e, so each lane's own registers hold row j's every group
+# and no shuffle is needed to pick a row's group. The softmax then runs over 8
+# columns with row r at columns 2 r and 2 r + 1 (the wrapper takes every other).
+ROW_COLS = 32  # 4 rows x 8 key groups
+
+
+def _row_col(r, g):
+  return 8 * (g // 2) + 2 * r + g % 2
+
+
+def _pick_own(x, gs):
+  """`x` float32 `[64, n]` in the WGMMA layout (columns `c(r, g)`) -> `[64, 8]`
+  whose columns 2 j, 2 j + 1 hold row j's value at group `gs[t // 16]` (a group
+  a warp): each thread's own register, chosen by selects among the warps'."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg,),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def pick(ctx, a):
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    _, warp = _lane_warp()
+    regs = np.array(a.registers)
+    out = np.empty(regs.shape[:1] + (1,) + regs.shape[2:], dtype=object)
+    for idx in np.ndindex(out.shape):
+      got = {}
+      for g in gs:
+        if g not in got:
+          reg = regs[idx[:1] + (g // 2,) + idx[2:]]
+          got[g] = mgpu_utils.bitcast(
+              mgpu_utils.vector_slice(reg, slice(g % 2, g % 2 + 1)), i32)
+      v = mgpu_utils.bitcast(_by_warp(warp, [got[g] for g in gs]),
+                             ir.VectorType.get((1,), f32))
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=a.layout, _is_signed=None)
+  return pick(x)
+
+
+def _repeat_columns(x, cols: int):
+  """A column vector `[n]` of the WGMMA layout's reduction as `[cols]`, its
+  column tiles repeated (column c holds x[c % n])."""
+  layout = plgpu.Layout.WGMMA.reduce(0)
+  shape = (cols,)
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(shape, x.dtype, layout))
+  def repeat(ctx, a):
+    del ctx
+    regs = np.array(mgpu.FragmentedArray.splat(mgpu_utils.c(0.0, ir.F32Type.get()), shape,
+                                               a.layout).registers)
+    n = a.registers.shape[0]
+    for k in range(regs.shape[0]):
+      regs[k] = a.registers[k % n]
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+  return repeat(x)
+
+
+def _scale_query_rows(scales, zeros, q_smem, qp_smem, corr_smem, rows: int):
+  """`_scale_query` for `rows` <= 4 query rows (`q_smem` `[rows, 128]`):
+  `qp_smem` `[32, 128]` (128-byte swizzle, tiles of 8 x 64) row `c(r, g)`
+  holds bf16(q_r o s_g), `corr_smem` `[32]` q_r . z_g; rows r >= `rows` zero."""
+  swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), swz,
+                                plgpu.RefType()))
+  def build(ctx, sc, zr, q, qp, corr):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    vec = ir.VectorType.get((8,), ir.BF16Type.get())
+    words = ir.VectorType.get((4,), i32)
+    one = ir.VectorType.get((1,), f32)
+    tid = mgpu_utils.thread_idx()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    g = arith.andi(arith.shrui(tid, ci(4)), ci(7))
+    part = arith.andi(tid, ci(15))
+    tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
+    word = lambda v, e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
+    at = [ix(g), ix(arith.shli(part, ci(3)))]
+    s8 = mgpu_utils.bitcast(vector.load(vec, sc, at), words)
+    z8 = mgpu_utils.bitcast(vector.load(vec, zr, at), words)
+    g_tile, g_odd = arith.shrui(g, ci(1)), arith.andi(g, ci(1))
+    is_first = arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))
+    for r in range(4):
+      in_tile = arith.addi(ci(2 * r), g_odd)  # c(r, g) % 8; c // 8 = g // 2
+      if r < rows:
+        q8 = mgpu_utils.bitcast(vector.load(vec, q, [mgpu_utils.c(r, index), at[1]]), words)
+        out = [llvm.inline_asm(i32, [word(q8, e), word(s8, e)], "mul.rn.bf16x2 $0, $1, $2;",
+                               "=r,r,r") for e in range(4)]
+        total = mgpu_utils.c(0.0, f32)
+        for e in range(4):  # bf16 pairs to float32: the high half, the low half shifted up
+          qw, zw = word(q8, e), word(z8, e)
+          for lo in (True, False):
+            f = lambda x, lo=lo: mgpu_utils.bitcast(  # noqa: E731
+                arith.shli(x, ci(16)) if lo else arith.andi(x, ci(-65536)), f32)
+            total = arith.addf(total, arith.mulf(f(qw), f(zw)))
+        for dist in (1, 2, 4, 8):
+          total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+      else:  # a padded row: zero operand, zero correction
+        out = [ci(0)] * 4
+        total = mgpu_utils.c(0.0, f32)
+      # Row c's 16-byte chunk k of its 8 x 64 tile sits at k ^ (c % 8) (128-byte swizzle).
+      vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), qp,
+                   [ix(g_tile), ix(tile), ix(in_tile),
+                    ix(arith.shli(arith.xori(chunk, in_tile), ci(3)))])
+      c = arith.addi(arith.shli(g_tile, ci(3)), in_tile)
+      with mgpu_utils.when(is_first):
+        vector.store(vector.from_elements(one, [total]), corr, [ix(c)])
+  build(scales, zeros, q_smem, qp_smem, corr_smem)
+
+
+def _corr_cols(corr_smem):
+  """`[64, n]` float32 in the WGMMA layout, column c holding `corr[c]` in every
+  row (`corr_smem` `[n]`)."""
+  wg = plgpu.Layout.WGMMA
+  n = corr_smem.shape[0]
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, n), jnp.float32, wg))
+  def rows(ctx, corr):
+    del ctx
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, n)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, n))))
+    pair = ir.VectorType.get((2,), ir.F32Type.get())
+    for idx in np.ndindex(out.shape):
+      out[idx] = vector.load(pair, corr, [where[idx][1]])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return rows(corr_smem)
+
+
+def _scaled_probabilities_rows(p, sz_ref, zsum):
+  """`_scaled_probabilities` for 4 value groups and R <= 4 rows: `p` float32
+  `[64, 8]` (lane j: row j's probability), `sz_ref` `[8, 64]` (scales of the 4
+  groups, then zeros). P' fp16 `[64, 16]`, column `c(j, g)` = fp16(p_j s_g);
+  `zsum` float32 `[64, 16]` plus p_j z_g at the same column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
+                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float16, wg),
+                                  plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float32, wg)))
+  def scaled(ctx, a, sz, zs):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    f16_pair = ir.VectorType.get((2,), ir.F16Type.get())
+    half = ir.VectorType.get((1,), ir.BF16Type.get())
+    layout = mgpu.WGMMA_LAYOUT
+    shape = (PAIR, 16)
+    out = np.empty(layout.registers_shape(shape), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
+    zregs = np.array(zs.registers)
+    as_f32 = lambda b: mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(  # noqa: E731
+        b, ir.IntegerType.get_signless(16))), mgpu_utils.c(16, i32)), f32)
+    for idx in np.ndindex(out.shape):
+      row, _ = where[idx]
+      k = idx[1]  # column tile: groups 2 k, 2 k + 1
+      p_reg = a.registers[idx[:1] + (0,) + idx[2:]]
+      pf = mgpu_utils.vector_slice(p_reg, slice(0, 1))
+      s0, s1 = (vector.load(half, sz, [mgpu_utils.c(2 * k + e, index), row]) for e in (0, 1))
+      pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
+      x = llvm.inline_asm(i32, [mgpu_utils.bitcast(pf, i32), pair], """
+          {
+          .reg .b32 lo, hi;
+          shl.b32 lo, $2, 16;
+          and.b32 hi, $2, 0xffff0000;
+          mul.f32 lo, $1, lo;
+          mul.f32 hi, $1, hi;
+          cvt.rn.f16x2.f32 $0, hi, lo;
+          }""", "=r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, f16_pair)
+      p0 = vector.extract(p_reg, dynamic_position=[], static_position=[0])
+      acc = zregs[idx]
+      for e in (0, 1):  # the zeros' term in float32: z of group 2 k + e at this row
+        zb = vector.load(half, sz, [mgpu_utils.c(4 + 2 * k + e, index), row])
+        sum_e = vector.extract(acc, dynamic_position=[], static_position=[e])
+        acc = vector.insert(arith.addf(sum_e, arith.mulf(p0, as_f32(zb))), acc,
+                            dynamic_position=[], static_position=[e])
+      zregs[idx] = acc
+    return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
+            mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
+  return scaled(p, sz_ref, zsum)
+
+
+def _zero_totals_rows(zsum, red_smem, parts):
+  """`_zero_totals` for R <= 4 rows: `zsum` float32 `[64, 16]` (columns
+  `c(j, g)`), summed over a warp's quads by shuffles and over the warps in
+  `red_smem` (`[4, 16]` float32). For each list `groups` of `parts`, `[64, 8]`
+  float32 whose columns 2 j, 2 j + 1 hold row j's total of group
+  `groups[t // 16]`."""
+  wg = plgpu.Layout.WGMMA
+  shape = plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()), return_type=(shape,) * len(parts))
+  def totals(ctx, zs, red):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    lane, warp = _lane_warp()
+    j = arith.andi(lane, ci(3))
+    regs = np.array(zs.registers)
+    one = ir.VectorType.get((1,), f32)
+    sums = {}
+    for idx in np.ndindex(regs.shape):  # the thread's two rows, both column tiles
+      for e in (0, 1):
+        key = (idx[1], e)
+        v = vector.extract(regs[idx], dynamic_position=[], static_position=[e])
+        sums[key] = arith.addf(sums[key], v) if key in sums else v
+    for (k, e), total in sums.items():
+      for dist in (4, 8, 16):  # the warp's 8 quads
+        total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+      col = arith.addi(ci(8 * k + e), arith.shli(j, ci(1)))
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, ci(4))):
+        vector.store(vector.from_elements(one, [total]), red, [ix(warp), ix(col)])
+    mgpu_utils.warpgroup_barrier()
+    outs = []
+    for groups in parts:
+      g = _by_warp(warp, groups)
+      col = arith.addi(arith.addi(arith.shli(arith.shrui(g, ci(1)), ci(3)),
+                                  arith.shli(j, ci(1))), arith.andi(g, ci(1)))
+      t = mgpu_utils.c(0.0, f32)
+      for w in range(4):
+        t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), ix(col)]),
+                                         dynamic_position=[], static_position=[0]))
+      out = np.empty(np.array(zs.registers)[:, :1].shape, dtype=object)
+      out[...] = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
+      outs.append(mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None))
+    return tuple(outs)
+  return totals(zsum, red_smem)
+
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False,
+           q_rows: int = 1):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide; `folded`: one query row (read and written alone), the
   scales and zeros folded into the query and the probabilities."""
@@ -555,6 +792,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
   ng = d // cg  # value channel groups a head
+  gqa = folded and q_rows > 1  # exp/gqafold: columns c(r, g), rows at 2 r, 2 r + 1
   # Unfolded: each tile's product in two halves of K (64 columns), the second half
   # dequantized while the first half's `wgmma` runs: measured no faster than one
   # product (NOTES.md, fifteenth round), kept as the form checked on the GPU. Not
@@ -616,9 +854,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       t_step = (first + i) * step
       if folded:
         # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
-        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
+        if gqa:
+          _scale_query_rows(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem,
+                            q_rows)
+        else:
+          _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
         plgpu.commit_smem()
-        corr = _corr_rows(corr_smem)
+        corr = _corr_cols(corr_smem) if gqa else _corr_rows(corr_smem)
 
       def scores(jp, u):
         """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
@@ -631,8 +873,9 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
               plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(qp_smem, kh_, 1), (1, 0)))
           # One update a step (`step == UPDATE`): tile u holds the step's groups
           # (64 u + 16 w) // G, warp w's rows.
-          st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
-                             [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
+          pick = _pick_own if gqa else _pick_columns
+          st = pick(pl.run_state(qk)(plgpu.ACC.init(corr)),
+                    [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
         else:
           def qk(acc_ref):
             for kh_ in halves_of_k:
@@ -657,9 +900,10 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           *accs, zsum = accs
         for u in range(2):
           if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
-            p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
-                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
-                zsum, ng)
+            sz = vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)]
+            p_buf[pl.ds(PAIR * u, PAIR)], zsum = (
+                _scaled_probabilities_rows(ps[u], sz, zsum) if gqa else
+                _scaled_probabilities(ps[u], sz, zsum, ng))
             continue
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
@@ -690,10 +934,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
         rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
-        if folded:  # the zeros' partial sums, 8 columns
+        if gqa:  # column c(r, g) rescaled by row r's alpha, at alpha's column c % 8
+          alpha = _repeat_columns(alpha, 16)
+        if folded:  # the zeros' partial sums, 8 columns (16: exp/gqafold)
           *acc, zsum = acc
           zsum = rescale(zsum, alpha)
-        alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
+        if not gqa:
+          alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
         acc = tuple(rescale(a, alpha) for a in acc)
         if folded:
           acc = (*acc, zsum)
@@ -714,9 +961,14 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
     if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
-      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
+      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 16 if gqa else 8), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    if folded:  # channel c's own group's column, and its group's zero term
+    if gqa:  # each row's own group's column (row j at columns 2 j, 2 j + 1)
+      groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
+      zeros = _zero_totals_rows(acc[-1], red_smem, groups)
+      for part, a in enumerate(acc[:-1]):
+        o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = _pick_own(a, groups[part]) + zeros[part]
+    elif folded:  # channel c's own group's column, and its group's zero term
       groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
       zeros = _zero_totals(acc[-1], red_smem, ng, groups)
       for part, a in enumerate(acc[:-1]):  # the one row, written alone
@@ -735,7 +987,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
   scratch = [
       # Folded: q's one row, read by `_scale_query` (not a `wgmma` operand).
-      plgpu.SMEM((1, d), jnp.bfloat16) if folded else swizzled((n_rows, d), 128),
+      plgpu.SMEM((q_rows, d), jnp.bfloat16) if folded else swizzled((n_rows, d), 128),
       plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
@@ -746,12 +998,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       swizzled((2, 2 * PAIR, 16), 32, jnp.float16 if folded else jnp.bfloat16),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
-      *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
-         plgpu.SMEM((4, ng), jnp.float32)] if folded else []),
+      *([swizzled((ROW_COLS if gqa else step // group, d), 128),
+         plgpu.SMEM((ROW_COLS if gqa else step // group,), jnp.float32),
+         plgpu.SMEM((4, 16 if gqa else ng), jnp.float32)] if folded else []),
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d) if folded else
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d) if folded and not gqa else
                                      (b, kh, splits, d, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
@@ -785,14 +1038,18 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     third = halves and step == UPDATE
     splits = default_splits(b, kh, capacity // step, 3 if third else 2)
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
-  if not folded:  # (folded: the one row as it is)
+  gqa = folded and m_rows > 1
+  if not folded:  # (folded: the rows as they are)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves, folded)(
+                   halves, folded, m_rows if folded else 1)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
+  if gqa:  # row r at columns 2 r, 2 r + 1
+    return (jnp.swapaxes(o, 3, 4)[..., 0:2 * m_rows:2, :], m[..., 0:2 * m_rows:2],
+            l[..., 0:2 * m_rows:2])
   o = o[..., None, :] if folded else jnp.swapaxes(o, 3, 4)[..., :m_rows, :]
   return o, m[..., :m_rows], l[..., :m_rows]
