@@ -21,7 +21,7 @@ from jax import Array
 
 from kivi_jax import memory, sharding
 from kivi_jax.cache import KVCache, init_cache, write_rows, zeros_rows
-from kivi_jax.checks import positive_int
+from kivi_jax.checks import is_integer, positive_int
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
@@ -150,8 +150,7 @@ def _continue(params, input_ids, attention_mask, cache: KVCache, *, config: Mode
 
 
 def _token_id(name, value, vocab: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-      or not 0 <= value < vocab:
+  if not is_integer(value) or not 0 <= value < vocab:
     raise ValueError(f"{name} must be a token id in [0, {vocab}) (the vocabulary size), "
                      f"got {value!r}")
   return int(value)
@@ -370,7 +369,7 @@ def generate(model, input_ids, *, kv_config: KIVIConfig | None = None,
     raise ValueError(f"top_k must be at most the vocabulary size ({vocab}), got {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+  if not is_integer(seed):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   if streamer is not None and not callable(streamer):
     raise ValueError(f"streamer must be a function of (tokens, done), got "
