@@ -186,7 +186,7 @@ def unpack_plan(bits: int, fp16: bool) -> tuple[tuple[int, int, int], ...]:
 
 
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
-             dtype=jnp.bfloat16, k_half: int | None = None):
+             dtype=jnp.bfloat16):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
   WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
   `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
@@ -194,16 +194,10 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
   (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
   themselves, exact, in `dtype` (bf16, or fp16). Codes below 8 bits by
-  `unpack_plan` (each shifted word shared by the places it serves). `k_half`
-  (0 or 1, n = 128 only): that half's 64 columns alone, `[R, 64]`."""
+  `unpack_plan` (each shifted word shared by the places it serves)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
-  c0 = 0
-  if k_half is not None:
-    assert cols == HEAD_DIM
-    cols //= 2
-    c0 = cols * k_half
   p = 16 // bits
   codes_only = scale_ref is None
   refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
@@ -222,9 +216,8 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((rows, cols))))
     loaded, shifted = {}, {}
     for idx in np.ndindex(out.shape):
-      rt, ct, half = idx[0], idx[1] + c0 // 8, idx[4]
-      if cols < HEAD_DIM and k_half is None:
-        # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
+      rt, ct, half = idx[0], idx[1], idx[4]
+      if cols < HEAD_DIM:  # column tile ct: word 4 (ct // p) + j, the halves 2 j, 2 j + 1
         at, place = (rt, ct // p, half), ct % p
       else:  # k-step s = ct // 2, its column half h = ct % 2: word 8 (s // p) + 2 j + h
         s, h = ct // 2, ct % 2
@@ -239,8 +232,6 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
       word = shifted[at, shift]
       if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
-        if c0:
-          col = arith.addi(col, mgpu_utils.c(c0, index))
         ix = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, ix), i32)
                           for ref in (scales, zeros)]
@@ -555,19 +546,6 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
   ng = d // cg  # value channel groups a head
-  # Unfolded: each tile's product in two halves of K (64 columns), the second half
-  # dequantized while the first half's `wgmma` runs: measured no faster than one
-  # product (NOTES.md, fifteenth round), kept as the form checked on the GPU. Not
-  # folded: there it measured slower beside the shared shifts.
-  k_split = not folded and d == HEAD_DIM
-  halves_of_k = (0, 1) if k_split else (None,)
-
-  def k_slice(ref, k_half, axis):
-    """`ref`'s 64 columns (axis 1) or rows (axis 0) of `k_half`; all with None."""
-    if k_half is None:
-      return ref
-    at = pl.ds(PAIR * k_half, PAIR)
-    return ref.at[:, at] if axis else ref.at[at]
 
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
@@ -625,22 +603,22 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         scaled and masked."""
         words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
         if folded:  # q . z_g + codes against q o s_g; each row its own group's column
+          k = _dequant(words, None, None, k_bits, group)
+
           def qk(acc_ref):
-            for kh_ in halves_of_k:
-              k = _dequant(words, None, None, k_bits, group, k_half=kh_)
-              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(qp_smem, kh_, 1), (1, 0)))
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
           # One update a step (`step == UPDATE`): tile u holds the step's groups
           # (64 u + 16 w) // G, warp w's rows.
           st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
                              [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
         else:
+          k = _dequant(words,
+                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                       k_bits, group)
+
           def qk(acc_ref):
-            for kh_ in halves_of_k:
-              k = _dequant(
-                  words, ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                  kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                  k_bits, group, k_half=kh_)
-              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(k_slice(q_smem, kh_, 1), (1, 0)))
+            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
             return acc_ref[...]
           st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
         tok = t_step + PAIR * jp + tok_in
@@ -670,14 +648,12 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           at = pl.ds(rows * part // cg, max(1, rows // cg))
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          def pv(acc_ref, words=words, at=at):
-            for kh_ in halves_of_k:
-              vt = _dequant(words, None, None, v_bits, cg, jnp.float16,
-                            k_half=kh_) if folded else _dequant(
-                  words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
-                  vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg,
-                  k_half=kh_)
-              plgpu.wgmma(acc_ref, vt, k_slice(p_buf, kh_, 0))
+          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
+              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
+
+          def pv(acc_ref, vt=vt):
+            plgpu.wgmma(acc_ref, vt, p_buf)
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
         return (*out, zsum) if folded else tuple(out)
 
