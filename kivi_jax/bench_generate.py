@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 from kivi_jax import memory, sharding
 from kivi_jax.bench import copy_bandwidth_tbps
 from kivi_jax.cache import init_cache, n_quantized
-from kivi_jax.checks import positive_int
+from kivi_jax.checks import is_integer, positive_int
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, _rows, generate, prefill_chunk_rows
 from kivi_jax.models import llama
@@ -435,6 +435,15 @@ def device_info() -> dict:
   return measure({"kind": "device"})
 
 
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+  """`values` as Python ints (a row's batch goes into JSON) if every one is a
+  Python or numpy integer above 0; else a ValueError naming `name`."""
+  values = tuple(values)
+  if not all(is_integer(v) and v > 0 for v in values):
+    raise ValueError(f"{name} must be positive integers, got {values}")
+  return tuple(int(v) for v in values)
+
+
 def generate_benchmark(shape: str = "llama2-7b",
                        methods=("fp16", "kivi4", "kivi2", "skvq-k2v2-g16-fp8"),
                        requests=((1024, 512), (4096, 512)), batches=(1, 8, 32),
@@ -456,11 +465,20 @@ def generate_benchmark(shape: str = "llama2-7b",
   `row_timeout` seconds is recorded as timed out and the sweep goes on (a
   timed-out largest batch is not retried smaller).
   """
-  for name, values in (("batches", batches), ("step_batches", step_batches),
-                       ("hf_batches", hf_batches)):
-    if not all(isinstance(v, int) and v > 0 for v in values):
-      raise ValueError(f"{name} must be positive integers, got {tuple(values)}")
+  if shape not in SHAPES:
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+  for method in methods:
+    get_preset(method)  # an unknown one named before any work
+  batches, step_batches, hf_batches = (
+      _positive_ints(name, values) for name, values in (
+          ("batches", batches), ("step_batches", step_batches), ("hf_batches", hf_batches)))
+  if not all(len(r) == 2 for r in requests):
+    raise ValueError(f"requests must be (prompt, new tokens) pairs, got {tuple(requests)}")
+  requests = tuple((positive_int("a request's prompt", p), positive_int("a request's new", n))
+                   for p, n in requests)
   step_context = positive_int("step_context", step_context)
+  if not row_timeout > 0:
+    raise ValueError(f"row_timeout must be a positive number of seconds, got {row_timeout}")
   if mesh is not None and largest:
     raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
                      "counts one device): pass largest=False (--no-largest) with batches")

@@ -9,6 +9,7 @@ import pathlib
 import re
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -173,11 +174,34 @@ def test_bench_generate_rejects_bad_arguments(args, match, capsys):
     (dict(step_batches=(1.5,)), r"step_batches must be positive integers"),
     (dict(hf_batches=(-1,)), r"hf_batches must be positive integers"),
     (dict(step_context=0), r"step_context must be a positive integer, got 0"),
+    (dict(batches=(True,)), r"batches must be positive integers, got \(True,\)"),
+    (dict(shape="llama-70b"), r"unknown shape 'llama-70b'"),
+    (dict(methods=("kivi2", "kivi3")), r"unknown cache method 'kivi3'"),
+    (dict(requests=((1024, 0),)), r"a request's new must be a positive integer, got 0"),
+    (dict(requests=((1024,),)), r"requests must be \(prompt, new tokens\) pairs"),
+    (dict(row_timeout=0), r"row_timeout must be a positive number of seconds, got 0"),
 ])
 def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, monkeypatch):
   monkeypatch.setattr(bg, "measure", lambda *a, **k: pytest.fail("measured"))
   with pytest.raises(ValueError, match=match):
-    bg.generate_benchmark("llama2-7b", **kw)
+    bg.generate_benchmark(**{"shape": "llama2-7b", **kw})
+
+
+def test_generate_benchmark_takes_numpy_batches_and_writes_them_as_ints(tmp_path, monkeypatch):
+  """Batch sizes and requests read from an array (numpy integers) run, and the
+  rows they make are written out: JSON has no numpy integers."""
+  monkeypatch.setattr(bg, "device_info", lambda: {
+      "kind": "device", "device": "fake", "bytes_limit": 80 * 2**30, "copy_tbps": 4.0})
+  specs = []
+  monkeypatch.setattr(bg, "measure", lambda spec, **_: specs.append(spec) or {**spec})
+  out = tmp_path / "rows.json"
+  bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=((np.int64(64), np.int32(8)),),
+                        batches=(np.int64(2),), step_batches=(np.int32(1),), largest=False,
+                        hf_batches=(np.int64(4),), out=str(out), progress=lambda _: None)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["kind"], r["batch"]) for r in rows] == [("step", 1), ("generate", 2), ("hf", 4)]
+  assert all(type(s["batch"]) is int for s in specs)
+  assert (rows[1]["prompt"], rows[1]["new"]) == (64, 8)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without accelerator")
