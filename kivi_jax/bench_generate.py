@@ -472,10 +472,10 @@ def generate_benchmark(shape: str = "llama2-7b",
   batches, step_batches, hf_batches = (
       _positive_ints(name, values) for name, values in (
           ("batches", batches), ("step_batches", step_batches), ("hf_batches", hf_batches)))
-  if not all(len(r) == 2 for r in requests):
+  if not all(isinstance(r, (tuple, list)) and len(r) == 2 for r in requests):
     raise ValueError(f"requests must be (prompt, new tokens) pairs, got {tuple(requests)}")
-  requests = tuple((positive_int("a request's prompt", p), positive_int("a request's new", n))
-                   for p, n in requests)
+  requests = tuple((positive_int("a request's prompt", p),
+                    positive_int("a request's new tokens", n)) for p, n in requests)
   step_context = positive_int("step_context", step_context)
   if not row_timeout > 0:
     raise ValueError(f"row_timeout must be a positive number of seconds, got {row_timeout}")

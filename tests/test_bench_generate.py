@@ -177,8 +177,9 @@ def test_bench_generate_rejects_bad_arguments(args, match, capsys):
     (dict(batches=(True,)), r"batches must be positive integers, got \(True,\)"),
     (dict(shape="llama-70b"), r"unknown shape 'llama-70b'"),
     (dict(methods=("kivi2", "kivi3")), r"unknown cache method 'kivi3'"),
-    (dict(requests=((1024, 0),)), r"a request's new must be a positive integer, got 0"),
+    (dict(requests=((1024, 0),)), r"a request's new tokens must be a positive integer, got 0"),
     (dict(requests=((1024,),)), r"requests must be \(prompt, new tokens\) pairs"),
+    (dict(requests=(1024, 512)), r"requests must be \(prompt, new tokens\) pairs"),
     (dict(row_timeout=0), r"row_timeout must be a positive number of seconds, got 0"),
 ])
 def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, monkeypatch):
