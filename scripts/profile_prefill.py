@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import memory
-from kivi_jax.bench_generate import SHAPES, _prompt, random_model, summarize_trace
+from kivi_jax.bench_generate import (SHAPES, _calibration, _prompt, random_model,
+                                     summarize_trace)
 from kivi_jax.cache import init_cache
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, prefill_chunk_rows
@@ -47,7 +48,8 @@ def measure(model, method: str, batch: int, prompt: int, new: int) -> dict:
   ids = jnp.asarray(_prompt(batch, prompt, model.config.vocab_size))
   rows = prefill_chunk_rows(model, kv, batch, prompt, length,
                             memory.cache_bytes(model.config, kv, batch, length), "auto")
-  args = (model.params, ids, jnp.ones_like(ids), init_cache(model.config, kv, rows, length))
+  empty = init_cache(model.config, kv, rows, length, calibration=_calibration(model, kv))
+  args = (model.params, ids, jnp.ones_like(ids), empty)
   times = []
   for _ in range(4):  # the first compiles
     t0 = time.perf_counter()
