@@ -125,11 +125,10 @@ def cache_bytes_read(cache) -> int:
   """Bytes of the cache a decode step reads: the ring and sinks whole, the
   block's live share (its quantized tokens over its capacity)."""
   live = float(np.mean(np.asarray(n_quantized(cache.lengths, cache.config))))
-  capacity = cache.capacity - cache.config.sinks
   total = 0
   for layer in cache.layers:
     for block in (layer.k, layer.v):
-      total += sum(x.nbytes for x in jax.tree.leaves(block)) * live / capacity
+      total += sum(x.nbytes for x in jax.tree.leaves(block)) * live / cache.block_capacity
     total += sum(x.nbytes for x in (layer.ring_k, layer.ring_v))
     if layer.sink_k is not None:
       total += layer.sink_k.nbytes + layer.sink_v.nbytes

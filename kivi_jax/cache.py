@@ -147,9 +147,15 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    """Largest length a row can reach (the block's capacity `C` plus `S` sinks)."""
+    """Largest length a row can reach: the block's capacity `C`, the most tokens
+    the ring keeps beside a full block (`ring_keeps`) and the `S` sinks."""
+    return self.block_capacity + ring_keeps(self.config) + self.config.sinks
+
+  @property
+  def block_capacity(self) -> int:
+    """The quantized block's capacity `C`, in tokens (`block_capacity`)."""
     return _block_tokens(self.layers[0].k, self.config.k_bits, self.config.key_axis,
-                         self.config.group_size) + self.config.sinks
+                         self.config.group_size)
 
   @property
   def layout(self) -> str:
@@ -179,10 +185,15 @@ def body_lengths(lengths: Array, config: KIVIConfig) -> Array:
   return jnp.maximum(lengths - config.sinks, 0)
 
 
+def ring_keeps(config: KIVIConfig) -> int:
+  """The most body tokens a row holds outside the block: `R`, or `G - 1` when
+  `R = 0` (`n_quantized`)."""
+  return config.residual_length or config.group_size - 1
+
+
 def _body_n_quantized(body: Array, config: KIVIConfig) -> Array:
-  g, r = config.group_size, config.residual_length
-  keep = r or g - 1
-  return (jnp.maximum(body - keep, 0) + g - 1) // g * g
+  g = config.group_size
+  return (jnp.maximum(body - ring_keeps(config), 0) + g - 1) // g * g
 
 
 def n_quantized(lengths: Array, config: KIVIConfig) -> Array:
@@ -240,6 +251,30 @@ def block_granularity(config: KIVIConfig) -> int:
                     * config.group_size
                     for b in (config.k_bits, config.v_bits) if b < 16),
                   config.group_size)
+
+
+def block_capacity(kv_config: KIVIConfig, max_length: int, layout: str) -> int:
+  """The block's capacity `C` for rows of up to `max_length` tokens: the most
+  tokens such a row quantizes (`n_quantized(max_length)`: the ring keeps the
+  newest `R - G + 1` to `R` outside the block), rounded up to whole steps of
+  the layout's writers and readers, at least one step.
+
+  The slot layout's step is `block_granularity`; the pair layout's is a span
+  of 128 tokens and a group (`PAIR_SPAN`), its first step the decode
+  kernel's (`decode_attention_pairs.step_tokens`: the kernel reads a last
+  partial step past the block's end as zeros, which its masks drop). At 1024 +
+  512 tokens with R = 128 and G = 32 the pair layout's block holds 1408 tokens
+  where a block of `max_length` rounded to 512 held 1536: a KIVI-2 row of
+  Llama-2-7B's shapes in 196 MiB against 208."""
+  g = kv_config.group_size
+  body = max(max_length - kv_config.sinks, 0)
+  quantized = -(-max(body - ring_keeps(kv_config), 0) // g) * g
+  if layout == "pairs":
+    step = math.lcm(g, quantization.PAIR_SPAN)
+    least = max(step, decode_attention_pairs.step_tokens(g))
+  else:
+    step = least = block_granularity(kv_config)
+  return max(-(-quantized // step) * step, least)
 
 
 def equal_groups(hidden: int, n: int) -> np.ndarray:
@@ -319,9 +354,9 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     model_config: anything with `num_layers`, `num_kv_heads`, `head_dim` and
       `dtype` (a `kivi_jax.ModelConfig`).
     kv_config: how keys and values are quantized.
-    batch_size, max_length: positive; the block capacity is `max_length` rounded
-      up to a whole number of packing blocks (`block_granularity`), and of 512
-      tokens in the pair layout (`decode_attention_pairs.STEP_TOKENS`).
+    batch_size, max_length: positive; the block holds what a row of
+      `max_length` tokens quantizes, rounded up to the layout's steps
+      (`block_capacity`), so `KVCache.capacity` may exceed `max_length`.
     dtype: dtype of the ring, of 16-bit blocks and of scales and zeros; the
       model's by default.
     impl: decode-attention implementation (`KVCache.impl`).
@@ -358,10 +393,7 @@ def init_cache(model_config, kv_config: KIVIConfig, batch_size: int, max_length:
     raise ValueError(f"dtype must be a floating-point type (the ring's, the scales' and a "
                      f"16-bit block's), got {dtype}")
   layout = resolve_layout(layout, model_config, kv_config, impl, dtype, mesh)
-  step = block_granularity(kv_config)
-  if layout == "pairs":  # whole steps of the pair kernel (themselves whole spans)
-    step = math.lcm(step, decode_attention_pairs.STEP_TOKENS)
-  capacity = -(-max_length // step) * step
+  capacity = block_capacity(kv_config, max_length, layout)
   ly, hkv, d = model_config.num_layers, model_config.num_kv_heads, model_config.head_dim
   lead = (batch_size, hkv)
   block_lead, block_d = lead, d
@@ -642,14 +674,16 @@ def _ring_window_step(layer: LayerKV, k_new, v_new, body, n_new, nq0, config: KI
 def _ring_tail(layer: LayerKV, k_new, v_new, body, n_new, nq0, nq1, config: KIVIConfig):
   """The ring's part of appending any `T` body tokens per row (a prefill):
   `(k_flush, v_flush, ring_k, ring_v)`, flushed tokens `[B, Hkv, F, D]`,
-  `F = G * ceil(T / G)` (the ring keeps `R - G + 1` to `R`)."""
+  `F = G * ceil(T / G)` (the ring keeps `R - G + 1` to `R`), at most the
+  block's capacity (a prompt may be longer than the block: `block_capacity`)."""
   g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
+  f = min(g * -(-t // g), _block_tokens(layer.k, config.k_bits, config.key_axis, g))
   # Flushed token i is body token nq0 + i, from the ring or the new tokens: one
   # gather from the two side by side. (A gather from the ring alone needs
   # nothing of the layer, so XLA may form every layer's at the program's start
   # and keep them all: a prefill row's keys and values of every layer at once.)
-  flush_pos = nq0[:, None] + jnp.arange(g * -(-t // g))[None, :]
+  flush_pos = nq0[:, None] + jnp.arange(f)[None, :]
   idx = jnp.where(flush_pos < body[:, None], flush_pos % r,
                   r + jnp.clip(flush_pos - body[:, None], 0, t - 1))
   k_flush = _gather(jnp.concatenate([layer.ring_k, k_new], axis=2), idx)

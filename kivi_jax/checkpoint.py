@@ -23,11 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kivi_jax import sharding
-from kivi_jax.cache import IMPLS, LAYOUTS, KVCache, init_cache
+from kivi_jax.cache import IMPLS, LAYOUTS, KVCache, init_cache, ring_keeps
 from kivi_jax.calibration import model_fingerprint
 from kivi_jax.config import KIVIConfig
 
-FORMAT = 1
+FORMAT = 2
+"""Format 2 (2026-12-05) records a row's capacity with the ring's tokens beside a
+full block (`KVCache.capacity`); format 1 recorded the block's and the sinks'
+only, and is read as the capacity the same arrays give now."""
 META = "kivi_jax.json"
 
 
@@ -118,12 +121,14 @@ def cache_info(path) -> dict:
     version = meta.get("format")
   except (ValueError, AttributeError) as e:
     raise ValueError(f"{meta_path} is damaged: {e}") from e
-  if version != FORMAT:
+  if version not in (1, FORMAT):
     raise ValueError(f"{path} has checkpoint format {version!r}; this kivi-jax reads "
-                     f"format {FORMAT}")
+                     f"formats 1 and {FORMAT}")
   try:
     meta["kv_config"] = KIVIConfig(**meta["kv_config"])
     meta["batch"], meta["capacity"] = int(meta["batch"]), int(meta["capacity"])
+    if version == 1:
+      meta["capacity"] += ring_keeps(meta["kv_config"])
     meta["lengths"] = [int(n) for n in meta["lengths"]]
     meta["dtype"] = np.dtype(meta["dtype"]).name
     meta["layout"] = meta.get("layout", "slots")

@@ -33,13 +33,17 @@ QUERY_CHUNK = 512
 (`kivi_jax.attention.prompt_attention`)."""
 
 
-def cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int) -> int:
-  """Bytes of `init_cache(model_config, kv_config, batch, max_length)`, every
-  array counted (codes, scales, zeros, ring, sinks, channel maps, lengths)."""
+def cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int,
+                layout: str = "auto") -> int:
+  """Bytes of `init_cache(model_config, kv_config, batch, max_length,
+  layout=layout)`, every array counted (codes, scales, zeros, ring, sinks,
+  channel maps, lengths). "auto" is the layout this backend takes; "pairs"
+  plans for a Hopper GPU from elsewhere."""
   if kv_config.needs_calibration:
     # A calibration changes values, not shapes.
     kv_config = dataclasses.replace(kv_config, reorder=False, clip=1.0)
-  return _bytes(jax.eval_shape(lambda: init_cache(model_config, kv_config, batch, max_length)))
+  return _bytes(jax.eval_shape(lambda: init_cache(model_config, kv_config, batch, max_length,
+                                                  layout=layout)))
 
 
 def _bytes(tree) -> int:
@@ -48,7 +52,7 @@ def _bytes(tree) -> int:
 
 
 def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: int,
-                          max_length: int, flash: bool) -> int:
+                          max_length: int, flash: bool, layout: str = "auto") -> int:
   """An upper estimate of what one row of a chunk adds to the prefill's
   workspace: the chunk's own cache twice (the empty cache it starts from and
   the one it writes, which lands in the result's rows at the chunk's end) and
@@ -71,8 +75,8 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   act += t * 2 * kv * 4 * 3
   if not flash:
     act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4
-  own_cache = (cache_bytes(c, kv_config, 2, max_length)
-               - cache_bytes(c, kv_config, 1, max_length))
+  own_cache = (cache_bytes(c, kv_config, 2, max_length, layout)
+               - cache_bytes(c, kv_config, 1, max_length, layout))
   return int(ACTIVATION_MARGIN * act + 2 * own_cache + c.vocab_size * 4)
 
 
@@ -99,10 +103,11 @@ chunk (benchmarks/results/generate_h200.json, 2026-12-04)."""
 
 
 def prefill_rows(batch: int, model_config, kv_config: KIVIConfig, prompt_tokens: int,
-                 max_length: int, budget_bytes: int, flash: bool) -> int:
+                 max_length: int, budget_bytes: int, flash: bool, layout: str = "auto") -> int:
   """The most rows, at most `batch` and `PREFILL_TOKENS` tokens, whose prefill
   workspace (`prefill_bytes_per_row`) fits in `budget_bytes` (at least 1)."""
-  per_row = prefill_bytes_per_row(model_config, kv_config, prompt_tokens, max_length, flash)
+  per_row = prefill_bytes_per_row(model_config, kv_config, prompt_tokens, max_length, flash,
+                                  layout)
   return int(max(1, min(batch, budget_bytes // per_row, PREFILL_TOKENS // prompt_tokens)))
 
 
@@ -176,25 +181,29 @@ def generate_lengths(prompt_tokens: int, new_tokens: int, max_positions: int) ->
 
 
 def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
-                   new_tokens: int, flash: bool, rows: int | None = None) -> int:
+                   new_tokens: int, flash: bool, rows: int | None = None,
+                   layout: str = "auto") -> int:
   """An upper estimate of `generate`'s peak device memory for `batch` rows:
   weights, the cache, `FIXED_WORKSPACE`, and the larger of the prefill's
   chunk of activations and a decode step's temporaries; `flash`: whether the
   prompt attention is cuDNN's (`uses_flash_attention`); `rows`: the rows a
-  prefill chunk runs, by default `prefill_rows`'."""
+  prefill chunk runs, by default `prefill_rows`'; `layout`: the cache's
+  (`cache_bytes`)."""
   config = model.config
   weights = _bytes(model.params)
   length, width = generate_lengths(prompt_tokens, new_tokens, config.max_position_embeddings)
-  cache = cache_bytes(config, kv_config, batch, length)
+  cache = cache_bytes(config, kv_config, batch, length, layout)
   if rows is None:
-    rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash)
-  prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash)
+    rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash,
+                        layout)
+  prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
 
 
 def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int, *,
-              memory_bytes: int | None = None, flash: bool | None = None) -> int:
+              memory_bytes: int | None = None, flash: bool | None = None,
+              layout: str = "auto") -> int:
   """How many rows of `prompt_tokens + new_tokens` `generate` can hold at once.
 
   Args:
@@ -206,6 +215,8 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
       on the first device (on a GPU, `XLA_PYTHON_CLIENT_MEM_FRACTION` of it).
     flash: whether the prompt attention is cuDNN's flash attention; by
       default `uses_flash_attention` on this backend.
+    layout: the cache's (`init_cache`'s); "auto", this backend's. With
+      `memory_bytes` and `flash`, "pairs" plans for a Hopper GPU from elsewhere.
 
   Returns:
     The largest batch whose `generate_bytes` fit in `memory_bytes`; 0 if not
@@ -221,8 +232,8 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
     flash = uses_flash_attention(model.config)
 
   def fits(batch):
-    return generate_bytes(model, kv_config, batch, prompt_tokens, new_tokens,
-                          flash) <= memory_bytes
+    return generate_bytes(model, kv_config, batch, prompt_tokens, new_tokens, flash,
+                          layout=layout) <= memory_bytes
 
   if not fits(1):
     return 0

@@ -44,7 +44,9 @@ measurements: `benchmarks/NOTES.md`, "Codes in the operand's layout" and after.
 
 Shapes (B batch, K kv heads, M <= 16 query rows per kv head, D = 128 or 64 (a
 64-wide key row packs alone and is read as 16-bit halves: `pair_pack`), C block
-capacity, a multiple of `STEP_TOKENS`; G group size, cg = min(G, D)):
+capacity, whole spans of 128 tokens and groups, at least a step: a last step
+that runs past C is read as zeros (TMA fills what lies out of bounds) and
+masked, being past every row's `n_valid`; G group size, cg = min(G, D)):
   q        [B, K, M, D]        bf16
   k_codes  [B, K, C, D b/32]   uint32   k_scale, k_zero [B, K, C/G, D]  bf16
   v_codes  [B, K, D, C b/32]   uint32   v_scale, v_zero [B, K, D/cg, C] bf16
@@ -79,8 +81,7 @@ from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN  # tokens of one V^
 HEAD_DIM = 128
 HEAD_DIMS = (64, HEAD_DIM)  # a 64-wide head's key rows are read as 16-bit halves
 BITS = (2, 4, 8)
-# Block capacities are whole numbers of this many tokens (`kivi_jax.cache`).
-STEP_TOKENS = 512
+MAX_STEP = 512  # the longest step: one group of 512 tokens
 PAIR = 64     # tokens of one S^T tile
 UPDATE = 256  # tokens per online-softmax update
 TMA_ROWS = 256  # the longest dimension of a TMA box
@@ -97,7 +98,7 @@ def step_tokens(group_size: int) -> int:
 def max_group(k_bits, v_bits) -> int:
   """The largest group the kernel reads: a step of 512 tokens' 8-bit words would
   not fit in shared memory twice."""
-  return UPDATE if 8 in (k_bits, v_bits) else STEP_TOKENS
+  return UPDATE if 8 in (k_bits, v_bits) else MAX_STEP
 
 
 def values_in_halves(k_bits, v_bits, head_dim: int) -> bool:
@@ -536,7 +537,8 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide; `folded`: one query row (read and written alone), the
   scales and zeros folded into the query and the probabilities."""
-  per = -(-(capacity // step) // splits)
+  steps = -(-capacity // step)  # the last may run past the block (read as zeros)
+  per = -(-steps // splits)
   cg = min(group, d)
   k_words = d * k_bits // 32      # a token's key words
   k_type = jnp.uint16 if d < HEAD_DIM else jnp.uint32  # 64-wide: read as halves
@@ -752,14 +754,15 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         f"tokens, head_dim {HEAD_DIMS}, at most 16 bf16 query rows with bf16 scales; got "
         f"k_bits={k_bits}, v_bits={v_bits}, group_size={group_size}, head_dim={d}, "
         f"rows={m_rows}, q {q.dtype}, scales {k_scale.dtype}")
-  if capacity % step:
-    raise ValueError(f"the block's capacity ({capacity}) must be a multiple of {step}")
+  if capacity % math.lcm(SPAN, group_size) or capacity < step:
+    raise ValueError(f"the block's capacity ({capacity}) must be a multiple of "
+                     f"{math.lcm(SPAN, group_size)} tokens and at least a step, {step}")
   n_rows = 8 if m_rows <= 8 else 16
   halves = values_in_halves(k_bits, v_bits, d)
   if splits is None:
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
-    splits = default_splits(b, kh, capacity // step, 3 if third else 2)
+    splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
   if not folded:  # (folded: the one row as it is)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))

@@ -204,6 +204,30 @@ def test_block_holds_spec_quantization_of_oldest_tokens(name):
         np.testing.assert_array_equal(layer.ring_k[row, :, slot], k[row, :, pos[row, slot]])
 
 
+@pytest.mark.parametrize("name", ["kivi2-g16-r32", "kivi2-g16-r0", "k2-v16", "fp16",
+                                  "kivi2-sinks", "skvq-ternary-sinks"])
+def test_a_row_fills_its_block_and_ring_to_the_capacity(name):
+  """`init_cache(max_length)` sizes the block to what a row of `max_length`
+  tokens quantizes (`block_capacity`); a row reaches `capacity`, the block
+  full and the ring beside it, every token held as a larger block holds it."""
+  config = CONFIGS[name]
+  small = kivi_jax.init_cache(_shape(), config, B, 300)
+  cap, c = small.capacity, small.block_capacity
+  assert cap == c + (config.residual_length or config.group_size - 1) + config.sinks >= 300
+  k, v = _kv(cap, seed=5)
+  lengths = jnp.asarray([cap, cap - 1, 300], jnp.int32)
+  assert int(n_quantized(lengths, config)[0]) == c
+  zeros = jnp.zeros((B,), jnp.int32)
+  full = _append(_layer(small), k, v, zeros, lengths, config)
+  big = kivi_jax.init_cache(_shape(), config, B, cap + 600)
+  assert big.block_capacity > c
+  ref = _append(_layer(big), k, v, zeros, lengths, config)
+  a, b = _live(full, lengths, config), _live(ref, lengths, config)
+  for key in a:
+    want = b[key][:, :, :c] if key in ("k", "v", "k_codes", "v_codes") else b[key]
+    np.testing.assert_array_equal(a[key], want, err_msg=key)
+
+
 def test_nbytes_counts_every_array():
   shape = _shape(num_layers=4, num_kv_heads=8, head_dim=128, dtype="bfloat16")
   cache = kivi_jax.init_cache(shape, kivi_jax.PRESETS["kivi2"], 2, 4096)
@@ -258,21 +282,25 @@ def test_cache_is_a_pytree_through_jit():
   assert again.config == cache.config
   bumped = jax.jit(lambda c: c.replace(lengths=c.lengths + 1))(cache)
   np.testing.assert_array_equal(bumped.lengths, 1)
-  # Capacity is whole packing blocks: 16 two-bit codes per word x groups of 16.
-  assert cache.capacity == 256 == cache_lib.block_granularity(cache.config)
+  # The block is whole packing blocks (16 two-bit codes per word x groups of 16),
+  # at least one; a row reaches it and the ring's 32 tokens.
+  assert cache.block_capacity == 256 == cache_lib.block_granularity(cache.config)
+  assert cache.capacity == 256 + 32
 
 
 @pytest.mark.parametrize("max_length, capacity, k_rows, v_rows", [
-    (1536, 1536, 96, 96), (300, 384, 32, 32), (1300, 1408, 96, 96)])
+    (1536, 1408, 96, 96), (300, 256, 32, 32), (1300, 1280, 96, 64)])
 def test_skvq_tensors_do_not_pad_each_other(max_length, capacity, k_rows, v_rows):
   # SKVQ's layout with 2-bit keys (16 groups of 32 to a word row: 512 tokens)
-  # and ternary values (20 groups: 640): the capacity is whole steps of 4
+  # and ternary values (20 groups: 640): the block holds what a row quantizes
+  # (all but 97 to 128 of its tokens past the 5 sinks) in whole steps of 4
   # groups, each tensor's codes whole packing blocks of its own, its scales
-  # exactly the capacity. (Both had been rounded to 2560 tokens.)
+  # exactly the block's capacity. (Both had been rounded to 2560 tokens.)
   kv = dataclasses.replace(kivi_jax.get_preset("skvq-k2v1.5-g16-fp8"), reorder=False,
                            clip=0.9)
   cache = kivi_jax.init_cache(_shape(), kv, 1, max_length)
   layer = cache.layers[0]
-  assert cache.capacity == capacity + kv.sinks
+  assert cache.block_capacity == capacity
+  assert cache.capacity == capacity + kv.residual_length + kv.sinks >= max_length
   assert (layer.k.codes.shape[2], layer.v.codes.shape[2]) == (k_rows, v_rows)
   assert layer.k.scale.shape[2] == layer.v.zero.shape[2] == capacity

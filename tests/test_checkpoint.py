@@ -113,6 +113,25 @@ def test_restore_gives_back_every_array_and_the_config(model, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("method", ["kivi2", "skvq"])
+def test_a_format_1_checkpoint_restores_with_the_capacity_its_block_gives(model, tmp_path,
+                                                                          method):
+  """Format 1 (before 2026-12-05) recorded a row's capacity as the block's and the
+  sinks' tokens; the same arrays restore, the ring's tokens now counted too."""
+  cache, _ = _prefilled(model, METHODS[method])
+  path = checkpoint.save_cache(tmp_path / "c", cache, model)
+  meta = json.loads((path / checkpoint.META).read_text())
+  kv = cache.config
+  meta.update(format=1, capacity=cache.block_capacity + kv.sinks)
+  (path / checkpoint.META).write_text(json.dumps(meta))
+  assert kivi_jax.cache_info(path)["capacity"] == cache.capacity
+  restored = checkpoint.restore_cache(path, model)
+  assert restored.capacity == cache.capacity == (
+      cache.block_capacity + kv.residual_length + kv.sinks)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _listing(path):
   return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*"))
 

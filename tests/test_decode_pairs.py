@@ -54,6 +54,18 @@ def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows, d):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 32), (4, 4, 128), (8, 2, 16)])
+def test_kernel_lowers_for_a_block_ending_in_a_partial_step(k_bits, v_bits, g, rows):
+  """A block of 1408 tokens (`kivi_jax.cache.block_capacity` at 1024 + 512):
+  5.5 steps of 256, the last read past the block's end."""
+  f = jax.jit(lambda *a: dp.pair_decode_partials(*a, k_bits=k_bits, v_bits=v_bits,
+                                                 group_size=g))
+  lowered = f.trace(*_shapes(2, 2, rows, 1408, k_bits, v_bits, g)).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
 def test_unpack_plan_gives_every_code_exactly(bits, fp16):
@@ -126,7 +138,8 @@ def test_default_splits_fill_one_wave_of_blocks(blocks):
     (dict(d=96), "head_dim=96"),
     (dict(rows=17), "rows=17"),
     (dict(dtype=jnp.float32), "float32"),
-    (dict(capacity=640), "capacity \\(640\\) must be a multiple of 256"),  # a step
+    (dict(capacity=576), "capacity \\(576\\) must be a multiple of 128 tokens"),  # spans
+    (dict(capacity=128), "capacity \\(128\\) .* at least a step, 256"),
     (dict(group_size=512, capacity=1280), "capacity \\(1280\\) must be a multiple of 512"),
     (dict(group_size=512, k_bits=8), "group_size=512"),
 ])
@@ -162,8 +175,21 @@ def test_kernel_matches_float64_attention(k_bits, v_bits, g, rep, d):
   folds the scales (`folds`: one query row), the scores as it rounds them
   (each code exact against q o s_g in bf16, plus q . z_g) and the values exact
   (it rounds p o s_g to fp16, 2^-11, and sums p z_g in float32)."""
-  rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d)) % 2**32)
-  b, kh, cap = 5, 2, max(2048, 8 * g)
+  _check_against_float64(k_bits, v_bits, g, rep, d, max(2048, 8 * g))
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("rep", [1, 4])
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 32), (4, 4, 32), (8, 8, 128)])
+def test_kernel_reads_a_block_ending_in_a_partial_step(k_bits, v_bits, g, rep):
+  """A block of 1408 tokens, 5.5 steps of 256 (`kivi_jax.cache.block_capacity`
+  at 1024 + 512): the last step's TMA reads past the block's end, as zeros."""
+  _check_against_float64(k_bits, v_bits, g, rep, D, 1408)
+
+
+def _check_against_float64(k_bits, v_bits, g, rep, d, cap):
+  rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d, cap)) % 2**32)
+  b, kh = 5, 2
   k = rng.standard_normal((b, kh, cap, d))
   k[..., 1] *= 30  # an outlier channel
   v = rng.standard_normal((b, kh, cap, d))

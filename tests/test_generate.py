@@ -312,9 +312,10 @@ def test_continuing_a_kivi2_cache_equals_forward_then_decode_steps(model):
     (dict(max_length=200), "max_length belongs to the given cache"),
     (dict(impl="reference"), "impl belongs to the given cache"),
     (dict(question=np.zeros((1, 4), np.int32)), "input_ids has 1 rows and the cache 2"),
-    # max_length=64 rounds up to the 2-bit block's granularity, 256 tokens.
-    (dict(max_new_tokens=240), r"row 1 of the cache holds 20 tokens: 4 more and "
-     r"max_new_tokens=240 need 264, past the cache's capacity of 256"),
+    # max_length=64: the 2-bit block takes its granularity, 256 tokens, and a row
+    # 32 more in the ring.
+    (dict(max_new_tokens=265), r"row 1 of the cache holds 20 tokens: 4 more and "
+     r"max_new_tokens=265 need 289, past the cache's capacity of 288"),
 ])
 def test_continuing_a_cache_checks_its_inputs(model, kwargs, match):
   ids, mask = _pad([np.ones(9, np.int32), np.ones(20, np.int32)], "left")

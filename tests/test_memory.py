@@ -32,6 +32,26 @@ def test_cache_bytes_is_what_init_cache_allocates(method):
   assert memory.cache_bytes(small, kv, 3, 700) == cache.nbytes()
 
 
+def test_max_batch_plans_for_the_pair_layout_from_a_cpu():
+  """`layout="pairs"` counts the Hopper GPU's cache here: KIVI-2's block at 1024
+  + 512 holds the 1408 tokens a row quantizes (`block_capacity`), 196 MiB a row
+  of Llama-2-7B's shapes against the slot layout's 208 (whole 512-token spans),
+  so more rows fit the same memory."""
+  kv = kivi_jax.get_preset("kivi2")
+  small = ModelConfig(architecture="llama", vocab_size=64, hidden_size=256,
+                      intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=128, dtype="bfloat16")
+  cache = kivi_jax.init_cache(small, kv, 3, 1536, layout="pairs")
+  assert memory.cache_bytes(small, kv, 3, 1536, layout="pairs") == cache.nbytes()
+  pairs, slots = (memory.cache_bytes(CONFIG, kv, 1, 1536, layout=lay) for lay in
+                  ("pairs", "slots"))
+  assert (pairs, slots) == (196 * 2**20 + 4, 208 * 2**20 + 4)  # + the row's length
+  limit = 140 * 10**9
+  more, fewer = (memory.max_batch(MODEL, kv, 1024, 512, memory_bytes=limit, flash=True,
+                                  layout=lay) for lay in ("pairs", "slots"))
+  assert more > fewer * 1.05
+
+
 def test_prefill_rows_fill_the_budget():
   kv = kivi_jax.get_preset("kivi2")
   per_row = memory.prefill_bytes_per_row(CONFIG, kv, 512, 1536, flash=True)

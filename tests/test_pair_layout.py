@@ -94,6 +94,37 @@ def _fill(config, layout, k, v, lengths, chunk):
   return layer, done
 
 
+def _pair_blocks_as_slots(slots, pairs, config, nq):
+  """Asserts the pair layout's blocks hold the slot layout's codes, scales and
+  zeros (16-bit tensors as they are); returns each quantized tensor's `(codes,
+  scale, zero)` of the pair layout, tokens along axis -2. The pair layout's
+  block is the smaller (whole spans, not the slots' TPU write spans:
+  `block_capacity`); the slots' tokens past it were never written."""
+  out = {}
+  for tensor, bits, axis in (("k", config.k_bits, config.key_axis),
+                             ("v", config.v_bits, config.value_axis)):
+    a, b = getattr(slots, tensor), getattr(pairs, tensor)
+    if bits == 16:
+      n_codes = b.codes.shape[-2]
+      assert not np.asarray(a.codes[..., n_codes:, :]).any()
+      np.testing.assert_array_equal(a.codes[..., :n_codes, :], b.codes)
+      continue
+    assert b.layout == "pairs"
+    codes = quantization.pair_unpack(b.codes, bits)
+    scale, zero = b.scale, b.zero
+    if axis == "token":
+      codes, scale, zero = (jnp.swapaxes(x, -1, -2) for x in (codes, scale, zero))
+    slot_codes = quantization.unpack(a.codes, bits, config.group_size)
+    n_codes, n_scales = codes.shape[-2], scale.shape[-2]
+    assert np.asarray(nq).max() <= n_codes < slot_codes.shape[-2]
+    assert not np.asarray(slot_codes[..., n_codes:, :]).any()
+    np.testing.assert_array_equal(codes, slot_codes[..., :n_codes, :])
+    np.testing.assert_array_equal(scale, a.scale[..., :n_scales, :])
+    np.testing.assert_array_equal(zero, a.zero[..., :n_scales, :])
+    out[tensor] = codes, scale, zero
+  return out
+
+
 @pytest.mark.parametrize("name, chunk, d", [
     *((name, chunk, D) for name in CONFIGS for chunk in (1, 97, 300)),
     *((name, 97, 64) for name in CONFIGS)])  # 64-wide heads (SmolLM2's)
@@ -106,21 +137,12 @@ def test_pairs_hold_the_slot_layouts_codes_scales_and_zeros(name, chunk, d):
   np.testing.assert_array_equal(n_a, n_b)
   nq = np.asarray(n_quantized(n_a, config))
   assert nq.min() > 0
+  blocks = _pair_blocks_as_slots(slots, pairs, config, nq)
   for tensor, bits, axis in (("k", config.k_bits, config.key_axis),
                              ("v", config.v_bits, config.value_axis)):
-    a, b = getattr(slots, tensor), getattr(pairs, tensor)
     if bits == 16:
-      np.testing.assert_array_equal(a.codes, b.codes)
       continue
-    assert b.layout == "pairs"
-    codes = quantization.pair_unpack(b.codes, bits)
-    scale, zero = b.scale, b.zero
-    if axis == "token":
-      codes, scale, zero = (jnp.swapaxes(x, -1, -2) for x in (codes, scale, zero))
-    np.testing.assert_array_equal(codes, quantization.unpack(a.codes, bits,
-                                                             config.group_size))
-    np.testing.assert_array_equal(scale, a.scale)
-    np.testing.assert_array_equal(zero, a.zero)
+    codes, scale, zero = blocks[tensor]
     # And against SPEC.md's formulas in float64: each row's oldest tokens. As in
     # test_quantization, a code may be one step off only on a .5 tie within
     # float32 rounding, a vanishing fraction of them.
@@ -136,6 +158,29 @@ def test_pairs_hold_the_slot_layouts_codes_scales_and_zeros(name, chunk, d):
       np.testing.assert_allclose(zero[row, :, :n_s], z_ref, rtol=1e-6)
   np.testing.assert_array_equal(slots.ring_k, pairs.ring_k)
   np.testing.assert_array_equal(slots.ring_v, pairs.ring_v)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gpu"])
+def test_a_row_fills_the_pair_block_to_the_capacity(impl):
+  """A row of `capacity` tokens fills the pair layout's block (1024 + 512 tokens
+  a row: 1408 quantized, `block_capacity`), every token where the slot layout's
+  larger block holds it; written by the jnp writer and by the GPU's (interpret
+  mode on a CPU)."""
+  config = kivi_jax.KIVIConfig(2, 2, 32, 128)
+  pairs = kivi_jax.init_cache(_shape(), config, B, 1536, impl=impl, layout="pairs")
+  cap, c = pairs.capacity, pairs.block_capacity
+  assert (c, cap) == (1408, 1536)
+  k, v = _kv(cap, seed=4)
+  lengths = jnp.asarray([cap, cap - 1, 1000], jnp.int32)
+  nq = np.asarray(n_quantized(lengths, config))
+  assert nq[0] == c
+  zeros = jnp.zeros((B,), jnp.int32)
+  slots = kivi_jax.init_cache(_shape(), config, B, 1536, impl="reference", layout="slots")
+  a = append(slots.layers[0], k, v, zeros, lengths, config, "reference")
+  b = append(pairs.layers[0], k, v, zeros, lengths, config, impl)
+  _pair_blocks_as_slots(a, b, config, nq)
+  np.testing.assert_array_equal(a.ring_k, b.ring_k)
+  np.testing.assert_array_equal(a.ring_v, b.ring_v)
 
 
 @pytest.mark.parametrize("impl", ["reference", "gpu"])
@@ -231,11 +276,23 @@ def test_init_cache_names_what_the_pair_layout_cannot_hold(kw, match):
     kivi_jax.init_cache(shape, config, 1, 128, **{"layout": "pairs", **kw})
 
 
-def test_pair_capacity_is_a_whole_number_of_kernel_steps():
-  cache = kivi_jax.init_cache(_shape(), kivi_jax.KIVIConfig(8, 8, 32, 32), 1, 130,
-                              layout="pairs")
-  assert cache.capacity == 512  # decode_attention_pairs.STEP_TOKENS, whole spans of 128
-  assert cache.layers[0].v.codes.shape[-1] == cache.capacity * 8 // 32
+@pytest.mark.parametrize("config, max_length, block", [
+    (kivi_jax.KIVIConfig(8, 8, 32, 32), 130, 256),      # at least one kernel step
+    (kivi_jax.KIVIConfig(2, 2, 32, 128), 1536, 1408),   # 1024 + 512: 11 spans
+    (kivi_jax.KIVIConfig(2, 2, 32, 128), 1537, 1536),   # one group more
+    (kivi_jax.KIVIConfig(4, 4, 256, 0), 1000, 768),     # whole groups of 256
+    (kivi_jax.KIVIConfig(2, 2, 512, 512), 1200, 1024)])  # and of 512: a step each
+def test_pair_block_is_what_a_row_quantizes_in_whole_spans(config, max_length, block):
+  """The pair layout's block holds what a row of `max_length` tokens quantizes
+  (the ring keeps the newest 97 to 128 of 1536), rounded up to spans of 128
+  tokens and groups, at least the kernel's step; a row reaches the block and
+  the ring's `R` (or `G - 1`)."""
+  cache = kivi_jax.init_cache(_shape(), config, 1, max_length, layout="pairs")
+  assert cache.block_capacity == block
+  assert cache.capacity == block + (config.residual_length or config.group_size - 1)
+  assert cache.capacity >= max_length
+  assert cache.layers[0].v.codes.shape[-1] == block * config.v_bits // 32
+  assert cache.layers[0].k.scale.shape[-2] == block // config.group_size
 
 
 def test_auto_layout_is_pairs_exactly_where_the_hopper_kernel_reads_it(monkeypatch):
