@@ -107,7 +107,8 @@ def _generate(args) -> int:
     saved = kivi_jax.save_cache(args.save_cache, cache, model, metadata={"chat": chat},
                                 overwrite=args.overwrite)
     print(f"saved the cache of {ids.shape[1]} prompt tokens ({cache.nbytes() / 2**20:.1f} "
-          f"MiB, room for {cache.capacity - ids.shape[1]} more tokens) to {saved}\n"
+          f"MiB, room for {min(cache.capacity, window) - ids.shape[1]} more tokens) to "
+          f"{saved}\n"
           f"ask about it with: kivi-jax generate QUESTION --resume-cache {saved}")
     return 0
   cache = None

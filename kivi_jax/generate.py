@@ -296,6 +296,17 @@ def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_toke
     raise ValueError(f"input_ids has {b} rows and the cache {rows}")
   lengths = np.asarray(cache.lengths)
   need = lengths + attention_mask.sum(1) + max_new_tokens
+  window = model.config.max_position_embeddings
+  if (need > window).any():
+    # The cache's capacity may pass the window (its block and ring are whole
+    # groups and spans): the window is checked on its own, as a new cache's is.
+    i = int(np.argmax(need))
+    raise ValueError(
+        f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
+        f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the model's context "
+        f"window, max_position_embeddings={window}; to go past it on purpose, pass "
+        f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
+        f"max_position_embeddings=...))")
   if (need > cache.capacity).any():
     i = int(np.argmax(need))
     raise ValueError(

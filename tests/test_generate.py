@@ -326,6 +326,23 @@ def test_continuing_a_cache_checks_its_inputs(model, kwargs, match):
     kivi_jax.generate(model, kwargs.pop("question"), cache=cache, **kwargs)
 
 
+def test_continuing_a_cache_stops_at_the_models_window(model):
+  """A cache's capacity may pass the model's window (whole groups and spans of
+  block and ring); a continuation past the window is refused as a new cache is."""
+  window = model.config.max_position_embeddings
+  ids, mask = _pad([np.ones(9, np.int32), np.ones(20, np.int32)], "left")
+  cache = kivi_jax.prefill_cache(model, ids, attention_mask=mask, kv_config=METHODS["kivi2"],
+                                 max_length=window - 12)
+  assert cache.capacity > window
+  question = np.zeros((2, 4), np.int32)
+  with pytest.raises(ValueError, match=rf"row 1 of the cache holds 20 tokens: 4 more and "
+                     rf"max_new_tokens={window - 23} need {window + 1}, past the model's "
+                     rf"context window, max_position_embeddings={window}"):
+    kivi_jax.generate(model, question, cache=cache, max_new_tokens=window - 23)
+  out = kivi_jax.generate(model, question, cache=cache, max_new_tokens=window - 24)
+  assert out.shape == (2, window - 24)
+
+
 def test_generate_without_a_config_or_a_cache_says_so(model):
   with pytest.raises(ValueError, match="kv_config is required"):
     kivi_jax.generate(model, np.zeros((1, 4), np.int32), max_new_tokens=2)
