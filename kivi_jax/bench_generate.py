@@ -15,6 +15,9 @@ that run's own and an out-of-memory ends only that run. What a run measures:
   With `profile`, a `jax.profiler` trace of a few steps is summarized by
   kind of device work (matmuls, the attention and write kernels, copies,
   transposes, ...).
+- `longest`: one row of the longest prompt `kivi_jax.max_context` plans
+  with a number of new tokens, generated once (compiling included): that it
+  decodes, and its peak memory.
 - `hf`: HF transformers' eager `generate` in bf16 on the same shapes, the
   baseline (when torch and transformers are importable).
 """
@@ -226,6 +229,30 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
               model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl))}
 
 
+LONGEST_SEARCH = 1 << 24
+"""Tokens up to which the longest context is looked for (`max_context`), the
+shapes' windows widened to it (`fit_window`)."""
+
+
+def time_longest(model: Model, method: str, prompt: int, new: int,
+                 impl: str = "auto") -> dict:
+  """One `generate` call of one row of `prompt` + `new` tokens, its compiling
+  included: P2's longest context asks that a row decodes there, and at what
+  peak; the longest prompts' prefills take minutes, so once."""
+  kv = get_preset(method)
+  ids = _prompt(1, prompt, model.config.vocab_size)
+  t0 = time.perf_counter()
+  out = np.asarray(generate(model, ids, kv_config=kv, max_new_tokens=new, impl=impl,
+                            calibration=_calibration(model, kv), pad_token_id=0))
+  seconds = time.perf_counter() - t0
+  assert out.shape == (1, new)
+  flash = memory.uses_flash_attention(model.config, impl)
+  length, _ = memory.generate_lengths(prompt, new, model.config.max_position_embeddings)
+  return {"seconds_with_compile": seconds,
+          "cache_bytes": memory.cache_bytes(model.config, kv, 1, length),
+          "predicted_peak_bytes": memory.generate_bytes(model, kv, 1, prompt, new, flash)}
+
+
 @functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("cache",))
 def _decode_steps(params, tok, cache, *, config: ModelConfig, steps: int):
   """`steps` greedy decode steps in one `fori_loop`, as `generate` runs them."""
@@ -377,7 +404,7 @@ def hf_generate(shape: str, batch: int, prompt: int, new: int) -> dict:
 def _worker(spec: dict) -> dict:
   """One measurement (the module docstring's kinds), in this process."""
   kind = spec["kind"]
-  if kind not in ("device", "hf", "generate", "step"):
+  if kind not in ("device", "hf", "generate", "step", "longest"):
     raise ValueError(f"unknown measurement kind {kind!r}")
   if kind == "device":
     if jax.default_backend() == "cpu":
@@ -393,6 +420,10 @@ def _worker(spec: dict) -> dict:
     config, widened = fit_window(SHAPES[spec["shape"]], spec["prompt"] + spec["new"])
     row = {**time_generate(random_model(config, mesh=mesh), spec["method"], spec["batch"],
                            spec["prompt"], spec["new"], mesh=mesh), **widened}
+  elif kind == "longest":
+    config, widened = fit_window(SHAPES[spec["shape"]], spec["prompt"] + spec["new"])
+    row = {**time_longest(random_model(config), spec["method"], spec["prompt"],
+                          spec["new"]), **widened}
   else:  # "step"
     row = time_decode_step(random_model(SHAPES[spec["shape"]], mesh=mesh), spec["method"],
                            spec["batch"], spec["context"], copy_tbps=spec.get("copy_tbps"),
@@ -449,7 +480,7 @@ def generate_benchmark(shape: str = "llama2-7b",
                        step_batches=(1, 32), step_context: int = 1280, largest: bool = True,
                        hf_batches=(32, 64, 128), out: str | None = None,
                        mesh: tuple[int, int] | None = None, row_timeout: float = 1800,
-                       progress=print) -> dict:
+                       longest_new: int | None = None, progress=print) -> dict:
   """P2 for one shape, every measurement in its own process (`measure`).
 
   One decode step of each method at `step_batches` with `step_context`
@@ -462,7 +493,11 @@ def generate_benchmark(shape: str = "llama2-7b",
   in the next. With `mesh` (data, model), the kivi-jax rows run over a mesh of
   that many devices (`kivi_jax.make_mesh`). A row whose process runs past
   `row_timeout` seconds is recorded as timed out and the sweep goes on (a
-  timed-out largest batch is not retried smaller).
+  timed-out largest batch is not retried smaller). With `longest_new`, last,
+  each method's longest context: one row of the longest prompt that
+  `kivi_jax.max_context` plans with `longest_new` new tokens (the window
+  widened up to `LONGEST_SEARCH` tokens), a tenth shorter while that runs out
+  of memory.
   """
   if shape not in SHAPES:
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -476,6 +511,8 @@ def generate_benchmark(shape: str = "llama2-7b",
   requests = tuple((positive_int("a request's prompt", p),
                     positive_int("a request's new tokens", n)) for p, n in requests)
   step_context = positive_int("step_context", step_context)
+  if longest_new is not None:
+    longest_new = positive_int("longest_new", longest_new)
   if not row_timeout > 0:
     raise ValueError(f"row_timeout must be a positive number of seconds, got {row_timeout}")
   if mesh is not None and largest:
@@ -514,7 +551,8 @@ def generate_benchmark(shape: str = "llama2-7b",
       Path(out).write_text(json.dumps(result, indent=1) + "\n")
     shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
              if k in ("kind", "mesh", "method", "batch", "prompt", "new", "step_ms", "floor_ms",
-                      "tokens_per_s", "prefill_s", "peak_bytes", "error")}
+                      "tokens_per_s", "prefill_s", "seconds_with_compile", "peak_bytes",
+                      "error")}
     progress(json.dumps(shown))
     return row
 
@@ -538,6 +576,17 @@ def generate_benchmark(shape: str = "llama2-7b",
     for batch in hf_batches:
       if run({"kind": "hf", "batch": batch, "prompt": prompt, "new": new}).get("error"):
         break
+  if longest_new is not None:
+    widened = Model(fit_window(config, LONGEST_SEARCH)[0], shapes.params)
+    for method in methods:
+      prompt = memory.max_context(widened, get_preset(method), longest_new,
+                                  memory_bytes=info["bytes_limit"], flash=True)
+      while prompt > 0:
+        row = run({"kind": "longest", "method": method, "batch": 1, "prompt": prompt,
+                   "new": longest_new, "predicted_longest": True})
+        if row.get("error") != "out of memory":
+          break
+        prompt = prompt * 9 // 10
   return result
 
 

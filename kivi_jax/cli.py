@@ -395,6 +395,9 @@ def _bench_generate(args) -> int:
   if args.step_context < 1:
     raise ValueError(f"--step-context must be a positive number of tokens, got "
                      f"{args.step_context}")
+  if args.longest_context is not None and args.longest_context < 1:
+    raise ValueError(f"--longest-context must be a positive number of new tokens, got "
+                     f"{args.longest_context}")
   # This process only plans and collects; each measurement runs in a worker
   # process that must find the accelerator's memory untouched.
   jax.config.update("jax_platforms", "cpu")
@@ -402,7 +405,8 @@ def _bench_generate(args) -> int:
       shape=args.shape, methods=methods, requests=tuple(requests),
       batches=batches, step_batches=step_batches, step_context=args.step_context,
       largest=not args.no_largest, hf_batches=hf_batches, out=args.out,
-      mesh=mesh, row_timeout=args.row_timeout, progress=lambda s: print(s, flush=True))
+      mesh=mesh, row_timeout=args.row_timeout, longest_new=args.longest_context,
+      progress=lambda s: print(s, flush=True))
   if args.out:
     print(f"wrote {args.out}")
   return 0
@@ -537,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="batches of HF transformers' generate ('' for none)")
   gen_bench.add_argument("--mesh", help="data=D,model=M: run kivi-jax over a mesh of D x M "
                          "devices (rows over data, heads over model); needs --no-largest")
+  gen_bench.add_argument("--longest-context", type=int, metavar="NEW",
+                         help="also each method's longest context: one row of the longest "
+                         "prompt that fits with NEW new tokens (kivi_jax.max_context), "
+                         "generated once")
   gen_bench.add_argument("--out", help="JSON results, written after every row and added "
                          "to the rows already in the file")
   gen_bench.add_argument("--row-timeout", type=float, default=1800,

@@ -224,23 +224,54 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
   """
   prompt_tokens = positive_int("prompt_tokens", prompt_tokens)
   new_tokens = positive_int("new_tokens", new_tokens)
+  memory_bytes, flash = _plan(model, memory_bytes, flash)
+  return _largest(lambda batch: generate_bytes(
+      model, kv_config, batch, prompt_tokens, new_tokens, flash,
+      layout=layout) <= memory_bytes)
+
+
+def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1,
+                memory_bytes: int | None = None, flash: bool | None = None,
+                layout: str = "auto") -> int:
+  """The longest prompt `batch` rows can bring to `generate` and still decode
+  `new_tokens` more (PROTOCOLS.md P2's longest context): `max_batch` turned
+  around, the arguments as its. At most the model's window
+  (`max_position_embeddings`) less `new_tokens`, past which `generate`
+  refuses; 0 if not even a one-token prompt fits.
+
+  At long prompts the prefill's activations (one layer's, for the whole
+  prompt: `prefill_bytes_per_row`) weigh more than a quantized cache's tokens,
+  so they, not the cache, bound a quantized cache's longest context."""
+  new_tokens = positive_int("new_tokens", new_tokens)
+  batch = positive_int("batch", batch)
+  memory_bytes, flash = _plan(model, memory_bytes, flash)
+  return _largest(lambda prompt: generate_bytes(
+      model, kv_config, batch, prompt, new_tokens, flash, layout=layout) <= memory_bytes,
+      limit=model.config.max_position_embeddings - new_tokens)
+
+
+def _plan(model, memory_bytes, flash) -> tuple[int, bool]:
+  """`max_batch`'s and `max_context`'s `memory_bytes` and `flash`, defaults filled."""
   if memory_bytes is None:
     memory_bytes = device_memory_bytes()
   else:
     memory_bytes = positive_int("memory_bytes", memory_bytes)
   if flash is None:
     flash = uses_flash_attention(model.config)
+  return memory_bytes, flash
 
-  def fits(batch):
-    return generate_bytes(model, kv_config, batch, prompt_tokens, new_tokens, flash,
-                          layout=layout) <= memory_bytes
 
-  if not fits(1):
+def _largest(fits, limit: int | None = None) -> int:
+  """The largest `n` from 1 to `limit` with `fits(n)`, where `fits` holds up to
+  some `n` and not past it (by doubling, then bisection); 0 if `fits(1)` fails."""
+  if (limit is not None and limit < 1) or not fits(1):
     return 0
   lo, hi = 1, 2
-  while fits(hi):
+  while (limit is None or hi <= limit) and fits(hi):
     lo, hi = hi, hi * 2
-  while hi - lo > 1:  # fits(lo), not fits(hi)
+  if limit is not None:
+    hi = min(hi, limit + 1)
+  while hi - lo > 1:  # fits(lo); not fits(hi), or hi past the limit
     mid = (lo + hi) // 2
     lo, hi = (mid, hi) if fits(mid) else (lo, mid)
   return lo

@@ -163,6 +163,7 @@ def test_every_kernel_is_counted_as_attention_or_write():
     (["--step-batches", "1,x"], "--step-batches takes comma-separated positive integers"),
     (["--hf-batches", "-4"], "--hf-batches takes comma-separated positive integers"),
     (["--step-context", "0"], "--step-context must be a positive number of tokens, got 0"),
+    (["--longest-context", "0"], "--longest-context must be a positive number of new tokens"),
 ])
 def test_bench_generate_rejects_bad_arguments(args, match, capsys):
   assert main(["bench", "generate", *args]) == 2
@@ -181,6 +182,7 @@ def test_bench_generate_rejects_bad_arguments(args, match, capsys):
     (dict(requests=((1024,),)), r"requests must be \(prompt, new tokens\) pairs"),
     (dict(requests=(1024, 512)), r"requests must be \(prompt, new tokens\) pairs"),
     (dict(row_timeout=0), r"row_timeout must be a positive number of seconds, got 0"),
+    (dict(longest_new=0), r"longest_new must be a positive integer, got 0"),
 ])
 def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, monkeypatch):
   monkeypatch.setattr(bg, "measure", lambda *a, **k: pytest.fail("measured"))
@@ -234,6 +236,9 @@ def test_bench_generate_without_requests_measures_steps_only(monkeypatch):
   monkeypatch.setattr(bg, "generate_benchmark", lambda **kw: seen.update(kw))
   assert main(["bench", "generate", "--requests", "", "--hf-batches", ""]) == 0
   assert seen["requests"] == () and seen["hf_batches"] == () and seen["step_batches"] == (1, 32)
+  assert seen["longest_new"] is None
+  assert main(["bench", "generate", "--longest-context", "512"]) == 0
+  assert seen["longest_new"] == 512
 
 
 def test_worker_imports_this_package_from_any_directory(tmp_path, monkeypatch):
@@ -258,6 +263,52 @@ def test_worker_widens_the_window_for_a_longer_request(monkeypatch):
   row = bg._worker({**spec, "prompt": 40})
   assert row["window_widened_from"] == 32 and row["tokens_per_s"] > 0
   assert "window_widened_from" not in bg._worker({**spec, "prompt": 26})
+
+
+def test_the_longest_context_decodes_once_and_says_at_what_peak(model, monkeypatch):
+  """`longest` rows: one `generate` call of one row (its compiling included),
+  the window widened to the prompt where it is past the shape's."""
+  calls = []
+
+  def counted(*args, **kwargs):
+    calls.append(args[1].shape)
+    return bg_generate(*args, **kwargs)
+
+  bg_generate = bg.generate
+  monkeypatch.setattr(bg, "generate", counted)
+  row = bg.time_longest(model, "kivi2", prompt=40, new=4)
+  assert calls == [(1, 40)]
+  assert row["seconds_with_compile"] > 0 and row["cache_bytes"] < row["predicted_peak_bytes"]
+  monkeypatch.setitem(bg.SHAPES, "tiny", dataclasses.replace(TINY, max_position_embeddings=32))
+  row = bg._worker({"kind": "longest", "shape": "tiny", "method": "fp16", "prompt": 40,
+                    "new": 4})
+  assert row["window_widened_from"] == 32 and calls[-1] == (1, 40)
+
+
+def test_the_longest_context_is_planned_and_shortened_while_out_of_memory(monkeypatch):
+  """Each method's longest prompt as `max_context` plans it for the device (the
+  shape's window widened), a tenth shorter while its row runs out of memory."""
+  planned = []
+
+  def max_context(model, kv, new, *, memory_bytes, flash):
+    planned.append((model.config.max_position_embeddings, kv, new, memory_bytes, flash))
+    return 1000
+
+  specs = []
+
+  def fake_measure(spec, timeout=None):
+    if spec["kind"] == "device":
+      return {"kind": "device", "device": "fake", "bytes_limit": 2**36, "copy_tbps": 1.0}
+    specs.append(spec)
+    return {**spec, "error": "out of memory"} if spec["prompt"] > 850 else spec
+
+  monkeypatch.setattr(bg.memory, "max_context", max_context)
+  monkeypatch.setattr(bg, "measure", fake_measure)
+  bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=(), step_batches=(),
+                        hf_batches=(), longest_new=512, progress=lambda s: None)
+  assert planned == [(bg.LONGEST_SEARCH, get_preset("kivi2"), 512, 2**36, True)]
+  assert [(s["kind"], s["batch"], s["prompt"], s["new"]) for s in specs] == [
+      ("longest", 1, 1000, 512), ("longest", 1, 900, 512), ("longest", 1, 810, 512)]
 
 
 def test_a_row_past_its_time_is_stopped_and_recorded():

@@ -1,5 +1,6 @@
 """kivi_jax.memory: the cache's bytes, the prefill's chunks of rows, max_batch."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,6 +108,56 @@ def test_max_batch_rejects_bad_requests(kwargs, match):
   kwargs = {"prompt_tokens": 1024, "new_tokens": 512, "memory_bytes": 10**12, **kwargs}
   with pytest.raises(ValueError, match=match):
     memory.max_batch(MODEL, kivi_jax.get_preset("fp16"), **kwargs)
+
+
+SMALL = ModelConfig(architecture="llama", vocab_size=512, hidden_size=256,
+                    intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                    head_dim=64, max_position_embeddings=1 << 20, dtype="bfloat16")
+SMALL_MODEL = Model(SMALL, jax.eval_shape(lambda: bench_generate.random_model(SMALL).params))
+
+
+@pytest.mark.parametrize("method, batch", [("fp16", 1), ("kivi2", 1), ("kivi2", 3)])
+def test_max_context_is_the_longest_prompt_that_fits(method, batch):
+  """The longest prompt whose `generate_bytes` fit: one token more does not."""
+  kv = kivi_jax.get_preset(method)
+  limit = 2 * 10**9
+  n = memory.max_context(SMALL_MODEL, kv, 64, batch=batch, memory_bytes=limit, flash=True)
+  assert n > 1000
+  assert memory.generate_bytes(SMALL_MODEL, kv, batch, n, 64, True) <= limit
+  assert memory.generate_bytes(SMALL_MODEL, kv, batch, n + 1, 64, True) > limit
+
+
+def test_max_context_of_a_quantized_cache_is_bound_by_the_prefill():
+  """KIVI-2's tokens take a fifth of fp16's bytes, but the prefill's activations
+  (one layer's, for the whole prompt) grow with the prompt as well: its longest
+  context is longer than fp16's by less than half the ratio of their caches'
+  bytes a token."""
+  n = {m: memory.max_context(SMALL_MODEL, kivi_jax.get_preset(m), 64, memory_bytes=2 * 10**9,
+                             flash=True) for m in ("fp16", "kivi2")}
+  per_token = {m: memory.cache_bytes(SMALL, kivi_jax.get_preset(m), 1, 1 << 16) for m in n}
+  assert n["fp16"] < n["kivi2"] < n["fp16"] * per_token["fp16"] / per_token["kivi2"] / 2
+
+
+def test_max_context_stops_at_the_window():
+  """`generate` refuses a cache past the model's window: so does the plan."""
+  small = dataclasses.replace(SMALL, max_position_embeddings=2048)
+  model = Model(small, SMALL_MODEL.params)
+  kv = kivi_jax.get_preset("kivi2")
+  assert memory.max_context(model, kv, 48, memory_bytes=10**12, flash=True) == 2000
+  assert memory.max_context(model, kv, 2048, memory_bytes=10**12, flash=True) == 0
+  assert memory.max_context(model, kv, 48, memory_bytes=10**6, flash=True) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(new_tokens=0), "new_tokens must be a positive integer, got 0"),
+    (dict(batch=0), "batch must be a positive integer, got 0"),
+    (dict(batch=True), "batch must be a positive integer, got True"),
+    (dict(memory_bytes=-1), "memory_bytes must be a positive integer, got -1"),
+])
+def test_max_context_rejects_bad_requests(kwargs, match):
+  kwargs = {"new_tokens": 64, "memory_bytes": 10**9, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    memory.max_context(SMALL_MODEL, kivi_jax.get_preset("kivi2"), **kwargs)
 
 
 def test_max_batch_takes_numpy_integers():
