@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from kivi_jax import memory, sharding
 from kivi_jax.bench import copy_bandwidth_tbps
-from kivi_jax.cache import init_cache, n_quantized
+from kivi_jax.cache import init_cache, n_quantized, resolve_layout
 from kivi_jax.checks import is_integer, positive_int
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, _rows, generate, prefill_chunk_rows
@@ -409,8 +409,10 @@ def _worker(spec: dict) -> dict:
   if kind == "device":
     if jax.default_backend() == "cpu":
       return {"error": "no accelerator", "log": [f"jax {jax.__version__} sees only the CPU"]}
+    layouts = device_layouts(spec["shape"], spec["methods"]) if spec.get("shape") else {}
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps()}
+            "bytes_limit": memory.device_memory_bytes(), "copy_tbps": copy_bandwidth_tbps(),
+            "layouts": layouts}
   if kind == "hf":
     return hf_generate(spec["shape"], spec["batch"], spec["prompt"], spec["new"])
   jax.config.update("jax_compilation_cache_dir", spec.get("compile_cache") or
@@ -459,10 +461,21 @@ def measure(spec: dict, timeout: float = 1800) -> dict:
   return {**spec, "error": "out of memory" if oom else "failed", "log": tail}
 
 
-def device_info() -> dict:
+def device_info(shape: str | None = None, methods=()) -> dict:
   """The device, its allocator's limit and its copy bandwidth, measured in a
-  worker (this process keeps off the device, so its children can take it)."""
-  return measure({"kind": "device"})
+  worker (this process keeps off the device, so its children can take it),
+  and with `shape` the layout each method's cache takes there
+  (`device_layouts`)."""
+  return measure({"kind": "device", "shape": shape, "methods": list(methods)})
+
+
+def device_layouts(shape: str, methods) -> dict[str, str]:
+  """The layout each method's cache of `shape` takes on this backend
+  (`init_cache`'s "auto"): what `max_batch` and `max_context` plan with, from
+  the driver's process, which runs on the CPU."""
+  config = SHAPES[shape]
+  return {m: resolve_layout("auto", config, get_preset(m), "auto", jnp.dtype(config.dtype))
+          for m in methods}
 
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:
@@ -518,7 +531,10 @@ def generate_benchmark(shape: str = "llama2-7b",
   if mesh is not None and largest:
     raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
                      "counts one device): pass largest=False (--no-largest) with batches")
-  info = device_info()
+  if mesh is not None and longest_new is not None:
+    raise ValueError("the longest context over a mesh is not planned yet "
+                     "(kivi_jax.max_context counts one device): pass longest_new=None")
+  info = device_info(shape, methods)
   if info.get("error") == "no accelerator":
     raise RuntimeError("the generate benchmark measures a GPU or TPU: jax sees only the CPU "
                        "here")
@@ -529,6 +545,8 @@ def generate_benchmark(shape: str = "llama2-7b",
   config = SHAPES[shape]
   shapes = Model(config, jax.eval_shape(lambda: random_model(config).params))
   from kivi_jax.cli import run_metadata
+  # The driver runs on the CPU: it plans with the layouts the device takes.
+  layouts = info.pop("layouts", None) or {}
   info = {k: v for k, v in info.items() if k != "kind"}
   result = {"protocol": "P2 end-to-end decode", **run_metadata(), **info, "rows": []}
   if out and Path(out).is_file():
@@ -563,7 +581,8 @@ def generate_benchmark(shape: str = "llama2-7b",
   for prompt, new in requests:
     for method in methods:
       best = memory.max_batch(shapes, get_preset(method), prompt, new,
-                              memory_bytes=info["bytes_limit"], flash=True)
+                              memory_bytes=info["bytes_limit"], flash=True,
+                              layout=layouts.get(method, "auto"))
       for batch in sorted({b for b in batches if b < best}):
         run({"kind": "generate", "method": method, "batch": batch, "prompt": prompt,
              "new": new})
@@ -580,7 +599,8 @@ def generate_benchmark(shape: str = "llama2-7b",
     widened = Model(fit_window(config, LONGEST_SEARCH)[0], shapes.params)
     for method in methods:
       prompt = memory.max_context(widened, get_preset(method), longest_new,
-                                  memory_bytes=info["bytes_limit"], flash=True)
+                                  memory_bytes=info["bytes_limit"], flash=True,
+                                  layout=layouts.get(method, "auto"))
       while prompt > 0:
         row = run({"kind": "longest", "method": method, "batch": 1, "prompt": prompt,
                    "new": longest_new, "predicted_longest": True})

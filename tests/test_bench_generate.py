@@ -193,7 +193,7 @@ def test_generate_benchmark_refuses_bad_arguments_before_any_work(kw, match, mon
 def test_generate_benchmark_takes_numpy_batches_and_writes_them_as_ints(tmp_path, monkeypatch):
   """Batch sizes and requests read from an array (numpy integers) run, and the
   rows they make are written out: JSON has no numpy integers."""
-  monkeypatch.setattr(bg, "device_info", lambda: {
+  monkeypatch.setattr(bg, "device_info", lambda *_: {
       "kind": "device", "device": "fake", "bytes_limit": 80 * 2**30, "copy_tbps": 4.0})
   specs = []
   monkeypatch.setattr(bg, "measure", lambda spec, **_: specs.append(spec) or {**spec})
@@ -290,25 +290,53 @@ def test_the_longest_context_is_planned_and_shortened_while_out_of_memory(monkey
   shape's window widened), a tenth shorter while its row runs out of memory."""
   planned = []
 
-  def max_context(model, kv, new, *, memory_bytes, flash):
-    planned.append((model.config.max_position_embeddings, kv, new, memory_bytes, flash))
+  def max_context(model, kv, new, *, memory_bytes, flash, layout):
+    planned.append((model.config.max_position_embeddings, kv, new, memory_bytes, flash,
+                    layout))
     return 1000
 
   specs = []
 
   def fake_measure(spec, timeout=None):
     if spec["kind"] == "device":
-      return {"kind": "device", "device": "fake", "bytes_limit": 2**36, "copy_tbps": 1.0}
+      assert (spec["shape"], spec["methods"]) == ("llama2-7b", ["kivi2"])
+      return {"kind": "device", "device": "fake", "bytes_limit": 2**36, "copy_tbps": 1.0,
+              "layouts": {"kivi2": "pairs"}}
     specs.append(spec)
     return {**spec, "error": "out of memory"} if spec["prompt"] > 850 else spec
 
   monkeypatch.setattr(bg.memory, "max_context", max_context)
   monkeypatch.setattr(bg, "measure", fake_measure)
-  bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=(), step_batches=(),
-                        hf_batches=(), longest_new=512, progress=lambda s: None)
-  assert planned == [(bg.LONGEST_SEARCH, get_preset("kivi2"), 512, 2**36, True)]
+  result = bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=(),
+                                 step_batches=(), hf_batches=(), longest_new=512,
+                                 progress=lambda s: None)
+  assert planned == [(bg.LONGEST_SEARCH, get_preset("kivi2"), 512, 2**36, True, "pairs")]
   assert [(s["kind"], s["batch"], s["prompt"], s["new"]) for s in specs] == [
       ("longest", 1, 1000, 512), ("longest", 1, 900, 512), ("longest", 1, 810, 512)]
+  assert "layouts" not in result
+
+
+def test_the_largest_batch_is_planned_in_the_layout_the_device_takes(monkeypatch):
+  """The sweep's own process runs on the CPU, where every cache takes the slot
+  layout; `max_batch` plans with the layout the device's worker reports (a
+  Hopper GPU's pair layout holds KIVI-2's rows in fewer bytes)."""
+  planned = {}
+
+  def max_batch(model, kv, prompt, new, *, memory_bytes, flash, layout):
+    planned[kv] = layout
+    return 0
+
+  monkeypatch.setattr(bg.memory, "max_batch", max_batch)
+  monkeypatch.setattr(bg, "measure", lambda spec, **_: {
+      "kind": "device", "device": "fake", "bytes_limit": 2**36, "copy_tbps": 1.0,
+      "layouts": bg.device_layouts(spec["shape"], spec["methods"])})
+  from kivi_jax import cache
+  from kivi_jax.pallas_kernels import decode_attention_pairs
+  monkeypatch.setattr(decode_attention_pairs, "hopper", lambda: True)  # a GPU pretended
+  monkeypatch.setattr(cache, "kernel_backend", lambda impl: "gpu")
+  bg.generate_benchmark("llama2-7b", methods=("fp16", "kivi2"), requests=((1024, 512),),
+                        batches=(), step_batches=(), hf_batches=(), progress=lambda s: None)
+  assert planned == {get_preset("fp16"): "slots", get_preset("kivi2"): "pairs"}
 
 
 def test_a_row_past_its_time_is_stopped_and_recorded():
