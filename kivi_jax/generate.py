@@ -180,6 +180,10 @@ def _prompts(model, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
   return input_ids, attention_mask
 
 
+_PAST_THE_WINDOW = ("; to go past it on purpose, pass dataclasses.replace(model, "
+                    "config=dataclasses.replace(model.config, max_position_embeddings=...))")
+
+
 def _check_free(nbytes: int, what: str, remedy: str) -> None:
   free = memory.free_memory_bytes()
   if free is not None and nbytes > free:
@@ -206,9 +210,7 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
   if max_length > window:
     raise ValueError(
         f"max_length={max_length} (the cache's tokens per row) exceeds the model's context "
-        f"window, max_position_embeddings={window}; to go past it on purpose, pass "
-        f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
-        f"max_position_embeddings=...))")
+        f"window, max_position_embeddings={window}{_PAST_THE_WINDOW}")
   if mesh is not None:
     sharding.check_mesh(mesh, model.config, kv_config, b)
   cache_total = memory.cache_bytes(model.config, kv_config, b, max_length)
@@ -296,23 +298,18 @@ def _continuation(model, input_ids, attention_mask, cache: KVCache, max_new_toke
     raise ValueError(f"input_ids has {b} rows and the cache {rows}")
   lengths = np.asarray(cache.lengths)
   need = lengths + attention_mask.sum(1) + max_new_tokens
+  i = int(np.argmax(need))
+  row = (f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
+         f"more and max_new_tokens={max_new_tokens} need {need[i]}")
   window = model.config.max_position_embeddings
-  if (need > window).any():
-    # The cache's capacity may pass the window (its block and ring are whole
-    # groups and spans): the window is checked on its own, as a new cache's is.
-    i = int(np.argmax(need))
-    raise ValueError(
-        f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
-        f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the model's context "
-        f"window, max_position_embeddings={window}; to go past it on purpose, pass "
-        f"dataclasses.replace(model, config=dataclasses.replace(model.config, "
-        f"max_position_embeddings=...))")
-  if (need > cache.capacity).any():
-    i = int(np.argmax(need))
-    raise ValueError(
-        f"row {i} of the cache holds {lengths[i]} tokens: {int(attention_mask[i].sum())} "
-        f"more and max_new_tokens={max_new_tokens} need {need[i]}, past the cache's "
-        f"capacity of {cache.capacity} (make it with a larger max_length)")
+  # The cache's capacity may pass the window (its block and ring are whole
+  # groups and spans): the window is checked on its own, as a new cache's is.
+  if need[i] > window:
+    raise ValueError(f"{row}, past the model's context window, max_position_embeddings="
+                     f"{window}{_PAST_THE_WINDOW}")
+  if need[i] > cache.capacity:
+    raise ValueError(f"{row}, past the cache's capacity of {cache.capacity} (make it with a "
+                     f"larger max_length)")
   devices = 1 if cache.mesh is None else cache.mesh.size
   _check_free(cache.nbytes() // devices, "a copy of the cache to continue",
               "free the arrays you no longer need, or continue a cache of fewer rows")
