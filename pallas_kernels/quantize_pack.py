@@ -17,10 +17,11 @@ copied. One owner per tile means no two programs write the same word.
 
 `quantize_pack_pairs` writes a block in the pair layout
 (`kivi_jax.quantization.pair_pack`; `quantize_pack_pairs_reference` in jnp): one
-program per (row, head, 128-token span touched). Keys (axis "channel") are
-packed along each token's channels, a word row per token; values (axis
-"token") along each channel's tokens, so a flushed group shares its span's
-words with the span's other groups and is ORed into them.
+program per (row, head, group) for the keys (axis "channel"), packed along
+each token's channels, a word row per token; per (row, head, 128-token span
+touched) for the values (axis "token"), packed along each channel's tokens, so
+a flushed group shares its span's words with the span's other groups and is
+ORed into them.
 
 Shapes (B batch, H heads, n tokens offered, D channels, C block capacity):
   x               [B, H, n, D]      model dtype; n a multiple of G
@@ -207,6 +208,17 @@ def _key_row_words(placed, bits: int):
   return jnp.swapaxes(r, 1, 2).reshape(g, d * bits // 32)
 
 
+def _pair_program_tokens(axis: str, group: int) -> int:
+  """The tokens a program of `quantize_pack_pairs` writes: a 128-token span for
+  the values, whose groups OR into the span's words; one group for the keys, a
+  word row a token, so that a prefill's launch has a program a group. With a
+  program a span the keys' writer took 107 us a launch of 2 rows x 32 heads x
+  1024 tokens on an H200; a program a group takes a 64-row Llama-2-7B KIVI-2
+  prefill's write kernels from 150 to 141 ms (benchmarks/NOTES.md, "Where the
+  prefill's time goes")."""
+  return SPAN if axis == "token" else group
+
+
 def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref,
                  scale_ref, zero_ref, *, bits: int, group: int, axis: str, clip: float,
                  interpret: bool):
@@ -214,32 +226,29 @@ def _pair_kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_
   g = group
   n, d = x_ref.shape
   start, n_tok = start_ref[0], ntok_ref[0]
-  first_tok = (start // SPAN + pl.program_id(2)) * SPAN  # this program's span
+  # This program's tokens: a span (values), a group (keys, whose groups share no word).
+  run = _pair_program_tokens(axis, g)
+  first_tok = (start // run + pl.program_id(2)) * run
   live_lo = jnp.maximum(start, first_tok)
-  live_hi = jnp.minimum(start + n_tok, first_tok + SPAN)
+  live_hi = jnp.minimum(start + n_tok, first_tok + run)
   divide = functools.partial(_divide, interpret=interpret)
   tile = lambda j, cols=slice(None): x_ref[  # noqa: E731
       pl.ds(pl.multiple_of(first_tok + j * g - start, g), g), cols]
 
   @pl.when(live_lo < live_hi)
   def _():
-    groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
     if axis == "channel":
-      # Each token's own word row: the group's tokens' rows written whole.
+      # The program's group: each token's own word row, the group's rows written whole.
       _, shift = _pair_places(jax.lax.broadcasted_iota(jnp.int32, (1, d), 1), bits,
                               min(d, SPAN))
-
-      def one(j, carry):
-        tok0 = first_tok + j * g
-        codes, scale, zero = quantize_tile(tile(j).astype(jnp.float32), axis, bits, clip,
-                                           scale_ref.dtype, divide)
-        scale_ref[tok0 // g, :] = scale[0]
-        zero_ref[tok0 // g, :] = zero[0]
-        words_ref[pl.ds(pl.multiple_of(tok0, g), g), :] = _key_row_words(
-            codes << shift.astype(jnp.uint32), bits)
-        return carry
-      jax.lax.fori_loop(*groups, one, 0)
+      codes, scale, zero = quantize_tile(tile(0).astype(jnp.float32), axis, bits, clip,
+                                         scale_ref.dtype, divide)
+      scale_ref[first_tok // g, :] = scale[0]
+      zero_ref[first_tok // g, :] = zero[0]
+      words_ref[pl.ds(pl.multiple_of(first_tok, g), g), :] = _key_row_words(
+          codes << shift.astype(jnp.uint32), bits)
       return
+    groups = ((live_lo - first_tok) // g, (live_hi - first_tok) // g)
     cg = min(g, d)
     n_words = 4 * bits  # a channel's words of the span
     cols = pl.ds(pl.multiple_of(first_tok // SPAN * n_words, n_words), n_words)
@@ -279,12 +288,13 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
                      f"of {SPAN // 2} or a multiple of {SPAN}, got group_size={g}, "
                      f"head_dim={d}")
   capacity = scale.shape[-1] if axis == "token" else scale.shape[2] * g
-  spans = -(-(n + SPAN - g) // SPAN)  # that a run of n tokens from a group's start touches
+  run = _pair_program_tokens(axis, g)
+  programs = -(-(n + run - g) // run)  # runs that n tokens from a group's start touch
   kernel = functools.partial(_pair_kernel, bits=bits, group=g, axis=axis, clip=clip,
                              interpret=interpret)
   if num_warps is None:
     num_warps = 2 if axis == "token" else 4
-  return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, spans,
+  return _write_in_place(kernel, x, words, scale, zero, start, n_tokens, capacity, programs,
                          num_warps=num_warps, interpret=interpret,
                          name="kivi_quantize_pack_pairs")
 
