@@ -248,9 +248,11 @@ def time_longest(model: Model, method: str, prompt: int, new: int,
   assert out.shape == (1, new)
   flash = memory.uses_flash_attention(model.config, impl)
   length, _ = memory.generate_lengths(prompt, new, model.config.max_position_embeddings)
-  return {"seconds_with_compile": seconds,
-          "cache_bytes": memory.cache_bytes(model.config, kv, 1, length),
-          "predicted_peak_bytes": memory.generate_bytes(model, kv, 1, prompt, new, flash)}
+  layout = resolve_layout("auto", model.config, kv, impl, jnp.dtype(model.config.dtype))
+  return {"seconds_with_compile": seconds, "layout": layout,
+          "cache_bytes": memory.cache_bytes(model.config, kv, 1, length, layout),
+          "predicted_peak_bytes": memory.generate_bytes(model, kv, 1, prompt, new, flash,
+                                                        layout=layout)}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("cache",))

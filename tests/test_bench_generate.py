@@ -279,6 +279,7 @@ def test_the_longest_context_decodes_once_and_says_at_what_peak(model, monkeypat
   row = bg.time_longest(model, "kivi2", prompt=40, new=4)
   assert calls == [(1, 40)]
   assert row["seconds_with_compile"] > 0 and row["cache_bytes"] < row["predicted_peak_bytes"]
+  assert row["layout"] == "slots"  # a CPU's; the row says which it ran in
   monkeypatch.setitem(bg.SHAPES, "tiny", dataclasses.replace(TINY, max_position_embeddings=32))
   row = bg._worker({"kind": "longest", "shape": "tiny", "method": "fp16", "prompt": 40,
                     "new": 4})
