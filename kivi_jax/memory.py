@@ -25,7 +25,7 @@ and cuDNN workspaces, the token buffers)."""
 
 ACTIVATION_MARGIN = 1
 """Factor on the layer-by-layer sum of a prefill row's activations
-(`prefill_bytes_per_row`): the prefill forms each layer's cache before the next
+(`activation_bytes_per_row`): the prefill forms each layer's cache before the next
 layer runs, so one layer's activations are live at a time."""
 
 QUERY_CHUNK = 512
@@ -55,17 +55,29 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
                           max_length: int, flash: bool, layout: str = "auto") -> int:
   """An upper estimate of what one row of a chunk adds to the prefill's
   workspace: the chunk's own cache twice (the empty cache it starts from and
-  the one it writes, which lands in the result's rows at the chunk's end) and
-  `ACTIVATION_MARGIN` times the row's activations in one layer: the residual
-  stream and the normed input, q, k (before and after RoPE), v and the
-  attention output, the MLP's gate, up and their product, the flushed keys and
-  values with the float32 temporaries of their quantization, and, without
-  flash attention, one query chunk's scores and probabilities.
+  the one it writes, which lands in the result's rows at the chunk's end), the
+  row's activations in one layer (`activation_bytes_per_row`) and its float32
+  logits.
 
   Compiled for an H200 (jax 0.11.2, 2026-12-04), Llama-2-7B shapes, 1024-token
   prompts, the temporaries grew by 0.33 GB a chunk row for KIVI-2 (its own
   cache 0.20) and 0.90 for the bf16 cache (0.80): this gives 0.64 and 1.84 with
   the input cache (benchmarks/NOTES.md, "The prefill's memory a row")."""
+  own_cache = _row_cache_bytes(model_config, kv_config, max_length, layout)
+  return (activation_bytes_per_row(model_config, prompt_tokens, flash) + 2 * own_cache
+          + model_config.vocab_size * 4)
+
+
+def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool) -> int:
+  """An upper estimate of a prefill row's activations in one layer:
+  `ACTIVATION_MARGIN` times the residual stream and the normed input, q, k
+  (before and after RoPE), v and the attention output, the MLP's gate, up and
+  their product, the flushed keys and values with the float32 temporaries of
+  their quantization, and, without flash attention, one query chunk's scores
+  and probabilities. Loose at long prompts: rows of 70k to 552k tokens on an
+  H200 peaked at (3 hidden + 3 MLP) x 2 bytes a token past the weights and two
+  caches, 91 KB a token at Llama-2-7B's shapes where this counts 238
+  (benchmarks/NOTES.md, "The longest context")."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
@@ -75,9 +87,14 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   act += t * 2 * kv * 4 * 3
   if not flash:
     act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4
-  own_cache = (cache_bytes(c, kv_config, 2, max_length, layout)
-               - cache_bytes(c, kv_config, 1, max_length, layout))
-  return int(ACTIVATION_MARGIN * act + 2 * own_cache + c.vocab_size * 4)
+  return int(ACTIVATION_MARGIN * act)
+
+
+def _row_cache_bytes(model_config, kv_config: KIVIConfig, max_length: int, layout: str) -> int:
+  """The bytes one more row adds to a cache (`cache_bytes` less what a cache
+  holds once, its channel maps)."""
+  return (cache_bytes(model_config, kv_config, 2, max_length, layout)
+          - cache_bytes(model_config, kv_config, 1, max_length, layout))
 
 
 def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
@@ -197,6 +214,12 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash,
                         layout)
   prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash, layout)
+  if rows >= batch:
+    # One chunk: the cache it writes is the result, counted above; its empty
+    # input is the one copy beside it. A row of 551,552 tokens of Llama-3-8B's
+    # shapes peaked at the weights, the cache twice and 111 KB a token on an
+    # H200 (benchmarks/NOTES.md, "The longest context").
+    prefill -= batch * _row_cache_bytes(config, kv_config, length, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
 

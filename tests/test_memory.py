@@ -207,7 +207,9 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
   # (it is what max_batch and the chunks plan on), and by no more than 2.5 GB
   # at the requests of up to 4096 tokens, so that max_batch stays near the
   # largest batch that fits. The longest contexts (a row of up to 551,552
-  # tokens, prefilled whole) are covered too, by far more (README).
+  # tokens, prefilled in one chunk) are covered too, by less than the
+  # activations' term, the estimate's loose one there: the cache is counted as
+  # often as such a prefill holds it (twice, not three times).
   results = Path(__file__).resolve().parent.parent / "benchmarks/results/generate_h200.json"
   rows = [r for r in json.loads(results.read_text())["rows"]
           if r["kind"] in ("generate", "longest") and "peak_bytes" in r
@@ -231,3 +233,7 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
     assert estimate >= r["peak_bytes"], where
     if r["prompt"] <= 4096:
       assert estimate <= r["peak_bytes"] + 2.5e9, where
+    if r["kind"] == "longest":
+      _, width = memory.generate_lengths(r["prompt"], r["new"], config.max_position_embeddings)
+      assert estimate - r["peak_bytes"] < memory.activation_bytes_per_row(config, width, True), \
+          where
