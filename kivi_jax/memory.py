@@ -265,7 +265,7 @@ def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1
   At long prompts the prefill's activations (one layer's, for the whole
   prompt, by `prefill_bytes_per_row`'s estimate) weigh more than a quantized
   cache's tokens: they, not the cache, bound a quantized cache's longest
-  context (benchmarks/NOTES.md, "The longest context, planned")."""
+  context (benchmarks/NOTES.md, "The longest context")."""
   new_tokens = positive_int("new_tokens", new_tokens)
   batch = positive_int("batch", batch)
   memory_bytes, flash = _plan(model, memory_bytes, flash)
