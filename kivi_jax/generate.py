@@ -48,8 +48,8 @@ def sample(logits: Array, rng: Array, temperature, top_k: int | None, top_p) -> 
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: ModelConfig):
+def _prefill_chunks(params, input_ids, attention_mask, empty: KVCache, *,
+                    config: ModelConfig):
   """Prefills `B` prompts in chunks of the `R` rows of `empty` (an empty cache):
   `(logits [B, V], cache of B rows)`.
 
@@ -75,6 +75,17 @@ def _prefill(params, input_ids, attention_mask, empty: KVCache, *, config: Model
 
   logits = jnp.zeros((b, config.vocab_size), jnp.float32)
   return jax.lax.fori_loop(0, -(-b // rows), chunk, (logits, zeros_rows(empty, b)))
+
+
+_prefill = jax.jit(_prefill_chunks, static_argnames=("config",))
+
+_prefill_over_empty = jax.jit(_prefill_chunks, static_argnames=("config",),
+                              donate_argnames=("empty",))
+"""`_prefill` with `empty` donated, for a batch prefilled in one chunk: the
+cache it writes takes the empty cache's buffers, one cache less at the peak
+(undonated, a row of 551,552 tokens held its cache twice on an H200:
+benchmarks/NOTES.md, "The longest context"). Chunks of fewer rows than the
+batch cannot: the result is larger than their empty cache."""
 
 
 # With a streamer, `generate` runs the decode loop in calls of growing length
@@ -225,8 +236,9 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
   empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
                      calibration=calibration, mesh=mesh)
   pad = ((0, 0), (0, width - t))
-  return _prefill(_params(model, mesh), _rows(np.pad(input_ids, pad), mesh),
-                  _rows(np.pad(attention_mask, pad), mesh), empty, config=model.config)
+  prefill = _prefill_over_empty if rows == b else _prefill
+  return prefill(_params(model, mesh), _rows(np.pad(input_ids, pad), mesh),
+                 _rows(np.pad(attention_mask, pad), mesh), empty, config=model.config)
 
 
 def prefill_chunk_rows(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,

@@ -218,7 +218,9 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     # One chunk: the cache it writes is the result, counted above; its empty
     # input is the one copy beside it. A row of 551,552 tokens of Llama-3-8B's
     # shapes peaked at the weights, the cache twice and 111 KB a token on an
-    # H200 (benchmarks/NOTES.md, "The longest context").
+    # H200 (benchmarks/NOTES.md, "The longest context"). `generate` donates that
+    # input since (`_prefill_over_empty`); it stays counted until a GPU's peak
+    # shows the copy gone.
     prefill -= batch * _row_cache_bytes(config, kv_config, length, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)

@@ -59,10 +59,11 @@ def test_prompts_of_similar_length_share_compiled_programs(model, method, monkey
   run = lambda t, **kw: np.asarray(kivi_jax.generate(  # noqa: E731
       model, rng.integers(0, 256, (1, t)), kv_config=METHODS[method], max_new_tokens=8, **kw))
   run(20)
-  compiled = gen._prefill._cache_size(), gen._decode._cache_size()
+  sizes = lambda: (gen._prefill_over_empty._cache_size(), gen._decode._cache_size())  # noqa: E731
+  compiled = sizes()
   run(21)
   run(56)
-  assert (gen._prefill._cache_size(), gen._decode._cache_size()) == compiled
+  assert sizes() == compiled
   # An explicit capacity is the caller's, taken as given; the default stays
   # within the model's window (512; a request past it is refused as before:
   # test_bad_inputs_raise_before_compute).
@@ -244,6 +245,30 @@ def test_prefill_in_chunks_of_rows_equals_one_chunk(model, method, monkeypatch):
   overlapping = kivi_jax.generate(model, ids, attention_mask=mask,
                                   kv_config=METHODS[method], max_new_tokens=24)
   np.testing.assert_array_equal(np.asarray(overlapping), np.asarray(whole))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_batch_prefilled_in_one_chunk_writes_over_its_empty_cache(model, method,
+                                                                    monkeypatch):
+  # One chunk of all the rows: the empty cache is donated, and its buffers back
+  # the cache the prefill writes (one cache less at the peak); chunks of fewer
+  # rows keep theirs, which cannot back a larger result.
+  gen = importlib.import_module("kivi_jax.generate")
+  used = []
+  for name in ("_prefill", "_prefill_over_empty"):
+    monkeypatch.setattr(gen, name, lambda *a, f=getattr(gen, name), name=name, **k:
+                        used.append(name) or f(*a, **k))
+  ids = np.random.default_rng(5).integers(0, 256, (2, 40))
+  kv = METHODS[method]
+  kivi_jax.generate(model, ids, kv_config=kv, max_new_tokens=2)
+  monkeypatch.setattr(kivi_jax.memory, "workspace_bytes", lambda cache_total: 0)
+  kivi_jax.generate(model, ids, kv_config=kv, max_new_tokens=2)
+  assert used == ["_prefill_over_empty", "_prefill"]
+  monkeypatch.undo()
+  empty = kivi_jax.init_cache(model.config, kv, 2, 128)
+  compiled = gen._prefill_over_empty.lower(model.params, ids, np.ones_like(ids), empty,
+                                           config=model.config).compile()
+  assert compiled.memory_analysis().alias_size_in_bytes == empty.nbytes()
 
 
 def test_prefill_of_a_filled_cache_gives_nan(model):
