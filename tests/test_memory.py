@@ -215,7 +215,7 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
           if r["kind"] in ("generate", "longest") and "peak_bytes" in r
           and r["commit"] not in PREFILL_BEFORE_THE_BARRIER]
   # c37d8ab's 539 rows of KIVI-2, fc2e335's three largest batches, 9103f18's five longest.
-  assert len(rows) >= 9 and sum(r["kind"] == "longest" for r in rows) == 5
+  assert len(rows) >= 9 and sum(r["kind"] == "longest" for r in rows) >= 5
   models = {}
   for r in rows:
     length, _ = memory.generate_lengths(r["prompt"], r["new"], 1 << 30)
