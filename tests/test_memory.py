@@ -237,3 +237,32 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
       _, width = memory.generate_lengths(r["prompt"], r["new"], config.max_position_embeddings)
       assert estimate - r["peak_bytes"] < memory.activation_bytes_per_row(config, width, True), \
           where
+
+
+def test_the_readmes_longest_context_figures():
+  # README's table of the longest contexts run on the H200 (9103f18's plan):
+  # today's estimate of each row's peak, and the prompts `max_context` plans
+  # now, as `kivi-jax bench generate --longest-context 512` plans them there
+  # (the windows widened, KIVI in the pair layout, fp16 in its own).
+  results = json.loads((Path(__file__).resolve().parent.parent
+                        / "benchmarks/results/generate_h200.json").read_text())
+  estimates, plans = {}, {}
+  for shape in ("llama2-7b", "llama3-8b"):
+    config = bench_generate.fit_window(bench_generate.SHAPES[shape],
+                                       bench_generate.LONGEST_SEARCH)[0]
+    model = Model(config, jax.eval_shape(lambda: bench_generate.random_model(config).params))
+    for r in results["rows"]:
+      if r["kind"] == "longest" and r["shape"] == shape and r["commit"] == "9103f18":
+        estimates[shape, r["method"]] = round(memory.generate_bytes(
+            model, kivi_jax.get_preset(r["method"]), 1, r["prompt"], r["new"], True,
+            layout=r["layout"]) / 2**30, 1)
+    for method in ("fp16", "kivi4", "kivi2"):
+      plans[shape, method] = memory.max_context(
+          model, kivi_jax.get_preset(method), 512, memory_bytes=results["bytes_limit"],
+          flash=True, layout="slots" if method == "fp16" else "pairs")
+  assert estimates == {("llama2-7b", "fp16"): 98.2, ("llama2-7b", "kivi4"): 106.0,
+                       ("llama2-7b", "kivi2"): 110.8, ("llama3-8b", "fp16"): 104.8,
+                       ("llama3-8b", "kivi2"): 120.2}
+  assert plans == {("llama2-7b", "fp16"): 99_072, ("llama2-7b", "kivi4"): 225_792,
+                   ("llama2-7b", "kivi2"): 294_080, ("llama3-8b", "fp16"): 301_440,
+                   ("llama3-8b", "kivi4"): 532_416, ("llama3-8b", "kivi2"): 618_560}
