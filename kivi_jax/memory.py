@@ -215,13 +215,12 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
                         layout)
   prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash, layout)
   if rows >= batch:
-    # One chunk: the cache it writes is the result, counted above; its empty
-    # input is the one copy beside it. A row of 551,552 tokens of Llama-3-8B's
-    # shapes peaked at the weights, the cache twice and 111 KB a token on an
-    # H200 (benchmarks/NOTES.md, "The longest context"). `generate` donates that
-    # input since (`_prefill_over_empty`); it stays counted until a GPU's peak
-    # shows the copy gone.
-    prefill -= batch * _row_cache_bytes(config, kv_config, length, layout)
+    # One chunk: the cache it writes is the result, counted above, and
+    # `generate` donates its empty input to it (`_prefill_over_empty`): no
+    # copy beside it. On an H200 rows of 99,072 to 301,440 tokens peaked at the
+    # weights, the cache once and 106-110 KB a token at Llama-2-7B's shapes,
+    # 136 at Llama-3-8B's (benchmarks/NOTES.md, "The longest context").
+    prefill -= 2 * batch * _row_cache_bytes(config, kv_config, length, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
 
