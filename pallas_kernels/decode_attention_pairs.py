@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -533,12 +534,17 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
-  """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
+           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False,
+           programs: int | None = None):
+  """The kernel over the items (B, K, splits), `n_rows` (8 or 16) query rows,
   heads `d` wide; `folded`: one query row (read and written alone), the
-  scales and zeros folded into the query and the probabilities."""
+  scales and zeros folded into the query and the probabilities. `programs`
+  (default one an item) walk the items in turn, the next item's first step
+  and query fetched during the item before."""
   steps = -(-capacity // step)  # the last may run past the block (read as zeros)
   per = -(-steps // splits)
+  n_items = b * kh * splits
+  programs = min(programs or n_items, n_items)
   cg = min(group, d)
   k_words = d * k_bits // 32      # a token's key words
   k_type = jnp.uint16 if d < HEAD_DIM else jnp.uint32  # 64-wide: read as halves
@@ -553,12 +559,17 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
                                  ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
                                  bars, *fold_smem):
-    bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
-    n_valid, lo = n_ref[bi], lo_ref[bi]
-    first, n_steps = split_steps(s, n_valid, lo, per, step)
+    pid = lax.axis_index("p")
+    n_mine = (n_items - 1 - pid) // programs + 1  # items pid, pid + programs, ...
 
-    def fetch(i, slot):
-      st = first + i
+    def item(j):
+      """Item `j` of this program: `(bi, h, s, n_valid, lo, first, n_steps)`."""
+      it = pid + j * programs
+      bi, h, s = it // (kh * splits), it // splits % kh, it % splits
+      n_valid, lo = n_ref[bi], lo_ref[bi]
+      return (bi, h, s, n_valid, lo, *split_steps(s, n_valid, lo, per, step))
+
+    def fetch(bi, h, st, slot):
       bar = bars.at[slot]
       plgpu.copy_gmem_to_smem(vw_ref.at[bi, h, :, pl.ds(st * (step // SPAN) * v_words,
                                                          step // SPAN * v_words)],
@@ -576,136 +587,165 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
       plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
 
-    plgpu.copy_gmem_to_smem(q_ref.at[bi, h], q_smem, bar_q)
-    pl.when(n_steps > 0)(lambda: fetch(0, 0))
-    plgpu.barrier_wait(bar_q)
+    def fetch_q(bi, h, qs):
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, h], q_smem.at[qs], bar_q.at[qs])
+
     # Word tiles in the WGMMA layout (their rows' strides conflict on banks).
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
     if folded:
       qp_smem, corr_smem, red_smem = fold_smem
-
-    def step_body(i, carry):
-      slot = lax.rem(i, 2)
-      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
-
-      @pl.when(i + 1 < n_steps)
-      def _():
-        fetch(i + 1, lax.rem(i + 1, 2))
-      plgpu.barrier_wait(bars.at[slot])
-      t_step = (first + i) * step
-      if folded:
-        # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
-        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
-        plgpu.commit_smem()
-        corr = _corr_rows(corr_smem)
-
-      def scores(jp, u):
-        """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
-        scaled and masked."""
-        words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
-        if folded:  # q . z_g + codes against q o s_g; each row its own group's column
-          k = _dequant(words, None, None, k_bits, group)
-
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
-          # One update a step (`step == UPDATE`): tile u holds the step's groups
-          # (64 u + 16 w) // G, warp w's rows.
-          st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
-                             [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
-        else:
-          k = _dequant(words,
-                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       k_bits, group)
-
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
-            return acc_ref[...]
-          st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
-        tok = t_step + PAIR * jp + tok_in
-        return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
-
-      def values(c, ps, accs):
-        """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles'), in `len(accs)` parts of channels (folded: the parts,
-        then the zeros' partial sums)."""
-        # Two buffers: the commit before one's stores follows every warp's wait
-        # on the other's product.
-        p_buf = p_smem.at[lax.rem(c, 2)]
-        if folded:
-          *accs, zsum = accs
-        for u in range(2):
-          if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
-            p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
-                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
-                zsum, ng)
-            continue
-          pu = ps[u].astype(jnp.bfloat16)
-          p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
-        plgpu.commit_smem()
-        rows = d // len(accs)
-        out = []
-        for part, acc in enumerate(accs):
-          at = pl.ds(rows * part // cg, max(1, rows // cg))
-          words = load_words(
-              vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
-              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
-              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
-
-          def pv(acc_ref, vt=vt):
-            plgpu.wgmma(acc_ref, vt, p_buf)
-          out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
-        return (*out, zsum) if folded else tuple(out)
-
-      def update(c, carry):
-        """The scores of `UPDATE` tokens, one softmax update, their values."""
-        m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
-        m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
-        alpha = jnp.exp(m - m_new)
-        ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
-        l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
-        rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
-        if folded:  # the zeros' partial sums, 8 columns
-          *acc, zsum = acc
-          zsum = rescale(zsum, alpha)
-        alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = tuple(rescale(a, alpha) for a in acc)
-        if folded:
-          acc = (*acc, zsum)
-        for u in range(UPDATE // SPAN):
-          acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
-        return m_new, l, acc
-      # Only the updates holding a live token: the first and last steps of a row
-      # may hold dead ones (before `lo`, from `n_valid` on). Every step between
-      # runs whole, so P^T's buffers keep alternating.
-      first_update = jnp.maximum(lo - t_step, 0) // UPDATE
-      end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
-                               step // UPDATE)
-      return lax.fori_loop(first_update, end_update, update, carry)
-
-    m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
-    l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
     parts = 2 if v_halves or folded else 1  # folded: halves of 64 channels
-    a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
-               for _ in range(parts))
-    if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
-      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
-    m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    if folded:  # channel c's own group's column, and its group's zero term
-      groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
-      zeros = _zero_totals(acc[-1], red_smem, ng, groups)
-      for part, a in enumerate(acc[:-1]):  # the one row, written alone
-        _store_row(_pick_columns(a, groups[part]) + zeros[part],
-                   o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
-    else:
-      for part, a in enumerate(acc):  # the real rows
-        o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
-            _with_columns(a, 8, wg) if n_rows == 8 else a)
-    m_out[bi, h, s] = m
-    l_out[bi, h, s] = l.sum(axis=0)
+
+    first_item = item(0)
+    fetch_q(first_item[0], first_item[1], 0)
+    pl.when(first_item[-1] > 0)(
+        lambda: fetch(first_item[0], first_item[1], first_item[5], 0))
+
+    def item_body(j, carry):
+      """Item `j`: its steps, its partials written. `carry`: `(g, fetched)`, the
+      steps this program has walked (their buffers alternate) and whether item
+      `j`'s first step is in flight already."""
+      g, fetched = carry
+      bi, h, s, n_valid, lo, first, n_steps = item(j)
+      has_next = j + 1 < n_mine
+      nb, nh, _, _, _, n_first, n_next = item(jnp.minimum(j + 1, n_mine - 1))
+      qs = lax.rem(j, 2)
+      q_buf = q_smem.at[qs]
+      # Every warp is done with item j - 1 (its query buffer, refetched here,
+      # and, where it had no step, the buffers its last step read).
+      plgpu.commit_smem()
+      pl.when(has_next)(lambda: fetch_q(nb, nh, 1 - qs))
+      pl.when((n_steps > 0) & (fetched == 0))(lambda: fetch(bi, h, first, lax.rem(g, 2)))
+      plgpu.barrier_wait(bar_q.at[qs])
+
+      def step_body(i, carry):
+        slot = lax.rem(g + i, 2)
+        plgpu.commit_smem()  # every warp is done reading the buffer refetched here
+
+        @pl.when(i + 1 < n_steps)
+        def _():
+          fetch(bi, h, first + i + 1, 1 - slot)
+
+        @pl.when((i + 1 == n_steps) & has_next & (n_next > 0))
+        def _():  # the next item's first step
+          fetch(nb, nh, n_first, 1 - slot)
+        plgpu.barrier_wait(bars.at[slot])
+        t_step = (first + i) * step
+        if folded:
+          # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
+          _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_buf, qp_smem, corr_smem)
+          plgpu.commit_smem()
+          corr = _corr_rows(corr_smem)
+
+        def scores(jp, u):
+          """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
+          scaled and masked."""
+          words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
+          if folded:  # q . z_g + codes against q o s_g; each row its own group's column
+            k = _dequant(words, None, None, k_bits, group)
+
+            def qk(acc_ref):
+              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+            # One update a step (`step == UPDATE`): tile u holds the step's groups
+            # (64 u + 16 w) // G, warp w's rows.
+            st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
+                               [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
+          else:
+            k = _dequant(words,
+                         ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                         kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                         k_bits, group)
+
+            def qk(acc_ref):
+              plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_buf, (1, 0)))
+              return acc_ref[...]
+            st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
+          tok = t_step + PAIR * jp + tok_in
+          return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
+
+        def values(c, ps, accs):
+          """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
+          two S^T tiles'), in `len(accs)` parts of channels (folded: the parts,
+          then the zeros' partial sums)."""
+          # Two buffers: the commit before one's stores follows every warp's wait
+          # on the other's product.
+          p_buf = p_smem.at[lax.rem(c, 2)]
+          if folded:
+            *accs, zsum = accs
+          for u in range(2):
+            if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
+              p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
+                  ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
+                  zsum, ng)
+              continue
+            pu = ps[u].astype(jnp.bfloat16)
+            p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
+          plgpu.commit_smem()
+          rows = d // len(accs)
+          out = []
+          for part, acc in enumerate(accs):
+            at = pl.ds(rows * part // cg, max(1, rows // cg))
+            words = load_words(
+                vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
+            vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
+                words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+                vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
+
+            def pv(acc_ref, vt=vt):
+              plgpu.wgmma(acc_ref, vt, p_buf)
+            out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
+          return (*out, zsum) if folded else tuple(out)
+
+        def update(c, carry):
+          """The scores of `UPDATE` tokens, one softmax update, their values."""
+          m, l, acc = carry
+          sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
+          m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
+          alpha = jnp.exp(m - m_new)
+          ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
+          l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
+          rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
+          if folded:  # the zeros' partial sums, 8 columns
+            *acc, zsum = acc
+            zsum = rescale(zsum, alpha)
+          alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
+          acc = tuple(rescale(a, alpha) for a in acc)
+          if folded:
+            acc = (*acc, zsum)
+          for u in range(UPDATE // SPAN):
+            acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
+          return m_new, l, acc
+        # Only the updates holding a live token: the first and last steps of a row
+        # may hold dead ones (before `lo`, from `n_valid` on). Every step between
+        # runs whole, so P^T's buffers keep alternating.
+        first_update = jnp.maximum(lo - t_step, 0) // UPDATE
+        end_update = jnp.minimum((n_valid - t_step + UPDATE - 1) // UPDATE,
+                                 step // UPDATE)
+        return lax.fori_loop(first_update, end_update, update, carry)
+
+      m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
+      l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
+      a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
+                 for _ in range(parts))
+      if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
+        a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
+      m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
+      if folded:  # channel c's own group's column, and its group's zero term
+        groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
+        zeros = _zero_totals(acc[-1], red_smem, ng, groups)
+        for part, a in enumerate(acc[:-1]):  # the one row, written alone
+          _store_row(_pick_columns(a, groups[part]) + zeros[part],
+                     o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
+      else:
+        for part, a in enumerate(acc):  # the real rows
+          o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+              _with_columns(a, 8, wg) if n_rows == 8 else a)
+      m_out[bi, h, s] = m
+      l_out[bi, h, s] = l.sum(axis=0)
+      return g + n_steps, ((n_steps > 0) & has_next & (n_next > 0)).astype(jnp.int32)
+
+    lax.fori_loop(0, n_mine, item_body, (jnp.int32(0), (first_item[-1] > 0).astype(jnp.int32)))
 
   def swizzled(shape, swizzle, dtype=jnp.bfloat16):
     return plgpu.SMEM(shape, dtype, transforms=(
@@ -713,7 +753,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
   scratch = [
       # Folded: q's one row, read by `_scale_query` (not a `wgmma` operand).
-      plgpu.SMEM((1, d), jnp.bfloat16) if folded else swizzled((n_rows, d), 128),
+      plgpu.SMEM((2, 1, d), jnp.bfloat16) if folded else swizzled((2, n_rows, d), 128),
       plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
@@ -722,7 +762,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       plgpu.SMEM((2, boxes, (1 + folded) * ng, TMA_ROWS), jnp.bfloat16),
       plgpu.SMEM((1, 1, 1, 8) if folded else (2, boxes, ng, TMA_ROWS), jnp.bfloat16),
       swizzled((2, 2 * PAIR, 16), 32, jnp.float16 if folded else jnp.bfloat16),
-      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
       *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
          plgpu.SMEM((4, ng), jnp.float32)] if folded else []),
@@ -734,16 +774,18 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
       scratch_types=scratch,
-      grid=(b, kh, splits), grid_names=("b", "h", "s"),
+      grid=(programs,), grid_names=("p",),
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits"))
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits",
+                                             "programs"))
 def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid,
                          lo, *, k_bits: int, v_bits: int, group_size: int,
-                         splits: int | None = None):
+                         splits: int | None = None, programs: int | None = None):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`
-  (module docstring); `splits` programs share each row's sequence."""
+  (module docstring); `splits` items share each row's sequence, `programs`
+  walk the items (B x K x splits) in turn."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
   step = step_tokens(group_size)
@@ -759,10 +801,12 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                      f"{math.lcm(SPAN, group_size)} tokens and at least a step, {step}")
   n_rows = 8 if m_rows <= 8 else 16
   halves = values_in_halves(k_bits, v_bits, d)
+  # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
+  blocks = 3 if halves and step == UPDATE else 2
   if splits is None:
-    # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
-    third = halves and step == UPDATE
-    splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
+    splits = default_splits(b, kh, -(-capacity // step), blocks)
+  if programs is None and os.environ.get("KIVI_EXP_PERSIST", "0") == "1":
+    programs = (getattr(jax.devices()[0], "core_count", None) or 132) * blocks
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
   if not folded:  # (folded: the one row as it is)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
@@ -770,7 +814,7 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves, folded)(
+                   halves, folded, programs)(
       q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
       lo.astype(jnp.int32))
   o = o[..., None, :] if folded else jnp.swapaxes(o, 3, 4)[..., :m_rows, :]

@@ -187,7 +187,19 @@ def test_kernel_reads_a_block_ending_in_a_partial_step(k_bits, v_bits, g, rep):
   _check_against_float64(k_bits, v_bits, g, rep, D, 1408)
 
 
-def _check_against_float64(k_bits, v_bits, g, rep, d, cap):
+@pytest.mark.skipif(not ON_HOPPER, reason="the kernel runs on Hopper GPUs only")
+@pytest.mark.parametrize("programs", [1, 7])
+@pytest.mark.parametrize("rep, d", [(1, D), (4, D), (3, 64)])
+@pytest.mark.parametrize("k_bits, v_bits, g", [(2, 2, 32), (4, 4, 32), (8, 2, 16)])
+def test_programs_walking_several_items(k_bits, v_bits, g, rep, d, programs):
+  """Fewer programs than items (5 rows x 2 heads x 3 splits): each walks its
+  items in turn, among them items with no step (a row with no live token,
+  splits past a row's tokens), the next item's first step and query fetched
+  during the item before."""
+  _check_against_float64(k_bits, v_bits, g, rep, d, 2048, programs)
+
+
+def _check_against_float64(k_bits, v_bits, g, rep, d, cap, programs=None):
   rng = np.random.default_rng(hash((k_bits, v_bits, g, rep, d, cap)) % 2**32)
   b, kh = 5, 2
   k = rng.standard_normal((b, kh, cap, d))
@@ -206,7 +218,8 @@ def _check_against_float64(k_bits, v_bits, g, rep, d, cap):
   acc, m, l = dp.pair_decode_partials(
       bf(q), pack(kc, k_bits), bf(ks), bf(kz), pack(np.swapaxes(vc, 2, 3), v_bits),
       bf(np.swapaxes(vs, 2, 3)), bf(np.swapaxes(vz, 2, 3)), jnp.asarray(n_valid, jnp.int32),
-      jnp.asarray(lo, jnp.int32), k_bits=k_bits, v_bits=v_bits, group_size=g, splits=3)
+      jnp.asarray(lo, jnp.int32), k_bits=k_bits, v_bits=v_bits, group_size=g, splits=3,
+      programs=programs)
   o, lse = map(np.asarray, da.merge_partials(acc, m, l))
   folded = dp.folds(k_bits, v_bits, g, d, rep)
   if folded:
