@@ -6,7 +6,12 @@ layout (Hopper's default since 2026-12-03) are a series of their own.
 
   pip install -e ".[plot]"
   python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
-                                    # (Llama-2-7B) and generate_h200_llama3-8b.png
+                                    # (Llama-2-7B), generate_h200_llama3-8b.png and
+                                    # generate_h200_longest.png
+
+The last: P2's longest context a batch of one decoded, each method's longest
+row of each shape (kind `longest`), with its peak and the commit that planned
+and ran it.
 """
 
 from __future__ import annotations
@@ -82,6 +87,44 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
   print(f"wrote {out}")
 
 
+def longest(name: str = "generate_h200") -> None:
+  data = json.loads((RESULTS / f"{name}.json").read_text())
+  best = {}  # (shape, method) -> the longest row
+  for row in data["rows"]:
+    if row["kind"] == "longest" and "peak_bytes" in row:
+      key = row["shape"], row["method"]
+      if key not in best or row["prompt"] > best[key]["prompt"]:
+        best[key] = row
+  shapes = sorted({shape for shape, _ in best})
+  methods = ["fp16", "kivi4", "kivi2"]
+  fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.8), squeeze=False)
+  for ax, shape in zip(axes[0], shapes):
+    for i, method in enumerate(methods):
+      row = best.get((shape, method))
+      if row is None:
+        ax.text(i, 0, "not run", ha="center", va="bottom", fontsize=8, color="gray")
+        continue
+      ax.bar(i, row["prompt"] / 1e3, color=f"C{i}")
+      ax.annotate(f"{row['prompt']:,} tokens\npeak {row['peak_bytes'] / 2**30:.1f} GiB\n"
+                  f"{row['commit']}", (i, row["prompt"] / 1e3), textcoords="offset points",
+                  xytext=(0, 3), ha="center", fontsize=7)
+    ax.set_xticks(range(len(methods)), [f"kivi-jax {m}" for m in methods], fontsize=8)
+    ax.set_ylabel("longest prompt (thousand tokens)")
+    ax.set_title(f"{shape} shapes, 512 new tokens, batch 1", fontsize=9)
+    ax.set_ylim(0, 1.3 * ax.get_ylim()[1])
+    ax.grid(axis="y", alpha=0.3)
+  dates = sorted({row["date"] for row in best.values()})
+  when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+  fig.suptitle(f"the longest context generate decoded (random bf16 weights), {data['device']}, "
+               f"jax {data['jax']}, {when}; "
+               f"allocator limit {data['bytes_limit'] / 2**30:.1f} GiB", fontsize=9)
+  fig.tight_layout()
+  out = RESULTS / f"{name}_longest.png"
+  fig.savefig(out, dpi=130)
+  print(f"wrote {out}")
+
+
 if __name__ == "__main__":
   main()
   main(shape="llama3-8b", requests=((1024, 512),))
+  longest()
