@@ -83,9 +83,10 @@ _prefill_over_empty = jax.jit(_prefill_chunks, static_argnames=("config",),
                               donate_argnames=("empty",))
 """`_prefill` with `empty` donated, for a batch prefilled in one chunk: the
 cache it writes takes the empty cache's buffers, one cache less at the peak
-(undonated, a row of 551,552 tokens held its cache twice on an H200:
-benchmarks/NOTES.md, "The longest context"). Chunks of fewer rows than the
-batch cannot: the result is larger than their empty cache."""
+(on an H200 rows of 99,072 to 301,440 tokens held their cache once, where
+undonated a row of 551,552 held it twice: benchmarks/NOTES.md, "The longest
+context"). Chunks of fewer rows than the batch cannot: the result is larger
+than their empty cache."""
 
 
 # With a streamer, `generate` runs the decode loop in calls of growing length
