@@ -11,11 +11,12 @@ with the batch (logits, the flushed group) but stay small beside the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
 
-from kivi_jax.cache import init_cache
+from kivi_jax.cache import init_cache, resolve_layout
 from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
 
@@ -42,6 +43,18 @@ def cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int
   if kv_config.needs_calibration:
     # A calibration changes values, not shapes.
     kv_config = dataclasses.replace(kv_config, reorder=False, clip=1.0)
+  # "auto" resolved here, each call, as `init_cache` resolves it (it follows
+  # the backend); the shapes of a resolved layout are the same every time.
+  layout = resolve_layout(layout, model_config, kv_config, "auto",
+                          jax.numpy.dtype(model_config.dtype))
+  return _resolved_cache_bytes(model_config, kv_config, batch, max_length, layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved_cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int,
+                          layout: str) -> int:
+  """`cache_bytes` of a resolved layout: one `eval_shape` a distinct request
+  (`max_context`'s search asks several times a probe, some 40 probes)."""
   return _bytes(jax.eval_shape(lambda: init_cache(model_config, kv_config, batch, max_length,
                                                   layout=layout)))
 

@@ -33,6 +33,25 @@ def test_cache_bytes_is_what_init_cache_allocates(method):
   assert memory.cache_bytes(small, kv, 3, 700) == cache.nbytes()
 
 
+def test_cache_bytes_of_auto_follows_the_backend_each_call(monkeypatch):
+  """`cache_bytes` keeps the bytes of each resolved layout, and resolves "auto"
+  at every call as `init_cache` does: a pretended Hopper GPU, then the CPU
+  again, each get their own layout's bytes."""
+  from kivi_jax import cache
+  from kivi_jax.pallas_kernels import decode_attention_pairs
+  kv = kivi_jax.get_preset("kivi2")
+  pairs, slots = (memory.cache_bytes(CONFIG, kv, 1, 1536, layout=lay) for lay in
+                  ("pairs", "slots"))
+  assert pairs != slots
+  assert memory.cache_bytes(CONFIG, kv, 1, 1536) == slots
+  monkeypatch.setattr(decode_attention_pairs, "hopper", lambda: True)  # a GPU pretended
+  monkeypatch.setattr(cache, "kernel_backend", lambda impl: "gpu")
+  assert memory.cache_bytes(CONFIG, kv, 1, 1536) == pairs
+  assert jax.eval_shape(lambda: kivi_jax.init_cache(CONFIG, kv, 1, 1536)).layout == "pairs"
+  monkeypatch.setattr(decode_attention_pairs, "hopper", lambda: False)
+  assert memory.cache_bytes(CONFIG, kv, 1, 1536) == slots
+
+
 def test_max_batch_plans_for_the_pair_layout_from_a_cpu():
   """`layout="pairs"` counts the Hopper GPU's cache here: KIVI-2's block at 1024
   + 512 holds the 1408 tokens a row quantizes (`block_capacity`), 196 MiB a row
