@@ -880,6 +880,8 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     splits = default_splits(b, kh, -(-capacity // step), blocks)
   if programs is None and os.environ.get("KIVI_EXP_PERSIST", "0") == "1":
     programs = (getattr(jax.devices()[0], "core_count", None) or 132) * blocks
+  if programs is None and os.environ.get("KIVI_EXP_PROGRAMS"):
+    programs = int(os.environ["KIVI_EXP_PROGRAMS"])
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
   if not folded:  # (folded: the one row as it is)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
