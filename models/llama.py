@@ -165,16 +165,28 @@ def _attend(q, k_cache, v_cache, k_rot, v, layer_cache, lengths, n_new, rope_fre
   return attn, append(layer_cache, k_cache, v_cache, lengths, n_new, kv, impl)
 
 
+MLP_TOKENS = 8192
+"""The most tokens (rows x tokens) a layer's MLP block takes at once: a longer
+prompt runs it over chunks of its tokens. Its gate and up projections are the
+largest of a layer's activations (Llama-2-7B: 66 of the 106 KB a token a long
+prefill held beside the cache on an H200, benchmarks/NOTES.md, "The longest
+context"); in chunks they are a chunk's, and the longest prompt one device
+holds grows. A chunk of 8192 tokens is as fast as the whole (a batch's
+prefill chunks already take at most that many, `memory.PREFILL_TOKENS`)."""
+
+
 # Every layer has the same shapes, so inside the model's `jit` this one is traced
 # and lowered once and called per layer (XLA inlines the calls before it
 # optimizes): 30 unrolled layers traced and lowered 30 times took most of a
 # SmolLM2 `generate`'s time before compiling (benchmarks/NOTES.md, "What running
 # the CLI again costs").
-@functools.partial(jax.jit, static_argnames=("kv", "config", "impl", "prompt", "mesh"))
+@functools.partial(jax.jit, static_argnames=("kv", "config", "impl", "prompt", "mesh",
+                                             "mlp_tokens"))
 def _layer(p, layer_cache, x, positions, inv_freq, rope_freq, lengths, n_new, *, kv,
-           config: ModelConfig, impl: str, prompt: bool, mesh):
+           config: ModelConfig, impl: str, prompt: bool, mesh, mlp_tokens: int):
   """One decoder layer: `(x, new layer cache)` for the residual stream `x`
-  `[B, T, D]` and the layer's parameters `p` and cache."""
+  `[B, T, D]` and the layer's parameters `p` and cache; the MLP block over
+  chunks of at most `mlp_tokens` tokens (`MLP_TOKENS`)."""
   b, t = x.shape[:2]
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   # [B, T, Hkv, Hq/Hkv + 2, Dh] -> q [B, T, Hq, Dh], k, v [B, T, Hkv, Dh]
@@ -194,10 +206,33 @@ def _layer(p, layer_cache, x, positions, inv_freq, rope_freq, lengths, n_new, *,
   # to choose and never transposes the weight to suit the activation.
   wo = p["wo"].reshape(-1, p["wo"].shape[-1])
   x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, -1), wo)
-  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  mlp = functools.partial(_mlp_block, p=p, eps=config.rms_norm_eps)
+  return _by_token_chunks(mlp, x, max(1, mlp_tokens // b)), layer_cache
+
+
+def _mlp_block(x: Array, *, p, eps: float) -> Array:
+  """The residual stream `x` `[B, T, D]` through a layer's MLP block."""
+  h = rms_norm(x, p["mlp_norm"], eps)
   gate_up = jnp.einsum("BTD,DCF->BTCF", h, p["w_gate_up"])
   gate, up = jax.nn.silu(gate_up[:, :, 0]), gate_up[:, :, 1]
-  return x + jnp.einsum("BTF,FD->BTD", gate * up, p["w_down"]), layer_cache
+  return x + jnp.einsum("BTF,FD->BTD", gate * up, p["w_down"])
+
+
+def _by_token_chunks(f, x: Array, size: int) -> Array:
+  """`f(x)` for an `f` that maps each token of `x` `[B, T, ...]` alone, run over
+  chunks of `size` tokens when `T` is longer, so that only a chunk's
+  temporaries are live. The last chunk ends at `T`, overlapping the one before
+  it where `size` does not divide `T`: its first tokens are computed twice, from
+  the same inputs, and written twice with the same values."""
+  t = x.shape[1]
+  if t <= size:
+    return f(x)
+
+  def chunk(i, out):
+    start = jnp.minimum(i * size, t - size)
+    y = f(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1))
+    return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
+  return jax.lax.fori_loop(0, -(-t // size), chunk, jnp.zeros_like(x))
 
 
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
@@ -224,7 +259,7 @@ def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: Model
   for p, layer_cache in zip(params["layers"], cache.layers):
     x, layer_cache = _layer(p, layer_cache, x, positions, inv_freq, rope_freq, cache.lengths,
                             n_new, kv=kv, config=config, impl=cache.impl, prompt=prompt,
-                            mesh=cache.mesh)
+                            mesh=cache.mesh, mlp_tokens=MLP_TOKENS)
     if t > 1:
       # The layer's cache formed before the next layer runs: otherwise XLA may
       # leave each layer's cache writes (fused with their reads of the layer's

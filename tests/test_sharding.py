@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import kivi_jax
 from kivi_jax.bench_generate import random_model
+from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from conftest import first_layers, tiny_hf_model, tiny_llama_config, wikitext_calibration
 
@@ -77,6 +78,25 @@ def _one_device(method, impl=None, rows=8, new=NEW, step=7):
 def test_generate_on_a_mesh_equals_one_device(method, shape):
   out = _generate(method, kivi_jax.make_mesh(*shape))
   np.testing.assert_array_equal(out, _one_device(method))
+
+
+def test_mlp_over_token_chunks_on_a_mesh_equals_one_device(monkeypatch):
+  # Past `MLP_TOKENS` tokens the MLP block runs over chunks of them (here 12
+  # tokens of 8 rows of 90, the last chunk overlapping), its weights split
+  # over `model`. Fresh traces: the jitted functions read the constant then.
+  # The 16-bit cache holds every position's keys and values as computed.
+  ids, mask = _prompts()
+  caches = []
+  for tokens, mesh in ((llama.MLP_TOKENS, None), (96, kivi_jax.make_mesh(2, 4))):
+    monkeypatch.setattr(llama, "MLP_TOKENS", tokens)
+    jax.clear_caches()
+    model = _model() if mesh is None else kivi_jax.shard_model(_model(), mesh)
+    caches.append(kivi_jax.prefill_cache(model, ids, attention_mask=mask, max_length=100,
+                                         kv_config=_config("fp16"), mesh=mesh))
+  monkeypatch.undo()
+  jax.clear_caches()
+  for want, got in zip(*map(jax.tree.leaves, caches)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_skvq_splits_rows_over_data_and_refuses_the_model_axis():
