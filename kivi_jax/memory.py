@@ -19,6 +19,7 @@ import numpy as np
 from kivi_jax.cache import init_cache, resolve_layout
 from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
+from kivi_jax.models import llama
 
 FIXED_WORKSPACE = 1 << 30
 """Bytes kept free beyond the per-row estimates (XLA's own scratch, cuBLAS
@@ -85,18 +86,23 @@ def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool) -> i
   """An upper estimate of a prefill row's activations in one layer:
   `ACTIVATION_MARGIN` times the residual stream and the normed input, q, k
   (before and after RoPE), v and the attention output, the MLP's gate, up and
-  their product, the flushed keys and values with the float32 temporaries of
-  their quantization, and, without flash attention, one query chunk's scores
-  and probabilities. Loose at long prompts: rows of 70k to 552k tokens on an
-  H200 peaked at (3 hidden + 3 MLP) x 2 bytes a token past the weights and two
-  caches, 91 KB a token at Llama-2-7B's shapes where this counts 238
-  (benchmarks/NOTES.md, "The longest context")."""
+  their product for at most `llama.MLP_TOKENS` tokens (a longer prompt runs
+  the MLP block over chunks of its tokens, into one more residual stream), the
+  flushed keys and values with the float32 temporaries of their quantization,
+  and, without flash attention, one query chunk's scores and probabilities.
+  (A chunk of several rows takes at most `PREFILL_TOKENS` tokens, no more than
+  `MLP_TOKENS`: its MLP runs whole.) Loose at long prompts: rows of 70k to
+  552k tokens on an H200 peaked at (3 hidden + 3 MLP) x 2 bytes a token past
+  the weights and two caches, 91 KB a token at Llama-2-7B's shapes where this
+  counted 238 with the MLP whole (benchmarks/NOTES.md, "The longest context")."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
   kv = c.num_kv_heads * c.head_dim
-  act = t * (2 * c.hidden_size + 2 * c.num_heads * c.head_dim + 3 * kv
-             + 3 * c.intermediate_size + 2 * kv) * itemsize
+  act = t * (2 * c.hidden_size + 2 * c.num_heads * c.head_dim + 3 * kv + 2 * kv) * itemsize
+  act += min(t, llama.MLP_TOKENS) * 3 * c.intermediate_size * itemsize
+  if t > llama.MLP_TOKENS:
+    act += t * c.hidden_size * itemsize
   act += t * 2 * kv * 4 * 3
   if not flash:
     act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4

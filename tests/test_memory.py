@@ -10,6 +10,7 @@ import pytest
 
 import kivi_jax
 from kivi_jax import bench_generate, memory
+from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.models.loading import Model
 
@@ -225,7 +226,25 @@ PAIRS_IN_512_TOKEN_BLOCKS = frozenset({
 EMPTY_CACHE_COPIED = frozenset({"9103f18"})
 
 
-def test_the_estimate_covers_every_peak_measured_on_the_gpu():
+# Commits whose prefill ran a long prompt's MLP block whole (before f56e26d ran
+# it over chunks of `llama.MLP_TOKENS` tokens): their longest rows are estimated so.
+MLP_WHOLE = frozenset({"9103f18", "226f2b5"})
+
+
+def _as_run(monkeypatch, commit: str) -> None:
+  """`llama.MLP_TOKENS` as `commit`'s prefill had it."""
+  if commit in MLP_WHOLE:
+    monkeypatch.setattr(llama, "MLP_TOKENS", 1 << 40)
+  else:
+    monkeypatch.undo()
+
+
+def test_a_chunk_of_rows_runs_its_mlp_whole():
+  # `activation_bytes_per_row` counts the MLP of a prompt of several rows whole.
+  assert memory.PREFILL_TOKENS <= llama.MLP_TOKENS
+
+
+def test_the_estimate_covers_every_peak_measured_on_the_gpu(monkeypatch):
   # generate's rows of P2 on an H200 record their peak and how many rows a
   # prefill chunk ran; with those chunks the estimate must cover the peak
   # (it is what max_batch and the chunks plan on), and by no more than 2.5 GB
@@ -250,6 +269,7 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
       models[config] = Model(config, jax.eval_shape(
           lambda: bench_generate.random_model(config).params))
     layout = r.get("layout") or "slots"
+    _as_run(monkeypatch, r["commit"])
     if r["commit"] in PAIRS_IN_512_TOKEN_BLOCKS:
       layout = "slots"
     estimate = memory.generate_bytes(models[config], kivi_jax.get_preset(r["method"]),
@@ -267,7 +287,7 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu():
           where
 
 
-def test_the_readmes_longest_context_figures():
+def test_the_readmes_longest_context_figures(monkeypatch):
   # README's table of the longest contexts run on the H200 with the empty cache
   # donated to the prefill (226f2b5, 0bfd948's plan): today's estimate of each
   # row's peak, and the prompts `max_context` plans now, as `kivi-jax bench
@@ -282,15 +302,17 @@ def test_the_readmes_longest_context_figures():
     model = Model(config, jax.eval_shape(lambda: bench_generate.random_model(config).params))
     for r in results["rows"]:
       if r["kind"] == "longest" and r["shape"] == shape and r["commit"] == "226f2b5":
+        _as_run(monkeypatch, r["commit"])
         estimates[shape, r["method"]] = round(memory.generate_bytes(
             model, kivi_jax.get_preset(r["method"]), 1, r["prompt"], r["new"], True,
             layout=r["layout"]) / 2**30, 1)
+    monkeypatch.undo()
     for method in ("fp16", "kivi4", "kivi2"):
       plans[shape, method] = memory.max_context(
           model, kivi_jax.get_preset(method), 512, memory_bytes=results["bytes_limit"],
           flash=True, layout="slots" if method == "fp16" else "pairs")
   assert estimates == {("llama2-7b", "fp16"): 84.1, ("llama2-7b", "kivi4"): 98.2,
                        ("llama2-7b", "kivi2"): 105.8, ("llama3-8b", "fp16"): 95.9}
-  assert plans == {("llama2-7b", "fp16"): 167_616, ("llama2-7b", "kivi4"): 318_208,
-                   ("llama2-7b", "kivi2"): 380_352, ("llama3-8b", "fp16"): 440_512,
-                   ("llama3-8b", "kivi4"): 644_672, ("llama3-8b", "kivi2"): 704_000}
+  assert plans == {("llama2-7b", "fp16"): 180_608, ("llama2-7b", "kivi4"): 370_176,
+                   ("llama2-7b", "kivi2"): 457_408, ("llama3-8b", "fp16"): 602_816,
+                   ("llama3-8b", "kivi4"): 1_068_480, ("llama3-8b", "kivi2"): 1_243_008}
