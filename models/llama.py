@@ -223,7 +223,9 @@ def _by_token_chunks(f, x: Array, size: int) -> Array:
   chunks of `size` tokens when `T` is longer, so that only a chunk's
   temporaries are live. The last chunk ends at `T`, overlapping the one before
   it where `size` does not divide `T`: its first tokens are computed twice, from
-  the same inputs, and written twice with the same values."""
+  the same inputs, and written twice with the same values. The result starts
+  as `x`, not as zeros: zeros need nothing of the layer, and XLA formed every
+  layer's at the program's start (`tests/test_llama.py`)."""
   t = x.shape[1]
   if t <= size:
     return f(x)
@@ -232,7 +234,7 @@ def _by_token_chunks(f, x: Array, size: int) -> Array:
     start = jnp.minimum(i * size, t - size)
     y = f(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1))
     return jax.lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
-  return jax.lax.fori_loop(0, -(-t // size), chunk, jnp.zeros_like(x))
+  return jax.lax.fori_loop(0, -(-t // size), chunk, x)
 
 
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
