@@ -5,7 +5,8 @@ prompts (random bf16 weights as shapes, `generate`'s chunks of rows), timed
 generate`'s kinds) with the costliest kernels and their JAX operations. The
 model's work per prompt token (`prefill_flops`) over the time gives TFLOPS.
 Writes JSON with device, jax version, date and commit
-(`benchmarks/results/prefill_profile_h200.json`).
+(`benchmarks/results/prefill_profile_h200.json`). `--mlp-tokens` sets
+`llama.MLP_TOKENS`, the tokens a layer's MLP block takes at once.
 
   python scripts/profile_prefill.py --out F --shape llama2-7b --batch 64 fp16 kivi2
 """
@@ -22,11 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import memory
-from kivi_jax.bench_generate import (SHAPES, _calibration, _prompt, random_model,
+from kivi_jax.bench_generate import (SHAPES, _calibration, _prompt, fit_window, random_model,
                                      summarize_trace)
 from kivi_jax.cache import init_cache
 from kivi_jax.config import get_preset
 from kivi_jax.generate import _prefill, prefill_chunk_rows
+from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 
 
@@ -75,9 +77,12 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--prompt", type=int, default=1024)
   parser.add_argument("--new", type=int, default=512)
+  parser.add_argument("--mlp-tokens", type=int, default=llama.MLP_TOKENS)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  model = random_model(SHAPES[args.shape])
+  llama.MLP_TOKENS = args.mlp_tokens
+  config, widened = fit_window(SHAPES[args.shape], args.prompt + args.new)
+  model = random_model(config)
   rows = []
   for method in args.methods:
     rows.append(measure(model, method, args.batch, args.prompt, args.new))
@@ -87,7 +92,8 @@ def main() -> None:
           f"{json.dumps({k: round(v, 1) for k, v in row['by_kind_ms'].items()})}", flush=True)
   with open(args.out, "w") as f:
     json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "date": datetime.date.today().isoformat(), "shape": args.shape,
+               "date": datetime.date.today().isoformat(), "shape": args.shape, **widened,
+               "mlp_tokens": args.mlp_tokens,
                "commit": os.environ.get("KIVI_JAX_COMMIT", "unknown"), "rows": rows}, f, indent=1)
 
 
