@@ -234,6 +234,18 @@ LONGEST_SEARCH = 1 << 24
 shapes' windows widened to it (`fit_window`)."""
 
 
+def longest_plan(shape: str, method: str, new: int, memory_bytes: int, layout: str) -> int:
+  """The prompt the longest-context row of `method` at `shape` runs:
+  `kivi_jax.max_context` with `new` tokens to decode, the window widened to
+  `LONGEST_SEARCH`, `memory_bytes` for the allocator, cuDNN's prompt attention
+  and the cache `layout` the device takes ("pairs" for KIVI on a Hopper GPU,
+  "slots" for fp16)."""
+  config = fit_window(SHAPES[shape], LONGEST_SEARCH)[0]
+  model = Model(config, jax.eval_shape(lambda: random_model(config).params))
+  return memory.max_context(model, get_preset(method), new, memory_bytes=memory_bytes,
+                            flash=True, layout=layout)
+
+
 def time_longest(model: Model, method: str, prompt: int, new: int,
                  impl: str = "auto") -> dict:
   """One `generate` call of one row of `prompt` + `new` tokens, its compiling
@@ -598,11 +610,9 @@ def generate_benchmark(shape: str = "llama2-7b",
       if run({"kind": "hf", "batch": batch, "prompt": prompt, "new": new}).get("error"):
         break
   if longest_new is not None:
-    widened = Model(fit_window(config, LONGEST_SEARCH)[0], shapes.params)
     for method in methods:
-      prompt = memory.max_context(widened, get_preset(method), longest_new,
-                                  memory_bytes=info["bytes_limit"], flash=True,
-                                  layout=layouts.get(method, "auto"))
+      prompt = longest_plan(shape, method, longest_new, info["bytes_limit"],
+                            layouts.get(method, "auto"))
       while prompt > 0:
         row = run({"kind": "longest", "method": method, "batch": 1, "prompt": prompt,
                    "new": longest_new, "predicted_longest": True})

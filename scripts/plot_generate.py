@@ -11,7 +11,8 @@ layout (Hopper's default since 2026-12-03) are a series of their own.
 
 The last: P2's longest context a batch of one decoded, each method's longest
 row of each shape (kind `longest`), with its peak and the commit that planned
-and ran it.
+and ran it, and as an outline the prompt `kivi_jax.max_context` plans today
+where no row ran it (`bench_generate.longest_plan` at the file's allocator limit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from kivi_jax.bench_generate import longest_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
@@ -101,8 +104,14 @@ def longest(name: str = "generate_h200") -> None:
   for ax, shape in zip(axes[0], shapes):
     for i, method in enumerate(methods):
       row = best.get((shape, method))
+      plan = longest_plan(shape, method, 512, data["bytes_limit"],
+                          "slots" if method == "fp16" else "pairs")
+      if row is None or plan > row["prompt"]:  # today's plan, as an outline
+        ax.bar(i, plan / 1e3, fill=False, edgecolor=f"C{i}", linestyle="--")
+        ax.annotate(f"planned today\n{plan:,}, not run", (i, plan / 1e3),
+                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7,
+                    color="gray")
       if row is None:
-        ax.text(i, 0, "not run", ha="center", va="bottom", fontsize=8, color="gray")
         continue
       ax.bar(i, row["prompt"] / 1e3, color=f"C{i}")
       ax.annotate(f"{row['prompt']:,} tokens\npeak {row['peak_bytes'] / 2**30:.1f} GiB\n"

@@ -259,8 +259,8 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu(monkeypatch):
           if r["kind"] in ("generate", "longest") and "peak_bytes" in r
           and r["commit"] not in PREFILL_BEFORE_THE_BARRIER]
   # c37d8ab's 539 rows of KIVI-2, fc2e335's three largest batches, 9103f18's five
-  # longest and 226f2b5's four.
-  assert len(rows) >= 13 and sum(r["kind"] == "longest" for r in rows) >= 9
+  # longest, 226f2b5's four and 8eb877e's four.
+  assert len(rows) >= 17 and sum(r["kind"] == "longest" for r in rows) >= 13
   models = {}
   for r in rows:
     length, _ = memory.generate_lengths(r["prompt"], r["new"], 1 << 30)
@@ -290,9 +290,9 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu(monkeypatch):
 def test_the_readmes_longest_context_figures(monkeypatch):
   # README's table of the longest contexts run on the H200 with the empty cache
   # donated to the prefill (226f2b5, 0bfd948's plan): today's estimate of each
-  # row's peak, and the prompts `max_context` plans now, as `kivi-jax bench
-  # generate --longest-context 512` plans them there (the windows widened, KIVI
-  # in the pair layout, fp16 in its own).
+  # row's peak (their MLP whole, as they ran it), and the prompts `max_context`
+  # plans now, as `kivi-jax bench generate --longest-context 512` plans them
+  # there (the windows widened, KIVI in the pair layout, fp16 in its own).
   results = json.loads((Path(__file__).resolve().parent.parent
                         / "benchmarks/results/generate_h200.json").read_text())
   estimates, plans = {}, {}
@@ -308,11 +308,14 @@ def test_the_readmes_longest_context_figures(monkeypatch):
             layout=r["layout"]) / 2**30, 1)
     monkeypatch.undo()
     for method in ("fp16", "kivi4", "kivi2"):
-      plans[shape, method] = memory.max_context(
-          model, kivi_jax.get_preset(method), 512, memory_bytes=results["bytes_limit"],
-          flash=True, layout="slots" if method == "fp16" else "pairs")
+      plans[shape, method] = bench_generate.longest_plan(
+          shape, method, 512, results["bytes_limit"], "slots" if method == "fp16" else "pairs")
   assert estimates == {("llama2-7b", "fp16"): 84.1, ("llama2-7b", "kivi4"): 98.2,
                        ("llama2-7b", "kivi2"): 105.8, ("llama3-8b", "fp16"): 95.9}
   assert plans == {("llama2-7b", "fp16"): 180_608, ("llama2-7b", "kivi4"): 370_176,
                    ("llama2-7b", "kivi2"): 457_408, ("llama3-8b", "fp16"): 602_816,
                    ("llama3-8b", "kivi4"): 1_068_480, ("llama3-8b", "kivi2"): 1_243_008}
+  # The table's rows of 8eb877e (a long prompt's MLP in chunks) are these plans, run.
+  ran = {(r["shape"], r["method"]): r["prompt"] for r in results["rows"]
+         if r["kind"] == "longest" and r["commit"] == "8eb877e" and "peak_bytes" in r}
+  assert len(ran) == 4 and all(plans[k] == v for k, v in ran.items())
