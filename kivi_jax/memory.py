@@ -91,10 +91,12 @@ def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool) -> i
   flushed keys and values with the float32 temporaries of their quantization,
   and, without flash attention, one query chunk's scores and probabilities.
   (A chunk of several rows takes at most `PREFILL_TOKENS` tokens, no more than
-  `MLP_TOKENS`: its MLP runs whole.) Loose at long prompts: rows of 70k to
-  552k tokens on an H200 peaked at (3 hidden + 3 MLP) x 2 bytes a token past
-  the weights and two caches, 91 KB a token at Llama-2-7B's shapes where this
-  counted 238 with the MLP whole (benchmarks/NOTES.md, "The longest context")."""
+  `MLP_TOKENS`: its MLP runs whole.) Loose at long prompts: rows of 180,608 to
+  602,816 tokens on an H200 peaked at the weights, the cache and 66 KB a token
+  at Llama-2-7B's shapes, 41 at Llama-3-8B's, where this counts 182 and 78
+  (benchmarks/NOTES.md, "A long prompt's MLP over chunks of its tokens"): most
+  of the difference is the float32 quantization's term, which the GPU's
+  writers (Pallas kernels reading the bf16 keys and values) do not make."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize

@@ -7,8 +7,9 @@ prefill of `batch` prompts in chunks of `rows` (random bf16 weights as shapes,
 `generate` runs it), `llama.MLP_TOKENS` set to `mlp_tokens` if given, and
 records XLA's one allocation of temporaries (`memory_analysis().temp_size_in_bytes`,
 what a prefill that runs out of memory asks for), that plus the empty chunk
-cache the prefill starts from, and the estimate `rows x prefill_bytes_per_row +
-FIXED_WORKSPACE`. Writes JSON with device, jax version, date and commit
+cache the prefill starts from, the estimate `rows x prefill_bytes_per_row +
+FIXED_WORKSPACE` and its activations' term alone (`activation_bytes_per_row`). Writes
+JSON with device, jax version, date and commit
 (`benchmarks/results/prefill_memory_h200.json`).
 
   python scripts/prefill_memory.py --out F llama2-7b:kivi2:1024:562:8 ...
