@@ -240,7 +240,8 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     # `generate` donates its empty input to it (`_prefill_over_empty`): no
     # copy beside it. On an H200 rows of 99,072 to 301,440 tokens peaked at the
     # weights, the cache once and 106-110 KB a token at Llama-2-7B's shapes,
-    # 136 at Llama-3-8B's (benchmarks/NOTES.md, "The longest context").
+    # 136 at Llama-3-8B's, their MLP whole (benchmarks/NOTES.md, "The longest
+    # context"); with the MLP in chunks, rows of up to 602,816 tokens at 66 and 41.
     prefill -= 2 * batch * _row_cache_bytes(config, kv_config, length, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
