@@ -48,6 +48,22 @@ def _free_compiled_programs():
   jax.clear_caches()
 
 
+@pytest.fixture
+def mlp_tokens(monkeypatch):
+  """`set(n)`: `llama.MLP_TOKENS` (the tokens a layer's MLP block takes at once)
+  set to `n` for the test. The jitted functions read it when traced, so the
+  compiled programs are dropped at each setting and after the test, whether it
+  passed or not."""
+  from kivi_jax.models import llama
+
+  def set_tokens(n):
+    monkeypatch.setattr(llama, "MLP_TOKENS", n)
+    jax.clear_caches()
+  yield set_tokens
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
   """SmolLM2-135M-Instruct's GGUF file, fetched on first use like the CLI does."""

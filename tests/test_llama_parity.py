@@ -1,6 +1,5 @@
 """Logit parity with transformers' PyTorch Llama and Mistral, float32, 16-bit cache."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +7,6 @@ import torch
 from transformers import MistralConfig
 
 import kivi_jax
-from kivi_jax.models import llama
 from conftest import tiny_hf_model, tiny_llama_config
 
 FP = kivi_jax.KIVIConfig(k_bits=16, v_bits=16)
@@ -68,13 +66,11 @@ def test_prefill_and_greedy_decode_match_transformers(name):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-window"])
-def test_mlp_over_token_chunks_matches_transformers(name, monkeypatch):
+def test_mlp_over_token_chunks_matches_transformers(name, mlp_tokens):
   # Past `MLP_TOKENS` tokens a layer runs its MLP block over chunks of them:
   # here chunks of 5 tokens a row for 2 rows of 23, the last chunk starting at
-  # 18 and overlapping the one before it. Fresh traces: the jitted functions
-  # read the constant when they are traced.
-  monkeypatch.setattr(llama, "MLP_TOKENS", 10)
-  jax.clear_caches()
+  # 18 and overlapping the one before it.
+  mlp_tokens(10)
   hf = tiny_hf_model(CONFIGS[name])
   model = kivi_jax.load_model(hf)
   prompt = np.random.default_rng(2).integers(0, 256, (2, 23))
@@ -89,8 +85,6 @@ def test_mlp_over_token_chunks_matches_transformers(name, monkeypatch):
   np.testing.assert_allclose(np.asarray(last), ref[:, -1], atol=TOL, rtol=0)
   tokens = kivi_jax.generate(model, prompt, kv_config=FP, max_new_tokens=8)
   np.testing.assert_array_equal(np.asarray(tokens), greedy)
-  monkeypatch.undo()
-  jax.clear_caches()
 
 
 def test_sliding_window_is_exercised():

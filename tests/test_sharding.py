@@ -80,21 +80,18 @@ def test_generate_on_a_mesh_equals_one_device(method, shape):
   np.testing.assert_array_equal(out, _one_device(method))
 
 
-def test_mlp_over_token_chunks_on_a_mesh_equals_one_device(monkeypatch):
+def test_mlp_over_token_chunks_on_a_mesh_equals_one_device(mlp_tokens):
   # Past `MLP_TOKENS` tokens the MLP block runs over chunks of them (here 12
   # tokens of 8 rows of 90, the last chunk overlapping), its weights split
-  # over `model`. Fresh traces: the jitted functions read the constant then.
-  # The 16-bit cache holds every position's keys and values as computed.
+  # over `model`. The 16-bit cache holds every position's keys and values as
+  # computed.
   ids, mask = _prompts()
   caches = []
   for tokens, mesh in ((llama.MLP_TOKENS, None), (96, kivi_jax.make_mesh(2, 4))):
-    monkeypatch.setattr(llama, "MLP_TOKENS", tokens)
-    jax.clear_caches()
+    mlp_tokens(tokens)
     model = _model() if mesh is None else kivi_jax.shard_model(_model(), mesh)
     caches.append(kivi_jax.prefill_cache(model, ids, attention_mask=mask, max_length=100,
                                          kv_config=_config("fp16"), mesh=mesh))
-  monkeypatch.undo()
-  jax.clear_caches()
   for want, got in zip(*map(jax.tree.leaves, caches)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
