@@ -531,6 +531,17 @@ def write_kernel(impl: str, config: KIVIConfig, head_dim: int) -> str | None:
   return which
 
 
+def block_writer(impl: str, config: KIVIConfig, head_dim: int, layout: str) -> str | None:
+  """Which kernel writes a quantized block of `layout` ("pairs" or "slots"):
+  "gpu", "tpu" or None (the jnp reference, whose quantization holds float32
+  copies of what it writes). The pair layout's writer is the GPU's, in
+  groups of up to a span."""
+  which = write_kernel(impl, config, head_dim)
+  if layout == "pairs":
+    return which if which == "gpu" and config.group_size <= quantize_pack.SPAN else None
+  return which
+
+
 def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array,
                   bits: int, axis: QuantAxis, config: KIVIConfig,
                   cmap: ChannelMap | None, impl: str) -> QuantizedBlock:
@@ -544,9 +555,9 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
     return QuantizedBlock(scatter_tokens(block.codes, tok, x.astype(block.codes.dtype)),
                           None, None)
   kw = dict(bits=bits, group_size=config.group_size, axis=axis)
-  which = write_kernel(impl, config, x.shape[-1])
-  if block.layout == "pairs":  # the GPU's kernel, in groups of up to a span; else jnp
-    if which == "gpu" and config.group_size <= quantize_pack.SPAN:
+  which = block_writer(impl, config, x.shape[-1], block.layout)
+  if block.layout == "pairs":
+    if which == "gpu":
       out = quantize_pack.quantize_pack_pairs(
           x, block.codes, block.scale, block.zero, start, n_tokens, clip=config.clip,
           interpret=kernel_interpret(which), **kw)

@@ -16,7 +16,7 @@ import functools
 import jax
 import numpy as np
 
-from kivi_jax.cache import init_cache, resolve_layout
+from kivi_jax.cache import block_writer, init_cache, resolve_layout
 from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
@@ -78,25 +78,36 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
   cache 0.20) and 0.90 for the bf16 cache (0.80): this gives 0.64 and 1.84 with
   the input cache (benchmarks/NOTES.md, "The prefill's memory a row")."""
   own_cache = _row_cache_bytes(model_config, kv_config, max_length, layout)
-  return (activation_bytes_per_row(model_config, prompt_tokens, flash) + 2 * own_cache
-          + model_config.vocab_size * 4)
+  quantized = jnp_quantized_tensors(model_config, kv_config, flash, layout)
+  return (activation_bytes_per_row(model_config, prompt_tokens, flash, quantized)
+          + 2 * own_cache + model_config.vocab_size * 4)
 
 
-def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool) -> int:
+def jnp_quantized_tensors(model_config, kv_config: KIVIConfig, flash: bool, layout: str = "auto") -> int:
+  """How many of the keys and values the prefill quantizes in jnp (with float32
+  temporaries): those of fewer than 16 bits whose blocks no kernel writes
+  (`kivi_jax.cache.block_writer`) on a GPU where `flash` (cuDNN's prompt
+  attention plans for one), else on this backend."""
+  impl = "gpu" if flash else "auto"
+  layout = resolve_layout(layout, model_config, kv_config, impl,
+                          jax.numpy.dtype(model_config.dtype))
+  if block_writer(impl, kv_config, model_config.head_dim, layout) is not None:
+    return 0
+  return int(kv_config.quantizes_keys) + int(kv_config.quantizes_values)
+
+
+def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool,
+                             jnp_quantized: int = 2) -> int:
   """An upper estimate of a prefill row's activations in one layer:
   `ACTIVATION_MARGIN` times the residual stream and the normed input, q, k
   (before and after RoPE), v and the attention output, the MLP's gate, up and
   their product for at most `llama.MLP_TOKENS` tokens (a longer prompt runs
   the MLP block over chunks of its tokens, into one more residual stream), the
-  flushed keys and values with the float32 temporaries of their quantization,
-  and, without flash attention, one query chunk's scores and probabilities.
-  (A chunk of several rows takes at most `PREFILL_TOKENS` tokens, no more than
-  `MLP_TOKENS`: its MLP runs whole.) Loose at long prompts: rows of 180,608 to
-  602,816 tokens on an H200 peaked at the weights, the cache and 66 KB a token
-  at Llama-2-7B's shapes, 41 at Llama-3-8B's, where this counts 182 and 78
-  (benchmarks/NOTES.md, "A long prompt's MLP over chunks of its tokens"): most
-  of the difference is the float32 quantization's term, which the GPU's
-  writers (Pallas kernels reading the bf16 keys and values) do not make."""
+  flushed keys and values, the float32 temporaries of quantizing the
+  `jnp_quantized` of them that jnp quantizes (`jnp_quantized_tensors`; the kernels
+  read the 16-bit tensors), and, without flash attention, one query chunk's
+  scores and probabilities. (A chunk of several rows takes at most
+  `PREFILL_TOKENS` tokens, no more than `MLP_TOKENS`: its MLP runs whole.)"""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
@@ -105,7 +116,7 @@ def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool) -> i
   act += min(t, llama.MLP_TOKENS) * 3 * c.intermediate_size * itemsize
   if t > llama.MLP_TOKENS:
     act += t * c.hidden_size * itemsize
-  act += t * 2 * kv * 4 * 3
+  act += t * jnp_quantized * kv * 4 * 3
   if not flash:
     act += 2 * c.num_heads * min(t, QUERY_CHUNK) * t * 4
   return int(ACTIVATION_MARGIN * act)

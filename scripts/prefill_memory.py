@@ -54,7 +54,8 @@ def measure(spec: str) -> dict:
           "temp_bytes": int(temp),
           "temp_and_input_cache_bytes": int(temp + memory._bytes(empty)),
           "estimate_bytes": int(rows * per_row + memory.FIXED_WORKSPACE),
-          "activations_estimate_bytes": rows * memory.activation_bytes_per_row(config, width, True)}
+          "activations_estimate_bytes": rows * memory.activation_bytes_per_row(
+              config, width, True, memory.jnp_quantized_tensors(config, kv, True))}
 
 
 def main() -> None:
