@@ -107,7 +107,13 @@ def activation_bytes_per_row(model_config, prompt_tokens: int, flash: bool,
   `jnp_quantized` of them that jnp quantizes (`jnp_quantized_tensors`; the kernels
   read the 16-bit tensors), and, without flash attention, one query chunk's
   scores and probabilities. (A chunk of several rows takes at most
-  `PREFILL_TOKENS` tokens, no more than `MLP_TOKENS`: its MLP runs whole.)"""
+  `PREFILL_TOKENS` tokens, no more than `MLP_TOKENS`: its MLP runs whole.)
+
+  Against the H200's peaks (benchmarks/NOTES.md, "The estimate without the
+  kernels' float32"): the largest batches at 1024 + 512 tokens (Llama-2-7B
+  shapes, 8 rows a chunk) peaked 0.07-1.3 GiB under `generate_bytes`; rows of
+  180,608 to 602,816 tokens held the weights, the cache and 66 KB a token at
+  Llama-2-7B's shapes, 41 at Llama-3-8B's, where this counts 83-85 and 52-55."""
   c = model_config
   t = prompt_tokens
   itemsize = np.dtype(c.dtype).itemsize
@@ -252,7 +258,8 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     # copy beside it. On an H200 rows of 99,072 to 301,440 tokens peaked at the
     # weights, the cache once and 106-110 KB a token at Llama-2-7B's shapes,
     # 136 at Llama-3-8B's, their MLP whole (benchmarks/NOTES.md, "The longest
-    # context"); with the MLP in chunks, rows of up to 602,816 tokens at 66 and 41.
+    # context"); with the MLP in chunks, rows of up to 602,816 tokens at 66 and 41
+    # (the estimate's 83-85 and 52-55: `activation_bytes_per_row`).
     prefill -= 2 * batch * _row_cache_bytes(config, kv_config, length, layout)
   decode = batch * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
@@ -297,9 +304,11 @@ def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1
   refuses; 0 if not even a one-token prompt fits.
 
   At long prompts the prefill's activations (one layer's, for the whole
-  prompt, by `prefill_bytes_per_row`'s estimate) weigh more than a quantized
-  cache's tokens: they, not the cache, bound a quantized cache's longest
-  context (benchmarks/NOTES.md, "The longest context")."""
+  prompt, by `prefill_bytes_per_row`'s estimate) weigh about as much as a
+  quantized cache's tokens or more (Llama-2-7B shapes, KIVI-2: 83 KB a token
+  against its cache's 98; Llama-3-8B: 53 against 25): they, as much as the
+  cache, bound a quantized cache's longest context (benchmarks/NOTES.md,
+  "The longest context")."""
   new_tokens = positive_int("new_tokens", new_tokens)
   batch = positive_int("batch", batch)
   memory_bytes, flash = _plan(model, memory_bytes, flash)

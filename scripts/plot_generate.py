@@ -114,9 +114,10 @@ def longest(name: str = "generate_h200") -> None:
       if row is None:
         continue
       ax.bar(i, row["prompt"] / 1e3, color=f"C{i}")
+      # Inside the bar, below its top: a plan's outline may end just above it.
       ax.annotate(f"{row['prompt']:,} tokens\npeak {row['peak_bytes'] / 2**30:.1f} GiB\n"
                   f"{row['commit']}", (i, row["prompt"] / 1e3), textcoords="offset points",
-                  xytext=(0, 3), ha="center", fontsize=7)
+                  xytext=(0, -3), ha="center", va="top", fontsize=7, color="white")
     ax.set_xticks(range(len(methods)), [f"kivi-jax {m}" for m in methods], fontsize=8)
     ax.set_ylabel("longest prompt (thousand tokens)")
     ax.set_title(f"{shape} shapes, 512 new tokens, batch 1", fontsize=9)
