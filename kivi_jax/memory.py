@@ -83,7 +83,8 @@ def prefill_bytes_per_row(model_config, kv_config: KIVIConfig, prompt_tokens: in
           + 2 * own_cache + model_config.vocab_size * 4)
 
 
-def jnp_quantized_tensors(model_config, kv_config: KIVIConfig, flash: bool, layout: str = "auto") -> int:
+def jnp_quantized_tensors(model_config, kv_config: KIVIConfig, flash: bool,
+                          layout: str = "auto") -> int:
   """How many of the keys and values the prefill quantizes in jnp (with float32
   temporaries): those of fewer than 16 bits whose blocks no kernel writes
   (`kivi_jax.cache.block_writer`) on a GPU where `flash` (cuDNN's prompt

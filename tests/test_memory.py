@@ -313,11 +313,6 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu(monkeypatch):
       assert estimate - r["peak_bytes"] < activations, where
 
 
-# Commits whose plans counted the float32 temporaries of a quantization for every
-# method (before 825bfe4 counted them only where jnp quantizes).
-FLOAT32_EVERYWHERE = frozenset({"9103f18", "0bfd948", "226f2b5", "8eb877e"})
-
-
 def test_the_readmes_longest_context_figures(monkeypatch):
   # README's table of the longest contexts run on the H200 with the empty cache
   # donated to the prefill (226f2b5's rows, 0bfd948's plans; 8eb877e's, a long
@@ -344,7 +339,8 @@ def test_the_readmes_longest_context_figures(monkeypatch):
       layout = "slots" if method == "fp16" else "pairs"
       plans[shape, method] = bench_generate.longest_plan(
           shape, method, 512, results["bytes_limit"], layout)
-      with monkeypatch.context() as m:
+      with monkeypatch.context() as m:  # before 825bfe4 every method counted the
+        # float32 temporaries of a jnp quantization of keys and values
         m.setattr(memory, "jnp_quantized_tensors", lambda *args: 2)
         then[shape, method] = bench_generate.longest_plan(
             shape, method, 512, results["bytes_limit"], layout)
