@@ -181,7 +181,8 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   streams, and its streamer stops it once the decode loop has run a step (a
   streamed call runs the same compiled programs). The prefill is timed alone
   too (the median of up to three calls: `PREFILL_TIMING_S`), in `generate`'s
-  chunks of rows (over `mesh`: all rows at once, as `generate` runs them)."""
+  chunks of rows (over `mesh`, of each data shard's rows). Peaks and their
+  prediction are one device's."""
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _prompt(batch, prompt, model.config.vocab_size)
@@ -226,7 +227,8 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   return {"tokens_per_s": batch * new / total, "total_s": total, "prefill_s": prefill_s,
           "prefill_rows": rows, "cache_bytes": cache_total, "layout": layout,
           "predicted_peak_bytes": memory.generate_bytes(
-              model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl))}
+              model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl),
+              rows=rows, layout=layout, mesh=mesh)}
 
 
 LONGEST_SEARCH = 1 << 24
@@ -542,9 +544,6 @@ def generate_benchmark(shape: str = "llama2-7b",
     longest_new = positive_int("longest_new", longest_new)
   if not row_timeout > 0:
     raise ValueError(f"row_timeout must be a positive number of seconds, got {row_timeout}")
-  if mesh is not None and largest:
-    raise ValueError("the largest batch over a mesh is not planned yet (kivi_jax.max_batch "
-                     "counts one device): pass largest=False (--no-largest) with batches")
   if mesh is not None and longest_new is not None:
     raise ValueError("the longest context over a mesh is not planned yet "
                      "(kivi_jax.max_context counts one device): pass longest_new=None")
@@ -594,9 +593,11 @@ def generate_benchmark(shape: str = "llama2-7b",
            "copy_tbps": info["copy_tbps"], "profile_dir": tempfile.mkdtemp()})
   for prompt, new in requests:
     for method in methods:
+      # Over a mesh, each device's memory for its shards (a split cache: slots).
       best = memory.max_batch(shapes, get_preset(method), prompt, new,
                               memory_bytes=info["bytes_limit"], flash=True,
-                              layout=layouts.get(method, "auto"))
+                              layout="slots" if mesh else layouts.get(method, "auto"),
+                              mesh=mesh)
       for batch in sorted({b for b in batches if b < best}):
         run({"kind": "generate", "method": method, "batch": batch, "prompt": prompt,
              "new": new})
@@ -605,7 +606,8 @@ def generate_benchmark(shape: str = "llama2-7b",
                    "new": new, "predicted_largest": True})
         if row.get("error") != "out of memory":
           break
-        best = best * 9 // 10
+        step = mesh[0] if mesh else 1  # a multiple of the data axis
+        best = best // step * 9 // 10 * step
     for batch in hf_batches:
       if run({"kind": "hf", "batch": batch, "prompt": prompt, "new": new}).get("error"):
         break

@@ -726,8 +726,15 @@ def zeros_rows(template: KVCache, rows: int) -> KVCache:
   return _map_rows(lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), template)
 
 
-def write_rows(cache: KVCache, part: KVCache, start) -> KVCache:
+def write_rows(cache: KVCache, part: KVCache, start, shards: int = 1) -> KVCache:
   """`cache` with its rows `start ..` replaced by `part`'s (in place inside a
-  loop or under donation)."""
-  return _map_rows(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, start, 0),
-                   cache, part)
+  loop or under donation); with `shards`, the rows of both in that many equal
+  blocks (a mesh's data shards), block i's rows `start ..` by part's block i."""
+  return _map_rows(lambda x, y: jax.lax.dynamic_update_slice_in_dim(
+      by_shard(x, shards), by_shard(y, shards), start, 1).reshape(x.shape), cache, part)
+
+
+def by_shard(x: Array, shards: int) -> Array:
+  """`x` `[B, ...]` as `[shards, B / shards, ...]`: the rows of each data shard
+  of a mesh (`kivi_jax.sharding`: rows split in equal blocks) on their own."""
+  return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])

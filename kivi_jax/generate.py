@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.sharding import PartitionSpec as P
 
 from kivi_jax import memory, sharding
-from kivi_jax.cache import KVCache, init_cache, write_rows, zeros_rows
+from kivi_jax.cache import KVCache, by_shard, init_cache, write_rows, zeros_rows
 from kivi_jax.checks import is_integer, positive_int
 from kivi_jax.config import KIVIConfig
 from kivi_jax.models import llama
@@ -58,23 +59,41 @@ def _prefill_chunks(params, input_ids, attention_mask, empty: KVCache, *,
   giving the same cache). Each chunk starts from `empty` and its cache is
   written in place into the result's rows, so the result is the only
   full-size cache and the activations are a chunk's
-  (`kivi_jax.memory.prefill_rows`)."""
+  (`kivi_jax.memory.prefill_rows`).
+
+  Over a mesh (`empty.mesh`) each of its `D` data shards takes chunks of its
+  own rows: chunk `i` runs rows `min(i R / D, B / D - R / D) ..` of every
+  shard's `B / D`, so no row moves between devices."""
   b = input_ids.shape[0]
   rows = empty.lengths.shape[0]
   if rows == b:
     return llama.prefill(params, input_ids, empty, attention_mask, config=config)
+  shards = 1 if empty.mesh is None else empty.mesh.shape[sharding.DATA]
+  own, r = b // shards, rows // shards  # a shard's rows, and a chunk's of them
+  if empty.mesh is None:
+    place = lambda x, spec: x  # noqa: E731
+  else:
+    place = lambda x, spec: jax.lax.with_sharding_constraint(  # noqa: E731
+        x, jax.sharding.NamedSharding(empty.mesh, spec))
+
+  def take(x, start):
+    part = jax.lax.dynamic_slice_in_dim(by_shard(x, shards), start, r, 1)
+    return place(part.reshape(rows, *x.shape[1:]), P(sharding.DATA))
 
   def chunk(i, out):
     logits, cache = out
-    start = jnp.minimum(i * rows, b - rows)
-    part_logits, part = llama.prefill(
-        params, jax.lax.dynamic_slice_in_dim(input_ids, start, rows), empty,
-        jax.lax.dynamic_slice_in_dim(attention_mask, start, rows), config=config)
-    return (jax.lax.dynamic_update_slice_in_dim(logits, part_logits, start, 0),
-            write_rows(cache, part, start))
+    start = jnp.minimum(i * r, own - r)
+    part_logits, part = llama.prefill(params, take(input_ids, start), empty,
+                                      take(attention_mask, start), config=config)
+    logits = jax.lax.dynamic_update_slice_in_dim(
+        by_shard(logits, shards), by_shard(part_logits, shards), start, 1).reshape(logits.shape)
+    return place(logits, P(sharding.DATA)), write_rows(cache, part, start, shards)
 
-  logits = jnp.zeros((b, config.vocab_size), jnp.float32)
-  return jax.lax.fori_loop(0, -(-b // rows), chunk, (logits, zeros_rows(empty, b)))
+  logits = place(jnp.zeros((b, config.vocab_size), jnp.float32), P(sharding.DATA))
+  cache = zeros_rows(empty, b)
+  if empty.mesh is not None:
+    cache = jax.tree.map(lambda spec, x: place(x, spec), sharding.cache_specs(cache), cache)
+  return jax.lax.fori_loop(0, -(-own // r), chunk, (logits, cache))
 
 
 _prefill = jax.jit(_prefill_chunks, static_argnames=("config",))
@@ -245,13 +264,17 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
 def prefill_chunk_rows(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
                        max_length: int, cache_total: int, impl: str, mesh=None) -> int:
   """The rows a prefill runs at once (`_prefill`'s chunks): the most whose
-  workspace fits beside a cache of `cache_total` bytes (`memory.prefill_rows`),
-  or all of them spread over a `mesh` (no chunks of rows there yet)."""
-  if mesh is not None:
-    return batch
-  return memory.prefill_rows(batch, model.config, kv_config, prompt_tokens, max_length,
-                             memory.workspace_bytes(cache_total),
-                             memory.uses_flash_attention(model.config, impl))
+  workspace fits beside a cache of `cache_total` bytes (`memory.prefill_rows`);
+  over a `mesh`, that many of each data shard's rows, beside the share of the
+  cache one device holds (`memory.device_cache_bytes`)."""
+  flash = memory.uses_flash_attention(model.config, impl)
+  if mesh is None:
+    return memory.prefill_rows(batch, model.config, kv_config, prompt_tokens, max_length,
+                               memory.workspace_bytes(cache_total), flash)
+  shards = mesh.shape[sharding.DATA]
+  held = memory.device_cache_bytes(model.config, kv_config, batch, max_length, mesh=mesh)
+  return shards * memory.prefill_rows(batch // shards, model.config, kv_config, prompt_tokens,
+                                      max_length, memory.workspace_bytes(held), flash, "slots")
 
 
 def _params(model, mesh):

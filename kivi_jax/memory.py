@@ -16,6 +16,7 @@ import functools
 import jax
 import numpy as np
 
+from kivi_jax import sharding
 from kivi_jax.cache import block_writer, init_cache, resolve_layout
 from kivi_jax.checks import positive_int
 from kivi_jax.config import KIVIConfig
@@ -58,6 +59,37 @@ def _resolved_cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_l
   (`max_context`'s search asks several times a probe, some 40 probes)."""
   return _bytes(jax.eval_shape(lambda: init_cache(model_config, kv_config, batch, max_length,
                                                   layout=layout)))
+
+
+def mesh_shape(mesh) -> tuple[int, int]:
+  """`(data, model)`: the axes' sizes of a `kivi_jax.make_mesh` mesh, or a
+  `(data, model)` pair as it is (a plan for devices not at hand); `(1, 1)` for
+  None (one device)."""
+  if mesh is None:
+    return 1, 1
+  if isinstance(mesh, jax.sharding.Mesh):
+    if tuple(mesh.axis_names) != (sharding.DATA, sharding.MODEL):
+      raise ValueError(f"mesh must have the axes ('data', 'model') (kivi_jax.make_mesh), "
+                       f"got {mesh.axis_names}")
+    return mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
+  if not isinstance(mesh, tuple) or len(mesh) != 2:
+    raise ValueError(f"mesh must be a kivi_jax.make_mesh mesh or a (data, model) pair, "
+                     f"got {mesh!r}")
+  return positive_int("mesh's data", mesh[0]), positive_int("mesh's model", mesh[1])
+
+
+def device_cache_bytes(model_config, kv_config: KIVIConfig, batch: int, max_length: int,
+                       layout: str = "auto", mesh=None) -> int:
+  """The bytes of `cache_bytes` one device holds with the cache split over
+  `mesh` (`mesh_shape`'s argument): each row's arrays by rows over data and by
+  kv heads over model (`kivi_jax.sharding.cache_specs`), SKVQ's channel maps
+  whole on every device (a split cache takes the slot layout)."""
+  data, model = mesh_shape(mesh)
+  if (data, model) == (1, 1):
+    return cache_bytes(model_config, kv_config, batch, max_length, layout)
+  row = _row_cache_bytes(model_config, kv_config, max_length, "slots")
+  maps = cache_bytes(model_config, kv_config, 1, max_length, "slots") - row
+  return maps + -(-batch // data) * row // model
 
 
 def _bytes(tree) -> int:
@@ -238,21 +270,31 @@ def generate_lengths(prompt_tokens: int, new_tokens: int, max_positions: int) ->
 
 def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
                    new_tokens: int, flash: bool, rows: int | None = None,
-                   layout: str = "auto") -> int:
+                   layout: str = "auto", mesh=None) -> int:
   """An upper estimate of `generate`'s peak device memory for `batch` rows:
   weights, the cache, `FIXED_WORKSPACE`, and the larger of the prefill's
   chunk of activations and a decode step's temporaries; `flash`: whether the
   prompt attention is cuDNN's (`uses_flash_attention`); `rows`: the rows a
   prefill chunk runs, by default `prefill_rows`'; `layout`: the cache's
-  (`cache_bytes`)."""
+  (`cache_bytes`). Over `mesh` (`mesh_shape`'s argument), what one device
+  holds: its shards of the weights (`kivi_jax.sharding.param_specs`) and of
+  the cache (`device_cache_bytes`), and the prefill's and a decode step's
+  workspace for its data shard's rows (`batch` and `rows` then multiples of
+  the data axis), each row's activations counted whole (the model axis splits
+  some of them)."""
   config = model.config
-  weights = _bytes(model.params)
+  data, split = mesh_shape(mesh)
+  weights = _device_bytes(model.params, sharding.param_specs(model.params), split)
   length, width = generate_lengths(prompt_tokens, new_tokens, config.max_position_embeddings)
-  cache = cache_bytes(config, kv_config, batch, length, layout)
+  if mesh is not None and layout == "auto":
+    layout = "slots"  # a split cache's (`kivi_jax.cache.resolve_layout`)
+  cache = device_cache_bytes(config, kv_config, batch, length, layout, mesh)
+  own = -(-batch // data)  # a data shard's rows
   if rows is None:
-    rows = prefill_rows(batch, config, kv_config, width, length, workspace_bytes(cache), flash,
-                        layout)
-  prefill = rows * prefill_bytes_per_row(config, kv_config, width, length, flash, layout)
+    rows = data * prefill_rows(own, config, kv_config, width, length, workspace_bytes(cache),
+                               flash, layout)
+  prefill = -(-rows // data) * prefill_bytes_per_row(config, kv_config, width, length, flash,
+                                                     layout)
   if rows >= batch:
     # One chunk: the cache it writes is the result, counted above, and
     # `generate` donates its empty input to it (`_prefill_over_empty`): no
@@ -261,14 +303,23 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     # 136 at Llama-3-8B's, their MLP whole (benchmarks/NOTES.md, "The longest
     # context"); with the MLP in chunks, rows of up to 602,816 tokens at 66 and 41
     # (the estimate's 83-85 and 52-55: `activation_bytes_per_row`).
-    prefill -= 2 * batch * _row_cache_bytes(config, kv_config, length, layout)
-  decode = batch * decode_bytes_per_row(config, kv_config)
+    prefill -= 2 * own * _row_cache_bytes(config, kv_config, length, layout)
+  decode = own * decode_bytes_per_row(config, kv_config)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
+
+
+def _device_bytes(params, specs, model: int) -> int:
+  """Bytes one device holds of `params` laid out by `specs` (PartitionSpecs)
+  with `model` devices on the model axis (the weights split over nothing else)."""
+  def share(spec, x):
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize // (
+        model if sharding.MODEL in spec else 1)
+  return sum(jax.tree.leaves(jax.tree.map(share, specs, params)))
 
 
 def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int, *,
               memory_bytes: int | None = None, flash: bool | None = None,
-              layout: str = "auto") -> int:
+              layout: str = "auto", mesh=None) -> int:
   """How many rows of `prompt_tokens + new_tokens` `generate` can hold at once.
 
   Args:
@@ -282,17 +333,21 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
       default `uses_flash_attention` on this backend.
     layout: the cache's (`init_cache`'s); "auto", this backend's. With
       `memory_bytes` and `flash`, "pairs" plans for a Hopper GPU from elsewhere.
+    mesh: the `kivi_jax.make_mesh` mesh `generate` runs over, or its `(data,
+      model)` shape to plan for devices not at hand: the batch is then a
+      multiple of the data axis and `memory_bytes` each device's.
 
   Returns:
     The largest batch whose `generate_bytes` fit in `memory_bytes`; 0 if not
-    even one row fits.
+    even one row (one a data shard) fits.
   """
   prompt_tokens = positive_int("prompt_tokens", prompt_tokens)
   new_tokens = positive_int("new_tokens", new_tokens)
   memory_bytes, flash = _plan(model, memory_bytes, flash)
-  return _largest(lambda batch: generate_bytes(
-      model, kv_config, batch, prompt_tokens, new_tokens, flash,
-      layout=layout) <= memory_bytes)
+  data, _ = mesh_shape(mesh)
+  return data * _largest(lambda own: generate_bytes(
+      model, kv_config, data * own, prompt_tokens, new_tokens, flash, layout=layout,
+      mesh=mesh) <= memory_bytes)
 
 
 def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1,

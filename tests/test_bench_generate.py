@@ -156,7 +156,7 @@ def test_every_kernel_is_counted_as_attention_or_write():
     (["--shape", "llama-70b"], "unknown shape"),
     (["--mesh", "data=2"], "data=D,model=M"),
     (["--mesh", "data=2,model=x"], "data=D,model=M"),
-    (["--mesh", "data=1,model=1"], "largest batch over a mesh"),
+    (["--mesh", "data=1,model=1", "--longest-context", "8"], "longest context over a mesh"),
     (["--row-timeout", "0"], "--row-timeout must be a positive"),
     (["--row-timeout", "nan"], "--row-timeout must be a positive"),
     (["--batches", "0"], "--batches takes comma-separated positive integers, got '0'"),
@@ -205,6 +205,29 @@ def test_generate_benchmark_takes_numpy_batches_and_writes_them_as_ints(tmp_path
   assert [(r["kind"], r["batch"]) for r in rows] == [("step", 1), ("generate", 2), ("hf", 4)]
   assert all(type(s["batch"]) is int for s in specs)
   assert (rows[1]["prompt"], rows[1]["new"]) == (64, 8)
+
+
+def test_the_largest_batch_over_a_mesh_is_planned_for_each_device(monkeypatch):
+  """Over a mesh the largest batch is `max_batch`'s for each device's memory
+  (a multiple of the data axis), and after an out-of-memory row the next
+  try stays one."""
+  monkeypatch.setattr(bg, "device_info", lambda *_: {
+      "kind": "device", "device": "fake", "bytes_limit": 80 * 2**30, "copy_tbps": 4.0})
+  specs = []
+
+  def measure(spec, **_):
+    specs.append(spec)
+    return {**spec, **({"error": "out of memory"} if len(specs) == 1 else {})}
+  monkeypatch.setattr(bg, "measure", measure)
+  bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=((1024, 512),), batches=(),
+                        step_batches=(), hf_batches=(), mesh=(2, 1), progress=lambda _: None)
+  shapes = bg.Model(bg.SHAPES["llama2-7b"], jax.eval_shape(
+      lambda: bg.random_model(bg.SHAPES["llama2-7b"]).params))
+  best = memory.max_batch(shapes, get_preset("kivi2"), 1024, 512, memory_bytes=80 * 2**30,
+                          flash=True, mesh=(2, 1))
+  assert [(s["batch"], s["mesh"]) for s in specs] == [(best, [2, 1]),
+                                                      (best // 2 * 9 // 10 * 2, [2, 1])]
+  assert best % 2 == 0 and best > 2 * 100
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without accelerator")
@@ -323,7 +346,8 @@ def test_the_largest_batch_is_planned_in_the_layout_the_device_takes(monkeypatch
   Hopper GPU's pair layout holds KIVI-2's rows in fewer bytes)."""
   planned = {}
 
-  def max_batch(model, kv, prompt, new, *, memory_bytes, flash, layout):
+  def max_batch(model, kv, prompt, new, *, memory_bytes, flash, layout, mesh):
+    assert mesh is None
     planned[kv] = layout
     return 0
 

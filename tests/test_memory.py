@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kivi_jax
-from kivi_jax import bench_generate, memory
+from kivi_jax import bench_generate, memory, sharding
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from kivi_jax.models.loading import Model
@@ -97,6 +97,41 @@ def test_the_quantizations_float32_is_counted_where_jnp_quantizes():
           - memory.activation_bytes_per_row(CONFIG, 1000, True, 0)) == 1000 * 2 * kv * 4 * 3
   assert memory.prefill_bytes_per_row(CONFIG, skvq, 512, 1536, flash=True) > \
       memory.prefill_bytes_per_row(CONFIG, kivi2, 512, 1536, flash=True)
+
+
+def test_max_batch_over_a_mesh_plans_each_devices_share():
+  # Rows over data: with the weights whole on each device, a data axis of 2
+  # holds twice one device's rows, each device planned as one device of half
+  # the batch. Heads and the MLP over model: each device holds a share of the
+  # weights (all but the embeddings and norms) and half of every row's cache:
+  # more than twice the rows, the weights' half freed too. The batch is a
+  # multiple of the data axis.
+  kv = kivi_jax.get_preset("kivi2")
+  plan = dict(memory_bytes=60 * 10**9, flash=True)
+  one = memory.max_batch(MODEL, kv, 1024, 512, layout="slots", **plan)
+  assert memory.max_batch(MODEL, kv, 1024, 512, mesh=(2, 1), **plan) == 2 * one
+  for rows in (1, one, one + 1):
+    assert memory.generate_bytes(MODEL, kv, 2 * rows, 1024, 512, True, mesh=(2, 1)) == \
+        memory.generate_bytes(MODEL, kv, rows, 1024, 512, True, layout="slots")
+  assert memory.max_batch(MODEL, kv, 1024, 512, mesh=(1, 2), **plan) > 2 * one
+  split = sum(memory._bytes(MODEL.params["layers"][0][k]) for k in
+              ("wqkv", "wo", "w_gate_up", "w_down")) * CONFIG.num_layers
+  assert memory._device_bytes(MODEL.params, sharding.param_specs(MODEL.params), 2) == \
+      memory._bytes(MODEL.params) - split // 2
+  assert memory.max_batch(MODEL, kv, 1024, 512, mesh=kivi_jax.make_mesh(4, 2), **plan) % 4 == 0
+  assert memory.device_cache_bytes(CONFIG, kv, 8, 1536, mesh=(4, 2)) == \
+      memory.cache_bytes(CONFIG, kv, 8, 1536, "slots") // 8
+
+
+@pytest.mark.parametrize("mesh, match", [
+    ((0, 1), "mesh's data must be a positive integer"),
+    ((2,), "a \\(data, model\\) pair"),
+    ("data=2", "a \\(data, model\\) pair"),
+])
+def test_a_mesh_plan_names_a_bad_mesh(mesh, match):
+  with pytest.raises(ValueError, match=match):
+    memory.max_batch(MODEL, kivi_jax.get_preset("kivi2"), 1024, 512, memory_bytes=10**11,
+                     flash=True, mesh=mesh)
 
 
 def test_prefill_rows_fill_the_budget():

@@ -13,7 +13,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kivi_jax
+from kivi_jax import memory
 from kivi_jax.bench_generate import random_model
+from kivi_jax.generate import _prefill, prefill_chunk_rows
 from kivi_jax.models import llama
 from kivi_jax.models.config import ModelConfig
 from conftest import first_layers, tiny_hf_model, tiny_llama_config, wikitext_calibration
@@ -94,6 +96,39 @@ def test_mlp_over_token_chunks_on_a_mesh_equals_one_device(mlp_tokens):
                                          kv_config=_config("fp16"), mesh=mesh))
   for want, got in zip(*map(jax.tree.leaves, caches)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, chunk", [((2, 4), 1), ((2, 4), 3), ((4, 2), 1)])
+@pytest.mark.parametrize("method", ["fp16", "kivi2"])
+def test_a_prefill_in_chunks_of_each_shards_rows_equals_one_device(method, shape, chunk,
+                                                                   monkeypatch):
+  # Prompts of 128 tokens (90, bucketed) and `chunk` x 128 tokens a chunk: each
+  # data shard prefills `chunk` of its own rows at a time (3 of 4: the last
+  # chunk overlaps the one before), the rows never leaving their devices.
+  monkeypatch.setattr(memory, "PREFILL_TOKENS", chunk * 128)
+  mesh = kivi_jax.make_mesh(*shape)
+  model = kivi_jax.shard_model(_model(), mesh)
+  kv = _config(method)
+  rows = prefill_chunk_rows(
+      model, kv, 8, 128, 128, memory.cache_bytes(model.config, kv, 8, 128), "auto", mesh)
+  assert rows == shape[0] * chunk
+  np.testing.assert_array_equal(_generate(method, mesh), _one_device(method))
+
+
+def test_a_prefill_in_chunks_moves_no_rows_between_devices(monkeypatch):
+  # The chunk loop's slices and writes keep each shard's rows where they lie:
+  # the compiled prefill holds tensor parallelism's two all-reduces a layer and
+  # no other collective.
+  monkeypatch.setattr(memory, "PREFILL_TOKENS", 128)
+  mesh = kivi_jax.make_mesh(2, 4)
+  model = kivi_jax.shard_model(_model(), mesh)
+  empty = kivi_jax.init_cache(model.config, _config("kivi2"), 2, 160, mesh=mesh)
+  ids = jax.device_put(jnp.zeros((8, 128), jnp.int32), NamedSharding(mesh, P("data")))
+  hlo = _prefill.lower(
+      model.params, ids, jnp.ones_like(ids), empty, config=model.config).compile().as_text()
+  collectives = re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|"
+                           r"reduce-scatter)(?:-start)?\(", hlo)
+  assert collectives == ["all-reduce"] * (2 * model.config.num_layers), collectives
 
 
 def test_skvq_splits_rows_over_data_and_refuses_the_model_axis():
