@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
   gen_bench.add_argument("--hf-batches", default="32,64,128",
                          help="batches of HF transformers' generate ('' for none)")
   gen_bench.add_argument("--mesh", help="data=D,model=M: run kivi-jax over a mesh of D x M "
-                         "devices (rows over data, heads over model); the largest batch planned for "
-                         "each device's memory")
+                         "devices (rows over data, heads over model), the largest batch planned "
+                         "for each device's memory")
   gen_bench.add_argument("--longest-context", type=int, metavar="NEW",
                          help="also each method's longest context: one row of the longest "
                          "prompt that fits with NEW new tokens (kivi_jax.max_context), "
