@@ -236,20 +236,21 @@ LONGEST_SEARCH = 1 << 24
 shapes' windows widened to it (`fit_window`)."""
 
 
-def longest_plan(shape: str, method: str, new: int, memory_bytes: int, layout: str) -> int:
+def longest_plan(shape: str, method: str, new: int, memory_bytes: int, layout: str,
+                 mesh: tuple[int, int] | None = None) -> int:
   """The prompt the longest-context row of `method` at `shape` runs:
   `kivi_jax.max_context` with `new` tokens to decode, the window widened to
-  `LONGEST_SEARCH`, `memory_bytes` for the allocator, cuDNN's prompt attention
-  and the cache `layout` the device takes ("pairs" for KIVI on a Hopper GPU,
-  "slots" for fp16)."""
+  `LONGEST_SEARCH`, `memory_bytes` for the allocator (each device's over a
+  `mesh` `(1, model)`), cuDNN's prompt attention and the cache `layout` the
+  device takes ("pairs" for KIVI on a Hopper GPU, "slots" for fp16 or a mesh)."""
   config = fit_window(SHAPES[shape], LONGEST_SEARCH)[0]
   model = Model(config, jax.eval_shape(lambda: random_model(config).params))
   return memory.max_context(model, get_preset(method), new, memory_bytes=memory_bytes,
-                            flash=True, layout=layout)
+                            flash=True, layout=layout, mesh=mesh)
 
 
 def time_longest(model: Model, method: str, prompt: int, new: int,
-                 impl: str = "auto") -> dict:
+                 impl: str = "auto", mesh=None) -> dict:
   """One `generate` call of one row of `prompt` + `new` tokens, its compiling
   included: P2's longest context asks that a row decodes there, and at what
   peak; the longest prompts' prefills take minutes, so once."""
@@ -257,16 +258,16 @@ def time_longest(model: Model, method: str, prompt: int, new: int,
   ids = _prompt(1, prompt, model.config.vocab_size)
   t0 = time.perf_counter()
   out = np.asarray(generate(model, ids, kv_config=kv, max_new_tokens=new, impl=impl,
-                            calibration=_calibration(model, kv), pad_token_id=0))
+                            calibration=_calibration(model, kv), pad_token_id=0, mesh=mesh))
   seconds = time.perf_counter() - t0
   assert out.shape == (1, new)
   flash = memory.uses_flash_attention(model.config, impl)
   length, _ = memory.generate_lengths(prompt, new, model.config.max_position_embeddings)
-  layout = resolve_layout("auto", model.config, kv, impl, jnp.dtype(model.config.dtype))
+  layout = resolve_layout("auto", model.config, kv, impl, jnp.dtype(model.config.dtype), mesh)
   return {"seconds_with_compile": seconds, "layout": layout,
           "cache_bytes": memory.cache_bytes(model.config, kv, 1, length, layout),
           "predicted_peak_bytes": memory.generate_bytes(model, kv, 1, prompt, new, flash,
-                                                        layout=layout)}
+                                                        layout=layout, mesh=mesh)}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnames=("cache",))
@@ -440,8 +441,8 @@ def _worker(spec: dict) -> dict:
                            spec["prompt"], spec["new"], mesh=mesh), **widened}
   elif kind == "longest":
     config, widened = fit_window(SHAPES[spec["shape"]], spec["prompt"] + spec["new"])
-    row = {**time_longest(random_model(config), spec["method"], spec["prompt"],
-                          spec["new"]), **widened}
+    row = {**time_longest(random_model(config, mesh=mesh), spec["method"], spec["prompt"],
+                          spec["new"], mesh=mesh), **widened}
   else:  # "step"
     row = time_decode_step(random_model(SHAPES[spec["shape"]], mesh=mesh), spec["method"],
                            spec["batch"], spec["context"], copy_tbps=spec.get("copy_tbps"),
@@ -544,9 +545,9 @@ def generate_benchmark(shape: str = "llama2-7b",
     longest_new = positive_int("longest_new", longest_new)
   if not row_timeout > 0:
     raise ValueError(f"row_timeout must be a positive number of seconds, got {row_timeout}")
-  if mesh is not None and longest_new is not None:
-    raise ValueError("the longest context over a mesh is not planned yet "
-                     "(kivi_jax.max_context counts one device): pass longest_new=None")
+  if mesh is not None and longest_new is not None and mesh[0] != 1:
+    raise ValueError(f"the longest context is a batch of one row, which splits over no "
+                     f"data axis: run it over a mesh of data=1 (got data={mesh[0]})")
   info = device_info(shape, methods)
   if info.get("error") == "no accelerator":
     raise RuntimeError("the generate benchmark measures a GPU or TPU: jax sees only the CPU "
@@ -614,7 +615,7 @@ def generate_benchmark(shape: str = "llama2-7b",
   if longest_new is not None:
     for method in methods:
       prompt = longest_plan(shape, method, longest_new, info["bytes_limit"],
-                            layouts.get(method, "auto"))
+                            "slots" if mesh else layouts.get(method, "auto"), mesh)
       while prompt > 0:
         row = run({"kind": "longest", "method": method, "batch": 1, "prompt": prompt,
                    "new": longest_new, "predicted_longest": True})

@@ -352,10 +352,11 @@ def max_batch(model, kv_config: KIVIConfig, prompt_tokens: int, new_tokens: int,
 
 def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1,
                 memory_bytes: int | None = None, flash: bool | None = None,
-                layout: str = "auto") -> int:
+                layout: str = "auto", mesh=None) -> int:
   """The longest prompt `batch` rows can bring to `generate` and still decode
   `new_tokens` more (PROTOCOLS.md P2's longest context): `max_batch` turned
-  around, the arguments as its. At most the model's window
+  around, the arguments as its (over a `mesh`, `batch` a multiple of its data
+  axis: a batch of one splits over the model axis alone). At most the model's window
   (`max_position_embeddings`) less `new_tokens`, past which `generate`
   refuses; 0 if not even a one-token prompt fits.
 
@@ -367,10 +368,14 @@ def max_context(model, kv_config: KIVIConfig, new_tokens: int, *, batch: int = 1
   "The longest context")."""
   new_tokens = positive_int("new_tokens", new_tokens)
   batch = positive_int("batch", batch)
+  data, _ = mesh_shape(mesh)
+  if batch % data:
+    raise ValueError(f"batch={batch} does not split over the mesh's data axis of {data} "
+                     f"devices: pass a multiple of {data} (or a mesh with data=1)")
   memory_bytes, flash = _plan(model, memory_bytes, flash)
   return _largest(lambda prompt: generate_bytes(
-      model, kv_config, batch, prompt, new_tokens, flash, layout=layout) <= memory_bytes,
-      limit=model.config.max_position_embeddings - new_tokens)
+      model, kv_config, batch, prompt, new_tokens, flash, layout=layout,
+      mesh=mesh) <= memory_bytes, limit=model.config.max_position_embeddings - new_tokens)
 
 
 def _plan(model, memory_bytes, flash) -> tuple[int, bool]:

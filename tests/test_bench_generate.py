@@ -156,7 +156,7 @@ def test_every_kernel_is_counted_as_attention_or_write():
     (["--shape", "llama-70b"], "unknown shape"),
     (["--mesh", "data=2"], "data=D,model=M"),
     (["--mesh", "data=2,model=x"], "data=D,model=M"),
-    (["--mesh", "data=1,model=1", "--longest-context", "8"], "longest context over a mesh"),
+    (["--mesh", "data=2,model=1", "--longest-context", "8"], "splits over no data axis"),
     (["--row-timeout", "0"], "--row-timeout must be a positive"),
     (["--row-timeout", "nan"], "--row-timeout must be a positive"),
     (["--batches", "0"], "--batches takes comma-separated positive integers, got '0'"),
@@ -213,11 +213,12 @@ def test_the_largest_batch_over_a_mesh_is_planned_for_each_device(monkeypatch):
   try stays one."""
   monkeypatch.setattr(bg, "device_info", lambda *_: {
       "kind": "device", "device": "fake", "bytes_limit": 80 * 2**30, "copy_tbps": 4.0})
-  specs = []
+  specs, calls = [], []
 
-  def measure(spec, **_):
+  def measure(spec, **_):  # the first row of all runs out of memory
     specs.append(spec)
-    return {**spec, **({"error": "out of memory"} if len(specs) == 1 else {})}
+    calls.append(spec)
+    return {**spec, **({"error": "out of memory"} if len(calls) == 1 else {})}
   monkeypatch.setattr(bg, "measure", measure)
   bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=((1024, 512),), batches=(),
                         step_batches=(), hf_batches=(), mesh=(2, 1), progress=lambda _: None)
@@ -228,6 +229,13 @@ def test_the_largest_batch_over_a_mesh_is_planned_for_each_device(monkeypatch):
   assert [(s["batch"], s["mesh"]) for s in specs] == [(best, [2, 1]),
                                                       (best // 2 * 9 // 10 * 2, [2, 1])]
   assert best % 2 == 0 and best > 2 * 100
+  # The longest context, a batch of one, over the model axis: each device's plan.
+  specs.clear()
+  bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=(), step_batches=(),
+                        hf_batches=(), mesh=(1, 2), longest_new=512, progress=lambda _: None)
+  plan = bg.longest_plan("llama2-7b", "kivi2", 512, 80 * 2**30, "slots", (1, 2))
+  assert [(s["kind"], s["prompt"], s["mesh"]) for s in specs] == [("longest", plan, [1, 2])]
+  assert plan > bg.longest_plan("llama2-7b", "kivi2", 512, 80 * 2**30, "slots")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without accelerator")
@@ -314,7 +322,8 @@ def test_the_longest_context_is_planned_and_shortened_while_out_of_memory(monkey
   shape's window widened), a tenth shorter while its row runs out of memory."""
   planned = []
 
-  def max_context(model, kv, new, *, memory_bytes, flash, layout):
+  def max_context(model, kv, new, *, memory_bytes, flash, layout, mesh):
+    assert mesh is None
     planned.append((model.config.max_position_embeddings, kv, new, memory_bytes, flash,
                     layout))
     return 1000

@@ -214,6 +214,18 @@ def test_max_context_of_a_quantized_cache_is_bound_by_the_prefill():
   assert n["fp16"] < n["kivi2"] < n["fp16"] * per_token["fp16"] / per_token["kivi2"] / 2
 
 
+def test_max_context_over_a_mesh_plans_each_device():
+  # As max_batch's plan: data=2 holds two rows as one device holds one; the
+  # model axis splits the weights and the cache, so a row's prompt is longer.
+  kv = kivi_jax.get_preset("kivi2")
+  plan = dict(memory_bytes=2 * 10**9, flash=True)
+  one = memory.max_context(SMALL_MODEL, kv, 64, **plan)
+  assert memory.max_context(SMALL_MODEL, kv, 64, batch=2, mesh=(2, 1), **plan) == one
+  assert memory.max_context(SMALL_MODEL, kv, 64, mesh=(1, 2), **plan) > one
+  with pytest.raises(ValueError, match="batch=1 does not split over the mesh's data axis of 2"):
+    memory.max_context(SMALL_MODEL, kv, 64, mesh=(2, 1), **plan)
+
+
 def test_max_context_stops_at_the_window():
   """`generate` refuses a cache past the model's window: so does the plan."""
   small = dataclasses.replace(SMALL, max_position_embeddings=2048)
@@ -333,7 +345,8 @@ def test_the_estimate_covers_every_peak_measured_on_the_gpu(monkeypatch):
       layout = "slots"
     estimate = memory.generate_bytes(models[config], kivi_jax.get_preset(r["method"]),
                                      r["batch"], r["prompt"], r["new"], True,
-                                     rows=r.get("prefill_rows", 1), layout=layout)
+                                     rows=r.get("prefill_rows", 1), layout=layout,
+                                     mesh=tuple(r["mesh"]) if r.get("mesh") else None)
     if r["commit"] in EMPTY_CACHE_COPIED and r.get("prefill_rows", 1) >= r["batch"]:
       estimate += r["cache_bytes"]
     where = f"{r['shape']} {r['method']} {r['batch']} x {r['prompt']} + {r['new']}"
