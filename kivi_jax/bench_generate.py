@@ -188,7 +188,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   ids = _prompt(batch, prompt, model.config.vocab_size)
   length = prompt + new
   cache_total = memory.cache_bytes(model.config, kv, batch, length)
-  rows = prefill_chunk_rows(model, kv, batch, prompt, length, cache_total, impl, mesh)
+  rows = prefill_chunk_rows(model, kv, batch, prompt, length, impl, mesh)
   empty = init_cache(model.config, kv, rows, length, impl=impl, calibration=calib, mesh=mesh)
   args = (model.params, _rows(ids, mesh), _rows(np.ones_like(ids), mesh), empty)
   # Each result is dropped before the next call: two caches of the largest
@@ -293,8 +293,7 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
   calib = _calibration(model, kv)
   ids = _rows(_prompt(batch, context, model.config.vocab_size), mesh)
   capacity = context + steps * (repeats + 2)
-  rows = prefill_chunk_rows(model, kv, batch, context, capacity,
-                            memory.cache_bytes(model.config, kv, batch, capacity), impl, mesh)
+  rows = prefill_chunk_rows(model, kv, batch, context, capacity, impl, mesh)
   empty = init_cache(model.config, kv, rows, capacity, impl=impl, calibration=calib,
                      mesh=mesh, layout=layout)
   logits, cache = _prefill(model.params, ids, jnp.ones_like(ids), empty, config=model.config)

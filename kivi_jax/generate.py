@@ -252,7 +252,7 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
               "pass fewer rows or a shorter max_new_tokens (kivi_jax.max_batch says how "
               "many rows fit)")
   width = memory.bucket(t, max_length)  # the prompts padded (masked) to it
-  rows = prefill_chunk_rows(model, kv_config, b, width, max_length, cache_total, impl, mesh)
+  rows = prefill_chunk_rows(model, kv_config, b, width, max_length, impl, mesh)
   empty = init_cache(model.config, kv_config, rows, max_length, impl=impl,
                      calibration=calibration, mesh=mesh)
   pad = ((0, 0), (0, width - t))
@@ -262,19 +262,13 @@ def _prefill_checked(model, input_ids, attention_mask, kv_config: KIVIConfig,
 
 
 def prefill_chunk_rows(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
-                       max_length: int, cache_total: int, impl: str, mesh=None) -> int:
-  """The rows a prefill runs at once (`_prefill`'s chunks): the most whose
-  workspace fits beside a cache of `cache_total` bytes (`memory.prefill_rows`);
-  over a `mesh`, that many of each data shard's rows, beside the share of the
-  cache one device holds (`memory.device_cache_bytes`)."""
-  flash = memory.uses_flash_attention(model.config, impl)
-  if mesh is None:
-    return memory.prefill_rows(batch, model.config, kv_config, prompt_tokens, max_length,
-                               memory.workspace_bytes(cache_total), flash)
-  shards = mesh.shape[sharding.DATA]
-  held = memory.device_cache_bytes(model.config, kv_config, batch, max_length, mesh=mesh)
-  return shards * memory.prefill_rows(batch // shards, model.config, kv_config, prompt_tokens,
-                                      max_length, memory.workspace_bytes(held), flash, "slots")
+                       max_length: int, impl: str, mesh=None) -> int:
+  """The rows a prefill runs at once (`_prefill`'s chunks): `memory.chunk_rows`
+  for this backend's prompt attention; over a `mesh`, as many of each data
+  shard's rows, beside the share of the cache one device holds."""
+  return memory.chunk_rows(model.config, kv_config, batch, prompt_tokens, max_length,
+                           memory.uses_flash_attention(model.config, impl),
+                           "auto" if mesh is None else "slots", mesh)
 
 
 def _params(model, mesh):

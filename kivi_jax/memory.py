@@ -199,6 +199,18 @@ def prefill_rows(batch: int, model_config, kv_config: KIVIConfig, prompt_tokens:
   return int(max(1, min(batch, budget_bytes // per_row, PREFILL_TOKENS // prompt_tokens)))
 
 
+def chunk_rows(model_config, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
+               max_length: int, flash: bool, layout: str = "auto", mesh=None) -> int:
+  """The rows `generate`'s prefill runs at once: `prefill_rows` of the batch
+  beside its cache's `workspace_bytes`; over `mesh` (`mesh_shape`'s argument),
+  that many of each data shard's rows beside the cache one device holds
+  (`device_cache_bytes`), times the data axis."""
+  data, _ = mesh_shape(mesh)
+  held = device_cache_bytes(model_config, kv_config, batch, max_length, layout, mesh)
+  return data * prefill_rows(-(-batch // data), model_config, kv_config, prompt_tokens,
+                             max_length, workspace_bytes(held), flash, layout)
+
+
 def workspace_bytes(cache_total: int) -> int:
   """What the prefill's activations may take: a tenth of the cache, and at
   least `FIXED_WORKSPACE`."""
@@ -291,8 +303,7 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
   cache = device_cache_bytes(config, kv_config, batch, length, layout, mesh)
   own = -(-batch // data)  # a data shard's rows
   if rows is None:
-    rows = data * prefill_rows(own, config, kv_config, width, length, workspace_bytes(cache),
-                               flash, layout)
+    rows = chunk_rows(config, kv_config, batch, width, length, flash, layout, mesh)
   prefill = -(-rows // data) * prefill_bytes_per_row(config, kv_config, width, length, flash,
                                                      layout)
   if rows >= batch:

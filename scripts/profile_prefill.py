@@ -22,7 +22,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kivi_jax import memory
 from kivi_jax.bench_generate import (SHAPES, _calibration, _prompt, fit_window, random_model,
                                      summarize_trace)
 from kivi_jax.cache import init_cache
@@ -48,8 +47,7 @@ def measure(model, method: str, batch: int, prompt: int, new: int) -> dict:
   kv = get_preset(method)
   length = prompt + new
   ids = jnp.asarray(_prompt(batch, prompt, model.config.vocab_size))
-  rows = prefill_chunk_rows(model, kv, batch, prompt, length,
-                            memory.cache_bytes(model.config, kv, batch, length), "auto")
+  rows = prefill_chunk_rows(model, kv, batch, prompt, length, "auto")
   empty = init_cache(model.config, kv, rows, length, calibration=_calibration(model, kv))
   args = (model.params, ids, jnp.ones_like(ids), empty)
   times = []

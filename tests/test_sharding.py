@@ -109,8 +109,7 @@ def test_a_prefill_in_chunks_of_each_shards_rows_equals_one_device(method, shape
   mesh = kivi_jax.make_mesh(*shape)
   model = kivi_jax.shard_model(_model(), mesh)
   kv = _config(method)
-  rows = prefill_chunk_rows(
-      model, kv, 8, 128, 128, memory.cache_bytes(model.config, kv, 8, 128), "auto", mesh)
+  rows = prefill_chunk_rows(model, kv, 8, 128, 128, "auto", mesh)
   assert rows == shape[0] * chunk
   np.testing.assert_array_equal(_generate(method, mesh), _one_device(method))
 
