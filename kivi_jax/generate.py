@@ -267,8 +267,7 @@ def prefill_chunk_rows(model, kv_config: KIVIConfig, batch: int, prompt_tokens: 
   for this backend's prompt attention; over a `mesh`, as many of each data
   shard's rows, beside the share of the cache one device holds."""
   return memory.chunk_rows(model.config, kv_config, batch, prompt_tokens, max_length,
-                           memory.uses_flash_attention(model.config, impl),
-                           "auto" if mesh is None else "slots", mesh)
+                           memory.uses_flash_attention(model.config, impl), mesh=mesh)
 
 
 def _params(model, mesh):

@@ -206,9 +206,16 @@ def chunk_rows(model_config, kv_config: KIVIConfig, batch: int, prompt_tokens: i
   that many of each data shard's rows beside the cache one device holds
   (`device_cache_bytes`), times the data axis."""
   data, _ = mesh_shape(mesh)
+  layout = _split_layout(layout, mesh)
   held = device_cache_bytes(model_config, kv_config, batch, max_length, layout, mesh)
   return data * prefill_rows(-(-batch // data), model_config, kv_config, prompt_tokens,
                              max_length, workspace_bytes(held), flash, layout)
+
+
+def _split_layout(layout: str, mesh) -> str:
+  """`layout`, "auto" over a `mesh` resolved to the slots a split cache keeps
+  (`kivi_jax.cache.resolve_layout`)."""
+  return "slots" if mesh is not None and layout == "auto" else layout
 
 
 def workspace_bytes(cache_total: int) -> int:
@@ -298,8 +305,7 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
   data, split = mesh_shape(mesh)
   weights = _device_bytes(model.params, sharding.param_specs(model.params), split)
   length, width = generate_lengths(prompt_tokens, new_tokens, config.max_position_embeddings)
-  if mesh is not None and layout == "auto":
-    layout = "slots"  # a split cache's (`kivi_jax.cache.resolve_layout`)
+  layout = _split_layout(layout, mesh)
   cache = device_cache_bytes(config, kv_config, batch, length, layout, mesh)
   own = -(-batch // data)  # a data shard's rows
   if rows is None:
