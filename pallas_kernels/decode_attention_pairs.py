@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -532,6 +533,210 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
   return totals(zsum, red_smem)
 
 
+def _rows_of(ref):
+  """`[64, 8]` float32 in the WGMMA layout, row t holding `ref[t]` (`ref`
+  `[64]` float32 in shared memory) in every column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def rows(ctx, r):
+    del ctx
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
+    one = ir.VectorType.get((1,), ir.F32Type.get())
+    for idx in np.ndindex(out.shape):
+      v = vector.load(one, r, [where[idx][0]])
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return rows(ref)
+
+
+def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, group: int,
+                  d: int, step: int):
+  """Two kernels for one query row (`folds`), the first: each token's scaled,
+  masked score (`[B, K, steps x step]` float32; tokens of steps a split does
+  not read are left unwritten) and each split's maximum (`[B, K, S, 8]`, the
+  columns equal). Folded keys as `_build`'s: no softmax here."""
+  steps = -(-capacity // step)
+  per = -(-steps // splits)
+  k_words = d * k_bits // 32
+  boxes = step // TMA_ROWS
+  sm_scale = 1 / math.sqrt(d)
+  wg = plgpu.Layout.WGMMA
+
+  def kivi_pair_scores(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_out, m_out, q_smem,
+                       kw_smem, ks_smem, kz_smem, qp_smem, corr_smem, bar_q, bars):
+    bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+    n_valid, lo = n_ref[bi], lo_ref[bi]
+    first, n_steps = split_steps(s, n_valid, lo, per, step)
+
+    def fetch(i, slot):
+      st = first + i
+      bar = bars.at[slot]
+      for u in range(boxes):
+        t0 = st * step + u * TMA_ROWS
+        plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
+                                kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
+      groups = pl.ds(st * (step // group), step // group)
+      plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
+      plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
+
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, h], q_smem, bar_q)
+    pl.when(n_steps > 0)(lambda: fetch(0, 0))
+    plgpu.barrier_wait(bar_q)
+    load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
+    tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, 8), 0, layout=wg)
+
+    def step_body(i, mx):
+      slot = lax.rem(i, 2)
+      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
+
+      @pl.when(i + 1 < n_steps)
+      def _():
+        fetch(i + 1, lax.rem(i + 1, 2))
+      plgpu.barrier_wait(bars.at[slot])
+      t_step = (first + i) * step
+      _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
+      plgpu.commit_smem()
+      corr = _corr_rows(corr_smem)
+      for jp in range(step // PAIR):
+        k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]), None, None,
+                     k_bits, group)
+
+        def qk(acc_ref, k=k):
+          plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+        st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
+                           [(PAIR * jp + 16 * w) // group for w in range(4)]) * sm_scale
+        tok = t_step + PAIR * jp + tok_in
+        st = jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
+        _store_row(st, s_out.at[bi, h, pl.ds(t_step + PAIR * jp, PAIR)])
+        mx = jnp.maximum(mx, st)
+      return mx
+
+    mx0 = plgpu.layout_cast(jnp.full((PAIR, 8), _NEG, jnp.float32), wg)
+    mx = lax.fori_loop(0, n_steps, step_body, mx0)
+    m_out[bi, h, s] = mx.max(axis=0)
+
+  scratch = [
+      plgpu.SMEM((1, d), jnp.bfloat16),
+      plgpu.SMEM((2, step, k_words), jnp.uint32),
+      plgpu.SMEM((2, step // group, d), jnp.bfloat16),
+      plgpu.SMEM((2, step // group, d), jnp.bfloat16),
+      plgpu.SMEM((step // group, d), jnp.bfloat16, transforms=(
+          plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
+      plgpu.SMEM((step // group,), jnp.float32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_arrivals=2 + boxes, num_barriers=2),
+  ]
+  return plgpu.kernel(
+      kivi_pair_scores,  # the kernel's name in profiles
+      out_type=[jax.ShapeDtypeStruct((b, kh, steps * step), jnp.float32),
+                jax.ShapeDtypeStruct((b, kh, splits, 8), jnp.float32)],
+      scratch_types=scratch, grid=(b, kh, splits), grid_names=("b", "h", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
+
+
+def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, group: int,
+                  d: int, step: int):
+  """The second of the two kernels: per split, `p = exp(s - m)` with the
+  split's maximum from the first (no running maximum, no rescaling), `l` and
+  the folded values' `acc` `[B, K, S, D]` as `_build`'s."""
+  steps = -(-capacity // step)
+  per = -(-steps // splits)
+  cg = min(group, d)
+  ng = d // cg
+  v_words = SPAN * v_bits // 32
+  boxes = step // TMA_ROWS
+  wg = plgpu.Layout.WGMMA
+
+  def kivi_pair_values(s_ref, m_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, o_out, l_out,
+                       sc_smem, vw_smem, vs_smem, p_smem, red_smem, bars):
+    bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+    n_valid, lo = n_ref[bi], lo_ref[bi]
+    first, n_steps = split_steps(s, n_valid, lo, per, step)
+    m = m_ref[bi, h, s, 0]
+
+    def fetch(i, slot):
+      st = first + i
+      bar = bars.at[slot]
+      plgpu.copy_gmem_to_smem(vw_ref.at[bi, h, :, pl.ds(st * (step // SPAN) * v_words,
+                                                         step // SPAN * v_words)],
+                              vw_smem.at[slot], bar)
+      for u in range(boxes):
+        t0 = st * step + u * TMA_ROWS
+        plgpu.copy_gmem_to_smem(s_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
+                                sc_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+                                vs_smem.at[slot, u, pl.ds(0, ng)], bar)
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+                                vs_smem.at[slot, u, pl.ds(ng, ng)], bar)
+
+    pl.when(n_steps > 0)(lambda: fetch(0, 0))
+    load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
+
+    def step_body(i, carry):
+      slot = lax.rem(i, 2)
+      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
+
+      @pl.when(i + 1 < n_steps)
+      def _():
+        fetch(i + 1, lax.rem(i + 1, 2))
+      plgpu.barrier_wait(bars.at[slot])
+      l, *acc, zsum = carry
+      for c in range(step // SPAN):  # V^T tiles of the step
+        p_buf = p_smem.at[c % 2]
+        for u in range(SPAN // PAIR):
+          t = SPAN * c + PAIR * u
+          p = jnp.exp(_rows_of(sc_smem.at[slot, pl.ds(t, PAIR)]) - m)
+          l = l + p
+          p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
+              p, vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)], zsum,
+              ng)
+        plgpu.commit_smem()
+        rows = d // len(acc)
+        out = []
+        for part, a in enumerate(acc):
+          words = load_words(
+              vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
+          vt = _dequant(words, None, None, v_bits, cg, jnp.float16)
+
+          def pv(acc_ref, vt=vt):
+            plgpu.wgmma(acc_ref, vt, p_buf)
+          out.append(pl.run_state(pv)(plgpu.ACC.init(a)))
+        acc = out
+      return (l, *acc, zsum)
+
+    l0 = plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg)
+    a0 = tuple(plgpu.layout_cast(jnp.full((d // 2, 16), 0.0, jnp.float32), wg)
+               for _ in range(2))
+    z0 = plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg)
+    l, *acc, zsum = lax.fori_loop(0, n_steps, step_body, (l0, *a0, z0))
+    groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(2)]
+    zeros = _zero_totals(zsum, red_smem, ng, groups)
+    for part, a in enumerate(acc):
+      _store_row(_pick_columns(a, groups[part]) + zeros[part],
+                 o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
+    l_out[bi, h, s] = l.sum(axis=0)
+
+  scratch = [
+      plgpu.SMEM((2, step), jnp.float32),
+      plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
+      plgpu.SMEM((2, boxes, 2 * ng, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((2, 2 * PAIR, 16), jnp.float16, transforms=(
+          plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))),
+      plgpu.SMEM((4, ng), jnp.float32),
+      plgpu.Barrier(num_arrivals=1 + 3 * boxes, num_barriers=2),
+  ]
+  return plgpu.kernel(
+      kivi_pair_values,  # the kernel's name in profiles
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d), jnp.float32),
+                jax.ShapeDtypeStruct((b, kh, splits, 8), jnp.float32)],
+      scratch_types=scratch, grid=(b, kh, splits), grid_names=("b", "h", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
+
+
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
            v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
@@ -759,11 +964,19 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                      f"{math.lcm(SPAN, group_size)} tokens and at least a step, {step}")
   n_rows = 8 if m_rows <= 8 else 16
   halves = values_in_halves(k_bits, v_bits, d)
+  folded = folds(k_bits, v_bits, group_size, d, m_rows)
+  two = folded and os.environ.get("KIVI_EXP_TWOPHASE", "0") == "1"
   if splits is None:
     # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
     third = halves and step == UPDATE
-    splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
-  folded = folds(k_bits, v_bits, group_size, d, m_rows)
+    blocks = int(os.environ.get("KIVI_EXP_TP_BLOCKS", "3")) if two else 3 if third else 2
+    splits = default_splits(b, kh, -(-capacity // step), blocks)
+  if two:  # experiment: the scores, then the values, in two kernels
+    sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step)(
+        q, k_codes, k_scale, k_zero, n_valid.astype(jnp.int32), lo.astype(jnp.int32))
+    o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step)(
+        sc, m, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32), lo.astype(jnp.int32))
+    return o[..., None, :], m[..., :1], l[..., :1]
   if not folded:  # (folded: the one row as it is)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
