@@ -652,7 +652,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
   wg = plgpu.Layout.WGMMA
 
   def kivi_pair_values(s_ref, m_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, o_out, l_out,
-                       sc_smem, vw_smem, vs_smem, p_smem, red_smem, bars):
+                       sc_smem, vw_smem, vs_smem, p0_smem, p1_smem, red_smem, bars):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
@@ -686,7 +686,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
       plgpu.barrier_wait(bars.at[slot])
       l, *acc, zsum = carry
       for c in range(step // SPAN):  # V^T tiles of the step
-        p_buf = p_smem.at[c % 2]
+        p_buf = (p0_smem, p1_smem)[c % 2]  # no index closed over by run_state
         for u in range(SPAN // PAIR):
           t = SPAN * c + PAIR * u
           p = jnp.exp(_rows_of(sc_smem.at[slot, pl.ds(t, PAIR)]) - m)
@@ -724,8 +724,8 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
       plgpu.SMEM((2, step), jnp.float32),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
       plgpu.SMEM((2, boxes, 2 * ng, TMA_ROWS), jnp.bfloat16),
-      plgpu.SMEM((2, 2 * PAIR, 16), jnp.float16, transforms=(
-          plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))),
+      *[plgpu.SMEM((2 * PAIR, 16), jnp.float16, transforms=(
+          plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))) for _ in range(2)],
       plgpu.SMEM((4, ng), jnp.float32),
       plgpu.Barrier(num_arrivals=1 + 3 * boxes, num_barriers=2),
   ]
