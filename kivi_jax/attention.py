@@ -287,7 +287,7 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   nq = n_quantized(lengths, config)
   which = resolve_impl(impl, config, d, hkv, 1)
   if layer.layout == "pairs":
-    # The pair layout's one kernel is Hopper's; elsewhere jnp reads it.
+    # The pair layout's kernels are Hopper's; elsewhere jnp reads it.
     which = ("pairs" if _pair_kernel_reads(impl, config, layer, q.dtype, rep, rope_inv_freq)
              else "reference")
   if which == "pairs":

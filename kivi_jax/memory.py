@@ -168,19 +168,21 @@ def _row_cache_bytes(model_config, kv_config: KIVIConfig, max_length: int, layou
           - cache_bytes(model_config, kv_config, 1, max_length, layout))
 
 
-def decode_bytes_per_row(model_config, kv_config: KIVIConfig) -> int:
+def decode_bytes_per_row(model_config, kv_config: KIVIConfig, max_length: int) -> int:
   """An upper estimate of one row's decode-step temporaries: the float32
   logits three times (with two, `generate_bytes` fell 0.37 GB short of the
   peak measured for 1439 rows of Llama-3-8B shapes on an H200, 2026-12-03,
   where this share is the larger), the flushed group's keys and values as
-  read and as written, and the decode kernel's float32 partials (query rows
-  padded to 16)."""
+  read and as written, the decode kernel's float32 partials (query rows
+  padded to 16), and the scores the folded pair kernels pass through HBM
+  (float32 a token and kv head of `max_length`, `decode_attention_pairs`)."""
   c = model_config
   itemsize = np.dtype(c.dtype).itemsize
   kv = c.num_kv_heads * c.head_dim
   group = kv_config.group_size
   return int(3 * c.vocab_size * 4 + 4 * group * kv * itemsize
-             + c.num_kv_heads * max(16, c.num_heads // c.num_kv_heads) * c.head_dim * 4)
+             + c.num_kv_heads * max(16, c.num_heads // c.num_kv_heads) * c.head_dim * 4
+             + c.num_kv_heads * max_length * 4)
 
 
 PREFILL_TOKENS = 8192
@@ -321,7 +323,7 @@ def generate_bytes(model, kv_config: KIVIConfig, batch: int, prompt_tokens: int,
     # context"); with the MLP in chunks, rows of up to 602,816 tokens at 66 and 41
     # (the estimate's 83-85 and 52-55: `activation_bytes_per_row`).
     prefill -= 2 * own * _row_cache_bytes(config, kv_config, length, layout)
-  decode = own * decode_bytes_per_row(config, kv_config)
+  decode = own * decode_bytes_per_row(config, kv_config, length)
   return weights + cache + FIXED_WORKSPACE + max(prefill, decode)
 
 

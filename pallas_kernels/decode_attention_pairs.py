@@ -33,7 +33,13 @@ zero loaded, no `fma`):
           groups (codes and P' in fp16: one rounding of p s, 2^-11), the
           zeros' sums kept in float32 on CUDA cores and added at the end.
 q's one row is read as it is (no padding) and the output's one row written
-alone (`acc` `[B, K, S, D]` in the kernel).
+alone (`acc` `[B, K, S, D]` in the kernel). The folded form runs as two
+kernels: `kivi_pair_scores` writes each token's scaled, masked score (4 bytes
+a token and kv head through HBM) and each split's maximum, then
+`kivi_pair_values` takes `p = exp(s - m)` with the split's maximum known: no
+running maximum, no rescaling, each kernel holding half of what one kernel
+held (9% fewer instructions; in a 256-row Llama-2-7B KIVI-2 step 5% shorter
+than one kernel on an H100: `benchmarks/NOTES.md`, "Scores, then values").
 
 One warpgroup per (batch row, kv head, split); each split walks steps of
 `step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
@@ -63,7 +69,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +134,8 @@ def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   side by side in N = 8, a head's 4 value groups in P^T's columns), codes
   below 8 bits. 19% fewer instructions at 168 registers; the whole decode
   attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
-  3.6% (H200, `benchmarks/NOTES.md`, "Folded scales")."""
+  3.6% (H200, `benchmarks/NOTES.md`, "Folded scales"); as two kernels
+  (`_build_scores`, `_build_values`) since 2026-12-06."""
   return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
 
 
@@ -396,23 +402,29 @@ def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
   build(scales, zeros, q_smem, qp_smem, corr_smem)
 
 
-def _corr_rows(corr_smem):
-  """`[64, 8]` float32 in the WGMMA layout, column g holding `corr[g]` in every
-  row: the scores' accumulator before the codes' product."""
+def _broadcast(ref, axis: int):
+  """`[64, 8]` float32 in the WGMMA layout from float32 `ref` in shared memory:
+  axis 1, column g holding `ref[g]` in every row (`corr`, the scores'
+  accumulator before the codes' product); axis 0, row t holding `ref[t]` in
+  every column (64 tokens' scores)."""
   wg = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
                      return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
-  def rows(ctx, corr):
+  def broadcast(ctx, r):
     del ctx
     layout = mgpu.WGMMA_LAYOUT
     out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
-    pair = ir.VectorType.get((2,), ir.F32Type.get())
     for idx in np.ndindex(out.shape):
-      out[idx] = vector.load(pair, corr, [where[idx][1]])
+      if axis:  # a register's two columns, side by side in `ref`
+        out[idx] = vector.load(ir.VectorType.get((2,), ir.F32Type.get()), r,
+                               [where[idx][axis]])
+      else:  # a register's one row, twice
+        v = vector.load(ir.VectorType.get((1,), ir.F32Type.get()), r, [where[idx][axis]])
+        out[idx] = mgpu_utils.vector_concat([v, v])
     return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return rows(corr_smem)
+  return broadcast(ref)
 
 
 def _scaled_probabilities(p, sz_ref, zsum, ng: int):
@@ -533,32 +545,12 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
   return totals(zsum, red_smem)
 
 
-def _rows_of(ref):
-  """`[64, 8]` float32 in the WGMMA layout, row t holding `ref[t]` (`ref`
-  `[64]` float32 in shared memory) in every column."""
-  wg = plgpu.Layout.WGMMA
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
-  def rows(ctx, r):
-    del ctx
-    layout = mgpu.WGMMA_LAYOUT
-    out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
-    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
-    one = ir.VectorType.get((1,), ir.F32Type.get())
-    for idx in np.ndindex(out.shape):
-      v = vector.load(one, r, [where[idx][0]])
-      out[idx] = mgpu_utils.vector_concat([v, v])
-    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
-  return rows(ref)
-
-
 def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, group: int,
                   d: int, step: int):
   """Two kernels for one query row (`folds`), the first: each token's scaled,
   masked score (`[B, K, steps x step]` float32; tokens of steps a split does
   not read are left unwritten) and each split's maximum (`[B, K, S, 8]`, the
-  columns equal). Folded keys as `_build`'s: no softmax here."""
+  columns equal). The keys folded (module docstring): no softmax here."""
   steps = -(-capacity // step)
   per = -(-steps // splits)
   k_words = d * k_bits // 32
@@ -600,7 +592,7 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
       t_step = (first + i) * step
       _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
       plgpu.commit_smem()
-      corr = _corr_rows(corr_smem)
+      corr = _broadcast(corr_smem, 1)
       for jp in range(step // PAIR):
         k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]), None, None,
                      k_bits, group)
@@ -642,7 +634,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
                   d: int, step: int):
   """The second of the two kernels: per split, `p = exp(s - m)` with the
   split's maximum from the first (no running maximum, no rescaling), `l` and
-  the folded values' `acc` `[B, K, S, D]` as `_build`'s."""
+  the folded values' `acc` `[B, K, S, D]` (module docstring)."""
   steps = -(-capacity // step)
   per = -(-steps // splits)
   cg = min(group, d)
@@ -689,7 +681,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
         p_buf = (p0_smem, p1_smem)[c % 2]  # no index closed over by run_state
         for u in range(SPAN // PAIR):
           t = SPAN * c + PAIR * u
-          p = jnp.exp(_rows_of(sc_smem.at[slot, pl.ds(t, PAIR)]) - m)
+          p = jnp.exp(_broadcast(sc_smem.at[slot, pl.ds(t, PAIR)], 0) - m)
           l = l + p
           p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
               p, vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)], zsum,
@@ -738,10 +730,9 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
 
 
 def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int,
-           v_bits: int, group: int, d: int, step: int, v_halves: bool, folded: bool = False):
+           v_bits: int, group: int, d: int, step: int, v_halves: bool):
   """The kernel over the grid (B, K, splits), `n_rows` (8 or 16) query rows,
-  heads `d` wide; `folded`: one query row (read and written alone), the
-  scales and zeros folded into the query and the probabilities."""
+  heads `d` wide."""
   steps = -(-capacity // step)  # the last may run past the block (read as zeros)
   per = -(-steps // splits)
   cg = min(group, d)
@@ -757,7 +748,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
   def kivi_pair_decode_attention(q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref,
                                  n_ref, lo_ref, o_out, m_out, l_out, q_smem, kw_smem,
                                  ks_smem, kz_smem, vw_smem, vs_smem, vz_smem, p_smem, bar_q,
-                                 bars, *fold_smem):
+                                 bars):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
@@ -772,11 +763,10 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         t0 = st * step + u * TMA_ROWS
         plgpu.copy_gmem_to_smem(kw_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
                                 kw_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
-        # Folded: a token's value scales and zeros side by side in one buffer.
-        vs_dst = vs_smem.at[slot, u, pl.ds(0, ng)] if folded else vs_smem.at[slot, u]
-        vz_dst = vs_smem.at[slot, u, pl.ds(ng, ng)] if folded else vz_smem.at[slot, u]
-        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vs_dst, bar)
-        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vz_dst, bar)
+        plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vs_smem.at[slot, u],
+                                bar)
+        plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)], vz_smem.at[slot, u],
+                                bar)
       groups = pl.ds(st * (step // group), step // group)
       plgpu.copy_gmem_to_smem(ks_ref.at[bi, h, groups], ks_smem.at[slot], bar)
       plgpu.copy_gmem_to_smem(kz_ref.at[bi, h, groups], kz_smem.at[slot], bar)
@@ -787,8 +777,6 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     # Word tiles in the WGMMA layout (their rows' strides conflict on banks).
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
-    if folded:
-      qp_smem, corr_smem, red_smem = fold_smem
 
     def step_body(i, carry):
       slot = lax.rem(i, 2)
@@ -799,53 +787,29 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         fetch(i + 1, lax.rem(i + 1, 2))
       plgpu.barrier_wait(bars.at[slot])
       t_step = (first + i) * step
-      if folded:
-        # The step's groups' scaled queries q o s_g (`wgmma`'s B) and q . z_g.
-        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
-        plgpu.commit_smem()
-        corr = _corr_rows(corr_smem)
 
-      def scores(jp, u):
-        """S^T [64 tokens, N] of tile `jp` of the step (`u` of its update),
-        scaled and masked."""
+      def scores(jp):
+        """S^T [64 tokens, N] of tile `jp` of the step, scaled and masked."""
         words = load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)])
-        if folded:  # q . z_g + codes against q o s_g; each row its own group's column
-          k = _dequant(words, None, None, k_bits, group)
+        k = _dequant(words,
+                     ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                     kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
+                     k_bits, group)
 
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
-          # One update a step (`step == UPDATE`): tile u holds the step's groups
-          # (64 u + 16 w) // G, warp w's rows.
-          st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
-                             [(PAIR * u + 16 * w) // group for w in range(4)]) * sm_scale
-        else:
-          k = _dequant(words,
-                       ks_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       kz_smem.at[slot, pl.ds(PAIR * jp // group, max(1, PAIR // group))],
-                       k_bits, group)
-
-          def qk(acc_ref):
-            plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
-            return acc_ref[...]
-          st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(q_smem, (1, 0)))
+          return acc_ref[...]
+        st = pl.run_scoped(qk, plgpu.ACC((PAIR, n_rows), jnp.float32)) * sm_scale
         tok = t_step + PAIR * jp + tok_in
         return jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
 
       def values(c, ps, accs):
         """accs + V^T P^T over V^T tile `c` of the step (its probabilities `ps`,
-        two S^T tiles'), in `len(accs)` parts of channels (folded: the parts,
-        then the zeros' partial sums)."""
+        two S^T tiles'), in `len(accs)` parts of channels."""
         # Two buffers: the commit before one's stores follows every warp's wait
         # on the other's product.
         p_buf = p_smem.at[lax.rem(c, 2)]
-        if folded:
-          *accs, zsum = accs
         for u in range(2):
-          if folded:  # columns: p o s_g of the channel groups g; p . z_g in float32
-            p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
-                ps[u], vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)],
-                zsum, ng)
-            continue
           pu = ps[u].astype(jnp.bfloat16)
           p_buf[pl.ds(PAIR * u, PAIR)] = _with_columns(pu, 16, wg) if n_rows == 8 else pu
         plgpu.commit_smem()
@@ -855,31 +819,24 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
           at = pl.ds(rows * part // cg, max(1, rows // cg))
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          vt = _dequant(words, None, None, v_bits, cg, jnp.float16) if folded else _dequant(
-              words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
-              vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
+          vt = _dequant(words, vs_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)],
+                        vz_smem.at[slot, c // 2, at, pl.ds(SPAN * (c % 2), SPAN)], v_bits, cg)
 
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
           out.append(pl.run_state(pv)(plgpu.ACC.init(acc)))
-        return (*out, zsum) if folded else tuple(out)
+        return tuple(out)
 
       def update(c, carry):
         """The scores of `UPDATE` tokens, one softmax update, their values."""
         m, l, acc = carry
-        sts = [scores(UPDATE // PAIR * c + u, u) for u in range(UPDATE // PAIR)]
+        sts = [scores(UPDATE // PAIR * c + u) for u in range(UPDATE // PAIR)]
         m_new = jnp.maximum(m, functools.reduce(jnp.maximum, sts).max(axis=0))
         alpha = jnp.exp(m - m_new)
         ps = [jnp.exp(st - lax.broadcast_in_dim(m_new, st.shape, [1])) for st in sts]
         l = l * lax.broadcast_in_dim(alpha, l.shape, [1]) + functools.reduce(jnp.add, ps)
-        rescale = lambda a, alpha: a * lax.broadcast_in_dim(alpha, a.shape, [1])  # noqa: E731
-        if folded:  # the zeros' partial sums, 8 columns
-          *acc, zsum = acc
-          zsum = rescale(zsum, alpha)
         alpha = _with_columns(alpha, 16, wg.reduce(0), 1.0) if n_rows == 8 else alpha
-        acc = tuple(rescale(a, alpha) for a in acc)
-        if folded:
-          acc = (*acc, zsum)
+        acc = tuple(a * lax.broadcast_in_dim(alpha, a.shape, [1]) for a in acc)
         for u in range(UPDATE // SPAN):
           acc = values(UPDATE // SPAN * c + u, ps[2 * u:2 * u + 2], acc)
         return m_new, l, acc
@@ -893,22 +850,13 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
 
     m0 = plgpu.layout_cast(jnp.full((n_rows,), _NEG, jnp.float32), wg.reduce(0))
     l0 = plgpu.layout_cast(jnp.full((PAIR, n_rows), 0.0, jnp.float32), wg)
-    parts = 2 if v_halves or folded else 1  # folded: halves of 64 channels
+    parts = 2 if v_halves else 1
     a0 = tuple(plgpu.layout_cast(jnp.full((d // parts, 16), 0.0, jnp.float32), wg)
                for _ in range(parts))
-    if folded:  # the values' zero term: float32 partial sums (`_scaled_probabilities`)
-      a0 = (*a0, plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg))
     m, l, acc = lax.fori_loop(0, n_steps, step_body, (m0, l0, a0))
-    if folded:  # channel c's own group's column, and its group's zero term
-      groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(parts)]
-      zeros = _zero_totals(acc[-1], red_smem, ng, groups)
-      for part, a in enumerate(acc[:-1]):  # the one row, written alone
-        _store_row(_pick_columns(a, groups[part]) + zeros[part],
-                   o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
-    else:
-      for part, a in enumerate(acc):  # the real rows
-        o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
-            _with_columns(a, 8, wg) if n_rows == 8 else a)
+    for part, a in enumerate(acc):  # the real rows
+      o_out[bi, h, s, pl.ds(d // parts * part, d // parts)] = (
+          _with_columns(a, 8, wg) if n_rows == 8 else a)
     m_out[bi, h, s] = m
     l_out[bi, h, s] = l.sum(axis=0)
 
@@ -917,25 +865,20 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
         plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle)))
 
   scratch = [
-      # Folded: q's one row, read by `_scale_query` (not a `wgmma` operand).
-      plgpu.SMEM((1, d), jnp.bfloat16) if folded else swizzled((n_rows, d), 128),
+      swizzled((n_rows, d), 128),
       plgpu.SMEM((2, step, k_cols), k_type),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
-      # Folded: scales then zeros in one buffer (the second unused).
-      plgpu.SMEM((2, boxes, (1 + folded) * ng, TMA_ROWS), jnp.bfloat16),
-      plgpu.SMEM((1, 1, 1, 8) if folded else (2, boxes, ng, TMA_ROWS), jnp.bfloat16),
-      swizzled((2, 2 * PAIR, 16), 32, jnp.float16 if folded else jnp.bfloat16),
+      plgpu.SMEM((2, boxes, ng, TMA_ROWS), jnp.bfloat16),
+      plgpu.SMEM((2, boxes, ng, TMA_ROWS), jnp.bfloat16),
+      swizzled((2, 2 * PAIR, 16), 32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=3 + 3 * boxes, num_barriers=2),
-      *([swizzled((step // group, d), 128), plgpu.SMEM((step // group,), jnp.float32),
-         plgpu.SMEM((4, ng), jnp.float32)] if folded else []),
   ]
   return plgpu.kernel(
       kivi_pair_decode_attention,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d) if folded else
-                                     (b, kh, splits, d, n_rows), jnp.float32),
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, n_rows), jnp.float32)],
       scratch_types=scratch,
@@ -965,26 +908,22 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
   n_rows = 8 if m_rows <= 8 else 16
   halves = values_in_halves(k_bits, v_bits, d)
   folded = folds(k_bits, v_bits, group_size, d, m_rows)
-  two = folded and os.environ.get("KIVI_EXP_TWOPHASE", "0") == "1"
+  n_valid, lo = n_valid.astype(jnp.int32), lo.astype(jnp.int32)
   if splits is None:
-    # Three blocks an SM where V^T goes in halves and a step's buffers take 61 KiB.
-    third = halves and step == UPDATE
-    blocks = int(os.environ.get("KIVI_EXP_TP_BLOCKS", "3")) if two else 3 if third else 2
-    splits = default_splits(b, kh, -(-capacity // step), blocks)
-  if two:  # experiment: the scores, then the values, in two kernels
+    # Three blocks an SM where V^T goes in halves and a step's buffers take 61
+    # KiB, and for either of the folded kernels (as measured).
+    third = folded or halves and step == UPDATE
+    splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
+  if folded:  # the one row as it is: the scores, then the values
     sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step)(
-        q, k_codes, k_scale, k_zero, n_valid.astype(jnp.int32), lo.astype(jnp.int32))
+        q, k_codes, k_scale, k_zero, n_valid, lo)
     o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step)(
-        sc, m, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32), lo.astype(jnp.int32))
+        sc, m, v_codes, v_scale, v_zero, n_valid, lo)
     return o[..., None, :], m[..., :1], l[..., :1]
-  if not folded:  # (folded: the one row as it is)
-    q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
     k_codes = lax.bitcast_convert_type(k_codes, jnp.uint16).reshape(
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
-                   halves, folded)(
-      q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid.astype(jnp.int32),
-      lo.astype(jnp.int32))
-  o = o[..., None, :] if folded else jnp.swapaxes(o, 3, 4)[..., :m_rows, :]
-  return o, m[..., :m_rows], l[..., :m_rows]
+                   halves)(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid, lo)
+  return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

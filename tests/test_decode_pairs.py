@@ -49,9 +49,14 @@ def test_kernel_lowers_for_cuda(k_bits, v_bits, g, rows, d):
   assert dp.applies(k_bits, v_bits, g, d, rows, jnp.bfloat16, jnp.bfloat16)
   f = jax.jit(lambda *a: dp.pair_decode_partials(*a, k_bits=k_bits, v_bits=v_bits,
                                                  group_size=g, splits=3))
-  lowered = f.trace(*_shapes(2, 2, rows, 2048, k_bits, v_bits, g, d)).lower(
-      lowering_platforms=("cuda",))
-  assert "mosaic_gpu" in lowered.as_text()
+  text = f.trace(*_shapes(2, 2, rows, 2048, k_bits, v_bits, g, d)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  # One query row a kv head: the scores, then the values, in two kernels.
+  kernels = {"kivi_pair_scores", "kivi_pair_values", "kivi_pair_decode_attention"}
+  want = ({"kivi_pair_scores", "kivi_pair_values"} if dp.folds(k_bits, v_bits, g, d, rows)
+          else {"kivi_pair_decode_attention"})
+  assert {k for k in kernels if k in text} == want
 
 
 @pytest.mark.parametrize("rows", [1, 4])
