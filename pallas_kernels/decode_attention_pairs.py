@@ -169,28 +169,44 @@ def split_steps(split, n_valid, lo, steps_per_split: int, step: int):
   return first, jnp.where(n_valid > lo, jnp.maximum(last - first, 0), 0)
 
 
-def unpack_plan(bits: int, fp16: bool) -> tuple[tuple[int, int, int], ...]:
+def _places(bits: int, fp16: bool, lowest: int) -> list[tuple[int, int]]:
+  """`(shift, k)` for each place of a half: `unpack_plan`'s shift and the
+  mantissa bit `k` the shifted code sits at."""
+  mantissa = 10 if fp16 else 7
+  out, shift = [], None
+  for i in range(16 // bits):
+    at = bits * i
+    if shift is None or not lowest <= at - shift <= mantissa - bits:
+      shift = at - lowest
+    out.append((shift, at - shift))
+  return out
+
+
+def unpack_plan(bits: int, fp16: bool, lowest: int = 0) -> tuple[tuple[int, int, int], ...]:
   """How `_dequant` takes each code of a 16-bit half to a bf16 (or fp16) pair.
 
   For place `i` of a half (code at bit `bits * i`, both halves alike) a triple
-  `(shift, mask, base)`: the word shifted right by `shift`, then `lop3` keeps
-  `mask`'s bits and sets `base`'s, and subtracting `base` leaves the code, exact.
-  The code needs only to lie inside the mantissa (7 bits for bf16, 10 for fp16),
-  not at its bottom: a code at mantissa bit `k` under the exponent of
-  `2^(mantissa - k)` counts whole units, so `base` is that power of two. Places
-  share a shift while they fit one mantissa: 2-bit codes in bf16 take shifts of 0,
-  6 and 12 (two a word where each place but the first had one), in fp16 of 0 and
-  10. 8-bit codes have no plan (`cvt`)."""
+  `(shift, mask, base)`: the word shifted right by `shift` (left where it is
+  negative), then `lop3` keeps `mask`'s bits and sets `base`'s, and subtracting
+  `base` leaves the code, exact. The code needs only to lie inside the mantissa
+  (7 bits for bf16, 10 for fp16), not at its bottom: a code at mantissa bit `k`
+  under the exponent of `2^(mantissa - k)` counts whole units, so `base` is
+  that power of two (`plan_bases`). Places share a shift while they fit one
+  mantissa: 2-bit codes in bf16 take shifts of 0, 6 and 12 (two a word where
+  each place but the first had one), in fp16 of 0 and 10. `lowest`: the lowest
+  mantissa bit a code may sit at, so that no base passes `2^(mantissa -
+  lowest)`. 8-bit codes have no plan (`cvt`)."""
   mantissa, bias = (10, 15) if fp16 else (7, 127)
-  plan, start = [], None
-  for i in range(16 // bits):
-    at = bits * i
-    if start is None or at - start + bits > mantissa:
-      start = at
-    k = at - start
-    base = (bias + mantissa - k) << mantissa
-    plan.append((start, ((2**bits - 1) << k) * 0x10001, base * 0x10001))
-  return tuple(plan)
+  return tuple((shift, ((2**bits - 1) << k) * 0x10001,
+                ((bias + mantissa - k) << mantissa) * 0x10001)
+               for shift, k in _places(bits, fp16, lowest))
+
+
+def plan_bases(bits: int, fp16: bool, lowest: int = 0) -> tuple[float, ...]:
+  """The number each place's `base` stands for in `unpack_plan(bits, fp16,
+  lowest)`: `2^(mantissa - k)`."""
+  mantissa = 10 if fp16 else 7
+  return tuple(float(2 ** (mantissa - k)) for _, k in _places(bits, fp16, lowest))
 
 
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,

@@ -71,35 +71,53 @@ def test_kernel_lowers_for_a_block_ending_in_a_partial_step(k_bits, v_bits, g, r
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_kernel_lowers_for_programs_walking_several_items(rows):
+  """5 programs over 2 rows x 2 heads x 3 splits (`test_programs_walking_several_items`
+  runs them on a Hopper GPU)."""
+  f = jax.jit(lambda *a: dp.pair_decode_partials(*a, k_bits=2, v_bits=2, group_size=32,
+                                                 splits=3, programs=5))
+  lowered = f.trace(*_shapes(2, 2, rows, 2048, 2, 2, 32)).lower(lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("lowest", [0, 2])
 @pytest.mark.parametrize("fp16", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_unpack_plan_gives_every_code_exactly(bits, fp16):
+def test_unpack_plan_gives_every_code_exactly(bits, fp16, lowest):
   """`lop3` under each place's plan then the subtraction of its base, done bit for
   bit in numpy on words holding every code at every place: each half reads as its
-  code, exact. And the shifts the plan shares: 2-bit codes take three a word in
-  bf16 and two in fp16 (the first of them none) where each place once had its own."""
+  code, exact, and the base is `plan_bases`' number, at most 2^(mantissa - lowest).
+  And the shifts the plan shares: 2-bit codes take three a word in bf16 and two in
+  fp16 (the first of them none) where each place once had its own."""
   rng = np.random.default_rng(0)
   words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
   words[:2**bits] = np.uint32(0x10001) * np.arange(2**bits, dtype=np.uint32)  # (c, c)
   words[2**bits:2**(bits + 1)] = ~words[:2**bits]
-  plan = dp.unpack_plan(bits, fp16)
-  assert len(plan) == 16 // bits
+  plan = dp.unpack_plan(bits, fp16, lowest)
+  bases = dp.plan_bases(bits, fp16, lowest)
+  assert len(plan) == len(bases) == 16 // bits
+  assert max(bases) <= 2 ** ((10 if fp16 else 7) - lowest)
 
   def as_float(half):  # uint32 holding a 16-bit pattern -> float64
     if fp16:
       return half.astype(np.uint16).view(np.float16).astype(np.float64)
     return (half << np.uint32(16)).view(np.float32).astype(np.float64)
 
-  for place, (shift, mask, base) in enumerate(plan):
-    t = ((words >> np.uint32(shift)) & np.uint32(mask)) | np.uint32(base)
+  for place, ((shift, mask, base), value) in enumerate(zip(plan, bases)):
+    moved = words >> np.uint32(shift) if shift >= 0 else words << np.uint32(-shift)
+    t = (moved & np.uint32(mask)) | np.uint32(base)
     for e in (0, 1):
       code = (words >> np.uint32(bits * place + 16 * e)) & np.uint32(2**bits - 1)
       got = as_float((t >> np.uint32(16 * e)) & np.uint32(0xFFFF))
-      got -= as_float(np.array([base >> 16 * e], np.uint32) & np.uint32(0xFFFF))
-      np.testing.assert_array_equal(got, code.astype(np.float64), err_msg=f"{place=} {e=}")
+      assert as_float(np.array([base >> 16 * e], np.uint32) & np.uint32(0xFFFF)) == value
+      np.testing.assert_array_equal(got - value, code.astype(np.float64),
+                                    err_msg=f"{place=} {e=}")
   shifts = sorted({shift for shift, _, _ in plan})
-  assert shifts == {(2, False): [0, 6, 12], (2, True): [0, 10], (4, False): [0, 4, 8, 12],
-                    (4, True): [0, 8]}[bits, fp16]
+  assert shifts == {(2, False, 0): [0, 6, 12], (2, True, 0): [0, 10],
+                    (4, False, 0): [0, 4, 8, 12], (4, True, 0): [0, 8],
+                    (2, False, 2): [-2, 2, 6, 10], (2, True, 2): [-2, 6],
+                    (4, False, 2): [-2, 2, 6, 10], (4, True, 2): [-2, 6]}[bits, fp16, lowest]
 
 
 @pytest.mark.parametrize("step", [256, 512])
