@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,7 @@ MAX_STEP = 512  # the longest step: one group of 512 tokens
 PAIR = 64     # tokens of one S^T tile
 UPDATE = 256  # tokens per online-softmax update
 TMA_ROWS = 256  # the longest dimension of a TMA box
+V_LOWEST = 2  # the folded values' biased codes: bases up to 2^8 (`unpack_plan`)
 
 
 def step_tokens(group_size: int) -> int:
@@ -210,15 +212,17 @@ def plan_bases(bits: int, fp16: bool, lowest: int = 0) -> tuple[float, ...]:
 
 
 def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
-             dtype=jnp.bfloat16):
+             dtype=jnp.bfloat16, biased: int | None = None):
   """Words in the WGMMA layout -> bf16 `[R, n]` = code * scale + zero in the
   WGMMA layout, row `r`'s scales and zeros at row `r // rows_per_scale` of
   `scale_ref`, `zero_ref` `[.., n]`: uint32 `[R, 4 b]` (`pair_pack` of codes
   `[R, 128]`) for n = 128, or a 64-column row's `2 b` words as uint16 halves
   `[R, 4 b]` for n = 64. Rows `r` and `r + 8` of a thread lie in one group
   (groups of 16 rows or more). With no `scale_ref` (folded scales): the codes
-  themselves, exact, in `dtype` (bf16, or fp16). Codes below 8 bits by
-  `unpack_plan` (each shifted word shared by the places it serves)."""
+  themselves, exact, in `dtype` (bf16, or fp16); `biased` (an `unpack_plan`
+  `lowest`): `base + code` instead, the subtraction left to the caller
+  (`plan_bases`). Codes below 8 bits by `unpack_plan` (each shifted word shared
+  by the places it serves)."""
   wg = plgpu.Layout.WGMMA
   rows = words.shape[0]
   cols = HEAD_DIM // 2 if words.dtype == jnp.uint16 else HEAD_DIM
@@ -227,7 +231,8 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
   refs = () if codes_only else (plgpu.RefType(), plgpu.RefType())
   fp16 = jnp.dtype(dtype) == jnp.float16
   kind = "f16x2" if fp16 else "bf16x2"
-  plan = unpack_plan(bits, fp16) if bits < 8 else tuple((8 * i, 0, 0) for i in range(2))
+  plan = (unpack_plan(bits, fp16, biased or 0) if bits < 8
+          else tuple((8 * i, 0, 0) for i in range(2)))
 
   @plgpu.inline_mgpu(arg_types=(wg, *refs),
                      return_type=plgpu.ShapeDtypeStruct((rows, cols), dtype, wg))
@@ -252,14 +257,18 @@ def _dequant(words, scale_ref, zero_ref, bits: int, rows_per_scale: int,
         if len(at) == 4:
           reg = mgpu_utils.vector_slice(reg, slice(at[3], at[3] + 1))
         word = mgpu_utils.bitcast(reg, i32)
-        shifted[at, shift] = arith.shrui(word, mgpu_utils.c(shift, i32)) if shift else word
+        shifted[at, shift] = (arith.shrui(word, mgpu_utils.c(shift, i32)) if shift > 0 else
+                              arith.shli(word, mgpu_utils.c(-shift, i32)) if shift else word)
       word = shifted[at, shift]
       if not codes_only and (rt, ct) not in loaded:
         row, col = where[idx]
         ix = [arith.divui(row, mgpu_utils.c(rows_per_scale, index)), col]
         loaded[rt, ct] = [mgpu_utils.bitcast(vector.load(pair, ref, ix), i32)
                           for ref in (scales, zeros)]
-      if bits < 8:
+      if bits < 8 and biased is not None:
+        body = f"""
+            lop3.b32 t, $1, {mask:#x}, {base:#x}, 0xea;"""
+      elif bits < 8:
         body = f"""
             lop3.b32 t, $1, {mask:#x}, {base:#x}, 0xea;
             mov.b32 m, {base:#x};
@@ -336,6 +345,22 @@ def _by_warp(warp, values):
   return out
 
 
+def _f32_bits(x: float) -> int:
+  """The int32 bit pattern of float32 `x`."""
+  return int(np.array(x, np.float32).view(np.int32))
+
+
+def _select(index, values):
+  """`values[index]` (ints, i32) for an i32 `index` by a chain of selects."""
+  i32 = ir.IntegerType.get_signless(32)
+  out = mgpu_utils.c(values[0], i32)
+  for i, v in enumerate(values[1:], 1):
+    out = arith.select(arith.cmpi(arith.CmpIPredicate.eq, index, mgpu_utils.c(i, i32)),
+                       mgpu_utils.c(v, i32), out)
+  return out
+
+
+
 def _pick_columns(x, cols):
   """`x` float32 `[64, n]` in the WGMMA layout -> `[64, 8]` whose every column
   holds row t's value at column `cols[t // 16]` of `x` (a column a warp): the
@@ -371,13 +396,15 @@ def _pick_columns(x, cols):
   return pick(x)
 
 
-def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
+def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem, bases=None):
   """The folded scores' operands for the step's 8 key groups (`scales`,
   `zeros` `[8, 128]` bf16), q `q_smem` `[1, 128]`: `qp[g] = bf16(q o s_g)`,
   `wgmma`'s B (`qp_smem` `[8, 128]` with 128-byte swizzle, tiles of 8 x 64),
-  and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem` `[8]`). Thread t
-  takes 8 channels (a 16-byte chunk) of group t // 16; the 16 threads of a
-  group sum by shuffles."""
+  and `corr[g] = sum_c q_c z_gc` in float32 (`corr_smem` `[8]`); with `bases`
+  (`plan_bases` of the keys' biased codes, a place each), less `sum_c base_c
+  qp[g, c]`, which the codes' product adds. Thread t takes 8 channels (a
+  16-byte chunk, one place) of group t // 16; the 16 threads of a group sum by
+  shuffles."""
   swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), swz,
@@ -411,6 +438,15 @@ def _scale_query(scales, zeros, q_smem, qp_smem, corr_smem):
         f = lambda x, lo=lo: mgpu_utils.bitcast(  # noqa: E731
             arith.shli(x, ci(16)) if lo else arith.andi(x, ci(-65536)), f32)
         total = arith.addf(total, arith.mulf(f(qw), f(zw)))
+    if bases is not None:  # channels 8 part ...: column pair s = part // 2, its place
+      qp_sum = mgpu_utils.c(0.0, f32)
+      for e in range(4):
+        for lo in (True, False):
+          half = arith.shli(out[e], ci(16)) if lo else arith.andi(out[e], ci(-65536))
+          qp_sum = arith.addf(qp_sum, mgpu_utils.bitcast(half, f32))
+      place = arith.remui(arith.shrui(part, ci(1)), ci(len(bases)))
+      base = mgpu_utils.bitcast(_select(place, [_f32_bits(b) for b in bases]), f32)
+      total = arith.subf(total, arith.mulf(base, qp_sum))
     for dist in (1, 2, 4, 8):
       total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
     with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))):
@@ -443,7 +479,7 @@ def _broadcast(ref, axis: int):
   return broadcast(ref)
 
 
-def _scaled_probabilities(p, sz_ref, zsum, ng: int):
+def _scaled_probabilities(p, sz_ref, zsum, ng: int, bases=None, u: int = 0):
   """The folded values' operands for 64 tokens: `p` float32 `[64, 8]` (every
   column the row's probability), `sz_ref` `[2 ng, 64]` (the tokens' value
   scales of the `ng` channel groups, then their zeros). Returns `(P', zsum')`:
@@ -451,7 +487,11 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
   `fp16(p * s_g)` (one rounding, 2^-11; columns 4-7 p times the zeros, unused;
   8-15 zero); and `zsum` (float32 `[64, 8]` in the WGMMA layout) plus `p z_g`
   in float32, lane j of a quad summing group j (`ng` = 4) of each of its two
-  rows in that row's first element."""
+  rows in that row's first element. With `bases` (`plan_bases` of the values'
+  biased codes, a place each), `zsum` also less `base_t P'[t, g]`, which the
+  codes' product adds: token t, row `64 u + t` of its V^T tile, is at place
+  `(4 u + w) % len(bases)` in warp w (the thread rounds its own `p * s_g` to
+  fp16 as P' is rounded)."""
   wg = plgpu.Layout.WGMMA
 
   @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
@@ -466,8 +506,11 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
     shape = (PAIR, 16)
     out = np.empty(layout.registers_shape(shape), dtype=object)
     where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
-    lane, _ = _lane_warp()
+    lane, warp = _lane_warp()
     j = arith.index_cast(index, arith.andi(lane, mgpu_utils.c(3, i32)))
+    if bases is not None:
+      base = mgpu_utils.bitcast(_by_warp(warp, [_f32_bits(bases[(4 * u + w) % len(bases)])
+                                                for w in range(4)]), f32)
     zero = mgpu_utils.bitcast(mgpu_utils.c(0, i32), f16_pair)
     zregs = np.array(zs.registers)
     for idx in np.ndindex(out.shape):
@@ -492,12 +535,25 @@ def _scaled_probabilities(p, sz_ref, zsum, ng: int):
       out[idx] = mgpu_utils.bitcast(x, f16_pair)
       # The zeros' term in float32: z of group j at this row.
       zb = vector.load(half, sz, [arith.addi(j, mgpu_utils.c(ng, index)), row])
-      zf = mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(
-          zb, ir.IntegerType.get_signless(16))), mgpu_utils.c(16, i32)), f32)
+      as_f32 = lambda h: mgpu_utils.bitcast(arith.shli(  # noqa: E731
+          arith.extui(i32, mgpu_utils.bitcast(h, ir.IntegerType.get_signless(16))),
+          mgpu_utils.c(16, i32)), f32)
       acc = zregs[idx]
       first = vector.extract(acc, dynamic_position=[], static_position=[0])
       p0 = vector.extract(a.registers[idx], dynamic_position=[], static_position=[0])
-      zregs[idx] = vector.insert(arith.addf(first, arith.mulf(p0, zf)), acc,
+      term = arith.mulf(p0, as_f32(zb))
+      if bases is not None:  # P'[t, j] as the pair above rounds it, times the base
+        sb = vector.load(half, sz, [j, row])
+        pj = llvm.inline_asm(f32, [p0, as_f32(sb)], """
+            {
+            .reg .f32 x;
+            .reg .b16 h;
+            mul.f32 x, $1, $2;
+            cvt.rn.f16.f32 h, x;
+            cvt.f32.f16 $0, h;
+            }""", "=f,f,f")
+        term = arith.subf(term, arith.mulf(base, pj))
+      zregs[idx] = vector.insert(arith.addf(first, term), acc,
                                  dynamic_position=[], static_position=[0])
     return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
             mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
@@ -562,7 +618,7 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
 
 
 def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, group: int,
-                  d: int, step: int):
+                  d: int, step: int, biased: bool = False):
   """Two kernels for one query row (`folds`), the first: each token's scaled,
   masked score (`[B, K, steps x step]` float32; tokens of steps a split does
   not read are left unwritten) and each split's maximum (`[B, K, S, 8]`, the
@@ -573,6 +629,7 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
+  bases = plan_bases(k_bits, False, 0) if biased else None  # experiment: KIVI_EXP_KBIAS
 
   def kivi_pair_scores(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_out, m_out, q_smem,
                        kw_smem, ks_smem, kz_smem, qp_smem, corr_smem, bar_q, bars):
@@ -606,12 +663,12 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
         fetch(i + 1, lax.rem(i + 1, 2))
       plgpu.barrier_wait(bars.at[slot])
       t_step = (first + i) * step
-      _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
+      _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem, bases)
       plgpu.commit_smem()
       corr = _broadcast(corr_smem, 1)
       for jp in range(step // PAIR):
         k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]), None, None,
-                     k_bits, group)
+                     k_bits, group, biased=0 if biased else None)
 
         def qk(acc_ref, k=k):
           plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
@@ -647,7 +704,7 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
 
 
 def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, group: int,
-                  d: int, step: int):
+                  d: int, step: int, biased: bool = False):
   """The second of the two kernels: per split, `p = exp(s - m)` with the
   split's maximum from the first (no running maximum, no rescaling), `l` and
   the folded values' `acc` `[B, K, S, D]` (module docstring)."""
@@ -658,6 +715,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
   v_words = SPAN * v_bits // 32
   boxes = step // TMA_ROWS
   wg = plgpu.Layout.WGMMA
+  bases = plan_bases(v_bits, True, V_LOWEST) if biased else None  # KIVI_EXP_VBIAS
 
   def kivi_pair_values(s_ref, m_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, o_out, l_out,
                        sc_smem, vw_smem, vs_smem, p0_smem, p1_smem, red_smem, bars):
@@ -701,14 +759,15 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
           l = l + p
           p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
               p, vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)], zsum,
-              ng)
+              ng, bases, u)
         plgpu.commit_smem()
         rows = d // len(acc)
         out = []
         for part, a in enumerate(acc):
           words = load_words(
               vw_smem.at[slot, pl.ds(rows * part, rows), pl.ds(v_words * c, v_words)])
-          vt = _dequant(words, None, None, v_bits, cg, jnp.float16)
+          vt = _dequant(words, None, None, v_bits, cg, jnp.float16,
+                        biased=V_LOWEST if biased else None)
 
           def pv(acc_ref, vt=vt):
             plgpu.wgmma(acc_ref, vt, p_buf)
@@ -931,9 +990,10 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     third = folded or halves and step == UPDATE
     splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
   if folded:  # the one row as it is: the scores, then the values
-    sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step)(
+    kb, vb = (os.environ.get(k, "0") == "1" for k in ("KIVI_EXP_KBIAS", "KIVI_EXP_VBIAS"))
+    sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step, kb)(
         q, k_codes, k_scale, k_zero, n_valid, lo)
-    o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step)(
+    o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step, vb)(
         sc, m, v_codes, v_scale, v_zero, n_valid, lo)
     return o[..., None, :], m[..., :1], l[..., :1]
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
