@@ -599,6 +599,8 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
 
         def qk(acc_ref, k=k):
           plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
+        # q . z_g + codes against q o s_g; warp w's rows of tile jp keep their
+        # group's column, the step's (64 jp + 16 w) // G.
         st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
                            [(PAIR * jp + 16 * w) // group for w in range(4)]) * sm_scale
         tok = t_step + PAIR * jp + tok_in
