@@ -2,7 +2,8 @@
 d=128), for `ncu` (benchmarks/NOTES.md): run as `ncu --launch-skip 2 --launch-count 1
 python scripts/profile_decode.py --length 32768` (the slot layout's Triton kernel), or
 with `--layout pairs -k regex:mosaic` for the Hopper kernel (a Hopper GPU only).
-`--rows` is the query rows a kv head (4 at P1's GQA)."""
+`--rows` is the query rows a kv head (4 at P1's GQA). With one row (`folds`) each
+call launches two kernels, the scores then the values: `--launch-skip 4` and `5`."""
 
 import argparse
 
