@@ -545,6 +545,21 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
   return totals(zsum, red_smem)
 
 
+def _next_step(i, n_steps, fetch, bars):
+  """Step `i`'s start over two buffers, returning its slot `i % 2`: once every
+  warp is done reading the buffers refetched (`commit_smem`: Pallas's
+  automatic barriers are off), step `i + 1`'s fetch into the other slot, then
+  the wait on this step's (`bars`, one barrier a slot)."""
+  slot = lax.rem(i, 2)
+  plgpu.commit_smem()
+
+  @pl.when(i + 1 < n_steps)
+  def _():
+    fetch(i + 1, lax.rem(i + 1, 2))
+  plgpu.barrier_wait(bars.at[slot])
+  return slot
+
+
 def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, group: int,
                   d: int, step: int):
   """Two kernels for one query row (`folds`), the first: each token's scaled,
@@ -582,13 +597,7 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, 8), 0, layout=wg)
 
     def step_body(i, mx):
-      slot = lax.rem(i, 2)
-      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
-
-      @pl.when(i + 1 < n_steps)
-      def _():
-        fetch(i + 1, lax.rem(i + 1, 2))
-      plgpu.barrier_wait(bars.at[slot])
+      slot = _next_step(i, n_steps, fetch, bars)
       t_step = (first + i) * step
       _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
       plgpu.commit_smem()
@@ -671,13 +680,7 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
     load_words = lambda ref: plgpu.load(ref, (), layout=wg, optimized=False)  # noqa: E731
 
     def step_body(i, carry):
-      slot = lax.rem(i, 2)
-      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
-
-      @pl.when(i + 1 < n_steps)
-      def _():
-        fetch(i + 1, lax.rem(i + 1, 2))
-      plgpu.barrier_wait(bars.at[slot])
+      slot = _next_step(i, n_steps, fetch, bars)
       l, *acc, zsum = carry
       for c in range(step // SPAN):  # V^T tiles of the step
         p_buf = (p0_smem, p1_smem)[c % 2]  # no index closed over by run_state
@@ -781,13 +784,7 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
     tok_in = plgpu.broadcasted_iota(jnp.int32, (PAIR, n_rows), 0, layout=wg)
 
     def step_body(i, carry):
-      slot = lax.rem(i, 2)
-      plgpu.commit_smem()  # every warp is done reading the buffer refetched here
-
-      @pl.when(i + 1 < n_steps)
-      def _():
-        fetch(i + 1, lax.rem(i + 1, 2))
-      plgpu.barrier_wait(bars.at[slot])
+      slot = _next_step(i, n_steps, fetch, bars)
       t_step = (first + i) * step
 
       def scores(jp):
