@@ -38,8 +38,9 @@ kernels: `kivi_pair_scores` writes each token's scaled, masked score (4 bytes
 a token and kv head through HBM) and each split's maximum, then
 `kivi_pair_values` takes `p = exp(s - m)` with the split's maximum known: no
 running maximum, no rescaling, each kernel holding half of what one kernel
-held (9% fewer instructions; in a 256-row Llama-2-7B KIVI-2 step 5% shorter
-than one kernel on an H100: `benchmarks/NOTES.md`, "Scores, then values").
+held (9% fewer instructions; in a 256-row Llama-2-7B KIVI-2 step their launches
+5% shorter than one kernel's, the step 2-4%, on an H100: `benchmarks/NOTES.md`,
+"Scores, then values").
 
 One warpgroup per (batch row, kv head, split); each split walks steps of
 `step_tokens` tokens (word tiles, scales and zeros by TMA, two buffers), sums
