@@ -1,0 +1,78 @@
+"""Where the whole decode attention's device time goes: `kivi-jax bench
+attention`'s step (the block's kernel, the ring's, the merge and the glue
+around them) at P1's shapes and the serving shapes, timed (20 calls, median of
+the wall time) and traced (`jax.profiler`, 20 calls), each kernel's device time
+a call (`bench_generate.summarize_trace`). A GPU only; the pair layout.
+
+  python scripts/trace_attention.py OUT.json [--methods kivi2,kivi4] [--shapes 4]
+"""
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kivi_jax import bench
+from kivi_jax.attention import decode_attention
+from kivi_jax.bench_generate import summarize_trace
+from kivi_jax.cache import append_flushing
+from kivi_jax.cli import _write_json, run_metadata
+from kivi_jax.config import get_preset
+
+# (B, Hq, Hkv, L): P1 at 32k and 128k, Llama-2-7B serving at B=32 and 256.
+SHAPES = ((8, 32, 8, 32768), (8, 32, 8, 131072), (32, 32, 32, 1536), (256, 32, 32, 1536))
+CALLS = 20
+
+
+def trace_shape(method: str, b: int, hq: int, hkv: int, length: int, d: int = 128) -> dict:
+  config = get_preset(method)
+  key = jax.random.key(0)
+  layer, lens = bench._kivi_layer(key, config, b, hkv, length - 1, d, jnp.bfloat16, "gpu",
+                                  "pairs")
+  ks = jax.random.split(key, 3)
+  new = [jax.random.normal(k, (b, hkv, 1, d), jnp.bfloat16) for k in ks[1:]]
+  appended = jax.jit(append_flushing, static_argnames=("config", "impl"))(
+      layer, *new, lens, jnp.ones_like(lens), config, "gpu")
+  args = (jax.random.normal(ks[0], (b, 1, hq, d), jnp.bfloat16), *appended, lens)
+  step = jax.jit(lambda q, lay, flushed, n: decode_attention(
+      q, lay, flushed, n, jnp.ones_like(n), config, None, "gpu"))
+  for _ in range(5):
+    jax.block_until_ready(step(*args))
+  wall = []
+  for _ in range(CALLS):
+    start = time.perf_counter()
+    jax.block_until_ready(step(*args))
+    wall.append(time.perf_counter() - start)
+  log_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    for _ in range(CALLS):
+      out = step(*args)
+    jax.block_until_ready(out)
+  summary = summarize_trace(log_dir, CALLS, step.lower(*args).compile().as_text())
+  return {"wall_median_ms": 1e3 * sorted(wall)[CALLS // 2], **summary}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("out")
+  parser.add_argument("--methods", default="kivi2,kivi4")
+  parser.add_argument("--shapes", type=int, default=len(SHAPES),
+                      help="the first N of P1 32k, P1 128k, B=32 and B=256 at 1536")
+  args = parser.parse_args()
+  result = {}
+  for method in args.methods.split(","):
+    for b, hq, hkv, length in SHAPES[:args.shapes]:
+      name = f"{method} B={b} {hq}/{hkv} L={length}"
+      row = result[name] = trace_shape(method, b, hq, hkv, length)
+      print(f"== {name}: wall median {row['wall_median_ms']:.3f} ms, device "
+            f"{row['device_ms_per_step']:.3f} ms")
+      for k in row["top_kernels"]:
+        print(f"  {1e3 * k['ms_per_step']:8.1f} us x{k['launches_per_step']:.0f}  "
+              f"{k['name'][:60]}  {k['op'][:70]}", flush=True)
+  _write_json(args.out, {**run_metadata(), "rows": result})
+
+
+if __name__ == "__main__":
+  main()
