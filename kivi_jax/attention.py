@@ -291,15 +291,18 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     which = ("pairs" if _pair_kernel_reads(impl, config, layer, q.dtype, rep, rope_inv_freq)
              else "reference")
   if which == "pairs":
-    o_blk, lse_blk = _pair_block_attention(qg, layer, nq, lo, config)
-  elif which != "reference":
-    o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
-  elif _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):
-    o_blk, lse_blk = _dense_block_attention(qg, layer, nq, lo, config)
-  elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
-    o_blk, lse_blk = _cudnn_block_attention(q, layer, nq)
+    block = _pair_block_partials(qg, layer, nq, lo, config)
   else:
-    o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+    if which != "reference":
+      o_blk, lse_blk = _kernel_block_attention(which, q, layer, nq, lo, config, rope_inv_freq)
+    elif _dense_reads_block(impl, config, layer, q.dtype, sliding_window, b * hkv):
+      o_blk, lse_blk = _dense_block_attention(qg, layer, nq, lo, config)
+    elif _cudnn_reads_block(impl, config, q.dtype, sliding_window):
+      o_blk, lse_blk = _cudnn_block_attention(q, layer, nq)
+    else:
+      o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+    # The block's normalized (o, lse) is one partial (acc = o, m = lse, l = 1).
+    block = (o_blk[:, :, None], lse_blk[:, :, None], jnp.ones_like(lse_blk[:, :, None]))
 
   new_lengths = lengths + n_new
   ring_pos, ring_live = ring_positions(new_lengths, config)
@@ -314,11 +317,9 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     if config.sinks:
       parts.insert(0, _sink_part(layer, new_lengths, config))
     acc, m, l = (x[:, :, None] for x in _jnp_partial(qg, parts, lo, rope_inv_freq))
-  # The block's normalized (o, lse) is the partial (acc = o, m = lse, l = 1).
+  # One merge of the block's partials and the ring's.
   out, _ = gpu_decode.merge_partials(
-      jnp.concatenate([o_blk[:, :, None], acc], 2),
-      jnp.concatenate([lse_blk[:, :, None], m], 2),
-      jnp.concatenate([jnp.ones_like(l[:, :, :1]), l], 2))
+      *(jnp.concatenate([x, y], 2) for x, y in zip(block, (acc, m, l))))
   return out.reshape(b, 1, hq, d).astype(q.dtype)
 
 
@@ -489,15 +490,16 @@ def _pair_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, dtype, rep
                                 layer.k.scale.dtype))
 
 
-def _pair_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
-  """`(o, lse)` as `_jnp_block_attention`, by `decode_attention_pairs`' kernel
-  over each row's block tokens below `nq[b]` from the window's `lo`."""
+def _pair_block_partials(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
+  """The per-split partials `(acc [B, Hkv, S, rep, D], m, l [B, Hkv, S, rep])`
+  of `decode_attention_pairs`' kernel over each row's block tokens below
+  `nq[b]` from the window's `lo`, unmerged: `decode_attention` merges them
+  with the ring's in one pass."""
   # The block holds body tokens: token S + i at index i.
-  partials = gpu_pairs.pair_decode_partials(
+  return gpu_pairs.pair_decode_partials(
       qg, layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
       layer.v.zero, nq, jnp.maximum(lo - config.sinks, 0), k_bits=config.k_bits,
       v_bits=config.v_bits, group_size=config.group_size)
-  return gpu_decode.merge_partials(*partials)
 
 
 def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIConfig,
