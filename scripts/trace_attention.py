@@ -1,8 +1,10 @@
 """Where the whole decode attention's device time goes: `kivi-jax bench
 attention`'s step (the block's kernel, the ring's, the merge and the glue
-around them) at P1's shapes and the serving shapes, timed (20 calls, median of
-the wall time) and traced (`jax.profiler`, 20 calls), each kernel's device time
-a call (`bench_generate.summarize_trace`). A GPU only; the pair layout.
+around them) at P1's shapes and the serving shapes, traced (`jax.profiler`, 20 calls
+queued back to back), each kernel's device time a call
+(`bench_generate.summarize_trace`); beside it the median wall time of a call
+waited for alone (host dispatch included: not `bench attention`'s time, which
+queues its calls). A GPU only; the pair layout.
 
   python scripts/trace_attention.py OUT.json [--methods kivi2,kivi4] [--shapes 4]
 """
@@ -27,6 +29,8 @@ CALLS = 20
 
 
 def trace_shape(method: str, b: int, hq: int, hkv: int, length: int, d: int = 128) -> dict:
+  """The trace's summary of `method`'s decode attention for `b` rows of
+  `length` tokens, `hq` query heads over `hkv` kv heads."""
   config = get_preset(method)
   key = jax.random.key(0)
   layer, lens = bench._kivi_layer(key, config, b, hkv, length - 1, d, jnp.bfloat16, "gpu",
@@ -61,6 +65,11 @@ def main() -> None:
   parser.add_argument("--shapes", type=int, default=len(SHAPES),
                       help="the first N of P1 32k, P1 128k, B=32 and B=256 at 1536")
   args = parser.parse_args()
+  if not 1 <= args.shapes <= len(SHAPES):
+    parser.error(f"--shapes takes 1 to {len(SHAPES)}, got {args.shapes}")
+  if jax.default_backend() != "gpu":
+    parser.error(f"the trace is of the GPU kernels: jax's backend here is "
+                 f"{jax.default_backend()!r}")
   result = {}
   for method in args.methods.split(","):
     for b, hq, hkv, length in SHAPES[:args.shapes]:
