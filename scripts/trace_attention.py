@@ -2,16 +2,16 @@
 attention`'s step (the block's kernel, the ring's, the merge and the glue
 around them) at P1's shapes and the serving shapes, traced (`jax.profiler`, 20 calls
 queued back to back), each kernel's device time a call
-(`bench_generate.summarize_trace`); beside it the median wall time of a call
-waited for alone (host dispatch included: not `bench attention`'s time, which
-queues its calls). A GPU only; the pair layout.
+(`bench_generate.summarize_trace`); beside it the call's time as `bench
+attention` measures it (calls queued, the median of 30 batches), so that the
+gaps between the two show in one process (XLA_FLAGS set around the script
+apply to both). A GPU only; the pair layout.
 
   python scripts/trace_attention.py OUT.json [--methods kivi2,kivi4] [--shapes 4]
 """
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +42,14 @@ def trace_shape(method: str, b: int, hq: int, hkv: int, length: int, d: int = 12
   args = (jax.random.normal(ks[0], (b, 1, hq, d), jnp.bfloat16), *appended, lens)
   step = jax.jit(lambda q, lay, flushed, n: decode_attention(
       q, lay, flushed, n, jnp.ones_like(n), config, None, "gpu"))
-  for _ in range(5):
-    jax.block_until_ready(step(*args))
-  wall = []
-  for _ in range(CALLS):
-    start = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    wall.append(time.perf_counter() - start)
+  queued_ms = bench._time(step, [args], 30)
   log_dir = tempfile.mkdtemp()
   with jax.profiler.trace(log_dir, create_perfetto_trace=True):
     for _ in range(CALLS):
       out = step(*args)
     jax.block_until_ready(out)
   summary = summarize_trace(log_dir, CALLS, step.lower(*args).compile().as_text())
-  return {"wall_median_ms": 1e3 * sorted(wall)[CALLS // 2], **summary}
+  return {"ms": queued_ms, **summary}
 
 
 def main() -> None:
@@ -75,8 +69,8 @@ def main() -> None:
     for b, hq, hkv, length in SHAPES[:args.shapes]:
       name = f"{method} B={b} {hq}/{hkv} L={length}"
       row = result[name] = trace_shape(method, b, hq, hkv, length)
-      print(f"== {name}: wall median {row['wall_median_ms']:.3f} ms, device "
-            f"{row['device_ms_per_step']:.3f} ms")
+      print(f"== {name}: {row['ms']:.3f} ms a call queued, {row['device_ms_per_step']:.3f} "
+            f"ms of device time")
       for k in row["top_kernels"]:
         print(f"  {1e3 * k['ms_per_step']:8.1f} us x{k['launches_per_step']:.0f}  "
               f"{k['name'][:60]}  {k['op'][:70]}", flush=True)
