@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from kivi_jax.pallas_kernels import decode_attention_mha as gpu_mha
 from kivi_jax.pallas_kernels import decode_attention_pairs as gpu_pairs
 from kivi_jax.pallas_kernels import decode_attention_ring as gpu_ring
 from kivi_jax.pallas_kernels import decode_attention_tpu as tpu_decode
+from kivi_jax.pallas_kernels import merge_partials as gpu_merge
 from kivi_jax.pallas_kernels import prompt_attention_tpu as tpu_prompt
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 
@@ -290,6 +292,17 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     # The pair layout's kernels are Hopper's; elsewhere jnp reads it.
     which = ("pairs" if _pair_kernel_reads(impl, config, layer, q.dtype, rep, rope_inv_freq)
              else "reference")
+  new_lengths = lengths + n_new
+  ring_pos, ring_live = ring_positions(new_lengths, config)
+  ring_kernel = _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq)
+  if (which == "pairs" and ring_kernel and os.environ.get("KIVI_EXP_MERGE") == "1"
+      and not rep & (rep - 1)):
+    # Both kernels' partials read where they lie and merged by one kernel.
+    o_t, m_blk, l_blk = _pair_block_partials(qg, layer, nq, lo, config)
+    acc, m, l = _ring_kernel_raw(qg, layer, flushed, ring_pos, ring_live, lo)
+    out = gpu_merge.merge_block_and_ring(o_t, m_blk, l_blk, acc, m, l, rows=rep,
+                                         dtype=q.dtype, interpret=kernel_interpret("gpu"))
+    return out.reshape(b, 1, hq, d)
   if which == "pairs":
     o_blk, lse_blk = _pair_block_attention(qg, layer, nq, lo, config)
   elif which != "reference":
@@ -301,9 +314,7 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   else:
     o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
 
-  new_lengths = lengths + n_new
-  ring_pos, ring_live = ring_positions(new_lengths, config)
-  if _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq):
+  if ring_kernel:
     acc, m, l = _ring_kernel_partial(qg, layer, flushed, ring_pos, ring_live, lo)
   else:
     # A row that flushes nothing has an undefined window (`ring_update`'s kernel
@@ -375,15 +386,22 @@ def _tile_kernel_rows(qg):
   return jnp.pad(qg, ((0, 0), (0, 0), (0, m_rows - rep), (0, 0)))
 
 
+def _ring_kernel_raw(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
+  """The ring's and the flushed group's partials as `decode_attention_ring`'s
+  kernel writes them: `(acc [B, Hkv, N, M, D], m, l [B, Hkv, N, M])`, one per
+  tile, the rows padded to the kernel's M."""
+  fk, fv, f_pos, f_live = flushed
+  return gpu_ring.ring_partials(
+      _tile_kernel_rows(qg), layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
+      fv.astype(layer.ring_v.dtype), ring_live & (ring_pos >= lo[:, None]),
+      f_live & (f_pos >= lo[:, None]), interpret=kernel_interpret("gpu"))
+
+
 def _ring_kernel_partial(qg, layer: LayerKV, flushed, ring_pos, ring_live, lo):
   """The ring's and the flushed group's partials `(acc [B, Hkv, N, rep, D], m,
   l [B, Hkv, N, rep])`, one per tile of `decode_attention_ring`'s kernel."""
   rep = qg.shape[2]
-  fk, fv, f_pos, f_live = flushed
-  acc, m, l = gpu_ring.ring_partials(
-      _tile_kernel_rows(qg), layer.ring_k, layer.ring_v, fk.astype(layer.ring_k.dtype),
-      fv.astype(layer.ring_v.dtype), ring_live & (ring_pos >= lo[:, None]),
-      f_live & (f_pos >= lo[:, None]), interpret=kernel_interpret("gpu"))
+  acc, m, l = _ring_kernel_raw(qg, layer, flushed, ring_pos, ring_live, lo)
   return acc[:, :, :, :rep], m[..., :rep], l[..., :rep]
 
 
@@ -489,15 +507,22 @@ def _pair_kernel_reads(impl: str, config: KIVIConfig, layer: LayerKV, dtype, rep
                                 layer.k.scale.dtype))
 
 
+def _pair_block_partials(qg, layer: LayerKV, nq, lo, config: KIVIConfig,
+                         transposed: bool = True):
+  """`decode_attention_pairs`' per-split partials over each row's block tokens
+  below `nq[b]` from the window's `lo` (`pair_decode_partials`' `transposed`)."""
+  # The block holds body tokens: token S + i at index i.
+  return gpu_pairs.pair_decode_partials(
+      qg, layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
+      layer.v.zero, nq, jnp.maximum(lo - config.sinks, 0), k_bits=config.k_bits,
+      v_bits=config.v_bits, group_size=config.group_size, transposed=transposed)
+
+
 def _pair_block_attention(qg, layer: LayerKV, nq, lo, config: KIVIConfig):
   """`(o, lse)` as `_jnp_block_attention`, by `decode_attention_pairs`' kernel
   over each row's block tokens below `nq[b]` from the window's `lo`."""
-  # The block holds body tokens: token S + i at index i.
-  partials = gpu_pairs.pair_decode_partials(
-      qg, layer.k.codes, layer.k.scale, layer.k.zero, layer.v.codes, layer.v.scale,
-      layer.v.zero, nq, jnp.maximum(lo - config.sinks, 0), k_bits=config.k_bits,
-      v_bits=config.v_bits, group_size=config.group_size)
-  return gpu_decode.merge_partials(*partials)
+  return gpu_decode.merge_partials(*_pair_block_partials(qg, layer, nq, lo, config,
+                                                         transposed=False))
 
 
 def _kernel_block_attention(which: str, q, layer: LayerKV, nq, lo, config: KIVIConfig,

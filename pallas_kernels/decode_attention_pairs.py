@@ -886,12 +886,16 @@ def _build(b: int, kh: int, capacity: int, splits: int, n_rows: int, k_bits: int
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
 
 
-@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits"))
+@functools.partial(jax.jit, static_argnames=("k_bits", "v_bits", "group_size", "splits",
+                                             "transposed"))
 def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid,
                          lo, *, k_bits: int, v_bits: int, group_size: int,
-                         splits: int | None = None):
+                         splits: int | None = None, transposed: bool = False):
   """Per-split partials `(acc [B, K, S, M, D], m [B, K, S, M], l [B, K, S, M])`
-  (module docstring); `splits` programs share each row's sequence."""
+  (module docstring); `splits` programs share each row's sequence. With
+  `transposed`, as the kernels wrote them: `acc [B, K, S, D, R]` (R the kernel's
+  padded rows, 1 for one query row), `m`, `l` `[B, K, S, R']` (R' >= R), for
+  `merge_partials.merge_block_and_ring`, which reads their first M rows."""
   b, kh, m_rows, d = q.shape
   capacity = k_codes.shape[2]
   step = step_tokens(group_size)
@@ -919,6 +923,8 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         q, k_codes, k_scale, k_zero, n_valid, lo)
     o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step)(
         sc, m, v_codes, v_scale, v_zero, n_valid, lo)
+    if transposed:
+      return o[..., None], m, l
     return o[..., None, :], m[..., :1], l[..., :1]
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
@@ -926,4 +932,6 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         *k_codes.shape[:-1], 2 * k_codes.shape[-1])
   o, m, l = _build(b, kh, capacity, splits, n_rows, k_bits, v_bits, group_size, d, step,
                    halves)(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_valid, lo)
+  if transposed:
+    return o, m, l
   return jnp.swapaxes(o, 3, 4)[..., :m_rows, :], m[..., :m_rows], l[..., :m_rows]

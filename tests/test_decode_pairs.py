@@ -266,3 +266,63 @@ def test_a_decode_step_reads_the_pair_layout_through_the_kernel(rep, window, d):
   # Both read the same bf16 keys and values and round probabilities to bf16 for
   # their dots (at different maxima): 2^-8 each way.
   assert err < 2**-7, err
+
+
+@pytest.mark.parametrize("rep", [1, 4, 16])
+def test_the_merge_kernel_gives_the_merge_of_the_block_and_the_ring(rep, monkeypatch):
+  """exp/mergekernel (KIVI_EXP_MERGE=1): on a CPU the pair kernel is replaced by
+  the jnp block attention laid out as the kernels write their partials (one
+  split; O^T over the kernel's padded rows, the folded kernel's 8 columns), the
+  ring kernel and the merge kernel run in interpret mode: the step's output
+  equals the XLA merge's."""
+  monkeypatch.setattr(dp, "hopper", lambda: True)  # a GPU pretended
+
+  def fake(qg, layer, nq, lo, config, transposed=True):
+    o, lse = attention._jnp_block_attention(qg, layer, nq, lo, config, None)
+    if not transposed:
+      return o[:, :, None], lse[:, :, None], jnp.ones_like(lse[:, :, None])
+    rows = 1 if rep == 1 else (8 if rep <= 8 else 16)
+    cols = 8 if rep == 1 else rows
+    pad = lambda x, n, fill: jnp.pad(  # noqa: E731
+        x, [(0, 0)] * 2 + [(0, n - rep)] + [(0, 0)] * (x.ndim - 3), constant_values=fill)
+    o_t = jnp.swapaxes(pad(o, rows, 0.0), 2, 3)[:, :, None]  # [B, K, 1, D, R]
+    return (o_t, pad(lse, cols, -1e30)[:, :, None],
+            pad(jnp.ones_like(lse), cols, 0.0)[:, :, None])
+
+  monkeypatch.setattr(attention, "_pair_block_partials", fake)
+  config = kivi_jax.KIVIConfig(2, 2, 32, 128)
+  b, hkv, n = 3, 2, 700
+  rng = np.random.default_rng(rep)
+  k, v = (jnp.asarray(rng.standard_normal((b, hkv, n, D)), jnp.bfloat16) for _ in range(2))
+  lengths = jnp.asarray([n, 400, 129], jnp.int32)
+  shape = CacheShape(num_kv_heads=hkv, head_dim=D, dtype=jnp.bfloat16)
+  layer = kivi_jax.init_cache(shape, config, b, n + 1, layout="pairs",
+                              impl="reference").layers[0]
+  layer = append(layer, k, v, jnp.zeros_like(lengths), lengths, config, "reference")
+  q = jnp.asarray(rng.standard_normal((b, 1, rep * hkv, D)), jnp.bfloat16)
+  k1, v1 = (jnp.asarray(rng.standard_normal((b, hkv, 1, D)), jnp.bfloat16) for _ in range(2))
+  ones = jnp.ones((b,), jnp.int32)
+  appended, flushed = append_flushing(layer, k1, v1, lengths, ones, config, "reference")
+  out = {}
+  for knob in ("0", "1"):
+    monkeypatch.setenv("KIVI_EXP_MERGE", knob)
+    out[knob] = np.asarray(attention.decode_attention(q, appended, flushed, lengths, ones,
+                                                      config, None, impl="gpu"), np.float32)
+  # The same partials merged in float32 either way, rounded to bf16 at the end.
+  np.testing.assert_allclose(out["1"], out["0"], rtol=2**-7, atol=2**-7)
+  assert np.abs(out["1"]).max() > 0.05
+
+
+@pytest.mark.parametrize("splits, tiles, r, r2, rows, cols", [
+    (6, 5, 8, 16, 4, 8), (1, 2, 1, 1, 1, 8), (3, 5, 16, 16, 16, 16)])
+def test_the_merge_kernel_lowers_for_cuda(splits, tiles, r, r2, rows, cols):
+  """exp/mergekernel: the merge kernel traces and lowers to Triton for P1's
+  shape (6 splits, 5 ring tiles, 4 of 8 rows), one query row (the folded
+  kernel's 8 columns of maxima) and 16 rows."""
+  from kivi_jax.pallas_kernels import merge_partials as mp
+  sd, f32 = jax.ShapeDtypeStruct, jnp.float32
+  b, kh = 4, 8
+  args = (sd((b, kh, splits, D, r), f32), *2 * [sd((b, kh, splits, cols), f32)],
+          sd((b, kh, tiles, r2, D), f32), *2 * [sd((b, kh, tiles, r2), f32)])
+  f = jax.jit(lambda *a: mp.merge_block_and_ring(*a, rows=rows, dtype=jnp.bfloat16))
+  assert "triton" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text().lower()
