@@ -79,6 +79,26 @@ def _kivi_bytes(layer: LayerKV, config: KIVIConfig, length: int, hkv: int, b: in
   return int(b * hkv * (nq * per_token + ring))
 
 
+def attention_step(key, config: KIVIConfig, layer: LayerKV, lens, q_heads: int, impl: str,
+                   copies: int = 1):
+  """The decode attention `attention_benchmark` times, jitted, and `copies`
+  inputs for it: each a query `[B, 1, q_heads, D]` and `layer` with a new
+  token appended beforehand (the writes have their own benchmark,
+  scripts/gpu_cache_write.py: the step's attention alone)."""
+  b, kv_heads, _, d = layer.ring_k.shape
+  dtype = layer.ring_k.dtype
+  appended = jax.jit(append_flushing, static_argnames=("config", "impl"))
+  inputs = []
+  for c in range(copies):
+    ks = jax.random.split(jax.random.fold_in(key, 100 + c), 3)
+    new = [jax.random.normal(k, (b, kv_heads, 1, d), dtype) for k in ks[1:]]
+    inputs.append((jax.random.normal(ks[0], (b, 1, q_heads, d), dtype),
+                   *appended(layer, *new, lens, jnp.ones_like(lens), config, impl), lens))
+  step = jax.jit(lambda q, lay, flushed, ln: decode_attention(
+      q, lay, flushed, ln, jnp.ones_like(ln), config, None, impl))
+  return step, inputs
+
+
 def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int = 8,
                         q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                         methods=("kivi4", "kivi2"), repeats: int = 30, impl: str = "gpu",
@@ -127,18 +147,7 @@ def attention_benchmark(lengths=(4096, 16384, 32768, 65536, 131072), batch: int 
       layer, lens = _kivi_layer(key, config, batch, kv_heads, length - 1, head_dim, dtype,
                                 impl, layout)
       nbytes = _kivi_bytes(layer, config, length - 1, kv_heads, batch, head_dim)
-      # The new token appended beforehand (the writes have their own
-      # benchmark, scripts/gpu_cache_write.py): the step's attention alone.
-      ones = jnp.ones_like(lens)
-      appended = jax.jit(append_flushing, static_argnames=("config", "impl"))
-      inputs = []
-      for c in range(_copies(nbytes)):
-        ks = jax.random.split(jax.random.fold_in(key, 100 + c), 3)
-        new = [jax.random.normal(k, (batch, kv_heads, 1, head_dim), dtype) for k in ks[1:]]
-        inputs.append((jax.random.normal(ks[0], (batch, 1, q_heads, head_dim), dtype),
-                       *appended(layer, *new, lens, ones, config, impl), lens))
-      step = jax.jit(lambda q, lay, flushed, ln, config=config: decode_attention(
-          q, lay, flushed, ln, jnp.ones_like(ln), config, None, impl))
+      step, inputs = attention_step(key, config, layer, lens, q_heads, impl, _copies(nbytes))
       ms = _time(step, inputs, repeats)
       rows.append(dict(method=method, layout=layer.layout, B=batch, Hq=q_heads, Hkv=kv_heads,
                        d=head_dim, L=length, ms=ms, baseline_ms=base_ms,

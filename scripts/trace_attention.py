@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kivi_jax import bench
-from kivi_jax.attention import decode_attention
 from kivi_jax.bench_generate import summarize_trace
-from kivi_jax.cache import append_flushing
 from kivi_jax.cli import _write_json, run_metadata
 from kivi_jax.config import get_preset
 
@@ -35,14 +33,11 @@ def trace_shape(method: str, b: int, hq: int, hkv: int, length: int, d: int = 12
   key = jax.random.key(0)
   layer, lens = bench._kivi_layer(key, config, b, hkv, length - 1, d, jnp.bfloat16, "gpu",
                                   "pairs")
-  ks = jax.random.split(key, 3)
-  new = [jax.random.normal(k, (b, hkv, 1, d), jnp.bfloat16) for k in ks[1:]]
-  appended = jax.jit(append_flushing, static_argnames=("config", "impl"))(
-      layer, *new, lens, jnp.ones_like(lens), config, "gpu")
-  args = (jax.random.normal(ks[0], (b, 1, hq, d), jnp.bfloat16), *appended, lens)
-  step = jax.jit(lambda q, lay, flushed, n: decode_attention(
-      q, lay, flushed, n, jnp.ones_like(n), config, None, "gpu"))
-  queued_ms = bench._time(step, [args], 30)
+  nbytes = bench._kivi_bytes(layer, config, length - 1, hkv, b, d)
+  step, inputs = bench.attention_step(key, config, layer, lens, hq, "gpu",
+                                      bench._copies(nbytes))
+  queued_ms = bench._time(step, inputs, 30)
+  args = inputs[0]
   log_dir = tempfile.mkdtemp()
   with jax.profiler.trace(log_dir, create_perfetto_trace=True):
     for _ in range(CALLS):

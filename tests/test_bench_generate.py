@@ -9,13 +9,16 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from kivi_jax import bench
 from kivi_jax import bench_generate as bg
 from kivi_jax import memory
 from kivi_jax import pallas_kernels
+from kivi_jax.attention import decode_attention
 from kivi_jax.cli import main, run_metadata
 from kivi_jax.config import get_preset
 from kivi_jax.models.config import ModelConfig
@@ -248,6 +251,23 @@ def test_benches_refuse_a_machine_without_accelerator(capsys, monkeypatch):
   assert main(["bench", "attention", "--lengths", "64"]) == 2
   assert "times the GPU kernels against cuDNN: jax's backend here is 'cpu'" in (
       capsys.readouterr().err)
+
+
+def test_the_attention_step_is_decode_attention_over_its_inputs():
+  """`bench.attention_step` (what `bench attention` and scripts/trace_attention.py
+  time): each copy its own query and new token appended, and the step is
+  `decode_attention` of that input."""
+  config = get_preset("kivi2")
+  key = jax.random.key(0)
+  layer, lens = bench._kivi_layer(key, config, 2, 2, 299, 128, jnp.bfloat16, "reference")
+  step, inputs = bench.attention_step(key, config, layer, lens, 8, "reference", copies=2)
+  assert len(inputs) == 2 and inputs[0][0].shape == (2, 1, 8, 128)
+  assert not np.array_equal(inputs[0][0], inputs[1][0])
+  for q, appended, flushed, n in inputs:
+    want = decode_attention(q, appended, flushed, n, jnp.ones_like(n), config, None,
+                            "reference")
+    np.testing.assert_array_equal(np.asarray(step(q, appended, flushed, n), np.float32),
+                                  np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("args, match", [
