@@ -92,7 +92,7 @@ def main(out: str):
       continue
     ms = bench._time(fn, [args], repeats=20)
     with tempfile.TemporaryDirectory() as d:
-      with jax.profiler.trace(d):
+      with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(10):
           jax.block_until_ready(fn(*args))
       by = {}
