@@ -75,6 +75,35 @@ def _expand(ref, tok0, g_sz: int, group_map):
   return ref[rows, group_map].astype(jnp.float32)
 
 
+# Groups a values tile reads its scales and zeros from by selects (`_select`).
+_NEAR = 4
+
+
+def _near_groups(group_map, n: int):
+  """For a tile's channels' groups `group_map` `[1, tile]` (nondecreasing, of
+  `n`): `(lo, past, fits)`: the first of the `k = min(_NEAR, n)` groups
+  `_select` reads, the tile's masks of the channels past each of the next
+  `k - 1`, and whether every channel's group is among those `k`."""
+  k = min(_NEAR, n)
+  lo = jnp.minimum(jnp.min(group_map), n - k)
+  d = group_map - lo
+  return lo, [d >= j for j in range(1, k)], jnp.max(d) < k
+
+
+def _select(ref, tok0, g_sz: int, tile: int, lo, past):
+  """`_expand`'s `[g_sz, tile]` for a tile whose channels' groups are the
+  `len(past) + 1` from `lo` on (`_near_groups`): a column load a group and a
+  select an element for each group past the first: the values kernel at
+  Llama-2-7B's width in 0.53x its time with the gathers (an H100,
+  benchmarks/NOTES.md); the scores kernel, where RoPE's cos and sin hide the
+  gathers' latency, slower with it alone."""
+  rows = pl.ds(tok0, g_sz)
+  out = jnp.broadcast_to(ref[rows, pl.ds(lo, 1)].astype(jnp.float32), (g_sz, tile))
+  for j, mask in enumerate(past, 1):
+    out = jnp.where(mask, ref[rows, pl.ds(lo + j, 1)].astype(jnp.float32), out)
+  return out
+
+
 def _dot(a, b, contract, precision):
   return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
@@ -133,28 +162,42 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
   split's live groups for the span's channels, `[M, span]` float32, one
   `tile` of channels at a time (each group's probabilities loaded once for
   all); each channel's `rep` rows of its own kv head, divided by their sums
-  `inv_l`, stored at its natural place (`perm`) in the `[rep, H]` output."""
+  `inv_l`, stored at its natural place (`perm`) in the `[rep, H]` output.
+  Where each tile's channels fall in `_NEAR` groups, their scales and zeros
+  come by `_select`, else by `_expand`'s gathers (one loop or the other, chosen
+  once)."""
   g_sz, w = group, codes_per_word(bits)
   rep = out_ref.shape[0]
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(perm_ref.shape[0] // tile)]
   maps = [map_ref[c][None, :] for c in cols]
+  near = [_near_groups(group_map, vs_ref.shape[1]) for group_map in maps]
 
-  def group_values(g, accs):
+  def group_values(g, accs, *, by_select: bool):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
     p = p_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)].astype(compute_dtype)
     out = []
-    for acc, c, group_map in zip(accs, cols, maps):
+    for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
-      v = codes * _expand(vs_ref, tok0, g_sz, group_map) + _expand(vz_ref, tok0, g_sz, group_map)
+      if by_select:
+        v = (codes * _select(vs_ref, tok0, g_sz, tile, lo, past)
+             + _select(vz_ref, tok0, g_sz, tile, lo, past))
+      else:
+        v = (codes * _expand(vs_ref, tok0, g_sz, group_map)
+             + _expand(vz_ref, tok0, g_sz, group_map))
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
   m_rows = p_ref.shape[0]
-  accs = jax.lax.fori_loop(first, last, group_values,
-                           tuple(jnp.zeros((m_rows, tile), jnp.float32) for _ in cols))
+  zeros = tuple(jnp.zeros((m_rows, tile), jnp.float32) for _ in cols)
+  accs = jax.lax.cond(
+      functools.reduce(jnp.logical_and, [fits for *_, fits in near]),
+      lambda: jax.lax.fori_loop(first, last, functools.partial(group_values, by_select=True),
+                                zeros),
+      lambda: jax.lax.fori_loop(first, last, functools.partial(group_values, by_select=False),
+                                zeros))
   row = jax.lax.broadcasted_iota(jnp.int32, (m_rows, 1), 0)
   for c, acc in zip(cols, accs):
     natural = perm_ref[c]
