@@ -27,7 +27,8 @@ The reference is `decode_attention.quantized_decode_attention_reference` with
 
 Shapes (M query rows padded to 16, H hidden dim, n groups, C block capacity):
   q, q_rot      [B, 1, M, H]     model dtype (q_rot and rope_theta [H]: keys
-                                 cached before RoPE, as in `decode_attention`)
+                                 cached before RoPE, as in `decode_attention`;
+                                 RoPE's inverse frequencies, at most 1)
   k_codes       [B, 1, C/w_k, H] uint32     k_scale, k_zero [B, 1, C, n_k]
   v_codes       [B, 1, C/w_v, H] uint32     v_scale, v_zero [B, 1, C, n_v]
   n_valid, lo   [B] int32: the block's live tokens are `lo <= t < n_valid`
@@ -41,6 +42,7 @@ query row `kv * rep + j`'s output at its kv head's channel `d` (rows past
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,46 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   return out
 
 
+def _trunc(x: float, bits: int) -> float:
+  """`x` to its leading `bits` significant bits (toward zero)."""
+  m, e = math.frexp(x)
+  return math.floor(m * 2**bits) / 2**bits * 2.0**e
+
+
+def _reduce(x, period: float):
+  """`(x - k period, k)` for `k = round(x / period)`, float32: the period in
+  three parts (Cody and Waite), the first two of 8 significant bits, so `k`
+  times each is exact for `k < 2**16`."""
+  p1 = _trunc(period, 8)
+  p2 = _trunc(period - p1, 8)
+  k = jnp.floor(x * (1 / period) + 0.5)
+  return ((x - k * p1) - k * p2) - k * (period - p1 - p2), k
+
+
+# RoPE's angles below this (positions times inverse frequencies of at most 1)
+# take `_sincos`: its 2*pi stage is exact while `k < 2**16`.
+SINCOS_MAX_ANGLE = 4e5
+
+
+def _sincos(x):
+  """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`, within
+  2e-7 of the exact values (numpy in float64, 2M angles): reduced to [-pi, pi]
+  and then to [-pi/4, pi/4] by `_reduce`, Cephes' sinf and cosf polynomials
+  there, the quadrant by selects. About 30 instructions for both, where
+  libdevice's precise `sinf` and `cosf` take tens each."""
+  x, _ = _reduce(x, 2 * math.pi)
+  r, k = _reduce(x, math.pi / 2)
+  z = r * r
+  sin = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+  cos = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z
+  cos = cos - 0.5 * z + 1.0
+  quadrant = k.astype(jnp.int32) & 3
+  odd = (quadrant & 1) == 1
+  sin, cos = jnp.where(odd, cos, sin), jnp.where(odd, sin, cos)
+  return (jnp.where(quadrant >= 2, -sin, sin),
+          jnp.where((quadrant == 1) | (quadrant == 2), -cos, cos))
+
+
 def _dot(a, b, contract, precision):
   return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
@@ -112,21 +154,27 @@ def _dot(a, b, contract, precision):
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
-                   pos_offset: int):
+                   pos_offset: int, fast_rope: bool):
   """One program: batch row b, split s, chunk c of the hidden dim's tiles.
   Writes the chunk's part of the scores of the split's live groups into its
-  `[M, groups_per_split * G]` block (the rest is never read)."""
+  `[M, groups_per_split * G]` block (the rest is never read). With
+  `fast_rope`, cos and sin by `_sincos`, and the scales and zeros by
+  `_select` where every tile of the chunk spans at most `_NEAR` groups (else
+  `_expand`'s gathers, one loop or the other chosen once): on an H100 either
+  alone was slower than the precise pair and the gathers, both together
+  faster (benchmarks/NOTES.md)."""
   if rope:
     qr_ref, theta_ref, s_ref = refs
   else:
     (s_ref,) = refs
   g_sz, w = group, codes_per_word(bits)
   m_rows, hidden = q_ref.shape
+  n_groups = ks_ref.shape[1]
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
   tile0 = pl.program_id(2) * tiles_per_chunk
 
-  def group_scores(g, carry):
+  def group_scores(g, carry, *, by_select: bool):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
 
@@ -135,24 +183,42 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       group_map = map_ref[cols][None, :]
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
-      k = codes * _expand(ks_ref, tok0, g_sz, group_map) + _expand(kz_ref, tok0, g_sz, group_map)
+      if by_select:
+        lo, past, _ = _near_groups(group_map, n_groups)
+        k = (codes * _select(ks_ref, tok0, g_sz, tile, lo, past)
+             + _select(kz_ref, tok0, g_sz, tile, lo, past))
+      else:
+        k = (codes * _expand(ks_ref, tok0, g_sz, group_map)
+             + _expand(kz_ref, tok0, g_sz, group_map))
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
       pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
              ).astype(jnp.float32)
       angle = pos * theta_ref[cols][None, :]
+      sin, cos = _sincos(angle) if fast_rope else (jnp.sin(angle), jnp.cos(angle))
       q_rot = qr_ref[:, cols].astype(compute_dtype)
-      return (s + _dot(q, (k * jnp.cos(angle)).astype(compute_dtype), ((1,), (1,)), precision)
-              + _dot(q_rot, (k * jnp.sin(angle)).astype(compute_dtype), ((1,), (1,)),
-                     precision))
+      return (s + _dot(q, (k * cos).astype(compute_dtype), ((1,), (1,)), precision)
+              + _dot(q_rot, (k * sin).astype(compute_dtype), ((1,), (1,)), precision))
 
     s = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_scores,
                           jnp.zeros((m_rows, g_sz), jnp.float32))
     s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)] = s * sm_scale
     return carry
 
-  jax.lax.fori_loop(first, last, group_scores, 0)
+  def walk(by_select: bool):
+    jax.lax.fori_loop(first, last, functools.partial(group_scores, by_select=by_select), 0)
+
+  if not fast_rope:
+    walk(False)
+    return
+
+  def tile_fits(i, fits):
+    group_map = map_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)][None, :]
+    return jnp.minimum(fits, _near_groups(group_map, n_groups)[2].astype(jnp.int32))
+
+  fits = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_fits, jnp.int32(1))
+  jax.lax.cond(fits > 0, lambda: walk(True), lambda: walk(False))
 
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
@@ -210,7 +276,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
 @functools.partial(jax.jit, static_argnames=(
     "k_bits", "v_bits", "group_size", "head_dim", "rep", "sm_scale", "pos_offset", "tile",
     "value_tiles",
-    "splits", "chunks", "value_splits", "num_warps", "interpret", "poison"))
+    "splits", "chunks", "value_splits", "num_warps", "fast_rope", "interpret", "poison"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, v_perm, q_rot=None,
                             rope_theta=None, *, k_bits: float, v_bits: float, group_size: int,
@@ -218,7 +284,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
                             tile: int | None = None,
                             value_tiles: int = 1, splits: int | None = None,
                             chunks: int | None = None, value_splits: int | None = None,
-                            num_warps: int = 4,
+                            num_warps: int = 4, fast_rope: bool | None = None,
                             interpret: bool = False, poison: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
@@ -231,7 +297,9 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   dim's tiles (chunks of them, the partial scores summed in jnp),
   `value_splits` values programs each channel span's tokens (by default,
   each kernel's enough to fill a large GPU: the tokens split first, up to a
-  split a group, then the tiles). With `poison`, both kernels' outputs start
+  split a group, then the tiles). `fast_rope` (by default, where the block's
+  positions' angles stay below `SINCOS_MAX_ANGLE`) turns on the scores
+  kernel's `_sincos` and `_select`. With `poison`, both kernels' outputs start
   as NaN, so a live score or an output element the kernels fail to write
   shows.
   """
@@ -264,6 +332,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     value_splits = default_splits(b, hidden // width, n_groups)
   groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
+  if fast_rope is None:  # positions times RoPE's inverse frequencies (at most 1)
+    fast_rope = k_scale.shape[2] + pos_offset < SINCOS_MAX_ANGLE
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
@@ -282,6 +352,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   scores = pallas_call(
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
                         rope=q_rot is not None, pos_offset=pos_offset,
+                        fast_rope=fast_rope,
                         groups_per_split=groups_per_split,
                         tiles_per_chunk=n_tiles // chunks, **cfg),
       inputs, in_specs,

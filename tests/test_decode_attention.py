@@ -410,6 +410,23 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
 @pytest.mark.parametrize("rope", [False, True])
 def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, tile,
                                         value_tiles, value_splits, chunks, rope):
+  _check_hidden_kernels(k_bits, v_bits, g, hidden, n_groups, tile, value_tiles, value_splits,
+                        chunks, rope)
+
+
+# The scores kernel's other form, as blocks past `SINCOS_MAX_ANGLE` run it:
+# libdevice's sin and cos and each element's scale and zero gathered.
+@pytest.mark.parametrize("hidden, n_groups, tile, value_tiles, value_splits, chunks", [
+    (192, 12, None, 1, 2, 3), (128, 40, 16, 4, 1, 4)])
+@pytest.mark.parametrize("rope", [False, True])
+def test_hidden_kernels_match_reference_without_fast_rope(hidden, n_groups, tile, value_tiles,
+                                                          value_splits, chunks, rope):
+  _check_hidden_kernels(2, 2, 16, hidden, n_groups, tile, value_tiles, value_splits, chunks,
+                        rope, fast_rope=False)
+
+
+def _check_hidden_kernels(k_bits, v_bits, g, hidden, n_groups, tile, value_tiles, value_splits,
+                          chunks, rope, fast_rope=None):
   seed = hash((k_bits, v_bits, g, hidden, n_groups, rope)) % 2**32
   dtype = jnp.bfloat16 if ON_GPU else jnp.float32
   args = _hidden_inputs(seed, 5, hidden, n_groups, g, k_bits, v_bits, dtype, rope)
@@ -426,7 +443,7 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
                                              head_dim=d, rep=rep, tile=tile,
                                              value_tiles=value_tiles, splits=3, chunks=chunks,
                                              value_splits=value_splits, poison=True,
-                                             interpret=not ON_GPU)
+                                             fast_rope=fast_rope, interpret=not ON_GPU)
   o_ref, lse_ref = da.quantized_decode_attention_reference(*args, **kw,
                                                            dot_dtype=args[0].dtype)
   assert o.shape == (5, rep, hidden)
@@ -438,6 +455,19 @@ def test_hidden_kernels_match_reference(k_bits, v_bits, g, hidden, n_groups, til
   # float32 interpret mode: summation order only. bf16 on a GPU: both round the
   # dots' operands alike (the probabilities at the block's maximum, as here).
   _check_rows(o, o_ref, lse[:, 0, :9], lse_ref[:, 0, :9], live, BF16_RTOL if ON_GPU else 1e-5)
+
+
+def test_sincos_is_within_2e_7_of_float64_below_its_bound():
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.uniform(0, 10, 100_000), rng.uniform(0, 1e4, 100_000),
+                      rng.uniform(0, da_hidden.SINCOS_MAX_ANGLE, 400_000),
+                      np.arange(-1, 2**17) * np.pi / 4]).astype(np.float32)
+  x = x[(x >= 0) & (x < da_hidden.SINCOS_MAX_ANGLE)]
+  sin, cos = jax.jit(da_hidden._sincos)(jnp.asarray(x))
+  # float32's own rounding of a result near 1 is up to 6e-8; the reduction
+  # and the polynomials add about 1e-7.
+  np.testing.assert_allclose(np.asarray(sin), np.sin(x.astype(np.float64)), rtol=0, atol=2e-7)
+  np.testing.assert_allclose(np.asarray(cos), np.cos(x.astype(np.float64)), rtol=0, atol=2e-7)
 
 
 @pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
