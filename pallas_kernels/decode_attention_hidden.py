@@ -129,7 +129,7 @@ SINCOS_MAX_ANGLE = 4e5
 
 def _sincos(x):
   """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`, within
-  2e-7 of the exact values (numpy in float64, 2M angles): reduced to [-pi, pi]
+  2e-7 of the exact values (tests/test_decode_attention.py): reduced to [-pi, pi]
   and then to [-pi/4, pi/4] by `_reduce`, Cephes' sinf and cosf polynomials
   there, the quadrant by selects. About 30 instructions for both, where
   libdevice's precise `sinf` and `cosf` take tens each."""
