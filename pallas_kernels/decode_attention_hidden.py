@@ -77,7 +77,7 @@ def _expand(ref, tok0, g_sz: int, group_map):
   return ref[rows, group_map].astype(jnp.float32)
 
 
-# Groups a values tile reads its scales and zeros from by selects (`_select`).
+# Groups a tile reads its scales and zeros from by selects (`_select`).
 _NEAR = 4
 
 
@@ -131,7 +131,7 @@ def _sincos(x):
   """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`, within
   2e-7 of the exact values (tests/test_decode_attention.py): reduced to [-pi, pi]
   and then to [-pi/4, pi/4] by `_reduce`, Cephes' sinf and cosf polynomials
-  there, the quadrant by selects. About 30 instructions for both, where
+  there, the quadrant by selects: some 30 operations for both, where
   libdevice's precise `sinf` and `cosf` take tens each."""
   x, _ = _reduce(x, 2 * math.pi)
   r, k = _reduce(x, math.pi / 2)
@@ -297,11 +297,11 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   dim's tiles (chunks of them, the partial scores summed in jnp),
   `value_splits` values programs each channel span's tokens (by default,
   each kernel's enough to fill a large GPU: the tokens split first, up to a
-  split a group, then the tiles). `fast_rope` (by default, where the block's
-  positions' angles stay below `SINCOS_MAX_ANGLE`) turns on the scores
-  kernel's `_sincos` and `_select`. With `poison`, both kernels' outputs start
-  as NaN, so a live score or an output element the kernels fail to write
-  shows.
+  split a group, then the tiles). `fast_rope` turns on the scores kernel's
+  `_sincos` and `_select`: by default without RoPE, or where the block's
+  positions' angles stay below `SINCOS_MAX_ANGLE`. With `poison`, both
+  kernels' outputs start as NaN, so a live score or an output element the
+  kernels fail to write shows.
   """
   if (q_rot is None) != (rope_theta is None):
     raise ValueError("q_rot and rope_theta go together")
@@ -333,7 +333,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
   if fast_rope is None:  # positions times RoPE's inverse frequencies (at most 1)
-    fast_rope = k_scale.shape[2] + pos_offset < SINCOS_MAX_ANGLE
+    fast_rope = q_rot is None or k_scale.shape[2] + pos_offset < SINCOS_MAX_ANGLE
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
