@@ -106,6 +106,17 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   return out
 
 
+def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None):
+  """`codes` `[g_sz, tile]` (float32) times each channel's scale plus its
+  zero: by `_select` from `near`'s `(lo, past)` (`_near_groups`), or by
+  `_expand`'s gathers where `near` is None."""
+  if near is None:
+    expand = lambda ref: _expand(ref, tok0, g_sz, group_map)  # noqa: E731
+  else:
+    expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near)  # noqa: E731
+  return codes * expand(scale_ref) + expand(zero_ref)
+
+
 def _trunc(x: float, bits: int) -> float:
   """`x` to its leading `bits` significant bits (toward zero)."""
   m, e = math.frexp(x)
@@ -183,13 +194,8 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       group_map = map_ref[cols][None, :]
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
-      if by_select:
-        lo, past, _ = _near_groups(group_map, n_groups)
-        k = (codes * _select(ks_ref, tok0, g_sz, tile, lo, past)
-             + _select(kz_ref, tok0, g_sz, tile, lo, past))
-      else:
-        k = (codes * _expand(ks_ref, tok0, g_sz, group_map)
-             + _expand(kz_ref, tok0, g_sz, group_map))
+      near = _near_groups(group_map, n_groups)[:2] if by_select else None
+      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
@@ -247,12 +253,8 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     out = []
     for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
-      if by_select:
-        v = (codes * _select(vs_ref, tok0, g_sz, tile, lo, past)
-             + _select(vz_ref, tok0, g_sz, tile, lo, past))
-      else:
-        v = (codes * _expand(vs_ref, tok0, g_sz, group_map)
-             + _expand(vz_ref, tok0, g_sz, group_map))
+      v = _dequantize(codes, vs_ref, vz_ref, tok0, g_sz, group_map,
+                      (lo, past) if by_select else None)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
