@@ -240,7 +240,14 @@ def _by_token_chunks(f, x: Array, size: int) -> Array:
 
 def _forward(params, input_ids, cache: KVCache, attention_mask, *, config: ModelConfig,
              prompt: bool, last_only: bool):
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [batch, tokens], got shape {input_ids.shape}")
   b, t = input_ids.shape
+  if b != cache.lengths.shape[0]:
+    raise ValueError(f"input_ids has {b} rows, the cache {cache.lengths.shape[0]}")
+  if attention_mask is not None and attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask has shape {attention_mask.shape}, input_ids "
+                     f"{input_ids.shape}")
   if t > cache.capacity:
     raise ValueError(f"{t} new tokens exceed the cache capacity ({cache.capacity})")
   if len(params["layers"]) != len(cache.layers):

@@ -120,3 +120,15 @@ def test_overflowing_the_cache_poisons_only_that_row():
   with pytest.raises(ValueError, match=f"{cap + 1} new tokens exceed the cache capacity"):
     model.forward(model.params, jnp.zeros((1, cap + 1), jnp.int32),
                   kivi_jax.init_cache(model.config, kv, 1, 200))
+
+
+def test_forward_names_the_argument_whose_shape_does_not_fit():
+  model = kivi_jax.load_model(tiny_hf_model(CONFIGS["llama-gqa-untied"]))
+  cache = kivi_jax.init_cache(model.config, kivi_jax.KIVIConfig(2, 2, 16, 16), 2, 64)
+  ids = jnp.zeros((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match=r"input_ids has 3 rows, the cache 2"):
+    model.forward(model.params, jnp.zeros((3, 3), jnp.int32), cache)
+  with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\], got shape \(3,\)"):
+    model.prefill(model.params, ids[0], cache)
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 2\), input_ids \(2, 3\)"):
+    model.forward(model.params, ids, cache, jnp.ones((2, 2), jnp.int32))
