@@ -47,6 +47,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
@@ -124,13 +125,13 @@ def _trunc(x: float, bits: int) -> float:
 
 
 def _reduce(x, period: float):
-  """`(x - k period, k)` for `k = round(x / period)`, float32: the period in
-  three parts (Cody and Waite), the first two of 8 significant bits, so `k`
-  times each is exact for `k < 2**16`."""
+  """`x - k period` for `k = round(x / period)`, float32: the period in three
+  parts (Cody and Waite), the first two of 8 significant bits, so `k` times
+  each is exact for `k < 2**16`."""
   p1 = _trunc(period, 8)
   p2 = _trunc(period - p1, 8)
   k = jnp.floor(x * (1 / period) + 0.5)
-  return ((x - k * p1) - k * p2) - k * (period - p1 - p2), k
+  return ((x - k * p1) - k * p2) - k * (period - p1 - p2)
 
 
 # RoPE's angles below this (positions times inverse frequencies of at most 1)
@@ -138,23 +139,26 @@ def _reduce(x, period: float):
 SINCOS_MAX_ANGLE = 4e5
 
 
-def _sincos(x):
-  """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`, within
-  2e-7 of the exact values (tests/test_decode_attention.py): reduced to [-pi, pi]
-  and then to [-pi/4, pi/4] by `_reduce`, Cephes' sinf and cosf polynomials
-  there, the quadrant by selects: some 30 operations for both, where
+def _ptx(op: str, x):
+  """`op` (sin or cos) of float32 `x` in [-pi, pi] by PTX's `op.approx.f32`:
+  absolute error 2^-20.9 there (PTX's documentation), a few instructions where
   libdevice's precise `sinf` and `cosf` take tens each."""
-  x, _ = _reduce(x, 2 * math.pi)
-  r, k = _reduce(x, math.pi / 2)
-  z = r * r
-  sin = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
-  cos = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z
-  cos = cos - 0.5 * z + 1.0
-  quadrant = k.astype(jnp.int32) & 3
-  odd = (quadrant & 1) == 1
-  sin, cos = jnp.where(odd, cos, sin), jnp.where(odd, sin, cos)
-  return (jnp.where(quadrant >= 2, -sin, sin),
-          jnp.where((quadrant == 1) | (quadrant == 2), -cos, cos))
+  [y] = plgpu.elementwise_inline_asm(
+      f"{op}.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return y
+
+
+def _sincos(x, ptx: bool):
+  """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`: reduced
+  to [-pi, pi] by `_reduce` (a little past it where `x / (2 pi)` rounds to
+  the other integer: by 3e-3 at most over the test's angles), then `_ptx`'s pair, or with `ptx=False`
+  (interpret mode, which has no PTX) `jnp.sin` and `jnp.cos`. Within 6e-7 of
+  the exact values on a GPU and 2e-7 on a CPU (tests/test_decode_attention.py)."""
+  x = _reduce(x, 2 * math.pi)
+  if ptx:
+    return _ptx("sin", x), _ptx("cos", x)
+  return jnp.sin(x), jnp.cos(x)
 
 
 def _dot(a, b, contract, precision):
@@ -165,7 +169,7 @@ def _dot(a, b, contract, precision):
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
-                   pos_offset: int, fast_rope: bool):
+                   pos_offset: int, fast_rope: bool, ptx: bool):
   """One program: batch row b, split s, chunk c of the hidden dim's tiles.
   Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read). With
@@ -202,7 +206,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
              ).astype(jnp.float32)
       angle = pos * theta_ref[cols][None, :]
-      sin, cos = _sincos(angle) if fast_rope else (jnp.sin(angle), jnp.cos(angle))
+      sin, cos = _sincos(angle, ptx) if fast_rope else (jnp.sin(angle), jnp.cos(angle))
       q_rot = qr_ref[:, cols].astype(compute_dtype)
       return (s + _dot(q, (k * cos).astype(compute_dtype), ((1,), (1,)), precision)
               + _dot(q_rot, (k * sin).astype(compute_dtype), ((1,), (1,)), precision))
@@ -354,7 +358,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   scores = pallas_call(
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
                         rope=q_rot is not None, pos_offset=pos_offset,
-                        fast_rope=fast_rope,
+                        fast_rope=fast_rope, ptx=not interpret,
                         groups_per_split=groups_per_split,
                         tiles_per_chunk=n_tiles // chunks, **cfg),
       inputs, in_specs,

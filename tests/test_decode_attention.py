@@ -7,10 +7,12 @@ real and checked in bfloat16. No TPU was available: the TPU kernel is verified
 in interpret mode only.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 import numpy as np
 import pytest
 
@@ -457,17 +459,40 @@ def _check_hidden_kernels(k_bits, v_bits, g, hidden, n_groups, tile, value_tiles
   _check_rows(o, o_ref, lse[:, 0, :9], lse_ref[:, 0, :9], live, BF16_RTOL if ON_GPU else 1e-5)
 
 
-def test_sincos_is_within_2e_7_of_float64_below_its_bound():
+def test_sincos_is_within_its_bound_of_float64_below_its_largest_angle():
+  """`_sincos` in a kernel: PTX's pair compiled on a GPU, `jnp`'s in interpret
+  mode on a CPU, each after the same reduction to [-pi, pi]."""
   rng = np.random.default_rng(0)
   x = np.concatenate([rng.uniform(0, 10, 100_000), rng.uniform(0, 1e4, 100_000),
                       rng.uniform(0, da_hidden.SINCOS_MAX_ANGLE, 400_000),
                       np.arange(-1, 2**17) * np.pi / 4]).astype(np.float32)
   x = x[(x >= 0) & (x < da_hidden.SINCOS_MAX_ANGLE)]
-  sin, cos = jax.jit(da_hidden._sincos)(jnp.asarray(x))
-  # float32's own rounding of a result near 1 is up to 6e-8; the reduction
-  # and the polynomials add about 1e-7.
-  np.testing.assert_allclose(np.asarray(sin), np.sin(x.astype(np.float64)), rtol=0, atol=2e-7)
-  np.testing.assert_allclose(np.asarray(cos), np.cos(x.astype(np.float64)), rtol=0, atol=2e-7)
+  x = np.pad(x, (0, -len(x) % 8192)).reshape(-1, 1024)
+
+  def kernel(x_ref, sin_ref, cos_ref):
+    sin_ref[...], cos_ref[...] = da_hidden._sincos(x_ref[...], ptx=ON_GPU)
+
+  spec = pl.BlockSpec((8, 1024), lambda i: (i, 0))
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  sin, cos = pl.pallas_call(kernel, grid=(len(x) // 8,), in_specs=[spec],
+                            out_specs=[spec, spec], out_shape=[out, out],
+                            interpret=not ON_GPU)(jnp.asarray(x))
+  # PTX's .approx is within 2^-20.9 (5e-7) on [-pi, pi]; float32's own rounding
+  # of a result near 1 is up to 6e-8, the reduction adds about 1e-7.
+  atol = 6e-7 if ON_GPU else 2e-7
+  np.testing.assert_allclose(np.asarray(sin), np.sin(x.astype(np.float64)), rtol=0, atol=atol)
+  np.testing.assert_allclose(np.asarray(cos), np.cos(x.astype(np.float64)), rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_them(rope):
+  args = _hidden_inputs(0, 2, 192, 12, 16, 2, 2, jnp.bfloat16, rope=rope)
+  f = jax.jit(functools.partial(da_hidden.hidden_decode_attention.__wrapped__, k_bits=2,
+                                v_bits=2, group_size=16, head_dim=64, rep=3, sm_scale=0.125))
+  text = f.trace(*args[:11], jnp.arange(192), *args[11:]).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "skvq_decode_scores" in text
+  assert ("sin.approx.f32" in text) == rope and ("cos.approx.f32" in text) == rope
 
 
 @pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
