@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
@@ -157,6 +159,21 @@ def _sincos(x):
           jnp.where((quadrant == 1) | (quadrant == 2), -cos, cos))
 
 
+def _ptx(op: str, x):
+  """`op` (sin or cos) of float32 `x` in [-pi, pi] by PTX's `op.approx.f32`
+  (absolute error 2^-20.9 there, by PTX's documentation; compiled only)."""
+  [y] = plgpu.elementwise_inline_asm(
+      f"{op}.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+  return y
+
+
+def _sincos_approx(x):
+  """exp/skvq-approx: `_sincos` by `_ptx` after its 2 pi stage."""
+  x, _ = _reduce(x, 2 * math.pi)
+  return _ptx("sin", x), _ptx("cos", x)
+
+
 def _dot(a, b, contract, precision):
   return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
@@ -165,7 +182,7 @@ def _dot(a, b, contract, precision):
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
-                   pos_offset: int, fast_rope: bool):
+                   pos_offset: int, fast_rope: bool, approx: bool):
   """One program: batch row b, split s, chunk c of the hidden dim's tiles.
   Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read). With
@@ -202,7 +219,10 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       pos = (tok0 + pos_offset + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
              ).astype(jnp.float32)
       angle = pos * theta_ref[cols][None, :]
-      sin, cos = _sincos(angle) if fast_rope else (jnp.sin(angle), jnp.cos(angle))
+      if fast_rope:
+        sin, cos = (_sincos_approx if approx else _sincos)(angle)
+      else:
+        sin, cos = jnp.sin(angle), jnp.cos(angle)
       q_rot = qr_ref[:, cols].astype(compute_dtype)
       return (s + _dot(q, (k * cos).astype(compute_dtype), ((1,), (1,)), precision)
               + _dot(q_rot, (k * sin).astype(compute_dtype), ((1,), (1,)), precision))
@@ -355,6 +375,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
       functools.partial(_scores_kernel, bits=k_bits, tile=tile, sm_scale=sm_scale,
                         rope=q_rot is not None, pos_offset=pos_offset,
                         fast_rope=fast_rope,
+                        # exp/skvq-approx's knob; the CPU's interpret mode has no PTX.
+                        approx=os.environ.get("KIVI_EXP_APPROX") == "1" and not interpret,
                         groups_per_split=groups_per_split,
                         tiles_per_chunk=n_tiles // chunks, **cfg),
       inputs, in_specs,

@@ -7,6 +7,7 @@ real and checked in bfloat16. No TPU was available: the TPU kernel is verified
 in interpret mode only.
 """
 
+import functools
 import math
 
 import jax
@@ -518,3 +519,17 @@ def test_generation_with_kernel_equals_reference(method):
                                             impl=impl))
          for impl in ("gpu", "reference")}
   np.testing.assert_array_equal(out["gpu"], out["reference"])
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_hidden_kernels_with_ptx_sincos_lower_for_cuda(rope, monkeypatch):
+  """exp/skvq-approx: with KIVI_EXP_APPROX=1 the scores kernel lowers to Triton
+  for CUDA with PTX's sin.approx and cos.approx where it has RoPE."""
+  monkeypatch.setenv("KIVI_EXP_APPROX", "1")
+  args = _hidden_inputs(0, 2, 192, 12, 16, 2, 2, jnp.bfloat16, rope=rope)
+  f = jax.jit(functools.partial(da_hidden.hidden_decode_attention.__wrapped__, k_bits=2,
+                                v_bits=2, group_size=16, head_dim=64, rep=3, sm_scale=0.125))
+  text = f.trace(*args[:11], jnp.arange(192), *args[11:]).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text.lower()
+  assert ("sin.approx.f32" in text) == rope and ("cos.approx.f32" in text) == rope
