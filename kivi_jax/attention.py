@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -572,9 +573,19 @@ def _hidden_block_attention(which: str, q, layer: LayerKV, blocks, rows, rope: d
   m_rows = _kernel_rows(hq, 16 if which == "gpu" else tpu_decode.MIN_ROWS)
 
   def spread(x):  # [B, Hq, D] -> [B, 1, M, H] in the keys' channel order
-    x = jax.nn.one_hot(kv_of, hkv, dtype=x.dtype)[None, :, :, None] * x[:, :, None, :]
-    x = jnp.take(x.reshape(b, hq, hkv * d), layer.k_map.perm, axis=-1)
-    return jnp.pad(x, ((0, 0), (0, m_rows - hq), (0, 0)))[:, None]
+    # exp/skvq-spread2's knob: "gather" builds the rows from the small query
+    # under each head's mask, "barrier" keeps the one-hot form out of XLA's
+    # fusion with the ring's scores.
+    mode = os.environ.get("KIVI_EXP_SPREAD", "0")
+    if mode == "gather":
+      perm = layer.k_map.perm
+      x = jnp.where((perm // d)[None, None, :] == kv_of[None, :, None],
+                    jnp.take(x, perm % d, axis=-1), jnp.zeros((), x.dtype))
+    else:
+      x = jax.nn.one_hot(kv_of, hkv, dtype=x.dtype)[None, :, :, None] * x[:, :, None, :]
+      x = jnp.take(x.reshape(b, hq, hkv * d), layer.k_map.perm, axis=-1)
+    x = jnp.pad(x, ((0, 0), (0, m_rows - hq), (0, 0)))[:, None]
+    return jax.lax.optimization_barrier(x) if mode == "barrier" else x
 
   if rope:
     rope = dict(q_rot=spread(rope["q_rot"]),
