@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -301,6 +302,10 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
   else:
     o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
 
+  if os.environ.get("KIVI_EXP_ISOLATE") == "1" and config.channel_group is not None:
+    # exp/skvq-isolate: the ring's scores after the block's kernels, so XLA
+    # cannot fuse them with the query rows built for those kernels.
+    o_blk, lse_blk, qg = jax.lax.optimization_barrier((o_blk, lse_blk, qg))
   new_lengths = lengths + n_new
   ring_pos, ring_live = ring_positions(new_lengths, config)
   if _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq):
