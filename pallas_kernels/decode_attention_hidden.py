@@ -152,9 +152,9 @@ def _ptx(op: str, x):
 def _sincos(x, ptx: bool):
   """`(sin x, cos x)` of float32 angles `0 <= x < SINCOS_MAX_ANGLE`: reduced
   to [-pi, pi] by `_reduce` (a little past it where `x / (2 pi)` rounds to
-  the other integer: by 3e-3 at most over the test's angles), then `_ptx`'s pair, or with `ptx=False`
-  (interpret mode, which has no PTX) `jnp.sin` and `jnp.cos`. Within 6e-7 of
-  the exact values on a GPU and 2e-7 on a CPU (tests/test_decode_attention.py)."""
+  the other integer), then `_ptx`'s pair, or with `ptx=False` (interpret
+  mode, which has no PTX) `jnp.sin` and `jnp.cos`. Within 6e-7 of the exact
+  values on a GPU and 2e-7 on a CPU (tests/test_decode_attention.py)."""
   x = _reduce(x, 2 * math.pi)
   if ptx:
     return _ptx("sin", x), _ptx("cos", x)
