@@ -484,15 +484,24 @@ def test_sincos_is_within_its_bound_of_float64_below_its_largest_angle():
   np.testing.assert_allclose(np.asarray(cos), np.cos(x.astype(np.float64)), rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_them(rope):
+@pytest.mark.parametrize("rope, pos_offset", [(False, 0), (True, 0), (True, 399_000),
+                                              (True, 400_000)])
+def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_them(
+    rope, pos_offset):
+  """PTX's pair where the scores have RoPE and every angle stays below
+  `SINCOS_MAX_ANGLE` (the block's capacity plus `pos_offset` positions),
+  libdevice's precise pair past it."""
   args = _hidden_inputs(0, 2, 192, 12, 16, 2, 2, jnp.bfloat16, rope=rope)
+  capacity = args[2].shape[2]  # the key scales' rows
+  assert capacity + 399_000 < da_hidden.SINCOS_MAX_ANGLE <= capacity + 400_000
   f = jax.jit(functools.partial(da_hidden.hidden_decode_attention.__wrapped__, k_bits=2,
-                                v_bits=2, group_size=16, head_dim=64, rep=3, sm_scale=0.125))
+                                v_bits=2, group_size=16, head_dim=64, rep=3, sm_scale=0.125,
+                                pos_offset=pos_offset))
   text = f.trace(*args[:11], jnp.arange(192), *args[11:]).lower(
       lowering_platforms=("cuda",)).as_text()
   assert "skvq_decode_scores" in text
-  assert ("sin.approx.f32" in text) == rope and ("cos.approx.f32" in text) == rope
+  ptx = rope and pos_offset < 400_000
+  assert ("sin.approx.f32" in text) == ptx and ("cos.approx.f32" in text) == ptx
 
 
 @pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
