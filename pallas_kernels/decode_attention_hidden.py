@@ -47,7 +47,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas import triton as pltriton
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
@@ -143,7 +143,7 @@ def _ptx(op: str, x):
   """`op` (sin or cos) of float32 `x` in [-pi, pi] by PTX's `op.approx.f32`:
   absolute error 2^-20.9 there (PTX's documentation), a few instructions where
   libdevice's precise `sinf` and `cosf` take tens each."""
-  [y] = plgpu.elementwise_inline_asm(
+  [y] = pltriton.elementwise_inline_asm(
       f"{op}.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
   return y
