@@ -300,6 +300,7 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     o_blk, lse_blk = _cudnn_block_attention(q, layer, nq)
   else:
     o_blk, lse_blk = _jnp_block_attention(qg, layer, nq, lo, config, rope_inv_freq)
+
   if which == "gpu" and config.channel_group is not None:
     # SKVQ's query rows for the block's kernels (`_hidden_block_attention`) and
     # the ring's scores below both read `q`: XLA fused them as siblings into one
@@ -307,6 +308,7 @@ def decode_attention(q: Array, layer: LayerKV, flushed, lengths: Array, n_new: A
     # With the ring's scores after the kernels the step took 47 ms
     # (benchmarks/NOTES.md, "SKVQ at serving shapes").
     o_blk, lse_blk, qg = jax.lax.optimization_barrier((o_blk, lse_blk, qg))
+
   new_lengths = lengths + n_new
   ring_pos, ring_live = ring_positions(new_lengths, config)
   if _ring_kernel_reads(impl, config, layer, flushed, rope_inv_freq):

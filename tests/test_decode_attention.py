@@ -480,11 +480,11 @@ def test_sincos_is_within_its_bound_of_float64_below_its_largest_angle():
   # The reduction's angle is off the exact one by its last two subtractions'
   # roundings (2^-23 each at a result below 4; `k p1`, `k p2` and `x - k p1`
   # are exact) and by under 2^-25 from its third part (k times the part's
-  # float32 error, and `k p3`'s rounding), which moves sin and cos by as much. On top of it PTX's .approx
-  # compiled (2^-20.9 on [-pi, pi] by its documentation; an H100 measured 5.0e-7
-  # over the reduction's slightly wider range: scripts/ptx_sincos_error.py), or
-  # jnp's float32 sin and cos in interpret mode (a unit in the last place: 6e-8
-  # near 1).
+  # float32 error, and `k p3`'s rounding), which moves sin and cos by as much.
+  # On top of it PTX's .approx compiled (2^-20.9 on [-pi, pi] by its
+  # documentation; an H100 measured 5.0e-7 over the reduction's slightly wider
+  # range: scripts/ptx_sincos_error.py), or jnp's float32 sin and cos in
+  # interpret mode (a unit in the last place: 6e-8 near 1).
   reduced = 2**-22 + 2**-25
   r = np.asarray(jax.jit(lambda v: da_hidden._reduce(v, 2 * math.pi))(x)).astype(np.float64)
   off = (r - x.astype(np.float64) + np.pi) % (2 * np.pi) - np.pi  # off a multiple of 2 pi

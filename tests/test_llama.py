@@ -76,7 +76,6 @@ def test_skvq_decode_step_runs_no_loop(monkeypatch):
   assert not re.search(r"\bwhile\(", compiled.as_text())
 
 
-
 def test_skvq_gpu_step_reads_the_ring_after_the_block_kernels():
   # SKVQ's query rows for the GPU's block kernels and the ring's scores both
   # read the query; XLA fused them into one slow fusion on an H100 (6.2 of 53
@@ -91,7 +90,8 @@ def test_skvq_gpu_step_reads_the_ring_after_the_block_kernels():
     cache = kivi_jax.init_cache(model.config, kv, 4, 1024, impl=impl)
     jaxpr = jax.make_jaxpr(step)(model.params, jnp.zeros((4, 1), jnp.int32), cache)
     barriers[impl] = str(jaxpr).count("optimization_barrier")
-  assert barriers["gpu"] == barriers["reference"] + 1 == barriers["tpu"] + 1
+  assert barriers["gpu"] > barriers["reference"] == barriers["tpu"]
+
 
 def test_copy_check_sees_a_cache_read_before_its_write():
   # Guards the test above: two new tokens take the reference path, which
