@@ -486,12 +486,13 @@ def test_sincos_is_within_its_bound_of_float64_below_its_largest_angle():
   # range: scripts/ptx_sincos_error.py), or jnp's float32 sin and cos in
   # interpret mode (a unit in the last place: 6e-8 near 1).
   reduced = 2**-22 + 2**-25
+  x64 = x.astype(np.float64)
   r = np.asarray(jax.jit(lambda v: da_hidden._reduce(v, 2 * math.pi))(x)).astype(np.float64)
-  off = (r - x.astype(np.float64) + np.pi) % (2 * np.pi) - np.pi  # off a multiple of 2 pi
+  off = (r - x64 + np.pi) % (2 * np.pi) - np.pi  # off a multiple of 2 pi
   assert np.abs(off).max() <= reduced
   atol = reduced + (2**-20.9 if ON_GPU else 6e-8)
-  np.testing.assert_allclose(np.asarray(sin), np.sin(x.astype(np.float64)), rtol=0, atol=atol)
-  np.testing.assert_allclose(np.asarray(cos), np.cos(x.astype(np.float64)), rtol=0, atol=atol)
+  np.testing.assert_allclose(np.asarray(sin), np.sin(x64), rtol=0, atol=atol)
+  np.testing.assert_allclose(np.asarray(cos), np.cos(x64), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("rope, pos_offset", [(False, 0), (True, 0), (True, 399_000),
