@@ -503,6 +503,25 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
   return tuple(int(v) for v in values)
 
 
+def _earlier_rows(out: str | None) -> dict | None:
+  """The results already in `out`, to be added to: a file of earlier runs keeps
+  its own fields as they are (its first run's metadata, a note written beside
+  its rows) and gains rows only, each saying where, when and at which commit it
+  was measured (this run's shape or methods would misdescribe the earlier rows).
+  None where `out` is not a file yet."""
+  if not out or not Path(out).is_file():
+    return None
+  try:
+    earlier = json.loads(Path(out).read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"out: {out} is not JSON ({e}); name a new file or one this "
+                     f"benchmark wrote") from None
+  if not isinstance(earlier, dict) or not isinstance(earlier.get("rows"), list):
+    raise ValueError(f"out: {out} holds no benchmark rows (a JSON object with a 'rows' "
+                     f"list); name a new file or one this benchmark wrote")
+  return earlier
+
+
 def generate_benchmark(shape: str = "llama2-7b",
                        methods=("fp16", "kivi4", "kivi2", "skvq-k2v2-g16-fp8"),
                        requests=((1024, 512), (4096, 512)), batches=(1, 8, 32),
@@ -547,6 +566,7 @@ def generate_benchmark(shape: str = "llama2-7b",
   if mesh is not None and longest_new is not None and mesh[0] != 1:
     raise ValueError(f"the longest context is a batch of one row, which splits over no "
                      f"data axis: run it over a mesh of data=1 (got data={mesh[0]})")
+  earlier = _earlier_rows(out)
   info = device_info(shape, methods)
   if info.get("error") == "no accelerator":
     raise RuntimeError("the generate benchmark measures a GPU or TPU: jax sees only the CPU "
@@ -561,12 +581,8 @@ def generate_benchmark(shape: str = "llama2-7b",
   # The driver runs on the CPU: it plans with the layouts the device takes.
   layouts = info.pop("layouts", None) or {}
   info = {k: v for k, v in info.items() if k != "kind"}
-  result = {"protocol": "P2 end-to-end decode", **run_metadata(), **info, "rows": []}
-  if out and Path(out).is_file():
-    # A file of earlier runs keeps its own fields (its first run's metadata, a
-    # note written beside its rows) and gains rows; each row says where, when
-    # and at which commit it was measured.
-    result = {**result, **json.loads(Path(out).read_text())}
+  result = earlier or {"protocol": "P2 end-to-end decode", **run_metadata(), **info,
+                       "rows": []}
 
   def run(spec):
     # The worker measured on the device; this process knows the date and commit.

@@ -399,6 +399,22 @@ def test_a_row_past_its_time_is_stopped_and_recorded():
   assert row["error"] == "timed out" and row["timeout_s"] == 0.01
 
 
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"note": "no rows"}'])
+def test_an_out_file_of_no_rows_is_refused_before_any_measurement(monkeypatch, tmp_path,
+                                                                  text):
+  def fake_measure(spec, timeout=None):
+    raise AssertionError("measured before the out file was checked")
+
+  monkeypatch.setattr(bg, "measure", fake_measure)
+  out = tmp_path / "other.json"
+  out.write_text(text)
+  with pytest.raises(ValueError, match="out: .*other.json"):
+    bg.generate_benchmark("llama2-7b", methods=("kivi2",), requests=((1024, 512),),
+                          batches=(), step_batches=(), hf_batches=(), out=str(out),
+                          progress=lambda s: None)
+  assert out.read_text() == text  # left as it was
+
+
 def test_the_sweep_goes_on_past_a_timed_out_row(monkeypatch, tmp_path):
   # A timed-out largest batch is recorded, not retried smaller (only running
   # out of memory is), and the next method and request still run.
@@ -426,7 +442,9 @@ def test_the_sweep_goes_on_past_a_timed_out_row(monkeypatch, tmp_path):
   assert all(c[3] == 7 for c in calls[1:])
   assert result["rows"][0] == earlier["rows"][0]
   assert result["rows"][1]["error"] == "timed out"
-  assert {k: result[k] for k in earlier if k != "rows"} == {
+  # Its fields as they were: none of this run's (its shape, methods, device)
+  # added beside rows it did not measure.
+  assert {k: v for k, v in result.items() if k != "rows"} == {
       k: v for k, v in earlier.items() if k != "rows"}
   # Each new row says where and when it ran: the worker's device, this run's
   # jax, date and commit.
