@@ -69,13 +69,22 @@ def test_max_batch_plans_for_the_pair_layout_from_a_cpu():
   assert (pairs, slots) == (196 * 2**20 + 4, 208 * 2**20 + 4)  # + the row's length
   # The README's prediction for the H200 (its allocator's limit as the rows run
   # there record it): 601 rows of KIVI-2 in the pair layout, 565 in the slots (the
-  # pair layout's rows as they ran, in 1536-token blocks), 4.14 times fp16's 145.
+  # pair layout's rows as they ran, in 1536-token blocks), 4.14 times fp16's 145;
+  # KIVI-4 410, the SKVQ preset 555 (its own layout, as on the GPU).
   results = Path(__file__).resolve().parent.parent / "benchmarks/results/generate_h200.json"
-  limit = json.loads(results.read_text())["bytes_limit"]
+  data = json.loads(results.read_text())
+  runs = (("kivi2", "pairs"), ("kivi2", "slots"), ("fp16", "auto"), ("kivi4", "pairs"),
+          ("skvq-k2v2-g16-fp8", "auto"))
   rows = {(method, lay): memory.max_batch(MODEL, kivi_jax.get_preset(method), 1024, 512,
-                                          memory_bytes=limit, flash=True, layout=lay)
-          for method, lay in (("kivi2", "pairs"), ("kivi2", "slots"), ("fp16", "auto"))}
-  assert rows == {("kivi2", "pairs"): 601, ("kivi2", "slots"): 565, ("fp16", "auto"): 145}
+                                          memory_bytes=data["bytes_limit"], flash=True,
+                                          layout=lay)
+          for method, lay in runs}
+  assert rows == {("kivi2", "pairs"): 601, ("kivi2", "slots"): 565, ("fp16", "auto"): 145,
+                  ("kivi4", "pairs"): 410, ("skvq-k2v2-g16-fp8", "auto"): 555}
+  # The rows run since that estimate (825bfe4) are its plans.
+  ran = {r["method"]: r["batch"] for r in data["rows"] if r.get("predicted_largest")
+         and r["commit"] in ("c17b8d4", "9f9642d") and r["prompt"] == 1024}
+  assert ran == {"kivi2": 601, "kivi4": 410, "skvq-k2v2-g16-fp8": 555}
 
 
 def test_the_quantizations_float32_is_counted_where_jnp_quantizes():
@@ -405,3 +414,7 @@ def test_the_readmes_longest_context_figures(monkeypatch):
          if r["kind"] == "longest" and r["commit"] == "8eb877e" and "peak_bytes" in r}
   assert len(ran) == 4 and all(then[k] == v for k, v in ran.items())
   assert then[("llama3-8b", "kivi2")] == 1_243_008
+  # Those of 9f9642d (2026-12-06) are today's plans, run.
+  ran = {(r["shape"], r["method"]): r["prompt"] for r in results["rows"]
+         if r["kind"] == "longest" and r["commit"] == "9f9642d" and "peak_bytes" in r}
+  assert ran == {("llama2-7b", "fp16"): plans["llama2-7b", "fp16"]}
