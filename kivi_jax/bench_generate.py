@@ -183,6 +183,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
   too (the median of up to three calls: `PREFILL_TIMING_S`), in `generate`'s
   chunks of rows (over `mesh`, of each data shard's rows). Peaks and their
   prediction are one device's."""
+  start = time.perf_counter()
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _prompt(batch, prompt, model.config.vocab_size)
@@ -201,6 +202,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
     jax.block_until_ready(_prefill(*args, config=model.config)[0])
     times.append(time.perf_counter() - t0)
   prefill_s = statistics.median(times[1:])
+  _stage(start, f"prefill: {prefill_s:.2f} s a call ({len(times) - 1} timed after the first)")
   layout = empty.layout
   del empty, args
 
@@ -220,6 +222,7 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
     run(stop_in_the_loop)
   except _Compiled:
     pass
+  _stage(start, f"generate compiled; the timed call of {new} new tokens starts")
   t0 = time.perf_counter()
   out = run()
   total = time.perf_counter() - t0
@@ -229,6 +232,12 @@ def time_generate(model: Model, method: str, batch: int, prompt: int, new: int,
           "predicted_peak_bytes": memory.generate_bytes(
               model, kv, batch, prompt, new, memory.uses_flash_attention(model.config, impl),
               rows=rows, layout=layout, mesh=mesh)}
+
+
+def _stage(start: float, what: str) -> None:
+  """A worker's progress, on stderr with the seconds since `start`: a row
+  stopped past its time keeps these lines in its `log` (how far it got)."""
+  print(f"[{time.perf_counter() - start:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 LONGEST_SEARCH = 1 << 24
@@ -289,6 +298,7 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
   the cache's (`init_cache`'s). The context is prefilled in `generate`'s chunks
   of rows (all rows at once asked an H200 for 153 GiB at batch 256 of
   Llama-3-8B's shapes)."""
+  start = time.perf_counter()
   kv = get_preset(method)
   calib = _calibration(model, kv)
   ids = _rows(_prompt(batch, context, model.config.vocab_size), mesh)
@@ -303,6 +313,7 @@ def time_decode_step(model: Model, method: str, batch: int, context: int, steps:
   copy_tbps = copy_tbps or copy_bandwidth_tbps()
   weights, kv_read = weight_bytes_read(model), cache_bytes_read(cache)
   tok, cache = jax.block_until_ready(run(tok, cache))  # compiles
+  _stage(start, f"prefilled and compiled; {repeats} loops of {steps} steps timed next")
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -450,10 +461,14 @@ def _worker(spec: dict) -> dict:
   return row
 
 
+_STAGE = re.compile(r"\[\d+\.\d s\] ")
+
+
 def measure(spec: dict, timeout: float = 1800) -> dict:
   """`spec` measured in a fresh process: its row, or `{"error": ...}` (out of
   memory, say, or "timed out": the process killed after `timeout` seconds)
-  with the process's last lines."""
+  with the process's last lines (a timed-out row's, the stages it reached:
+  `_stage`)."""
   env = dict(os.environ)
   # Let the allocator hand out nearly the whole device (the default is 75%).
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
@@ -467,8 +482,9 @@ def measure(spec: dict, timeout: float = 1800) -> dict:
   except subprocess.TimeoutExpired as e:
     text = e.stderr or e.stdout or ""
     text = text.decode(errors="replace") if isinstance(text, bytes) else text
+    lines = text.strip().splitlines()
     return {**spec, "error": "timed out", "timeout_s": timeout,
-            "log": text.strip().splitlines()[-3:]}
+            "log": [line for line in lines if _STAGE.match(line)] or lines[-3:]}
   for line in reversed(proc.stdout.splitlines()):
     if line.startswith("{"):
       return {**spec, **json.loads(line)}
@@ -540,8 +556,9 @@ def generate_benchmark(shape: str = "llama2-7b",
   rows already there: a sweep longer than one session on a machine can go on
   in the next. With `mesh` (data, model), the kivi-jax rows run over a mesh of
   that many devices (`kivi_jax.make_mesh`). A row whose process runs past
-  `row_timeout` seconds is recorded as timed out and the sweep goes on (a
-  timed-out largest batch is not retried smaller). With `longest_new`, last,
+  `row_timeout` seconds is recorded as timed out, its `log` the stages it
+  reached, and the sweep goes on (a timed-out largest batch is not retried
+  smaller). With `longest_new`, last,
   each method's longest context: one row of the longest prompt that
   `kivi_jax.max_context` plans with `longest_new` new tokens (the window
   widened up to `LONGEST_SEARCH` tokens), a tenth shorter while that runs out

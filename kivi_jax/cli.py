@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "to the rows already in the file")
   gen_bench.add_argument("--row-timeout", type=float, default=1800,
                          help="seconds a row's process may run before it is stopped and "
-                         "recorded as timed out (the sweep goes on)")
+                         "recorded as timed out, with the stages it reached (the sweep goes on)")
   gen_bench.set_defaults(run=_bench_generate)
   return parser
 

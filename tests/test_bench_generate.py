@@ -53,7 +53,7 @@ def test_prefill_is_timed_up_to_three_times_within_its_budget(model, monkeypatch
 
 
 @pytest.mark.parametrize("method", ["fp16", "kivi2", "skvq-k2v2-g16-fp8"])
-def test_generate_and_step_measure(model, method, monkeypatch):
+def test_generate_and_step_measure(model, method, monkeypatch, capsys):
   # The timed call compiles nothing: the first call, stopped in its decode
   # loop, compiled it all.
   gen = importlib.import_module("kivi_jax.generate")
@@ -68,6 +68,9 @@ def test_generate_and_step_measure(model, method, monkeypatch):
   # Enough new tokens that the decode loop, not timer noise, separates the
   # prefill alone from the whole call.
   row = bg.time_generate(model, method, batch=2, prompt=40, new=32)
+  # Its stages on stderr, where a row stopped past its time finds them.
+  stages = [line for line in capsys.readouterr().err.splitlines() if bg._STAGE.match(line)]
+  assert len(stages) == 2 and "prefill: " in stages[0] and "generate compiled" in stages[1]
   programs.append((gen._prefill._cache_size(), gen._decode._cache_size()))
   assert len(programs) == 3 and programs[1] == programs[2]
   assert row["tokens_per_s"] > 0 and 0 < row["prefill_s"] < row["total_s"]
@@ -77,6 +80,8 @@ def test_generate_and_step_measure(model, method, monkeypatch):
                              copy_tbps=1.0)
   assert step["layout"] == "slots"
   assert step["step_ms"] > 0 and step["floor_ms"] > step["weights_floor_ms"] > 0
+  stages = [line for line in capsys.readouterr().err.splitlines() if bg._STAGE.match(line)]
+  assert len(stages) == 1 and "prefilled and compiled" in stages[0]
   # A decode step reads every weight but the embedding table's gather.
   assert step["weight_bytes"] == sum(
       x.nbytes for x in jax.tree.leaves(model.params)) - \
@@ -397,6 +402,24 @@ def test_a_row_past_its_time_is_stopped_and_recorded():
   # The worker cannot even import jax in a hundredth of a second.
   row = bg.measure({"kind": "device"}, timeout=0.01)
   assert row["error"] == "timed out" and row["timeout_s"] == 0.01
+
+
+def test_a_timed_out_rows_log_keeps_the_stages_it_reached(monkeypatch):
+  """What the worker wrote to stderr before it was stopped: its stages, not
+  the warnings after them (a row of 2026-12-06 timed out with an empty log)."""
+  err = ("[15.2 s] prefill: 13.80 s a call (1 timed after the first)\n"
+         "W1206 a warning from XLA\n"
+         "[96.0 s] generate compiled; the timed call of 512 new tokens starts\n"
+         "W1206 another\n").encode()
+
+  def stopped(cmd, timeout, **kwargs):
+    raise bg.subprocess.TimeoutExpired(cmd, timeout, stderr=err)
+
+  monkeypatch.setattr(bg.subprocess, "run", stopped)
+  row = bg.measure({"kind": "generate"}, timeout=540)
+  assert row["error"] == "timed out" and row["log"] == [
+      "[15.2 s] prefill: 13.80 s a call (1 timed after the first)",
+      "[96.0 s] generate compiled; the timed call of 512 new tokens starts"]
 
 
 @pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"note": "no rows"}'])
