@@ -1,8 +1,9 @@
 """Plot of the committed end-to-end results (PROTOCOLS.md P2): for each request
 (prompt + new tokens), tokens/s against batch for each cache method and HF
 transformers, and peak memory beside it. Where a method ran a batch more than
-once (at several commits), the file's last row is plotted; rows of the pair
-layout (Hopper's default since 2026-12-03) are a series of their own.
+once (at several commits), the file's last row is plotted, and of its largest
+batches (each plan's) only the last; rows of the pair layout (Hopper's default
+since 2026-12-03) are a series of their own.
 
   pip install -e ".[plot]"
   python scripts/plot_generate.py   # reads generate_h200.json, writes generate_h200.png
@@ -40,6 +41,7 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
   colors = {}  # one color per system across the requests
   for request, (ax, mem) in zip(requests, axes):
     series = defaultdict(dict)
+    largest = {}  # label -> the batch of its last largest-batch row
     for row in data["rows"]:
       if (row.get("shape") != shape or row["kind"] not in ("generate", "hf")
           or (row["prompt"], row["new"]) != request or "error" in row):
@@ -47,11 +49,19 @@ def main(name: str = "generate_h200", shape: str = "llama2-7b",
       label = ("HF transformers eager, bf16" if row["kind"] == "hf"
                else f"kivi-jax {row['method']}"
                + (" (pair layout)" if row.get("layout") == "pairs" else ""))
-      series[label][row["batch"]] = (row["tokens_per_s"], row["peak_bytes"] / 2**30)
-      dates.add(row["date"])
+      series[label][row["batch"]] = (row["tokens_per_s"], row["peak_bytes"] / 2**30,
+                                     row["date"], bool(row.get("predicted_largest")))
+      if row.get("predicted_largest"):
+        largest[label] = row["batch"]
+    for label, points in series.items():
+      # The largest batch as the last plan ran it: an earlier plan's largest
+      # batch, run with the kernels of its day, is not a point of today's curve.
+      for batch in [b for b, p in points.items() if p[3] and b != largest[label]]:
+        del points[batch]
+      dates.update(p[2] for p in points.values())
     for i, (label, points) in enumerate(sorted(series.items())):
       batch = sorted(points)
-      tps, gib = zip(*(points[b] for b in batch))
+      tps, gib, *_ = zip(*(points[b] for b in batch))
       color = colors.setdefault(label, f"C{len(colors)}")
       ax.plot(batch, tps, "o-", label=label, color=color)
       mem.plot(batch, gib, "o-", label=label, color=color)
