@@ -240,6 +240,9 @@ def _stage(start: float, what: str) -> None:
   print(f"[{time.perf_counter() - start:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
+_STAGE = re.compile(r"\[\d+\.\d s\] ")  # the start of `_stage`'s lines
+
+
 LONGEST_SEARCH = 1 << 24
 """Tokens up to which the longest context is looked for (`max_context`), the
 shapes' windows widened to it (`fit_window`)."""
@@ -459,9 +462,6 @@ def _worker(spec: dict) -> dict:
                            profile_dir=spec.get("profile_dir"), mesh=mesh)
   row["peak_bytes"] = peak_bytes()
   return row
-
-
-_STAGE = re.compile(r"\[\d+\.\d s\] ")
 
 
 def measure(spec: dict, timeout: float = 1800) -> dict:

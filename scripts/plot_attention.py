@@ -13,6 +13,7 @@ its device, date and commit).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def main(names: list[str]) -> None:
   shapes: list[str] = []
   bars = {}  # (device, method) -> {shape: speed-up}, in the files' order
   titles = []
-  for style, name in zip(("-", "--", ":"), names):
+  for style, name in zip(itertools.cycle(("-", "--", ":", "-.")), names):
     for run in runs(name):
       device = run["device"].replace("NVIDIA ", "").split()[0]
       if (device, run["date"], run["commit"]) not in titles:
