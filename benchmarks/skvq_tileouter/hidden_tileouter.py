@@ -224,13 +224,13 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       s_ref[:, out] = jnp.where(i == tile0 + tiles_per_chunk - 1, acc * sm_scale, acc)
       return c
 
+    def walk(by_select: bool):
+      jax.lax.fori_loop(first, last, functools.partial(group_scores, by_select=by_select), 0)
+
     if fast_rope:
-      jax.lax.cond(fits, lambda: jax.lax.fori_loop(
-          first, last, functools.partial(group_scores, by_select=True), 0),
-          lambda: jax.lax.fori_loop(
-          first, last, functools.partial(group_scores, by_select=False), 0))
+      jax.lax.cond(fits, lambda: walk(True), lambda: walk(False))
     else:
-      jax.lax.fori_loop(first, last, functools.partial(group_scores, by_select=False), 0)
+      walk(False)
     return carry
 
   jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_scores, 0)
