@@ -1,6 +1,7 @@
 """exp/skvq-tileouter, from the repository root: python benchmarks/skvq_tileouter/ab.py B L VARIANTS.
 A/B: SKVQ hidden kernels' num_stages / num_warps (monkeypatched), the step at
-Llama-2-7B heads, B rows, L tokens; kernel times from a profile."""
+Llama-2-7B heads, B rows, L tokens: `cache_attention` over one layer, as `generate` runs it
+(median ms), each output checked against the first variant's."""
 import json, sys, os, time, statistics, types
 import jax
 import jax.numpy as jnp
