@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,9 @@ def folds(k_bits, v_bits, group_size: int, head_dim: int, rows: int) -> bool:
   attention 4.9% faster at B=256, L=1536, the 512-row Llama-2-7B KIVI-2 step
   3.6% (H200, `benchmarks/NOTES.md`, "Folded scales"); as two kernels
   (`_build_scores`, `_build_values`) since 2026-12-06."""
-  return rows == 1 and head_dim == HEAD_DIM and group_size == 32 and max(k_bits, v_bits) < 8
+  gqa = 1 < rows <= 4 and os.environ.get("KIVI_EXP_GQA2", "0") == "1"  # exp/gqa2
+  return ((rows == 1 or gqa) and head_dim == HEAD_DIM and group_size == 32
+          and max(k_bits, v_bits) < 8)
 
 
 def hopper() -> bool:
@@ -546,6 +549,255 @@ def _zero_totals(zsum, red_smem, ng: int, parts):
   return totals(zsum, red_smem)
 
 
+# exp/gqa2: the folded form for R <= 4 query rows a kv head as two kernels (the
+# helpers from exp/gqafold, 2680fbf, whose float64 checks passed on an H200 in its one
+# kernel). Column `c(r, g) = 8 (g // 2) + 2 r + g % 2` of the scores' and the values'
+# products holds query row r's group g: lane j of a quad holds columns 8 k + 2 j + e,
+# so each lane's own registers hold row j's every group, no shuffle.
+ROW_COLS = 32  # 4 rows x 8 key groups
+
+
+def _pick_own(x, gs):
+  """`x` float32 `[64, n]` in the WGMMA layout (columns `c(r, g)`) -> `[64, 8]`
+  whose columns 2 j, 2 j + 1 hold row j's value at group `gs[t // 16]` (a group
+  a warp): each thread's own register, chosen by selects among the warps'."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg,),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def pick(ctx, a):
+    del ctx
+    i32, f32 = ir.IntegerType.get_signless(32), ir.F32Type.get()
+    _, warp = _lane_warp()
+    regs = np.array(a.registers)
+    out = np.empty(regs.shape[:1] + (1,) + regs.shape[2:], dtype=object)
+    for idx in np.ndindex(out.shape):
+      got = {}
+      for g in gs:
+        if g not in got:
+          reg = regs[idx[:1] + (g // 2,) + idx[2:]]
+          got[g] = mgpu_utils.bitcast(
+              mgpu_utils.vector_slice(reg, slice(g % 2, g % 2 + 1)), i32)
+      v = mgpu_utils.bitcast(_by_warp(warp, [got[g] for g in gs]),
+                             ir.VectorType.get((1,), f32))
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=a.layout, _is_signed=None)
+  return pick(x)
+
+
+def _scale_query_rows(scales, zeros, q_smem, qp_smem, corr_smem, rows: int):
+  """`_scale_query` for `rows` <= 4 query rows (`q_smem` `[rows, 128]`):
+  `qp_smem` `[32, 128]` (128-byte swizzle, tiles of 8 x 64) row `c(r, g)`
+  holds bf16(q_r o s_g), `corr_smem` `[32]` q_r . z_g; rows r >= `rows` zero."""
+  swz = plgpu.RefType((plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), swz,
+                                plgpu.RefType()))
+  def build(ctx, sc, zr, q, qp, corr):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    vec = ir.VectorType.get((8,), ir.BF16Type.get())
+    words = ir.VectorType.get((4,), i32)
+    one = ir.VectorType.get((1,), f32)
+    tid = mgpu_utils.thread_idx()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    g = arith.andi(arith.shrui(tid, ci(4)), ci(7))
+    part = arith.andi(tid, ci(15))
+    tile, chunk = arith.shrui(part, ci(3)), arith.andi(part, ci(7))
+    word = lambda v, e: vector.extract(v, dynamic_position=[], static_position=[e])  # noqa: E731
+    at = [ix(g), ix(arith.shli(part, ci(3)))]
+    s8 = mgpu_utils.bitcast(vector.load(vec, sc, at), words)
+    z8 = mgpu_utils.bitcast(vector.load(vec, zr, at), words)
+    g_tile, g_odd = arith.shrui(g, ci(1)), arith.andi(g, ci(1))
+    is_first = arith.cmpi(arith.CmpIPredicate.eq, part, ci(0))
+    for r in range(4):
+      in_tile = arith.addi(ci(2 * r), g_odd)  # c(r, g) % 8; c // 8 = g // 2
+      if r < rows:
+        q8 = mgpu_utils.bitcast(vector.load(vec, q, [mgpu_utils.c(r, index), at[1]]), words)
+        out = [llvm.inline_asm(i32, [word(q8, e), word(s8, e)], "mul.rn.bf16x2 $0, $1, $2;",
+                               "=r,r,r") for e in range(4)]
+        total = mgpu_utils.c(0.0, f32)
+        for e in range(4):  # bf16 pairs to float32: the high half, the low half shifted up
+          qw, zw = word(q8, e), word(z8, e)
+          for lo in (True, False):
+            f = lambda x, lo=lo: mgpu_utils.bitcast(  # noqa: E731
+                arith.shli(x, ci(16)) if lo else arith.andi(x, ci(-65536)), f32)
+            total = arith.addf(total, arith.mulf(f(qw), f(zw)))
+        for dist in (1, 2, 4, 8):
+          total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+      else:  # a padded row: zero operand, zero correction
+        out = [ci(0)] * 4
+        total = mgpu_utils.c(0.0, f32)
+      # Row c's 16-byte chunk k of its 8 x 64 tile sits at k ^ (c % 8) (128-byte swizzle).
+      vector.store(mgpu_utils.bitcast(vector.from_elements(words, out), vec), qp,
+                   [ix(g_tile), ix(tile), ix(in_tile),
+                    ix(arith.shli(arith.xori(chunk, in_tile), ci(3)))])
+      c = arith.addi(arith.shli(g_tile, ci(3)), in_tile)
+      with mgpu_utils.when(is_first):
+        vector.store(vector.from_elements(one, [total]), corr, [ix(c)])
+  build(scales, zeros, q_smem, qp_smem, corr_smem)
+
+
+def _corr_cols(corr_smem):
+  """`[64, n]` float32 in the WGMMA layout, column c holding `corr[c]` in every
+  row (`corr_smem` `[n]`)."""
+  wg = plgpu.Layout.WGMMA
+  n = corr_smem.shape[0]
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, n), jnp.float32, wg))
+  def rows(ctx, corr):
+    del ctx
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, n)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, n))))
+    pair = ir.VectorType.get((2,), ir.F32Type.get())
+    for idx in np.ndindex(out.shape):
+      out[idx] = vector.load(pair, corr, [where[idx][1]])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return rows(corr_smem)
+
+
+def _scaled_probabilities_rows(p, sz_ref, zsum):
+  """`_scaled_probabilities` for 4 value groups and R <= 4 rows: `p` float32
+  `[64, 8]` (lane j: row j's probability), `sz_ref` `[8, 64]` (scales of the 4
+  groups, then zeros). P' fp16 `[64, 16]`, column `c(j, g)` = fp16(p_j s_g);
+  `zsum` float32 `[64, 16]` plus p_j z_g at the same column."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType(), wg),
+                     return_type=(plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float16, wg),
+                                  plgpu.ShapeDtypeStruct((PAIR, 16), jnp.float32, wg)))
+  def scaled(ctx, a, sz, zs):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    f16_pair = ir.VectorType.get((2,), ir.F16Type.get())
+    half = ir.VectorType.get((1,), ir.BF16Type.get())
+    layout = mgpu.WGMMA_LAYOUT
+    shape = (PAIR, 16)
+    out = np.empty(layout.registers_shape(shape), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs(shape)))
+    zregs = np.array(zs.registers)
+    as_f32 = lambda b: mgpu_utils.bitcast(arith.shli(arith.extui(i32, mgpu_utils.bitcast(  # noqa: E731
+        b, ir.IntegerType.get_signless(16))), mgpu_utils.c(16, i32)), f32)
+    for idx in np.ndindex(out.shape):
+      row, _ = where[idx]
+      k = idx[1]  # column tile: groups 2 k, 2 k + 1
+      p_reg = a.registers[idx[:1] + (0,) + idx[2:]]
+      pf = mgpu_utils.vector_slice(p_reg, slice(0, 1))
+      s0, s1 = (vector.load(half, sz, [mgpu_utils.c(2 * k + e, index), row]) for e in (0, 1))
+      pair = mgpu_utils.bitcast(mgpu_utils.vector_concat([s0, s1]), i32)
+      x = llvm.inline_asm(i32, [mgpu_utils.bitcast(pf, i32), pair], """
+          {
+          .reg .b32 lo, hi;
+          shl.b32 lo, $2, 16;
+          and.b32 hi, $2, 0xffff0000;
+          mul.f32 lo, $1, lo;
+          mul.f32 hi, $1, hi;
+          cvt.rn.f16x2.f32 $0, hi, lo;
+          }""", "=r,r,r")
+      out[idx] = mgpu_utils.bitcast(x, f16_pair)
+      p0 = vector.extract(p_reg, dynamic_position=[], static_position=[0])
+      acc = zregs[idx]
+      for e in (0, 1):  # the zeros' term in float32: z of group 2 k + e at this row
+        zb = vector.load(half, sz, [mgpu_utils.c(4 + 2 * k + e, index), row])
+        sum_e = vector.extract(acc, dynamic_position=[], static_position=[e])
+        acc = vector.insert(arith.addf(sum_e, arith.mulf(p0, as_f32(zb))), acc,
+                            dynamic_position=[], static_position=[e])
+      zregs[idx] = acc
+    return (mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None),
+            mgpu.FragmentedArray(_registers=zregs, _layout=zs.layout, _is_signed=None))
+  return scaled(p, sz_ref, zsum)
+
+
+def _zero_totals_rows(zsum, red_smem, parts):
+  """`_zero_totals` for R <= 4 rows: `zsum` float32 `[64, 16]` (columns
+  `c(j, g)`), summed over a warp's quads by shuffles and over the warps in
+  `red_smem` (`[4, 16]` float32). For each list `groups` of `parts`, `[64, 8]`
+  float32 whose columns 2 j, 2 j + 1 hold row j's total of group
+  `groups[t // 16]`."""
+  wg = plgpu.Layout.WGMMA
+  shape = plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg)
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()), return_type=(shape,) * len(parts))
+  def totals(ctx, zs, red):
+    del ctx
+    i32, f32, index = ir.IntegerType.get_signless(32), ir.F32Type.get(), ir.IndexType.get()
+    ci = lambda v: mgpu_utils.c(v, i32)  # noqa: E731
+    ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+    lane, warp = _lane_warp()
+    j = arith.andi(lane, ci(3))
+    regs = np.array(zs.registers)
+    one = ir.VectorType.get((1,), f32)
+    sums = {}
+    for idx in np.ndindex(regs.shape):  # the thread's two rows, both column tiles
+      for e in (0, 1):
+        key = (idx[1], e)
+        v = vector.extract(regs[idx], dynamic_position=[], static_position=[e])
+        sums[key] = arith.addf(sums[key], v) if key in sums else v
+    for (k, e), total in sums.items():
+      for dist in (4, 8, 16):  # the warp's 8 quads
+        total = arith.addf(total, mgpu_utils.shfl_bfly(total, dist))
+      col = arith.addi(ci(8 * k + e), arith.shli(j, ci(1)))
+      with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, ci(4))):
+        vector.store(vector.from_elements(one, [total]), red, [ix(warp), ix(col)])
+    mgpu_utils.warpgroup_barrier()
+    outs = []
+    for groups in parts:
+      g = _by_warp(warp, groups)
+      col = arith.addi(arith.addi(arith.shli(arith.shrui(g, ci(1)), ci(3)),
+                                  arith.shli(j, ci(1))), arith.andi(g, ci(1)))
+      t = mgpu_utils.c(0.0, f32)
+      for w in range(4):
+        t = arith.addf(t, vector.extract(vector.load(one, red, [mgpu_utils.c(w, index), ix(col)]),
+                                         dynamic_position=[], static_position=[0]))
+      out = np.empty(np.array(zs.registers)[:, :1].shape, dtype=object)
+      out[...] = vector.from_elements(ir.VectorType.get((2,), f32), [t, t])
+      outs.append(mgpu.FragmentedArray(_registers=out, _layout=zs.layout, _is_signed=None))
+    return tuple(outs)
+  return totals(zsum, red_smem)
+
+
+def _store_rows(x, o_ref):
+  """`x` float32 `[64, 8]` in the WGMMA layout, columns 2 j and 2 j + 1 holding row
+  j's value (`_pick_own`), into the GMEM rows `o_ref` `[4, 64]`: each thread stores
+  its two tokens' first element at row j (every lane stores: no predicate)."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(wg, plgpu.RefType()))
+  def store(ctx, a, o):
+    del ctx
+    index = ir.IndexType.get()
+    where = mgpu.WGMMA_LAYOUT.thread_idxs((PAIR, 8))
+    for idx, (row, col) in zip(np.ndindex(a.registers.shape), where):
+      j = arith.divui(col, mgpu_utils.c(2, index))
+      vector.store(mgpu_utils.vector_slice(a.registers[idx], slice(0, 1)), o, [j, row])
+  store(x, o_ref)
+
+
+def _row_scores(ref):
+  """`[64, 8]` float32 in the WGMMA layout from `ref` `[4, 64]` (a step's scores, a
+  row a query row): columns 2 j and 2 j + 1 of row t holding `ref[j, t]`."""
+  wg = plgpu.Layout.WGMMA
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=plgpu.ShapeDtypeStruct((PAIR, 8), jnp.float32, wg))
+  def load(ctx, r):
+    del ctx
+    index = ir.IndexType.get()
+    layout = mgpu.WGMMA_LAYOUT
+    out = np.empty(layout.registers_shape((PAIR, 8)), dtype=object)
+    where = dict(zip(np.ndindex(out.shape), layout.thread_idxs((PAIR, 8))))
+    for idx in np.ndindex(out.shape):
+      row, col = where[idx]
+      v = vector.load(ir.VectorType.get((1,), ir.F32Type.get()), r,
+                      [arith.divui(col, mgpu_utils.c(2, index)), row])
+      out[idx] = mgpu_utils.vector_concat([v, v])
+    return mgpu.FragmentedArray(_registers=out, _layout=layout, _is_signed=None)
+  return load(ref)
+
+
 def _next_step(i, n_steps, fetch, bars):
   """Step `i`'s start over two buffers, returning its slot `i % 2`: once every
   warp is done reading the buffers refetched (`commit_smem`: Pallas's
@@ -562,7 +814,7 @@ def _next_step(i, n_steps, fetch, bars):
 
 
 def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, group: int,
-                  d: int, step: int):
+                  d: int, step: int, rows: int = 1):
   """Two kernels for one query row (`folds`), the first: each token's scaled,
   masked score (`[B, K, steps x step]` float32; tokens of steps a split does
   not read are left unwritten) and each split's maximum (`[B, K, S, 8]`, the
@@ -573,6 +825,8 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
   boxes = step // TMA_ROWS
   sm_scale = 1 / math.sqrt(d)
   wg = plgpu.Layout.WGMMA
+  gqa = rows > 1  # exp/gqa2: scores `[B, K, 4, steps x step]`, row j at columns 2 j, 2 j + 1
+  n_qp = ROW_COLS if gqa else step // group
 
   def kivi_pair_scores(q_ref, kw_ref, ks_ref, kz_ref, n_ref, lo_ref, s_out, m_out, q_smem,
                        kw_smem, ks_smem, kz_smem, qp_smem, corr_smem, bar_q, bars):
@@ -600,9 +854,13 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
     def step_body(i, mx):
       slot = _next_step(i, n_steps, fetch, bars)
       t_step = (first + i) * step
-      _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
+      if gqa:
+        _scale_query_rows(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem,
+                          rows)
+      else:
+        _scale_query(ks_smem.at[slot], kz_smem.at[slot], q_smem, qp_smem, corr_smem)
       plgpu.commit_smem()
-      corr = _broadcast(corr_smem, 1)
+      corr = _corr_cols(corr_smem) if gqa else _broadcast(corr_smem, 1)
       for jp in range(step // PAIR):
         k = _dequant(load_words(kw_smem.at[slot, pl.ds(PAIR * jp, PAIR)]), None, None,
                      k_bits, group)
@@ -611,11 +869,15 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
           plgpu.wgmma(acc_ref, k, plgpu.transpose_ref(qp_smem, (1, 0)))
         # q . z_g + codes against q o s_g; warp w's rows of tile jp keep their
         # group's column, the step's (64 jp + 16 w) // G.
-        st = _pick_columns(pl.run_state(qk)(plgpu.ACC.init(corr)),
-                           [(PAIR * jp + 16 * w) // group for w in range(4)]) * sm_scale
+        pick = _pick_own if gqa else _pick_columns
+        st = pick(pl.run_state(qk)(plgpu.ACC.init(corr)),
+                  [(PAIR * jp + 16 * w) // group for w in range(4)]) * sm_scale
         tok = t_step + PAIR * jp + tok_in
         st = jnp.where((tok < n_valid) & (tok >= lo), st, _NEG)
-        _store_row(st, s_out.at[bi, h, pl.ds(t_step + PAIR * jp, PAIR)])
+        if gqa:
+          _store_rows(st, s_out.at[bi, h, :, pl.ds(t_step + PAIR * jp, PAIR)])
+        else:
+          _store_row(st, s_out.at[bi, h, pl.ds(t_step + PAIR * jp, PAIR)])
         mx = jnp.maximum(mx, st)
       return mx
 
@@ -624,26 +886,27 @@ def _build_scores(b: int, kh: int, capacity: int, splits: int, k_bits: int, grou
     m_out[bi, h, s] = mx.max(axis=0)
 
   scratch = [
-      plgpu.SMEM((1, d), jnp.bfloat16),
+      plgpu.SMEM((rows, d), jnp.bfloat16),
       plgpu.SMEM((2, step, k_words), jnp.uint32),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
       plgpu.SMEM((2, step // group, d), jnp.bfloat16),
-      plgpu.SMEM((step // group, d), jnp.bfloat16, transforms=(
+      plgpu.SMEM((n_qp, d), jnp.bfloat16, transforms=(
           plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))),
-      plgpu.SMEM((step // group,), jnp.float32),
+      plgpu.SMEM((n_qp,), jnp.float32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_arrivals=2 + boxes, num_barriers=2),
   ]
   return plgpu.kernel(
       kivi_pair_scores,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, steps * step), jnp.float32),
+      out_type=[jax.ShapeDtypeStruct((b, kh, 4, steps * step) if gqa else
+                                     (b, kh, steps * step), jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, 8), jnp.float32)],
       scratch_types=scratch, grid=(b, kh, splits), grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
 
 
 def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, group: int,
-                  d: int, step: int):
+                  d: int, step: int, rows: int = 1):
   """The second of the two kernels: per split, `p = exp(s - m)` with the
   split's maximum from the first (no running maximum, no rescaling), `l` and
   the folded values' `acc` `[B, K, S, D]` (module docstring)."""
@@ -654,13 +917,15 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
   v_words = SPAN * v_bits // 32
   boxes = step // TMA_ROWS
   wg = plgpu.Layout.WGMMA
+  gqa = rows > 1  # exp/gqa2: P^T's columns c(j, g), the output `[B, K, S, D, 8]`
 
   def kivi_pair_values(s_ref, m_ref, vw_ref, vs_ref, vz_ref, n_ref, lo_ref, o_out, l_out,
                        sc_smem, vw_smem, vs_smem, p0_smem, p1_smem, red_smem, bars):
     bi, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
     n_valid, lo = n_ref[bi], lo_ref[bi]
     first, n_steps = split_steps(s, n_valid, lo, per, step)
-    m = m_ref[bi, h, s, 0]
+    # gqa: columns 2 j, 2 j + 1 of every row hold row j's maximum.
+    m = _corr_cols(m_ref.at[bi, h, s]) if gqa else m_ref[bi, h, s, 0]
 
     def fetch(i, slot):
       st = first + i
@@ -670,8 +935,12 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
                               vw_smem.at[slot], bar)
       for u in range(boxes):
         t0 = st * step + u * TMA_ROWS
-        plgpu.copy_gmem_to_smem(s_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
-                                sc_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
+        if gqa:
+          plgpu.copy_gmem_to_smem(s_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
+                                  sc_smem.at[slot, u], bar)
+        else:
+          plgpu.copy_gmem_to_smem(s_ref.at[bi, h, pl.ds(t0, TMA_ROWS)],
+                                  sc_smem.at[slot, pl.ds(u * TMA_ROWS, TMA_ROWS)], bar)
         plgpu.copy_gmem_to_smem(vs_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
                                 vs_smem.at[slot, u, pl.ds(0, ng)], bar)
         plgpu.copy_gmem_to_smem(vz_ref.at[bi, h, :, pl.ds(t0, TMA_ROWS)],
@@ -687,11 +956,16 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
         p_buf = (p0_smem, p1_smem)[c % 2]  # no index closed over by run_state
         for u in range(SPAN // PAIR):
           t = SPAN * c + PAIR * u
-          p = jnp.exp(_broadcast(sc_smem.at[slot, pl.ds(t, PAIR)], 0) - m)
+          if gqa:
+            sc = _row_scores(sc_smem.at[slot, t // TMA_ROWS, :, pl.ds(t % TMA_ROWS, PAIR)])
+          else:
+            sc = _broadcast(sc_smem.at[slot, pl.ds(t, PAIR)], 0)
+          p = jnp.exp(sc - m)
           l = l + p
-          p_buf[pl.ds(PAIR * u, PAIR)], zsum = _scaled_probabilities(
-              p, vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)], zsum,
-              ng)
+          sz = vs_smem.at[slot, c // 2, :, pl.ds(SPAN * (c % 2) + PAIR * u, PAIR)]
+          p_buf[pl.ds(PAIR * u, PAIR)], zsum = (
+              _scaled_probabilities_rows(p, sz, zsum) if gqa else
+              _scaled_probabilities(p, sz, zsum, ng))
         plgpu.commit_smem()
         rows = d // len(acc)
         out = []
@@ -709,27 +983,33 @@ def _build_values(b: int, kh: int, capacity: int, splits: int, v_bits: int, grou
     l0 = plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg)
     a0 = tuple(plgpu.layout_cast(jnp.full((d // 2, 16), 0.0, jnp.float32), wg)
                for _ in range(2))
-    z0 = plgpu.layout_cast(jnp.full((PAIR, 8), 0.0, jnp.float32), wg)
+    z0 = plgpu.layout_cast(jnp.full((PAIR, 16 if gqa else 8), 0.0, jnp.float32), wg)
     l, *acc, zsum = lax.fori_loop(0, n_steps, step_body, (l0, *a0, z0))
     groups = [[(PAIR * part + 16 * w) // cg for w in range(4)] for part in range(2)]
-    zeros = _zero_totals(zsum, red_smem, ng, groups)
-    for part, a in enumerate(acc):
-      _store_row(_pick_columns(a, groups[part]) + zeros[part],
-                 o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
+    if gqa:  # each row's own group's column (row j at columns 2 j, 2 j + 1)
+      zeros = _zero_totals_rows(zsum, red_smem, groups)
+      for part, a in enumerate(acc):
+        o_out[bi, h, s, pl.ds(PAIR * part, PAIR)] = _pick_own(a, groups[part]) + zeros[part]
+    else:
+      zeros = _zero_totals(zsum, red_smem, ng, groups)
+      for part, a in enumerate(acc):
+        _store_row(_pick_columns(a, groups[part]) + zeros[part],
+                   o_out.at[bi, h, s, pl.ds(PAIR * part, PAIR)])
     l_out[bi, h, s] = l.sum(axis=0)
 
   scratch = [
-      plgpu.SMEM((2, step), jnp.float32),
+      plgpu.SMEM((2, boxes, 4, TMA_ROWS) if gqa else (2, step), jnp.float32),
       plgpu.SMEM((2, d, step // SPAN * v_words), jnp.uint32),
       plgpu.SMEM((2, boxes, 2 * ng, TMA_ROWS), jnp.bfloat16),
       *[plgpu.SMEM((2 * PAIR, 16), jnp.float16, transforms=(
           plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))) for _ in range(2)],
-      plgpu.SMEM((4, ng), jnp.float32),
+      plgpu.SMEM((4, 16 if gqa else ng), jnp.float32),
       plgpu.Barrier(num_arrivals=1 + 3 * boxes, num_barriers=2),
   ]
   return plgpu.kernel(
       kivi_pair_values,  # the kernel's name in profiles
-      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d), jnp.float32),
+      out_type=[jax.ShapeDtypeStruct((b, kh, splits, d, 8) if gqa else (b, kh, splits, d),
+                                     jnp.float32),
                 jax.ShapeDtypeStruct((b, kh, splits, 8), jnp.float32)],
       scratch_types=scratch, grid=(b, kh, splits), grid_names=("b", "h", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True))
@@ -914,11 +1194,14 @@ def pair_decode_partials(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # KiB, and for either of the folded kernels (as measured).
     third = folded or halves and step == UPDATE
     splits = default_splits(b, kh, -(-capacity // step), 3 if third else 2)
-  if folded:  # the one row as it is: the scores, then the values
-    sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step)(
+  if folded:  # the rows as they are: the scores, then the values
+    sc, m = _build_scores(b, kh, capacity, splits, k_bits, group_size, d, step, m_rows)(
         q, k_codes, k_scale, k_zero, n_valid, lo)
-    o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step)(
+    o, l = _build_values(b, kh, capacity, splits, v_bits, group_size, d, step, m_rows)(
         sc, m, v_codes, v_scale, v_zero, n_valid, lo)
+    if m_rows > 1:  # exp/gqa2: row r at columns 2 r, 2 r + 1
+      return (jnp.swapaxes(o, 3, 4)[..., 0:2 * m_rows:2, :], m[..., 0:2 * m_rows:2],
+              l[..., 0:2 * m_rows:2])
     return o[..., None, :], m[..., :1], l[..., :1]
   q = jnp.pad(q, ((0, 0), (0, 0), (0, n_rows - m_rows), (0, 0)))
   if d < HEAD_DIM:  # a key row's words as the 16-bit halves the kernel reads
