@@ -57,6 +57,10 @@ from kivi_jax.pallas_kernels.decode_attention import (default_splits, dot_precis
 # Channels per tile by default: on an H100 (groups of 32 tokens, bf16, 1024 and
 # 4096 channels) tiles of 32 channels beat 64, 128 and 256 (benchmarks/NOTES.md).
 _TILE = 32
+# Triton's software pipelining of both kernels' loops (their next tiles' loads in
+# flight): 3 stages take a layer's SKVQ decode attention 11-20% below one stage's on an
+# H100, 4 no further (benchmarks/NOTES.md, "SKVQ at serving shapes").
+NUM_STAGES = 3
 
 
 def hidden_tile(hidden: int) -> int:
@@ -365,7 +369,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
       inputs, in_specs,
       [pl.BlockSpec((None, None, m_rows, span), lambda i, s, c: (i, c, 0, s))],
       [jax.ShapeDtypeStruct((b, chunks, m_rows, splits * span), jnp.float32)],
-      grid=(b, splits, chunks), poison=poison, num_warps=num_warps, num_stages=1,
+      grid=(b, splits, chunks), poison=poison, num_warps=num_warps,
+      num_stages=NUM_STAGES,
       interpret=interpret, name="skvq_decode_scores")[0]
   scores = jnp.sum(scores, axis=1)
 
@@ -402,7 +407,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
        pl.BlockSpec((width,), lambda i, j, s: (j,))],
       [pl.BlockSpec((None, None, rep, hidden), lambda i, j, s: (i, s, 0, 0))],
       [jax.ShapeDtypeStruct((b, value_splits, rep, hidden), jnp.float32)],
-      grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps, num_stages=1,
+      grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps,
+      num_stages=NUM_STAGES,
       interpret=interpret, name="skvq_decode_values")[0]
   lse = jnp.where(some, m + jnp.log(l_safe), _NEG)
   return jnp.sum(acc, axis=1), lse[:, None]
