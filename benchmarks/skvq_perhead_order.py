@@ -1,6 +1,7 @@
 """exp/skvq-perhead-order: SKVQ's channel reordering within each kv head (a cluster never spans
 heads) against SPEC's reordering over the whole hidden dim, quick KV-perplexity on SmolLM2.
-python benchmarks/skvq_perhead_order.py [METHOD] (the CPU: some 23 minutes on 2 cores)."""
+python benchmarks/skvq_perhead_order.py [METHOD [OFFSET]] (the CPU: some 23 minutes on 2 cores);
+with OFFSET, the per-head order alone, each head's k-means seeded 1000 OFFSET further."""
 import sys, json, time
 import numpy as np
 import jax
@@ -25,14 +26,16 @@ def per_head_order(x, n_groups, seed):
   k = n_groups // hkv
   perms, groups = [], []
   for h in range(hkv):
-    p, g = spec_order(x[:, h * d:(h + 1) * d], k, seed * 131 + h)
+    p, g = spec_order(x[:, h * d:(h + 1) * d], k, seed * 131 + h + 1000 * OFFSET)
     perms.append(p + h * d)
     groups.append(g + h * k)
   return np.concatenate(perms).astype(np.int32), np.concatenate(groups).astype(np.int32)
 
 
+OFFSET = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+runs = (("spec", spec_order),) * (len(sys.argv) <= 2) + (("per_head", per_head_order),)
 out = {}
-for name, order in (("spec", spec_order), ("per_head", per_head_order)):
+for name, order in runs:
   t0 = time.time()
   calibration.channel_order = order
   with jax.default_matmul_precision("highest"):
