@@ -42,8 +42,9 @@ class QuantizedBlock:
   """The quantized part of one tensor (keys or values); `...` = `[B, Hkv]`.
 
   With `channel_group` (SKVQ) the head axis has size 1 and `D` is the hidden
-  dim `Hkv * Dh` in the `ChannelMap`'s order, with scale and zero `[..., C, n]`
-  for `n` groups.
+  dim `Hkv * Dh` in the `ChannelMap`'s order, with scale and zero `[..., n, C]`
+  for `n` groups, tokens last (a group's tokens contiguous for the decode
+  kernels, `decode_attention_hidden`).
 
   bits < 16, layout "slots":
     codes: uint32 `[..., C/w, D]`, `w = 32 // bits` codes per word, packed along
@@ -155,7 +156,7 @@ class KVCache:
   def block_capacity(self) -> int:
     """The quantized block's capacity `C`, in tokens (`block_capacity`)."""
     return _block_tokens(self.layers[0].k, self.config.k_bits, self.config.key_axis,
-                         self.config.group_size)
+                         self.config)
 
   @property
   def layout(self) -> str:
@@ -171,13 +172,14 @@ class KVCache:
     return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
 
-def _block_tokens(block: QuantizedBlock, bits: int, axis: QuantAxis, group: int) -> int:
+def _block_tokens(block: QuantizedBlock, bits: int, axis: QuantAxis,
+                  config: KIVIConfig) -> int:
   """The block's capacity `C`: its scales' (its codes may hold more: `_empty_block`)."""
   if bits == 16:
     return block.codes.shape[-2]
-  if block.layout == "pairs" and axis == "token":
-    return block.scale.shape[-1]
-  return block.scale.shape[-2] * (group if axis == "channel" else 1)
+  if axis == "token" and (block.layout == "pairs" or config.channel_group is not None):
+    return block.scale.shape[-1]  # tokens last
+  return block.scale.shape[-2] * (config.group_size if axis == "channel" else 1)
 
 
 def body_lengths(lengths: Array, config: KIVIConfig) -> Array:
@@ -226,8 +228,8 @@ def _empty_block(lead, capacity, head_dim, bits, axis: QuantAxis, config: KIVICo
   codes = jnp.zeros((*lead, rows, head_dim), jnp.uint32)
   if axis == "channel":
     sshape = (*lead, capacity // config.group_size, head_dim)
-  elif config.channel_group is not None:
-    sshape = (*lead, capacity, config.hidden_groups(head_dim))
+  elif config.channel_group is not None:  # tokens last (decode_attention_hidden)
+    sshape = (*lead, config.hidden_groups(head_dim), capacity)
   else:
     sshape = (*lead, capacity, head_dim // channel_group(config.group_size, head_dim))
   return QuantizedBlock(codes, jnp.zeros(sshape, sdtype), jnp.zeros(sshape, sdtype))
@@ -239,14 +241,14 @@ def block_granularity(config: KIVIConfig) -> int:
   per-channel scales of a span fill 8 rows (`quantize_pack_tpu`).
 
   SKVQ's layout (`channel_group`) is written by the jnp reference and read a
-  step of `gcd(w_k, w_v)` groups at a time (`decode_attention_tpu`): its
-  capacity is a whole number of such steps, and each tensor's codes are
-  rounded up to whole packing blocks on their own (`_empty_block`). (The
-  common multiple of ternary's 20 groups a word and 2-bit's 16 was 2560
-  tokens at G = 32.)"""
+  step of `gcd(w_k, w_v)` groups at a time (`decode_attention_tpu`), its
+  scales (tokens last) in blocks of whole 128-token lanes: its capacity is a
+  whole number of both, and each tensor's codes are rounded up to whole
+  packing blocks on their own (`_empty_block`). (The common multiple of
+  ternary's 20 groups a word and 2-bit's 16 was 2560 tokens at G = 32.)"""
   if config.channel_group is not None:
     words = [codes_per_word(b) for b in (config.k_bits, config.v_bits) if b < 16]
-    return config.group_size * max(math.gcd(*words), 1)
+    return math.lcm(config.group_size * max(math.gcd(*words), 1), 128)
   return math.lcm(*(quantize_pack_tpu.tiles_per_program(b) * codes_per_word(b)
                     * config.group_size
                     for b in (config.k_bits, config.v_bits) if b < 16),
@@ -453,7 +455,7 @@ def _body_ring_positions(body: Array, config: KIVIConfig) -> tuple[Array, Array]
 
 
 def _groups(cmap: ChannelMap, block: QuantizedBlock):
-  return cmap.groups, block.scale.shape[-1]
+  return cmap.groups, block.scale.shape[-2]
 
 
 def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
@@ -474,10 +476,12 @@ def dequantize_block(block: QuantizedBlock, bits: int, axis: QuantAxis,
     x = quantization.dequantize(codes, scale, zero, config.group_size, axis, dtype)
   else:
     codes = quantization.unpack(block.codes, bits, config.group_size)
-    codes = codes[..., :_block_tokens(block, bits, axis, config.group_size), :]
-    groups = None if cmap is None else _groups(cmap, block)
-    x = quantization.dequantize(codes, block.scale, block.zero, config.group_size, axis,
-                                dtype, groups)
+    codes = codes[..., :_block_tokens(block, bits, axis, config), :]
+    scale, zero, groups = block.scale, block.zero, None
+    if cmap is not None:  # SKVQ's scales, tokens last
+      scale, zero = jnp.swapaxes(scale, -1, -2), jnp.swapaxes(zero, -1, -2)
+      groups = _groups(cmap, block)
+    x = quantization.dequantize(codes, scale, zero, config.group_size, axis, dtype, groups)
   if cmap is None:
     return x
   # [..., 1, C, H] in cache order -> hidden order -> [..., Hkv, C, Dh].
@@ -572,7 +576,7 @@ def _write_tokens(block: QuantizedBlock, x: Array, start: Array, n_tokens: Array
   elif cmap is not None:
     out = quantize_pack.quantize_pack_reference(
         to_hidden(x, cmap), block.codes, block.scale, block.zero, start, n_tokens,
-        cmap.clip, _groups(cmap, block), **kw)
+        cmap.clip, _groups(cmap, block), scales_last=True, **kw)
   else:
     out = quantize_pack.quantize_pack_reference(x, block.codes, block.scale, block.zero,
                                                 start, n_tokens, config.clip, **kw)
@@ -689,7 +693,7 @@ def _ring_tail(layer: LayerKV, k_new, v_new, body, n_new, nq0, nq1, config: KIVI
   block's capacity (a prompt may be longer than the block: `block_capacity`)."""
   g, r = config.group_size, config.ring_size
   t = k_new.shape[2]
-  f = min(g * -(-t // g), _block_tokens(layer.k, config.k_bits, config.key_axis, g))
+  f = min(g * -(-t // g), _block_tokens(layer.k, config.k_bits, config.key_axis, config))
   # Flushed token i is body token nq0 + i, from the ring or the new tokens: one
   # gather from the two side by side. (A gather from the ring alone needs
   # nothing of the layer, so XLA may form every layer's at the program's start

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -27,10 +28,13 @@ from kivi_jax.cache import IMPLS, LAYOUTS, KVCache, init_cache, ring_keeps
 from kivi_jax.calibration import model_fingerprint
 from kivi_jax.config import KIVIConfig
 
-FORMAT = 2
-"""Format 2 (2026-12-05) records a row's capacity with the ring's tokens beside a
-full block (`KVCache.capacity`); format 1 recorded the block's and the sinks'
-only, and is read as the capacity the same arrays give now."""
+FORMAT = 3
+"""Format 3 (2026-12-07) holds SKVQ's per-token scales and zeros tokens last
+(`[B, 1, n, C]`, `kivi_jax.cache`); formats 1 and 2 held them `[B, 1, C, n]`,
+and are read into the new layout. Format 2 (2026-12-05) records a row's
+capacity with the ring's tokens beside a full block (`KVCache.capacity`);
+format 1 recorded the block's and the sinks' only, and is read as the
+capacity the same arrays give now."""
 META = "kivi_jax.json"
 
 
@@ -121,9 +125,9 @@ def cache_info(path) -> dict:
     version = meta.get("format")
   except (ValueError, AttributeError) as e:
     raise ValueError(f"{meta_path} is damaged: {e}") from e
-  if version not in (1, FORMAT):
+  if version not in (1, 2, FORMAT):
     raise ValueError(f"{path} has checkpoint format {version!r}; this kivi-jax reads "
-                     f"formats 1 and {FORMAT}")
+                     f"formats 1 to {FORMAT}")
   try:
     meta["kv_config"] = KIVIConfig(**meta["kv_config"])
     meta["batch"], meta["capacity"] = int(meta["batch"]), int(meta["capacity"])
@@ -195,12 +199,21 @@ def restore_cache(path, model, *, kv_config: KIVIConfig | None = None,
     sharding.check_mesh(mesh, model.config, saved, batch)
     place = [jax.sharding.NamedSharding(mesh, spec)
              for spec in jax.tree.leaves(sharding.cache_specs(shapes))]
-  target = {n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=p)
+  # SKVQ's scales and zeros, tokens first before format 3: read as they lie,
+  # then turned.
+  turned = {n for n in names if meta["format"] < 3 and saved.channel_group is not None
+            and n.endswith(("__scale", "__zero"))}
+
+  def stored(n, shape):
+    return (*shape[:-2], shape[-1], shape[-2]) if n in turned else shape
+
+  target = {n: jax.ShapeDtypeStruct(stored(n, s.shape), s.dtype, sharding=p)
             for n, s, p in zip(names, jax.tree.leaves(shapes), place)}
   try:
     with ocp.StandardCheckpointer() as ckpt:
       arrays = ckpt.restore(path / "arrays", target)
   except Exception as e:  # orbax and tensorstore raise many kinds
     raise ValueError(f"{path}: the cache's arrays cannot be read: {e}") from e
-  cache = jax.tree_util.tree_unflatten(treedef, [arrays[n] for n in names])
+  cache = jax.tree_util.tree_unflatten(
+      treedef, [jnp.swapaxes(arrays[n], -1, -2) if n in turned else arrays[n] for n in names])
   return cache.replace(config=saved, mesh=mesh)

@@ -17,7 +17,9 @@ full-precision ring (see `kivi_jax.attention`).
 
 Ternary codes (1.5 bits) are base-3 digits, 5 to a byte
 (`kivi_jax.quantization`). SKVQ's layout over the hidden dim has kernels of
-its own (`decode_attention_hidden`); the reference below reads both layouts.
+its own (`decode_attention_hidden`); the reference below reads both layouts
+(SKVQ's with `k_groups` and `v_groups`: one "head" of the hidden dim, scales
+and zeros `[B, 1, n, C]` per token, tokens last).
 
 Shapes (B batch, K kv heads, M query rows per kv head padded to 16, D head dim,
 C block capacity in tokens, G group size, w codes per word):
@@ -338,10 +340,12 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   g = group_size
   d = q.shape[-1]
   rnd = lambda x: x.astype(dot_dtype).astype(jnp.float32)  # noqa: E731
-  k_axis, k_map = "channel", None
-  if k_groups is not None:
+  k_axis, k_map, v_map = "channel", None, None
+  if k_groups is not None:  # SKVQ's scales `[..., n, C]`, tokens last
+    k_scale, k_zero, v_scale, v_zero = (jnp.swapaxes(x, -1, -2)
+                                        for x in (k_scale, k_zero, v_scale, v_zero))
     k_axis, k_map = "token", (k_groups, k_scale.shape[-1])
-  v_map = None if v_groups is None else (v_groups, v_scale.shape[-1])
+    v_map = (v_groups, v_scale.shape[-1])
   # The block's capacity is its scales'; codes may take more (whole packing
   # blocks of SKVQ's layout, `kivi_jax.cache._empty_block`).
   capacity = v_scale.shape[-2]

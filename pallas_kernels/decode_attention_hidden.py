@@ -25,12 +25,19 @@ memory:
 The reference is `decode_attention.quantized_decode_attention_reference` with
 `k_groups` and `v_groups`.
 
+The scales and zeros lie tokens last (`[n, C]`, SKVQ's layout in
+`kivi_jax.cache`): a tile's scales of one group for a group of tokens are one
+contiguous load. Tokens first, each was a byte 256 bytes from the next at
+Llama-2-7B's width (a 32-byte sector for one byte), and those loads bound
+both kernels (L1 at 86-92% of its throughput by Nsight Compute on an H100);
+tokens last, the two take 9-17% less time at 1 to 512 rows (benchmarks/NOTES.md).
+
 Shapes (M query rows padded to 16, H hidden dim, n groups, C block capacity):
   q, q_rot      [B, 1, M, H]     model dtype (q_rot and rope_theta [H]: keys
                                  cached before RoPE, as in `decode_attention`;
                                  RoPE's inverse frequencies, at most 1)
-  k_codes       [B, 1, C/w_k, H] uint32     k_scale, k_zero [B, 1, C, n_k]
-  v_codes       [B, 1, C/w_v, H] uint32     v_scale, v_zero [B, 1, C, n_v]
+  k_codes       [B, 1, C/w_k, H] uint32     k_scale, k_zero [B, 1, n_k, C]
+  v_codes       [B, 1, C/w_v, H] uint32     v_scale, v_zero [B, 1, n_v, C]
   n_valid, lo   [B] int32: the block's live tokens are `lo <= t < n_valid`
   k_groups, v_groups [H] int32: nondecreasing group of each channel
   v_perm        [H] int32: each value channel's natural place `kv * Dh + d`
@@ -74,12 +81,12 @@ def hidden_tile(hidden: int) -> int:
 
 
 def _expand(ref, tok0, g_sz: int, group_map):
-  """A `[C, n]` scale ref's rows `tok0 .. tok0 + g_sz` broadcast over a tile's
-  channels, `[g_sz, tile]` float32: one gather of each channel's own group
-  (`group_map` `[1, tile]`); a loop over the groups a tile spans waited on a
-  load per group."""
-  rows = tok0 + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
-  return ref[rows, group_map].astype(jnp.float32)
+  """A `[n, C]` scale ref's tokens `tok0 .. tok0 + g_sz` broadcast over a
+  tile's channels, `[g_sz, tile]` float32: one gather of each channel's own
+  group (`group_map` `[1, tile]`); a loop over the groups a tile spans waited
+  on a load per group."""
+  tokens = tok0 + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
+  return ref[group_map, tokens].astype(jnp.float32)
 
 
 # Groups a tile reads its scales and zeros from by selects (`_select`).
@@ -99,15 +106,17 @@ def _near_groups(group_map, n: int):
 
 def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   """`_expand`'s `[g_sz, tile]` for a tile whose channels' groups are the
-  `len(past) + 1` from `lo` on (`_near_groups`): a column load a group and a
-  select an element for each group past the first: the values kernel at
-  Llama-2-7B's width in 0.53x its time with the gathers (an H100,
-  benchmarks/NOTES.md); the scores kernel, where RoPE's cos and sin hide the
-  gathers' latency, slower with it alone."""
-  rows = pl.ds(tok0, g_sz)
-  out = jnp.broadcast_to(ref[rows, pl.ds(lo, 1)].astype(jnp.float32), (g_sz, tile))
+  `len(past) + 1` from `lo` on (`_near_groups`): a load of a group's `g_sz`
+  contiguous scales (one sector of fp8) and a select an element for each
+  group past the first: the values kernel at Llama-2-7B's width in 0.53x its
+  time with the gathers (an H100, benchmarks/NOTES.md); the scores kernel,
+  where RoPE's cos and sin hide the gathers' latency, slower with it alone."""
+  tokens = pl.ds(tok0, g_sz)
+  group = lambda j: ref[pl.ds(lo + j, 1), tokens].reshape(g_sz, 1).astype(  # noqa: E731
+      jnp.float32)
+  out = jnp.broadcast_to(group(0), (g_sz, tile))
   for j, mask in enumerate(past, 1):
-    out = jnp.where(mask, ref[rows, pl.ds(lo + j, 1)].astype(jnp.float32), out)
+    out = jnp.where(mask, group(j), out)
   return out
 
 
@@ -189,7 +198,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
     (s_ref,) = refs
   g_sz, w = group, codes_per_word(bits)
   m_rows, hidden = q_ref.shape
-  n_groups = ks_ref.shape[1]
+  n_groups = ks_ref.shape[0]
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
   tile0 = pl.program_id(2) * tiles_per_chunk
@@ -253,7 +262,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(perm_ref.shape[0] // tile)]
   maps = [map_ref[c][None, :] for c in cols]
-  near = [_near_groups(group_map, vs_ref.shape[1]) for group_map in maps]
+  near = [_near_groups(group_map, vs_ref.shape[0]) for group_map in maps]
 
   def group_values(g, accs, *, by_select: bool):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
@@ -330,7 +339,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
                      f"{tile} channels")
   # The capacity is the scales' (codes may take whole packing blocks more).
-  n_groups = k_scale.shape[2] // g
+  capacity = k_scale.shape[3]
+  n_groups = capacity // g
   width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)
@@ -344,7 +354,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
   if fast_rope is None:  # positions times RoPE's inverse frequencies (at most 1)
-    fast_rope = q_rot is None or k_scale.shape[2] + pos_offset < SINCOS_MAX_ANGLE
+    fast_rope = q_rot is None or capacity + pos_offset < SINCOS_MAX_ANGLE
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731

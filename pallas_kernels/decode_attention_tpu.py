@@ -15,8 +15,10 @@ Both layouts of the cache:
 - SKVQ's (`k_groups`, `v_groups` given): the hidden dim as one head `D = H`,
   both tensors per token over explicit channel groups. Every query head is a
   row over the whole hidden dim (`kivi_jax.attention._hidden_block_attention`).
-Per-token scales `[P, n]` reach the channels through a 0/1 matrix `[n, D]` on
-the MXU (float32 at full precision, so exact) instead of a lane gather. Keys
+Per-token scales (`[P, D / G]` KIVI's, `[n, P]` SKVQ's, tokens last) reach the
+channels through a 0/1 matrix `[n, D]` on the MXU (float32 at full precision,
+so exact) instead of a lane gather; SKVQ's come in blocks of whole 128-token
+lanes, a step's tokens picked from them by another 0/1 product. Keys
 cached before RoPE (`q_rot`, `rope_theta`) are rotated as in the GPU kernel:
 `(q * cos) . k + (q_rot * sin) . k`. A step is dequantized `chunk_slots` groups
 at a time, so wide hidden dims keep their temporaries small.
@@ -40,6 +42,7 @@ from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
 from kivi_jax.pallas_kernels.common import codes_per_word
 
 MIN_ROWS = 8  # sublanes
+_LANES = 128
 # Dequantized float32 elements per chunk of a step ([tokens, D], 256 KiB).
 _CHUNK_ELEMENTS = 64 * 1024
 
@@ -93,7 +96,8 @@ def _step_rows(ref, st, c, w_step: int, chunk_slots: int):
 
 def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, *refs,
             k_bits: float, v_bits: float, group: int, sm_scale: float, compute_dtype,
-            hidden: bool, rope: bool, pos_offset: int, chunk_slots: int):
+            hidden: bool, rope: bool, pos_offset: int, chunk_slots: int,
+            scale_blocks: int):
   refs = list(refs)
   k_map = refs.pop(0) if hidden else None
   v_map = refs.pop(0)
@@ -115,10 +119,21 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  def per_token(ref, rows, group_map):
+  def per_token(ref, c, rows, group_map):
     # [chunk_tok, D]: each token's scale (or zero) of each channel's group.
-    return jnp.dot(ref[rows, :].astype(jnp.float32), group_map,
-                   precision=_HIGHEST, preferred_element_type=jnp.float32)
+    if hidden:
+      # SKVQ's `[n, T]` block of `T = scale_blocks * P` tokens (tokens last,
+      # whole lanes): the chunk's `[chunk_tok, n]` picked by a 0/1 product
+      # (exact), where slicing lanes would take an unaligned dynamic offset.
+      at = (st % scale_blocks) * p_tok + c * chunk_tok
+      pick = (jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, ref.shape[1]), 1)
+              == at + jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, 1), 0))
+      scales = jax.lax.dot_general(pick.astype(jnp.float32), ref[...].astype(jnp.float32),
+                                   (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                                   preferred_element_type=jnp.float32)
+    else:
+      scales = ref[rows, :].astype(jnp.float32)
+    return jnp.dot(scales, group_map, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
   def chunk(c, carry):
     m_prev, l_prev, acc = carry
@@ -127,7 +142,8 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     rows = pl.ds(pl.multiple_of(c * chunk_tok, chunk_tok), chunk_tok)
     k = _unpack(kw_ref[...], g0 % wk, chunk_slots, k_bits)  # [chunk_tok, D]
     if hidden:
-      k = k * per_token(ks_ref, rows, k_map[...]) + per_token(kz_ref, rows, k_map[...])
+      k = (k * per_token(ks_ref, c, rows, k_map[...])
+           + per_token(kz_ref, c, rows, k_map[...]))
     else:
       # One scale row per group, broadcast over its tokens.
       ks = _step_rows(ks_ref, st, c, w_step, chunk_slots)[:, None, :]
@@ -155,8 +171,8 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     p = jnp.where(live, jnp.exp(s - m_new), 0.0)
     l_new = l_prev * corr + jnp.sum(p, axis=1, keepdims=True)
     v = _unpack(vw_ref[...], g0 % wv, chunk_slots, v_bits)
-    v = (v * per_token(vs_ref, rows, v_map[...])
-         + per_token(vz_ref, rows, v_map[...])).astype(compute_dtype)
+    v = (v * per_token(vs_ref, c, rows, v_map[...])
+         + per_token(vz_ref, c, rows, v_map[...])).astype(compute_dtype)
     pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return m_new, l_new, acc * corr + pv
@@ -205,23 +221,33 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   hidden = k_groups is not None
   # SKVQ's per-token scales hold the capacity exactly; its codes may take whole
   # packing blocks more (`kivi_jax.cache._empty_block`).
-  capacity = k_scale.shape[2] if hidden else k_codes.shape[2] * wk
+  capacity = k_scale.shape[3] if hidden else k_codes.shape[2] * wk
   n_steps = capacity // p_tok
   # Groups per chunk: a divisor of the step within the temporaries' budget.
   chunk_slots = max(n for n in range(1, w_step + 1)
                     if w_step % n == 0 and (n == 1 or n * g * d <= _CHUNK_ELEMENTS))
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
+  # Steps a block of SKVQ's scales spans: a whole number of 128 lanes
+  # (`kivi_jax.cache.block_granularity` makes the capacity one).
+  scale_blocks = math.lcm(p_tok, _LANES) // p_tok if hidden else 1
+  if capacity % (scale_blocks * p_tok):
+    raise ValueError(f"SKVQ's block capacity ({capacity}) must be a multiple of "
+                     f"{scale_blocks * p_tok} tokens for the TPU kernel")
   kernel = functools.partial(
       _kernel, k_bits=k_bits, v_bits=v_bits, group=g,
       sm_scale=1.0 / math.sqrt(d) if sm_scale is None else sm_scale,
       compute_dtype=compute_dtype, hidden=hidden, rope=q_rot is not None,
-      pos_offset=pos_offset, chunk_slots=chunk_slots)
+      pos_offset=pos_offset, chunk_slots=chunk_slots, scale_blocks=scale_blocks)
   blk = lambda rows, cols, index: pl.BlockSpec((None, None, rows, cols), index)
   whole = lambda x: pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)  # noqa: E731
-  tokens = lambda x: blk(p_tok, x.shape[-1], lambda i, j, s, n, lo: (i, j, s, 0))  # noqa: E731
+  if hidden:  # per-token scales `[n, C]`, tokens last: blocks of whole lanes
+    tokens = lambda x: blk(x.shape[-2], scale_blocks * p_tok,  # noqa: E731
+                           lambda i, j, s, n, lo: (i, j, 0, s // scale_blocks))
+  else:  # KIVI's value scales `[C, D / G]`
+    tokens = lambda x: blk(p_tok, x.shape[-1], lambda i, j, s, n, lo: (i, j, s, 0))  # noqa: E731
   if hidden:
     k_specs = [tokens(k_scale), tokens(k_zero)]
-    maps = [_group_map(k_groups, k_scale.shape[-1]), _group_map(v_groups, v_scale.shape[-1])]
+    maps = [_group_map(k_groups, k_scale.shape[-2]), _group_map(v_groups, v_scale.shape[-2])]
   else:
     k_rows = _key_scale_rows(w_step)
     k_specs = [blk(k_rows, d, lambda i, j, s, n, lo: (i, j, s * w_step // k_rows, 0))] * 2

@@ -300,11 +300,13 @@ def quantize_pack_pairs(x, words, scale, zero, start, n_tokens, *, bits: int,
 
 
 def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, groups=None,
-                            *, bits: float, group_size: int, axis: str):
+                            *, bits: float, group_size: int, axis: str,
+                            scales_last: bool = False):
   """The same function in plain jnp: quantize, then scatter into the block.
 
   Also takes SKVQ's traced `clip` and explicit channel `groups`
-  (`kivi_jax.quantization.quantize`), which the kernel does not.
+  (`kivi_jax.quantization.quantize`), which the kernel does not, and with
+  `scales_last` per-token scales laid out `[B, H, n, C]` (SKVQ's: tokens last).
   """
   from kivi_jax import quantization
   g, w = group_size, codes_per_word(bits)
@@ -320,7 +322,8 @@ def quantize_pack_reference(x, words, scale, zero, start, n_tokens, clip=1.0, gr
   # Each slot of a word is written once, into zero bits: adding is or-ing, and
   # groups of one flush that share word rows combine.
   words = scatter_tokens(words, row, codes.astype(jnp.uint32) * place, add=True)
-  return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis))
+  return (words, *_scatter_scales(scale, zero, sc, zr, start, live, g, axis,
+                                  last=scales_last))
 
 
 def quantize_pack_pairs_reference(x, words, scale, zero, start, n_tokens, clip=1.0, *,
@@ -355,7 +358,7 @@ def _scatter_scales(scale, zero, sc, zr, start, live, group_size: int, axis: str
   """The new tokens' scales and zeros (`quantize`'s `sc`, `zr`) into the block's:
   one per group of `G` tokens for axis "channel", one per token for "token", row
   b's from token `start[b]` where `live` `[B, n]`; along the block's last axis
-  with `last` (the pair layout's transposed value scales)."""
+  with `last` (the pair layout's transposed value scales, SKVQ's scales)."""
   g, n = group_size, live.shape[1]
   drop = scale.shape[-1 if last else 2]  # an index past the end: not written
   if axis == "channel":

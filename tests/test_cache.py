@@ -294,8 +294,9 @@ def test_skvq_tensors_do_not_pad_each_other(max_length, capacity, k_rows, v_rows
   # SKVQ's layout with 2-bit keys (16 groups of 32 to a word row: 512 tokens)
   # and ternary values (20 groups: 640): the block holds what a row quantizes
   # (all but 97 to 128 of its tokens past the 5 sinks) in whole steps of 4
-  # groups, each tensor's codes whole packing blocks of its own, its scales
-  # exactly the block's capacity. (Both had been rounded to 2560 tokens.)
+  # groups and of 128 tokens, each tensor's codes whole packing blocks of its
+  # own, its scales (tokens last) exactly the block's capacity. (Both had been
+  # rounded to 2560 tokens.)
   kv = dataclasses.replace(kivi_jax.get_preset("skvq-k2v1.5-g16-fp8"), reorder=False,
                            clip=0.9)
   cache = kivi_jax.init_cache(_shape(), kv, 1, max_length)
@@ -303,4 +304,4 @@ def test_skvq_tensors_do_not_pad_each_other(max_length, capacity, k_rows, v_rows
   assert cache.block_capacity == capacity
   assert cache.capacity == capacity + kv.residual_length + kv.sinks >= max_length
   assert (layer.k.codes.shape[2], layer.v.codes.shape[2]) == (k_rows, v_rows)
-  assert layer.k.scale.shape[2] == layer.v.zero.shape[2] == capacity
+  assert layer.k.scale.shape[3] == layer.v.zero.shape[3] == capacity

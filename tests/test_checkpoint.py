@@ -113,22 +113,36 @@ def test_restore_gives_back_every_array_and_the_config(model, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("method", ["kivi2", "skvq"])
-def test_a_format_1_checkpoint_restores_with_the_capacity_its_block_gives(model, tmp_path,
-                                                                          method):
+def _tokens_first(cache):
+  """`cache` with SKVQ's scales and zeros `[B, 1, C, n]`, as formats 1 and 2 held them."""
+  turn = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)  # noqa: E731
+  block = lambda b: b.replace(scale=turn(b.scale), zero=turn(b.zero))  # noqa: E731
+  return cache.replace(layers=tuple(layer.replace(k=block(layer.k), v=block(layer.v))
+                                    for layer in cache.layers))
+
+
+@pytest.mark.parametrize("version, method", [(1, "kivi2"), (1, "skvq"), (2, "skvq")])
+def test_an_older_format_restores_as_it_was_saved(model, tmp_path, version, method):
   """Format 1 (before 2026-12-05) recorded a row's capacity as the block's and the
-  sinks' tokens; the same arrays restore, the ring's tokens now counted too."""
+  sinks' tokens; the same arrays restore, the ring's tokens now counted too. Formats
+  1 and 2 (before 2026-12-07) held SKVQ's scales and zeros tokens first: they
+  restore tokens last, as the cache holds them now."""
   cache, _ = _prefilled(model, METHODS[method])
-  path = checkpoint.save_cache(tmp_path / "c", cache, model)
-  meta = json.loads((path / checkpoint.META).read_text())
   kv = cache.config
-  meta.update(format=1, capacity=cache.block_capacity + kv.sinks)
+  old = _tokens_first(cache) if kv.channel_group is not None else cache
+  if kv.channel_group is not None:
+    assert old.layers[0].k.scale.shape != cache.layers[0].k.scale.shape
+  path = checkpoint.save_cache(tmp_path / "c", old, model)
+  meta = json.loads((path / checkpoint.META).read_text())
+  meta.update(format=version, capacity=(cache.block_capacity + kv.sinks if version == 1
+                                        else cache.capacity))
   (path / checkpoint.META).write_text(json.dumps(meta))
   assert kivi_jax.cache_info(path)["capacity"] == cache.capacity
   restored = checkpoint.restore_cache(path, model)
   assert restored.capacity == cache.capacity == (
       cache.block_capacity + kv.residual_length + kv.sinks)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(cache)):
+    assert a.shape == b.shape
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

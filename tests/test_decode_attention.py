@@ -340,6 +340,17 @@ def test_tpu_kernel_rejects_half_a_layout():
     da_tpu.quantized_decode_attention(*args[:12], None, **kw)
 
 
+def test_tpu_kernel_rejects_scales_of_part_of_a_lane_block():
+  """SKVQ's scales lie tokens last, read in blocks of whole 128-token lanes: 8-bit
+  keys beside 2-bit values step 64 tokens, so a capacity of 448 is refused."""
+  args = list(_hidden_inputs(0, 2, 64, 3, 16, 8, 2, jnp.float32, rope=False))
+  for i in (2, 3, 5, 6):
+    args[i] = args[i][..., :448]
+  with pytest.raises(ValueError, match=r"capacity \(448\) must be a multiple of 128 tokens"):
+    da_tpu.quantized_decode_attention(*args, k_bits=8, v_bits=2, group_size=16,
+                                      interpret=True)
+
+
 @pytest.mark.parametrize("block_tokens", [32, 64, 128])
 def test_block_tokens_do_not_change_the_result(block_tokens):
   args = _inputs(0, 3, 2, 4, 128, 32, 2, 2, jnp.float32)
@@ -389,6 +400,8 @@ def _hidden_inputs(seed, b, hidden, n_groups, g, k_bits, v_bits, dtype, rope):
   q[:, :, :, :9] = rng.standard_normal((2, b, 1, 9, hidden))
   n_valid = np.array([0, g, capacity - 3 * g, capacity, 5 * g][:b]) % (capacity + 1)
   lo = np.array([0, 0, g + 7, 0, 2 * g][:b])
+  # The layout's scales and zeros lie tokens last: [B, 1, n, C].
+  ks, kz, vs, vz = (jnp.swapaxes(x, 2, 3) for x in (ks, kz, vs, vz))
   args = (jnp.asarray(q[0], dtype), quantization.pack(kc, k_bits, g), ks, kz,
           quantization.pack(vc, v_bits, g), vs, vz, jnp.asarray(n_valid), jnp.asarray(lo),
           jnp.asarray(ids[0]), jnp.asarray(ids[1]))
@@ -503,7 +516,7 @@ def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_the
   `SINCOS_MAX_ANGLE` (the block's capacity plus `pos_offset` positions),
   libdevice's precise pair past it."""
   args = _hidden_inputs(0, 2, 192, 12, 16, 2, 2, jnp.bfloat16, rope=rope)
-  capacity = args[2].shape[2]  # the key scales' rows
+  capacity = args[2].shape[3]  # the key scales' tokens
   assert capacity + 399_000 < da_hidden.SINCOS_MAX_ANGLE <= capacity + 400_000
   f = jax.jit(functools.partial(da_hidden.hidden_decode_attention.__wrapped__, k_bits=2,
                                 v_bits=2, group_size=16, head_dim=64, rep=3, sm_scale=0.125,
