@@ -73,12 +73,14 @@ def hidden_tile(hidden: int) -> int:
   return tile
 
 
-def _expand(ref, tok0, g_sz: int, group_map):
+def _expand(ref, tok0, g_sz: int, group_map, transposed: bool = False):
   """A `[C, n]` scale ref's rows `tok0 .. tok0 + g_sz` broadcast over a tile's
   channels, `[g_sz, tile]` float32: one gather of each channel's own group
   (`group_map` `[1, tile]`); a loop over the groups a tile spans waited on a
-  load per group."""
+  load per group. With `transposed` the ref is `[n, C]`."""
   rows = tok0 + jax.lax.broadcasted_iota(jnp.int32, (g_sz, 1), 0)
+  if transposed:
+    return ref[group_map, rows].astype(jnp.float32)
   return ref[rows, group_map].astype(jnp.float32)
 
 
@@ -97,7 +99,7 @@ def _near_groups(group_map, n: int):
   return lo, [d >= j for j in range(1, k)], jnp.max(d) < k
 
 
-def _select(ref, tok0, g_sz: int, tile: int, lo, past):
+def _select(ref, tok0, g_sz: int, tile: int, lo, past, transposed: bool = False):
   """`_expand`'s `[g_sz, tile]` for a tile whose channels' groups are the
   `len(past) + 1` from `lo` on (`_near_groups`): a column load a group and a
   select an element for each group past the first: the values kernel at
@@ -105,20 +107,26 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   benchmarks/NOTES.md); the scores kernel, where RoPE's cos and sin hide the
   gathers' latency, slower with it alone."""
   rows = pl.ds(tok0, g_sz)
-  out = jnp.broadcast_to(ref[rows, pl.ds(lo, 1)].astype(jnp.float32), (g_sz, tile))
+  if transposed:  # a group's tokens contiguous: one sector a load
+    col = lambda j: ref[pl.ds(lo + j, 1), rows].reshape(g_sz, 1)  # noqa: E731
+  else:
+    col = lambda j: ref[rows, pl.ds(lo + j, 1)]  # noqa: E731
+  out = jnp.broadcast_to(col(0).astype(jnp.float32), (g_sz, tile))
   for j, mask in enumerate(past, 1):
-    out = jnp.where(mask, ref[rows, pl.ds(lo + j, 1)].astype(jnp.float32), out)
+    out = jnp.where(mask, col(j).astype(jnp.float32), out)
   return out
 
 
-def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None):
+def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None,
+                transposed: bool = False):
   """`codes` `[g_sz, tile]` (float32) times each channel's scale plus its
   zero: by `_select` from `near`'s `(lo, past)` (`_near_groups`), or by
   `_expand`'s gathers where `near` is None."""
   if near is None:
-    expand = lambda ref: _expand(ref, tok0, g_sz, group_map)  # noqa: E731
+    expand = lambda ref: _expand(ref, tok0, g_sz, group_map, transposed)  # noqa: E731
   else:
-    expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near)  # noqa: E731
+    expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near,  # noqa: E731
+                                 transposed=transposed)
   return codes * expand(scale_ref) + expand(zero_ref)
 
 
@@ -174,7 +182,7 @@ def _dot(a, b, contract, precision):
 def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
-                   pos_offset: int, fast_rope: bool, ptx: bool):
+                   pos_offset: int, fast_rope: bool, ptx: bool, transposed: bool):
   """One program: batch row b, split s, chunk c of the hidden dim's tiles.
   Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read). With
@@ -189,7 +197,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
     (s_ref,) = refs
   g_sz, w = group, codes_per_word(bits)
   m_rows, hidden = q_ref.shape
-  n_groups = ks_ref.shape[1]
+  n_groups = ks_ref.shape[0 if transposed else 1]
   precision = dot_precision(compute_dtype)
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
   tile0 = pl.program_id(2) * tiles_per_chunk
@@ -204,7 +212,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
       near = _near_groups(group_map, n_groups)[:2] if by_select else None
-      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near)
+      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near, transposed)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
@@ -238,7 +246,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
                    perm_ref, out_ref, *, bits: float, group: int, tile: int,
-                   groups_per_split: int, head_dim: int, compute_dtype):
+                   groups_per_split: int, head_dim: int, compute_dtype, transposed: bool):
   """One program: batch row b, channel span j, split s: `p @ v` over the
   split's live groups for the span's channels, `[M, span]` float32, one
   `tile` of channels at a time (each group's probabilities loaded once for
@@ -253,7 +261,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
   first, last, base = live_groups(pl.program_id(2), n_ref, lo_ref, g_sz, groups_per_split)
   cols = [pl.ds(i * tile, tile) for i in range(perm_ref.shape[0] // tile)]
   maps = [map_ref[c][None, :] for c in cols]
-  near = [_near_groups(group_map, vs_ref.shape[1]) for group_map in maps]
+  near = [_near_groups(group_map, vs_ref.shape[0 if transposed else 1]) for group_map in maps]
 
   def group_values(g, accs, *, by_select: bool):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
@@ -263,7 +271,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
       v = _dequantize(codes, vs_ref, vz_ref, tok0, g_sz, group_map,
-                      (lo, past) if by_select else None)
+                      (lo, past) if by_select else None, transposed)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
@@ -287,7 +295,8 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
 @functools.partial(jax.jit, static_argnames=(
     "k_bits", "v_bits", "group_size", "head_dim", "rep", "sm_scale", "pos_offset", "tile",
     "value_tiles",
-    "splits", "chunks", "value_splits", "num_warps", "fast_rope", "interpret", "poison"))
+    "splits", "chunks", "value_splits", "num_warps", "fast_rope", "interpret", "poison",
+    "transposed"))
 def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                             n_valid, lo, k_groups, v_groups, v_perm, q_rot=None,
                             rope_theta=None, *, k_bits: float, v_bits: float, group_size: int,
@@ -296,7 +305,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
                             value_tiles: int = 1, splits: int | None = None,
                             chunks: int | None = None, value_splits: int | None = None,
                             num_warps: int = 4, fast_rope: bool | None = None,
-                            interpret: bool = False, poison: bool = False):
+                            interpret: bool = False, poison: bool = False,
+                            transposed: bool = False):
   """Attention of `q` over a block in SKVQ's layout: `(o, lse)` (module docstring).
 
   `head_dim` is `Dh` and `rep` the query rows of a kv head. `sm_scale`
@@ -330,7 +340,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     raise ValueError(f"value_tiles={value_tiles} must divide the {n_tiles} tiles of "
                      f"{tile} channels")
   # The capacity is the scales' (codes may take whole packing blocks more).
-  n_groups = k_scale.shape[2] // g
+  capacity = k_scale.shape[3 if transposed else 2]
+  n_groups = capacity // g
   width = value_tiles * tile  # channels per values program
   if splits is None:
     splits = default_splits(b, 1, n_groups)
@@ -344,13 +355,13 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   groups_per_split = -(-n_groups // splits)
   span = groups_per_split * g  # tokens per split
   if fast_rope is None:  # positions times RoPE's inverse frequencies (at most 1)
-    fast_rope = q_rot is None or k_scale.shape[2] + pos_offset < SINCOS_MAX_ANGLE
+    fast_rope = q_rot is None or capacity + pos_offset < SINCOS_MAX_ANGLE
   compute_dtype = jnp.float32 if q.dtype == jnp.float32 else jnp.bfloat16
   head = lambda x: x[:, 0]  # noqa: E731  the layout's single "head"
   whole = lambda x: pl.BlockSpec((None, *x.shape[2:]), lambda i, *_: (i, 0, 0))  # noqa: E731
   row = pl.BlockSpec((1,), lambda i, *_: (i,))
   rows = [n_valid.astype(jnp.int32), lo.astype(jnp.int32)]
-  cfg = dict(group=g, compute_dtype=compute_dtype)
+  cfg = dict(group=g, compute_dtype=compute_dtype, transposed=transposed)
 
   # 1. Scores [B, M, splits * span], summed over the chunks.
   inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]

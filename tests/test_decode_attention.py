@@ -9,6 +9,7 @@ in interpret mode only.
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -439,9 +440,15 @@ def _check_hidden_kernels(k_bits, v_bits, g, hidden, n_groups, tile, value_tiles
   hkv, rep = {64: (4, 2), 192: (3, 3), 256: (8, 1), 128: (2, 4)}[hidden]
   d = hidden // hkv
   perm = np.random.default_rng(seed).permutation(hidden)
+  kargs = list(args)
+  transposed = os.environ.get("KIVI_EXP_SCALET") == "1"  # exp/skvq-scalet
+  if transposed:
+    for i in (2, 3, 5, 6):
+      kargs[i] = jnp.swapaxes(args[i], 2, 3)
   # Poisoned with NaN first: a live score or an output element the kernels
   # leave unwritten reaches the output.
-  o, lse = da_hidden.hidden_decode_attention(*args[:11], jnp.asarray(perm), *args[11:], **kw,
+  o, lse = da_hidden.hidden_decode_attention(*kargs[:11], jnp.asarray(perm), *kargs[11:], **kw,
+                                             transposed=transposed,
                                              head_dim=d, rep=rep, tile=tile,
                                              value_tiles=value_tiles, splits=3, chunks=chunks,
                                              value_splits=value_splits, poison=True,
