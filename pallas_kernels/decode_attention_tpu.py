@@ -119,31 +119,36 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  def per_token(ref, c, rows, group_map):
+  def chunk_tokens(c):
+    """How a chunk finds its tokens' scales: KIVI's value scales `[P, n]` by
+    rows; SKVQ's `[n, T]` blocks of `T = scale_blocks * P` tokens (tokens
+    last, whole lanes) by a 0/1 `[chunk_tok, T]` product (exact), where
+    slicing lanes would take an unaligned dynamic offset."""
+    if not hidden:
+      return pl.ds(pl.multiple_of(c * chunk_tok, chunk_tok), chunk_tok)
+    at = (st % scale_blocks) * p_tok + c * chunk_tok
+    pick = (jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, scale_blocks * p_tok), 1)
+            == at + jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, 1), 0))
+    return pick.astype(jnp.float32)
+
+  def per_token(ref, tokens, group_map):
     # [chunk_tok, D]: each token's scale (or zero) of each channel's group.
     if hidden:
-      # SKVQ's `[n, T]` block of `T = scale_blocks * P` tokens (tokens last,
-      # whole lanes): the chunk's `[chunk_tok, n]` picked by a 0/1 product
-      # (exact), where slicing lanes would take an unaligned dynamic offset.
-      at = (st % scale_blocks) * p_tok + c * chunk_tok
-      pick = (jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, ref.shape[1]), 1)
-              == at + jax.lax.broadcasted_iota(jnp.int32, (chunk_tok, 1), 0))
-      scales = jax.lax.dot_general(pick.astype(jnp.float32), ref[...].astype(jnp.float32),
+      scales = jax.lax.dot_general(tokens, ref[...].astype(jnp.float32),
                                    (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                    preferred_element_type=jnp.float32)
     else:
-      scales = ref[rows, :].astype(jnp.float32)
+      scales = ref[tokens, :].astype(jnp.float32)
     return jnp.dot(scales, group_map, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
   def chunk(c, carry):
     m_prev, l_prev, acc = carry
     g0 = st * w_step + c * chunk_slots  # first group of the chunk
     t0 = tok0 + c * chunk_tok
-    rows = pl.ds(pl.multiple_of(c * chunk_tok, chunk_tok), chunk_tok)
+    tokens = chunk_tokens(c)
     k = _unpack(kw_ref[...], g0 % wk, chunk_slots, k_bits)  # [chunk_tok, D]
     if hidden:
-      k = (k * per_token(ks_ref, c, rows, k_map[...])
-           + per_token(kz_ref, c, rows, k_map[...]))
+      k = k * per_token(ks_ref, tokens, k_map[...]) + per_token(kz_ref, tokens, k_map[...])
     else:
       # One scale row per group, broadcast over its tokens.
       ks = _step_rows(ks_ref, st, c, w_step, chunk_slots)[:, None, :]
@@ -171,8 +176,8 @@ def _kernel(n_ref, lo_ref, q_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref
     p = jnp.where(live, jnp.exp(s - m_new), 0.0)
     l_new = l_prev * corr + jnp.sum(p, axis=1, keepdims=True)
     v = _unpack(vw_ref[...], g0 % wv, chunk_slots, v_bits)
-    v = (v * per_token(vs_ref, c, rows, v_map[...])
-         + per_token(vz_ref, c, rows, v_map[...])).astype(compute_dtype)
+    v = (v * per_token(vs_ref, tokens, v_map[...])
+         + per_token(vz_ref, tokens, v_map[...])).astype(compute_dtype)
     pv = jax.lax.dot_general(p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     return m_new, l_new, acc * corr + pv
