@@ -120,15 +120,31 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   return out
 
 
-def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None):
+def _fma(a, b, c, ptx: bool):
+  """`a * b + c` in float32, rounded once with `ptx` (PTX's `fma.rn.f32`), else
+  `a * b + c`. Pallas's Triton lowering fuses no multiply and add (Nsight
+  Compute counted no FFMA in these kernels): with it both kernels take 1-5%
+  less time on an H100, their outputs the same (benchmarks/NOTES.md)."""
+  if not ptx:
+    return a * b + c
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+  a, b, c = (jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in (a, b, c))
+  [y] = pltriton.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return y
+
+
+def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None,
+                ptx: bool = False):
   """`codes` `[g_sz, tile]` (float32) times each channel's scale plus its
-  zero: by `_select` from `near`'s `(lo, past)` (`_near_groups`), or by
-  `_expand`'s gathers where `near` is None."""
+  zero (`_fma`): by `_select` from `near`'s `(lo, past)` (`_near_groups`), or
+  by `_expand`'s gathers where `near` is None."""
   if near is None:
     expand = lambda ref: _expand(ref, tok0, g_sz, group_map)  # noqa: E731
   else:
     expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near)  # noqa: E731
-  return codes * expand(scale_ref) + expand(zero_ref)
+  return _fma(codes, expand(scale_ref), expand(zero_ref), ptx)
 
 
 def _trunc(x: float, bits: int) -> float:
@@ -137,14 +153,14 @@ def _trunc(x: float, bits: int) -> float:
   return math.floor(m * 2**bits) / 2**bits * 2.0**e
 
 
-def _reduce(x, period: float):
+def _reduce(x, period: float, ptx: bool = False):
   """`x - k period` for `k = round(x / period)`, float32: the period in three
   parts (Cody and Waite), the first two of 8 significant bits, so `k` times
-  each is exact for `k < 2**16`."""
+  each is exact for `k < 2**16`; the multiplies and adds by `_fma`."""
   p1 = _trunc(period, 8)
   p2 = _trunc(period - p1, 8)
-  k = jnp.floor(x * (1 / period) + 0.5)
-  return ((x - k * p1) - k * p2) - k * (period - p1 - p2)
+  k = jnp.floor(_fma(x, 1 / period, 0.5, ptx))
+  return _fma(-k, period - p1 - p2, _fma(-k, p2, _fma(-k, p1, x, ptx), ptx), ptx)
 
 
 # RoPE's angles below this (positions times inverse frequencies of at most 1)
@@ -169,7 +185,7 @@ def _sincos(x, ptx: bool):
   mode, which has no PTX) `jnp.sin` and `jnp.cos`. Within 7.8e-7 of the exact
   values on a GPU and 3.3e-7 on a CPU, the reduction's 2.7e-7 with the pair's
   own error (tests/test_decode_attention.py derives them)."""
-  x = _reduce(x, 2 * math.pi)
+  x = _reduce(x, 2 * math.pi, ptx)
   if ptx:
     return _ptx("sin", x), _ptx("cos", x)
   return jnp.sin(x), jnp.cos(x)
@@ -213,7 +229,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
       near = _near_groups(group_map, n_groups)[:2] if by_select else None
-      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near)
+      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near, ptx)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
@@ -247,7 +263,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
                    perm_ref, out_ref, *, bits: float, group: int, tile: int,
-                   groups_per_split: int, head_dim: int, compute_dtype):
+                   groups_per_split: int, head_dim: int, compute_dtype, ptx: bool):
   """One program: batch row b, channel span j, split s: `p @ v` over the
   split's live groups for the span's channels, `[M, span]` float32, one
   `tile` of channels at a time (each group's probabilities loaded once for
@@ -272,7 +288,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
       v = _dequantize(codes, vs_ref, vz_ref, tok0, g_sz, group_map,
-                      (lo, past) if by_select else None)
+                      (lo, past) if by_select else None, ptx)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
@@ -406,7 +422,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   inv_l = jnp.where(some, 1.0 / l_safe, 0.0)
   acc = pallas_call(
       functools.partial(_values_kernel, bits=v_bits, tile=tile,
-                        groups_per_split=v_groups_per_split, head_dim=head_dim, **cfg),
+                        groups_per_split=v_groups_per_split, head_dim=head_dim,
+                        ptx=not interpret, **cfg),
       [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
       + [v_groups.astype(jnp.int32)] + rows + [inv_l, v_perm.astype(jnp.int32)],
       [pl.BlockSpec((None, m_rows, v_span), lambda i, j, s: (i, 0, s)),
