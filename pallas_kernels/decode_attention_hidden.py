@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,45 @@ def _expand(ref, tok0, g_sz: int, group_map):
 
 # Groups a tile reads its scales and zeros from by selects (`_select`).
 _NEAR = 4
+# exp/skvq-fma knobs: PTX's fma.rn where the kernels multiply and add
+# (KIVI_EXP_FMA=1); the scores kernel's scales and zeros gathered by a 0/1
+# product on tensor cores from the 16 groups a tile's channels fall in
+# (KIVI_EXP_SDOT=1).
+_EXP_FMA = os.environ.get("KIVI_EXP_FMA") == "1"
+_EXP_SDOT = os.environ.get("KIVI_EXP_SDOT") == "1"
+_DOT_GROUPS = 16
+
+
+def _fma(a, b, c, ptx: bool):
+  """`a * b + c` in float32: with `ptx` and the knob one rounding (PTX's
+  `fma.rn.f32`), else the two of `a * b + c`."""
+  if not (ptx and _EXP_FMA):
+    return a * b + c
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+  a, b, c = (jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in (a, b, c))
+  [y] = pltriton.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return y
+
+
+def _dot_fits(group_map, n: int):
+  """`(lo, fits)`: the first of the `_DOT_GROUPS` groups `_gather_dot` reads
+  for a tile's channels' groups, and whether all of them are among those."""
+  lo = jnp.minimum(jnp.min(group_map), n - _DOT_GROUPS)
+  return lo, jnp.max(group_map - lo) < _DOT_GROUPS
+
+
+def _gather_dot(ref, tok0, g_sz: int, group_map, lo, dtype, precision):
+  """`_expand`'s `[g_sz, tile]` by a product: the `_DOT_GROUPS` groups' scales
+  from `lo` on, `[16, g_sz]` (one contiguous load each), against the tile's
+  0/1 map of its channels' groups `[16, tile]`. Exact: every output is one
+  scale times 1 (fp8 and bf16 scales are exact in bf16)."""
+  rows = ref[pl.ds(lo, _DOT_GROUPS), pl.ds(tok0, g_sz)].astype(dtype)
+  pick = (group_map - lo == jax.lax.broadcasted_iota(jnp.int32, (_DOT_GROUPS, 1), 0)
+          ).astype(dtype)
+  return jax.lax.dot_general(rows, pick, (((0,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
 
 
 def _near_groups(group_map, n: int):
@@ -120,15 +160,19 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   return out
 
 
-def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None):
+def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None,
+                ptx: bool = False, dot=None):
   """`codes` `[g_sz, tile]` (float32) times each channel's scale plus its
-  zero: by `_select` from `near`'s `(lo, past)` (`_near_groups`), or by
-  `_expand`'s gathers where `near` is None."""
-  if near is None:
+  zero: by `_select` from `near`'s `(lo, past)` (`_near_groups`), by
+  `_gather_dot` from `dot`'s `(lo, dtype, precision)`, or by `_expand`'s
+  gathers where both are None."""
+  if dot is not None:
+    expand = lambda ref: _gather_dot(ref, tok0, g_sz, group_map, *dot)  # noqa: E731
+  elif near is None:
     expand = lambda ref: _expand(ref, tok0, g_sz, group_map)  # noqa: E731
   else:
     expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near)  # noqa: E731
-  return codes * expand(scale_ref) + expand(zero_ref)
+  return _fma(codes, expand(scale_ref), expand(zero_ref), ptx)
 
 
 def _trunc(x: float, bits: int) -> float:
@@ -137,14 +181,14 @@ def _trunc(x: float, bits: int) -> float:
   return math.floor(m * 2**bits) / 2**bits * 2.0**e
 
 
-def _reduce(x, period: float):
+def _reduce(x, period: float, ptx: bool = False):
   """`x - k period` for `k = round(x / period)`, float32: the period in three
   parts (Cody and Waite), the first two of 8 significant bits, so `k` times
   each is exact for `k < 2**16`."""
   p1 = _trunc(period, 8)
   p2 = _trunc(period - p1, 8)
-  k = jnp.floor(x * (1 / period) + 0.5)
-  return ((x - k * p1) - k * p2) - k * (period - p1 - p2)
+  k = jnp.floor(_fma(x, 1 / period, 0.5, ptx))
+  return _fma(-k, period - p1 - p2, _fma(-k, p2, _fma(-k, p1, x, ptx), ptx), ptx)
 
 
 # RoPE's angles below this (positions times inverse frequencies of at most 1)
@@ -169,7 +213,7 @@ def _sincos(x, ptx: bool):
   mode, which has no PTX) `jnp.sin` and `jnp.cos`. Within 7.8e-7 of the exact
   values on a GPU and 3.3e-7 on a CPU, the reduction's 2.7e-7 with the pair's
   own error (tests/test_decode_attention.py derives them)."""
-  x = _reduce(x, 2 * math.pi)
+  x = _reduce(x, 2 * math.pi, ptx)
   if ptx:
     return _ptx("sin", x), _ptx("cos", x)
   return jnp.sin(x), jnp.cos(x)
@@ -203,7 +247,9 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   first, last, base = live_groups(pl.program_id(1), n_ref, lo_ref, g_sz, groups_per_split)
   tile0 = pl.program_id(2) * tiles_per_chunk
 
-  def group_scores(g, carry, *, by_select: bool):
+  dot_dtype = jnp.float32 if ks_ref.dtype == jnp.float32 else jnp.bfloat16
+
+  def group_scores(g, carry, *, mode: str):
     tok0 = pl.multiple_of(g * g_sz, g_sz)
     word_rows = pl.ds(pl.multiple_of((g // w) * g_sz, g_sz), g_sz)
 
@@ -212,8 +258,10 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       group_map = map_ref[cols][None, :]
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
-      near = _near_groups(group_map, n_groups)[:2] if by_select else None
-      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near)
+      near = _near_groups(group_map, n_groups)[:2] if mode == "select" else None
+      dot = ((_dot_fits(group_map, n_groups)[0], dot_dtype, dot_precision(dot_dtype))
+             if mode == "dot" else None)
+      k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near, ptx, dot)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
         return s + _dot(q, k.astype(compute_dtype), ((1,), (1,)), precision)
@@ -230,24 +278,26 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
     s_ref[:, pl.ds(pl.multiple_of((g - base) * g_sz, g_sz), g_sz)] = s * sm_scale
     return carry
 
-  def walk(by_select: bool):
-    jax.lax.fori_loop(first, last, functools.partial(group_scores, by_select=by_select), 0)
+  def walk(mode: str):
+    jax.lax.fori_loop(first, last, functools.partial(group_scores, mode=mode), 0)
 
   if not fast_rope:
-    walk(False)
+    walk("gather")
     return
+  by_dot = _EXP_SDOT and n_groups >= _DOT_GROUPS
 
   def tile_fits(i, fits):
     group_map = map_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)][None, :]
-    return jnp.minimum(fits, _near_groups(group_map, n_groups)[2].astype(jnp.int32))
+    ok = _dot_fits(group_map, n_groups)[1] if by_dot else _near_groups(group_map, n_groups)[2]
+    return jnp.minimum(fits, ok.astype(jnp.int32))
 
   fits = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_fits, jnp.int32(1))
-  jax.lax.cond(fits > 0, lambda: walk(True), lambda: walk(False))
+  jax.lax.cond(fits > 0, lambda: walk("dot" if by_dot else "select"), lambda: walk("gather"))
 
 
 def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
                    perm_ref, out_ref, *, bits: float, group: int, tile: int,
-                   groups_per_split: int, head_dim: int, compute_dtype):
+                   groups_per_split: int, head_dim: int, compute_dtype, ptx: bool):
   """One program: batch row b, channel span j, split s: `p @ v` over the
   split's live groups for the span's channels, `[M, span]` float32, one
   `tile` of channels at a time (each group's probabilities loaded once for
@@ -272,7 +322,7 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
       v = _dequantize(codes, vs_ref, vz_ref, tok0, g_sz, group_map,
-                      (lo, past) if by_select else None)
+                      (lo, past) if by_select else None, ptx)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
@@ -406,7 +456,8 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   inv_l = jnp.where(some, 1.0 / l_safe, 0.0)
   acc = pallas_call(
       functools.partial(_values_kernel, bits=v_bits, tile=tile,
-                        groups_per_split=v_groups_per_split, head_dim=head_dim, **cfg),
+                        groups_per_split=v_groups_per_split, head_dim=head_dim,
+                        ptx=not interpret, **cfg),
       [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
       + [v_groups.astype(jnp.int32)] + rows + [inv_l, v_perm.astype(jnp.int32)],
       [pl.BlockSpec((None, m_rows, v_span), lambda i, j, s: (i, 0, s)),
