@@ -25,7 +25,8 @@ def summary(path, top=16):
     for c in stall_cols:
       stalls[c] += count(r, c)
   total = sum(ops.values())
-  per_line = collections.Counter(count(r, "Instructions Executed") for r in rows)
+  per_line = collections.Counter(n for n in (count(r, "Instructions Executed") for r in rows)
+                                 if n > 0)
   hot, body = per_line.most_common(1)[0]
   out = [f"== {path}", f"executed warp instructions: {total / 1e6:.1f} M; the hottest "
          f"{body} SASS lines run {hot:.0f} times each"]
