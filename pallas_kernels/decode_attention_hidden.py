@@ -123,7 +123,7 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
 def _fma(a, b, c, ptx: bool):
   """`a * b + c` in float32, rounded once with `ptx` (PTX's `fma.rn.f32`), else
   `a * b + c`. Pallas's Triton lowering fuses no multiply and add (Nsight
-  Compute counted no FFMA in these kernels): with it both kernels take 1-5%
+  Compute counted no FFMA in these kernels): with it both kernels take 1-6%
   less time on an H100, their outputs the same (benchmarks/NOTES.md)."""
   if not ptx:
     return a * b + c

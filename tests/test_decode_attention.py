@@ -514,7 +514,7 @@ def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_the
     rope, pos_offset):
   """PTX's pair where the scores have RoPE and every angle stays below
   `SINCOS_MAX_ANGLE` (the block's capacity plus `pos_offset` positions),
-  libdevice's precise pair past it."""
+  libdevice's precise pair past it; PTX's fma for the dequantization always."""
   args = _hidden_inputs(0, 2, 192, 12, 16, 2, 2, jnp.bfloat16, rope=rope)
   capacity = args[2].shape[3]  # the key scales' tokens
   assert capacity + 399_000 < da_hidden.SINCOS_MAX_ANGLE <= capacity + 400_000
@@ -526,6 +526,7 @@ def test_hidden_kernels_lower_for_cuda_with_ptx_sin_and_cos_where_rope_needs_the
   assert "skvq_decode_scores" in text
   ptx = rope and pos_offset < 400_000
   assert ("sin.approx.f32" in text) == ptx and ("cos.approx.f32" in text) == ptx
+  assert "fma.rn.f32" in text
 
 
 @pytest.mark.parametrize("hidden, tile, value_tiles, chunks, match", [
