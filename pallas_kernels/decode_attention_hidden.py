@@ -138,12 +138,15 @@ def _fma(a, b, c, ptx: bool):
 def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None,
                 ptx: bool = False):
   """`codes` `[g_sz, tile]` (float32) times each channel's scale plus its
-  zero (`_fma`): by `_select` from `near`'s `(lo, past)` (`_near_groups`), or
-  by `_expand`'s gathers where `near` is None."""
+  zero (`_fma`; the scale alone where `zero_ref` is None): by `_select` from
+  `near`'s `(lo, past)` (`_near_groups`), or by `_expand`'s gathers where
+  `near` is None."""
   if near is None:
     expand = lambda ref: _expand(ref, tok0, g_sz, group_map)  # noqa: E731
   else:
     expand = lambda ref: _select(ref, tok0, g_sz, group_map.shape[1], *near)  # noqa: E731
+  if zero_ref is None:
+    return codes * expand(scale_ref)
   return _fma(codes, expand(scale_ref), expand(zero_ref), ptx)
 
 
@@ -261,17 +264,17 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   jax.lax.cond(fits > 0, lambda: walk(True), lambda: walk(False))
 
 
-def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_ref,
+def _values_kernel(p_ref, vw_ref, vs_ref, map_ref, n_ref, lo_ref, inv_l_ref,
                    perm_ref, out_ref, *, bits: float, group: int, tile: int,
-                   groups_per_split: int, head_dim: int, compute_dtype, ptx: bool):
-  """One program: batch row b, channel span j, split s: `p @ v` over the
-  split's live groups for the span's channels, `[M, span]` float32, one
-  `tile` of channels at a time (each group's probabilities loaded once for
-  all); each channel's `rep` rows of its own kv head, divided by their sums
-  `inv_l`, stored at its natural place (`perm`) in the `[rep, H]` output.
-  Where each tile's channels fall in `_NEAR` groups, their scales and zeros
-  come by `_select`, else by `_expand`'s gathers (one loop or the other, chosen
-  once)."""
+                   groups_per_split: int, head_dim: int, compute_dtype):
+  """One program: batch row b, channel span j, split s: `p @ (codes * scale)`
+  over the split's live groups for the span's channels, `[M, span]` float32,
+  one `tile` of channels at a time (each group's probabilities loaded once
+  for all); each channel's `rep` rows of its own kv head, divided by their
+  sums `inv_l`, stored at its natural place (`perm`) in the `[rep, H]` output.
+  The zeros' term is not here (`_values_zero_term`). Where each tile's
+  channels fall in `_NEAR` groups, their scales come by `_select`, else by
+  `_expand`'s gathers (one loop or the other, chosen once)."""
   g_sz, w = group, codes_per_word(bits)
   rep = out_ref.shape[0]
   precision = dot_precision(compute_dtype)
@@ -287,8 +290,8 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     out = []
     for acc, c, group_map, (lo, past, _) in zip(accs, cols, maps, near):
       codes = unpack_tile(vw_ref[word_rows, c], g % w, 1, bits).astype(jnp.float32)
-      v = _dequantize(codes, vs_ref, vz_ref, tok0, g_sz, group_map,
-                      (lo, past) if by_select else None, ptx)
+      v = _dequantize(codes, vs_ref, None, tok0, g_sz, group_map,
+                      (lo, past) if by_select else None)
       out.append(acc + _dot(p, v.astype(compute_dtype), ((1,), (0,)), precision))
     return tuple(out)
 
@@ -307,6 +310,25 @@ def _values_kernel(p_ref, vw_ref, vs_ref, vz_ref, map_ref, n_ref, lo_ref, inv_l_
     for j in range(rep):
       own = row == (natural // head_dim * rep + j)[None, :]
       out_ref[j, natural] = jnp.sum(jnp.where(own, acc, 0.0), axis=0)
+
+
+def _values_zero_term(p, v_zero, inv_l, v_groups, v_perm, *, head_dim: int, rep: int,
+                      compute_dtype):
+  """The zeros' part of the output, `sum_t p[r, t] z[t, g(c)]` over each
+  value channel c's group, `[B, rep, H]` as `_values_kernel` lays its output
+  out: a product over the groups (`[M, T] x [T, n]`, a sixteenth of
+  `p @ v`'s at groups of 16 channels) and a gather, so the kernel
+  dequantizes by the scale alone. `p` is `[B, M, >= C]`, its tokens past the
+  capacity C zero; `v_zero` `[B, 1, n, C]`."""
+  capacity = v_zero.shape[3]
+  z = jnp.einsum("bmt,bnt->bmn", p[..., :capacity].astype(compute_dtype),
+                 v_zero[:, 0].astype(compute_dtype), precision=dot_precision(compute_dtype),
+                 preferred_element_type=jnp.float32) * inv_l[..., None]
+  # Natural channel c of kv head c // Dh, row j: quantized channel argsort(perm)[c].
+  channel = jnp.argsort(v_perm)
+  natural = jnp.arange(v_perm.shape[0])
+  rows = natural // head_dim * rep + jnp.arange(rep)[:, None]  # [rep, H]
+  return z[:, rows, v_groups[channel]]
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -422,13 +444,12 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   inv_l = jnp.where(some, 1.0 / l_safe, 0.0)
   acc = pallas_call(
       functools.partial(_values_kernel, bits=v_bits, tile=tile,
-                        groups_per_split=v_groups_per_split, head_dim=head_dim,
-                        ptx=not interpret, **cfg),
-      [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale, v_zero)]
+                        groups_per_split=v_groups_per_split, head_dim=head_dim, **cfg),
+      [p.astype(compute_dtype)] + [head(x) for x in (v_codes, v_scale)]
       + [v_groups.astype(jnp.int32)] + rows + [inv_l, v_perm.astype(jnp.int32)],
       [pl.BlockSpec((None, m_rows, v_span), lambda i, j, s: (i, 0, s)),
        pl.BlockSpec((None, v_codes.shape[2], width), lambda i, j, s: (i, 0, j)),
-       whole(v_scale), whole(v_zero),
+       whole(v_scale),
        pl.BlockSpec((width,), lambda i, j, s: (j,)), row, row,
        pl.BlockSpec((None, m_rows), lambda i, j, s: (i, 0)),
        pl.BlockSpec((width,), lambda i, j, s: (j,))],
@@ -437,5 +458,7 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
       grid=(b, hidden // width, value_splits), poison=poison, num_warps=num_warps,
       num_stages=NUM_STAGES,
       interpret=interpret, name="skvq_decode_values")[0]
+  zero_term = _values_zero_term(p, v_zero, inv_l, v_groups, v_perm, head_dim=head_dim,
+                                rep=rep, compute_dtype=compute_dtype)
   lse = jnp.where(some, m + jnp.log(l_safe), _NEG)
-  return jnp.sum(acc, axis=1), lse[:, None]
+  return jnp.sum(acc, axis=1) + zero_term, lse[:, None]
