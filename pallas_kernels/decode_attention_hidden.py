@@ -17,10 +17,11 @@ memory:
    channel's scale and zero gathered from its own group) and dotted with the
    query rows: raw scores `[B, M, C]`, float32.
 2. jnp: the mask, the block's maximum and sum, the probabilities.
-3. `_values_kernel`, grid `(B, H / span, value_splits)`: `p @ v` over one split's
-   tokens for a span of a few tiles of channels (the probabilities read once
-   for all of them), of which each channel keeps the rows of its own kv head,
-   stored at its natural place; the splits are summed in jnp.
+3. `_values_kernel`, grid `(B, H / span, value_splits)`: `p @ (codes * scale)`
+   over one split's tokens for a span of a few tiles of channels (the
+   probabilities read once for all of them), of which each channel keeps the
+   rows of its own kv head, stored at its natural place; the splits are summed
+   in jnp, and the zeros' term added there (`_values_zero_term`).
 
 The reference is `decode_attention.quantized_decode_attention_reference` with
 `k_groups` and `v_groups`.
