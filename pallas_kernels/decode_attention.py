@@ -332,9 +332,12 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
 
   Float32 throughout by default. With `dot_dtype=bfloat16` the operands of
   both dots are rounded as the kernel rounds them for bf16 inputs: keys and
-  values dequantized in float32 then rounded once, probabilities rounded
-  (relative to the row's global maximum here, to the running maximum in the
-  kernel: the one rounding that is not reproduced exactly).
+  values dequantized in float32 then rounded once (SKVQ's values, as
+  `decode_attention_hidden`'s kernels take them: codes times scale rounded,
+  the zeros added unrounded, their term a product of its own),
+  probabilities rounded (relative to the row's global maximum here, to the
+  running maximum in the kernel: the one rounding that is not reproduced
+  exactly).
   """
   from kivi_jax import quantization
   g = group_size
@@ -352,8 +355,14 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   unpack = lambda c, bits: quantization.unpack(c, bits, g)[..., :capacity, :]  # noqa: E731
   keys = quantization.dequantize(unpack(k_codes, k_bits), k_scale, k_zero, g, k_axis,
                                  jnp.float32, k_map)
-  values = rnd(quantization.dequantize(unpack(v_codes, v_bits), v_scale, v_zero, g, "token",
-                                       jnp.float32, v_map))
+  v_codes = unpack(v_codes, v_bits)
+  v_deq = lambda c, z: quantization.dequantize(c, v_scale, z, g, "token",  # noqa: E731
+                                               jnp.float32, v_map)
+  if v_map is None:
+    values = rnd(v_deq(v_codes, v_zero))
+  else:
+    values = rnd(v_deq(v_codes, jnp.zeros_like(v_zero))) + v_deq(jnp.zeros_like(v_codes),
+                                                                v_zero)
   sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
   if q_rot is None:
     s = jnp.einsum("bkmd,bktd->bkmt", q.astype(jnp.float32), rnd(keys))
