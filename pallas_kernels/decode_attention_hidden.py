@@ -104,6 +104,18 @@ def _near_groups(group_map, n: int):
   return lo, [d >= j for j in range(1, k)], jnp.max(d) < k
 
 
+def _tile_near(groups, tile: int, n: int):
+  """Each tile's first near group (`_near_groups`' `lo`) where its channels'
+  groups are all among the `_NEAR` from it, else -1: `[H / tile]` int32,
+  computed once a call in jnp (the channel map is a layer's constant), so
+  the scores kernel loads a tile's `lo` where it reduced the tile's map at
+  every group of tokens."""
+  k = min(_NEAR, n)
+  g = groups.reshape(-1, tile)
+  lo = jnp.minimum(jnp.min(g, axis=1), n - k)
+  return jnp.where(jnp.max(g, axis=1) - lo < k, lo, -1).astype(jnp.int32)
+
+
 def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   """`_expand`'s `[g_sz, tile]` for a tile whose channels' groups are the
   `len(past) + 1` from `lo` on (`_near_groups`): a load of a group's `g_sz`
@@ -196,7 +208,7 @@ def _dot(a, b, contract, precision):
                              preferred_element_type=jnp.float32)
 
 
-def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
+def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, near_ref, n_ref, lo_ref, *refs,
                    bits: float, group: int, tile: int, groups_per_split: int,
                    tiles_per_chunk: int, sm_scale: float, compute_dtype, rope: bool,
                    pos_offset: int, fast_rope: bool, ptx: bool):
@@ -204,10 +216,10 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
   Writes the chunk's part of the scores of the split's live groups into its
   `[M, groups_per_split * G]` block (the rest is never read). With
   `fast_rope`, cos and sin by `_sincos`, and the scales and zeros by
-  `_select` where every tile of the chunk spans at most `_NEAR` groups (else
-  `_expand`'s gathers, one loop or the other chosen once): on an H100 either
-  alone was slower than the precise pair and the gathers, both together
-  faster (benchmarks/NOTES.md)."""
+  `_select` where every tile of the chunk spans at most `_NEAR` groups
+  (`near_ref`: `_tile_near`; else `_expand`'s gathers, one loop or the other
+  chosen once): on an H100 either alone was slower than the precise pair and
+  the gathers, both together faster (benchmarks/NOTES.md)."""
   if rope:
     qr_ref, theta_ref, s_ref = refs
   else:
@@ -228,7 +240,10 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
       group_map = map_ref[cols][None, :]
       codes = unpack_tile(kw_ref[word_rows, cols], g % w, 1, bits).astype(jnp.float32)
       # [G, tile], dequantized in float32 and rounded once to the dot's dtype.
-      near = _near_groups(group_map, n_groups)[:2] if by_select else None
+      near = None
+      if by_select:
+        lo = near_ref[i]
+        near = lo, [group_map - lo >= j for j in range(1, min(_NEAR, n_groups))]
       k = _dequantize(codes, ks_ref, kz_ref, tok0, g_sz, group_map, near, ptx)
       q = q_ref[:, cols].astype(compute_dtype)
       if not rope:
@@ -254,8 +269,7 @@ def _scores_kernel(q_ref, kw_ref, ks_ref, kz_ref, map_ref, n_ref, lo_ref, *refs,
     return
 
   def tile_fits(i, fits):
-    group_map = map_ref[pl.ds(pl.multiple_of(i * tile, tile), tile)][None, :]
-    return jnp.minimum(fits, _near_groups(group_map, n_groups)[2].astype(jnp.int32))
+    return jnp.minimum(fits, (near_ref[i] >= 0).astype(jnp.int32))
 
   fits = jax.lax.fori_loop(tile0, tile0 + tiles_per_chunk, tile_fits, jnp.int32(1))
   jax.lax.cond(fits > 0, lambda: walk(True), lambda: walk(False))
@@ -379,9 +393,12 @@ def hidden_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
   cfg = dict(group=g, compute_dtype=compute_dtype)
 
   # 1. Scores [B, M, splits * span], summed over the chunks.
-  inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [k_groups.astype(jnp.int32)]
+  k_groups = k_groups.astype(jnp.int32)
+  inputs = [head(x) for x in (q, k_codes, k_scale, k_zero)] + [
+      k_groups, _tile_near(k_groups, tile, k_scale.shape[2])]
   in_specs = [whole(x) for x in (q, k_codes, k_scale, k_zero)] + [
-      pl.BlockSpec((hidden,), lambda *_: (0,)), row, row]
+      pl.BlockSpec((hidden,), lambda *_: (0,)), pl.BlockSpec((n_tiles,), lambda *_: (0,)),
+      row, row]
   inputs += rows
   if q_rot is not None:
     inputs += [head(q_rot), rope_theta.astype(jnp.float32)]
