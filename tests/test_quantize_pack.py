@@ -15,7 +15,7 @@ import pytest
 
 import kivi_jax
 from kivi_jax import quantization
-from kivi_jax.cache import n_quantized, write_kernel
+from kivi_jax.cache import block_writer, n_quantized, write_kernel
 from kivi_jax.config import codes_per_word
 from kivi_jax.pallas_kernels import quantize_pack as qp
 from kivi_jax.pallas_kernels import quantize_pack_tpu as qp_tpu
@@ -205,16 +205,20 @@ _SHAPE = CacheShape(num_kv_heads=2, head_dim=64, dtype="bfloat16")
                                     kivi_jax.KIVIConfig(2, 1.5, 16, 32, sinks=3, clip=0.9),
                                     kivi_jax.KIVIConfig(8, 2, 64, 64)],
                          ids=["kivi2", "kivi4", "ternary-sinks-clip", "k8v2-g64"])
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_cache_written_by_kernel_equals_reference(kernel, config):
+@pytest.mark.parametrize("kernel, layout", [("gpu", "slots"), ("gpu", "pairs"),
+                                            ("tpu", "slots")])
+def test_cache_written_by_kernel_equals_reference(kernel, layout, config):
   """A prefill then decode steps through `append`: the kernel's cache is the
-  reference's, bit for bit. Rows 0 and 1 are prefilled to 4 tokens short of a
-  flush (the last length at or below 300 and 170 that moves `n_quantized`), so
-  their fourth decode step flushes a group into the block; row 2 is empty until
-  its decode steps."""
+  reference's in the same layout (given, not "auto", which picks the pair
+  layout on a Hopper GPU and the slots on the CPU), bit for bit. Rows 0 and 1
+  are prefilled to 4 tokens short of a flush (the last length at or below 300
+  and 170 that moves `n_quantized`), so their fourth decode step flushes a
+  group into the block; row 2 is empty until its decode steps."""
   if kernel == "tpu" and ON_GPU:
     pytest.skip("TPU interpret mode is a CPU check")
-  assert write_kernel(kernel, config, _SHAPE.head_dim) == kernel
+  if layout == "pairs" and config.v_bits not in quantization.PAIR_BITS:
+    pytest.skip("the pair layout holds 2-, 4- and 8-bit codes")
+  assert block_writer(kernel, config, _SHAPE.head_dim, layout) == kernel
   steps = 6
   flush_at = [max(t for t in range(1, top + 1)
                   if n_quantized(np.int32(t), config) > n_quantized(np.int32(t - 1), config))
@@ -225,7 +229,7 @@ def test_cache_written_by_kernel_equals_reference(kernel, config):
   append = jax.jit(kivi_jax.cache.append, static_argnames=("config", "impl"))
 
   def fill(impl):
-    cache = kivi_jax.init_cache(_SHAPE, config, B, 340, impl=impl)
+    cache = kivi_jax.init_cache(_SHAPE, config, B, 340, impl=impl, layout=layout)
     layer = cache.layers[0]
     done = jnp.zeros(B, jnp.int32)
     for n in (jnp.asarray(prefill), *[jnp.ones(B, jnp.int32)] * steps):
