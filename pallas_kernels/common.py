@@ -3,6 +3,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltriton
 
 # A finite "minus infinity" for masked scores and empty running maxima, so that
 # splits and programs that see no key merge without NaN (JAX's own decode
@@ -31,6 +32,18 @@ def round_half_even(y):
   frac = y - f
   odd = f - 2.0 * jnp.floor(f * 0.5)
   return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, f + odd))
+
+
+def ptx_f32(instruction: str, *args):
+  """PTX's `instruction` (`$0` its float32 result, `$1`... `args`) on each
+  element of `args`, float32 broadcast together: inline assembly for Pallas's
+  Triton backend, so compiled GPU kernels only."""
+  shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in args))
+  args = [jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in args]
+  [y] = pltriton.elementwise_inline_asm(
+      instruction, args=args, constraints="=f" + ",f" * len(args), pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return y
 
 
 def ieee_divide(a, b):

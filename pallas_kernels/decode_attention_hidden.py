@@ -54,10 +54,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from kivi_jax.pallas_kernels.common import MASK_VALUE as _NEG
-from kivi_jax.pallas_kernels.common import codes_per_word
+from kivi_jax.pallas_kernels.common import codes_per_word, ptx_f32
 from kivi_jax.pallas_kernels.decode_attention import (default_splits, dot_precision, live_groups,
                                              pallas_call, unpack_tile)
 
@@ -120,23 +119,12 @@ def _select(ref, tok0, g_sz: int, tile: int, lo, past):
   return out
 
 
-def _asm(instruction: str, *args):
-  """PTX's `instruction` (`$0` its float32 result, `$1`... `args`) on each
-  element of `args`, float32 broadcast together (compiled kernels only)."""
-  shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in args))
-  args = [jnp.broadcast_to(jnp.asarray(x, jnp.float32), shape) for x in args]
-  [y] = pltriton.elementwise_inline_asm(
-      instruction, args=args, constraints="=f" + ",f" * len(args), pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
-  return y
-
-
 def _fma(a, b, c, ptx: bool):
   """`a * b + c` in float32, rounded once with `ptx` (PTX's `fma.rn.f32`), else
   `a * b + c`. Pallas's Triton lowering fuses no multiply and add (Nsight
   Compute counted no FFMA in these kernels): with it both kernels take 1-6%
   less time on an H100, their outputs the same (benchmarks/NOTES.md)."""
-  return _asm("fma.rn.f32 $0, $1, $2, $3;", a, b, c) if ptx else a * b + c
+  return ptx_f32("fma.rn.f32 $0, $1, $2, $3;", a, b, c) if ptx else a * b + c
 
 
 def _dequantize(codes, scale_ref, zero_ref, tok0, g_sz: int, group_map, near=None,
@@ -176,7 +164,7 @@ def _ptx(op: str, x):
   """`op` (sin or cos) of float32 `x` in [-pi, pi] by PTX's `op.approx.f32`:
   absolute error 2^-20.9 there (PTX's documentation), a few instructions where
   libdevice's precise `sinf` and `cosf` take tens each."""
-  return _asm(f"{op}.approx.f32 $0, $1;", x)
+  return ptx_f32(f"{op}.approx.f32 $0, $1;", x)
 
 
 def _sincos(x, ptx: bool):

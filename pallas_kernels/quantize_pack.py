@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kivi_jax.pallas_kernels.common import PAIR_SPAN as SPAN
-from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, quantize_tile
+from kivi_jax.pallas_kernels.common import codes_per_word, ieee_divide, ptx_f32, quantize_tile
 
 
 def _slot_place(slot, bits: float, width: int):
@@ -63,12 +63,9 @@ def _divide(a, b, interpret: bool):
   is an approximate division (up to 2 ulp), which moved codes by one level at
   near-ties on an H100; compiled, this is `div.rn.f32`. In interpret mode XLA
   divides (`ieee_divide`)."""
-  a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
   if interpret:
     return ieee_divide(a, b)
-  return pltriton.elementwise_inline_asm(
-      "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])[0]
+  return ptx_f32("div.rn.f32 $0, $1, $2;", a, b)
 
 
 def _kernel(x_ref, start_ref, ntok_ref, words_in, scale_in, zero_in, words_ref, scale_ref,

@@ -188,6 +188,31 @@ def test_tpu_kernel_lowers_for_a_tpu(case, dtype, scale_dtype, tpu_lowering):
   assert "tpu_custom_call" in lowered.as_text()
 
 
+@pytest.mark.parametrize("layout", ["slots", "pairs"])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_gpu_kernels_lower_for_cuda_with_ieee_division(layout, axis):
+  """Compiled, both GPU writers divide by PTX's `div.rn.f32` (Triton's `/` is
+  approximate and moved codes by a level on an H100), lowered here for CUDA on
+  the CPU; their GPU runs check the codes bit for bit."""
+  g, d, capacity = 32, 128, 1024
+  if axis == "channel":
+    shape = (B, H, capacity // g, d)
+  else:  # a scale per token and channel group, tokens last in the pair layout
+    shape = (B, H, capacity, d // g) if layout == "slots" else (B, H, d // g, capacity)
+  if layout == "slots":
+    fn, words = qp.quantize_pack, jnp.zeros((B, H, capacity // 16, d), jnp.uint32)
+  else:
+    codes = jnp.zeros((B, H, capacity, d) if axis == "channel" else (B, H, d, capacity),
+                      jnp.uint8)
+    fn, words = qp.quantize_pack_pairs, quantization.pair_pack(codes, 2)
+  scale = jnp.zeros(shape, jnp.bfloat16)
+  f = jax.jit(lambda *a: fn(*a, bits=2, group_size=g, axis=axis, clip=1.0, interpret=False))
+  text = f.trace(jnp.zeros((B, H, g, d), jnp.bfloat16), words, scale, scale,
+                 jnp.zeros(B, jnp.int32), jnp.full(B, g, jnp.int32)).lower(
+                     lowering_platforms=("cuda",)).as_text()
+  assert "div.rn.f32" in text
+
+
 def test_tpu_kernel_rejects_a_capacity_of_odd_spans():
   # 8-bit codes: 4 per word, so a span is 2 packing blocks of 4 x 16 tokens.
   x = jnp.zeros((1, 1, 16, 32))
