@@ -1,5 +1,5 @@
-"""Constants, packing facts and quantization arithmetic the kernels share
-(kernels do not import kivi_jax)."""
+"""Constants, packing facts, quantization arithmetic and inline PTX the kernels
+share (kernels do not import kivi_jax)."""
 
 import jax
 import jax.numpy as jnp
