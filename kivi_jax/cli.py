@@ -32,6 +32,14 @@ def _model_path(args):
   return args.model
 
 
+def _data_path(args) -> str:
+  """`--data`, which must be a file (its default is relative to the working directory)."""
+  if not Path(args.data).expanduser().is_file():
+    raise ValueError(f"--data {args.data!r} is not a file (WikiText-2's raw test file, "
+                     "wiki.test.raw; the default is relative to the working directory)")
+  return str(Path(args.data).expanduser())
+
+
 def _kv_config(args) -> KIVIConfig:
   base = get_preset(args.method or "kivi2")
   overrides = {name: getattr(args, name) for name in
@@ -238,11 +246,12 @@ def _calibrate(args) -> int:
     raise ValueError(f"--tokens must be a positive multiple of {step} (sequences of "
                      f"{kv_eval.CALIBRATION_SEQ} tokens in batches of "
                      f"{kv_eval.CALIBRATION_BATCH}), got {args.tokens}")
+  data = _data_path(args)
   path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
-  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
+  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), data)
   with jax.default_matmul_precision("highest"):
-    calib = _calibrations(model, {args.method: config}, tokens, Path(args.data).name,
+    calib = _calibrations(model, {args.method: config}, tokens, Path(data).name,
                           args.tokens)[args.method]
   calib.save(args.out)
   print(f"wrote {args.out}")
@@ -260,11 +269,12 @@ def _eval_ppl(args) -> int:
   overrides = {k: getattr(args, k) for k in setting if getattr(args, k) is not None}
   setting.update(overrides)
   setting_name = "custom" if overrides else args.setting
+  data = _data_path(args)
   path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   for config in configs.values():
     config.check_head_dim(model.config.head_dim)  # every method, before any work
-  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), args.data)
+  tokens = kv_eval.wikitext_tokens(kivi_jax.load_tokenizer(path), data)
   evaluated = setting["windows"] * (setting["prefill"] + setting["decode"])
   if any(c.needs_calibration for c in configs.values()) and \
       evaluated > tokens.size - kv_eval.CALIBRATION_TOKENS:
@@ -272,7 +282,7 @@ def _eval_ppl(args) -> int:
                      f"last {kv_eval.CALIBRATION_TOKENS} of {tokens.size})")
   rows = []
   with jax.default_matmul_precision("highest"):
-    calibrations = _calibrations(model, configs, tokens, Path(args.data).name)
+    calibrations = _calibrations(model, configs, tokens, Path(data).name)
   for name, config in configs.items():
     with jax.default_matmul_precision("highest"):
       result = kv_eval.kv_perplexity(model, tokens, config, **setting,
@@ -298,7 +308,7 @@ def _eval_ppl(args) -> int:
            "bits_per_element": "mean of keys and values in the quantized block, "
                                "counting 16-bit scales and zeros as on accelerators",
            **setting, "model": Path(path).name, "dtype": args.dtype,
-           "data": Path(args.data).name, "tokens": int(tokens.size), "rows": rows}
+           "data": Path(data).name, "tokens": int(tokens.size), "rows": rows}
     _write_json(args.out, out)
   return 0
 
@@ -311,6 +321,8 @@ def _eval_passkey(args) -> int:
 
   configs = _presets(args.methods)
   lengths = list(_positive_ints("--lengths", args.lengths))
+  calibrated = any(c.needs_calibration for c in configs.values())
+  data = _data_path(args) if calibrated else None
   path = _model_path(args)
   model = kivi_jax.load_model(path, dtype=args.dtype)
   for config in configs.values():
@@ -319,10 +331,9 @@ def _eval_passkey(args) -> int:
   rows, records = [], {}
   with jax.default_matmul_precision("highest"):
     calibrations = {}
-    if any(c.needs_calibration for c in configs.values()):
-      calibrations = _calibrations(model, configs,
-                                   kv_eval.wikitext_tokens(tokenizer, args.data),
-                                   Path(args.data).name)
+    if calibrated:
+      calibrations = _calibrations(model, configs, kv_eval.wikitext_tokens(tokenizer, data),
+                                   Path(data).name)
     for name, config in configs.items():
       result = kv_eval.passkey(model, tokenizer, config, lengths=lengths, depths=args.depths,
                                trials=args.trials, seed=args.seed,

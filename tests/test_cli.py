@@ -114,6 +114,18 @@ def test_calibrate_refuses_a_token_count_it_cannot_batch(tokens):
   assert f"got {tokens}" in done.stderr
 
 
+@pytest.mark.parametrize("command", [["calibrate", "--out", "unused.json"], ["eval", "ppl"],
+                                     ["eval", "passkey", "--methods", "fp16,skvq-k2v2"]])
+def test_a_missing_text_file_is_named_before_the_model_loads(command, tmp_path):
+  # The model does not exist either: the text is checked first, so no model
+  # is loaded for a run that would fail after it.
+  missing = str(tmp_path / "wiki.test.raw")
+  done = _run(*command, "--data", missing, "--model", "/nonexistent/model.gguf")
+  assert done.returncode == 2
+  assert f"--data {missing!r} is not a file" in done.stderr
+  assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--k-bits", "3"], "k_bits must be one of (1.5, 2, 4, 8, 16), got 3"),
     (["--method", "skvq-k2v2"], "method skvq-k2v2 needs a calibration"),
