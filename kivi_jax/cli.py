@@ -89,6 +89,9 @@ def _generate(args) -> int:
   elif kv_config.needs_calibration and not args.calibration:
     raise ValueError(f"method {args.method} needs a calibration: make one with "
                      "`kivi-jax calibrate` and pass --calibration")
+  if args.calibration and not Path(args.calibration).expanduser().is_file():
+    raise ValueError(f"--calibration {args.calibration!r} is not a file (make one with "
+                     "`kivi-jax calibrate`)")
   path = _model_path(args)
   tokenizer = kivi_jax.load_tokenizer(path)
   model = kivi_jax.load_model(path, dtype=args.dtype)
@@ -103,6 +106,9 @@ def _generate(args) -> int:
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
         tokenize=False) if chat else args.prompt
   ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)[None, :]
+  if not ids.size:
+    raise ValueError("the prompt is empty, and no chat template adds to it (--raw, or a "
+                     "tokenizer without one): nothing would go to the model")
   calibration = None
   if args.calibration:
     calibration = kivi_jax.Calibration.load(args.calibration, model)

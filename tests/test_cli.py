@@ -132,6 +132,8 @@ def test_a_missing_text_file_is_named_before_the_model_loads(command, tmp_path):
     (["--group-size", "32", "--residual-length", "100"],
      "residual_length must be 0 or a positive multiple of group_size (32)"),
     (["--model", "/nonexistent/model.gguf"], "--model '/nonexistent/model.gguf' does not exist"),
+    (["--method", "skvq-k2v2", "--calibration", "/nonexistent/calib.json"],
+     "--calibration '/nonexistent/calib.json' is not a file"),
     (["--impl", "cuda"], "argument --impl: invalid choice: 'cuda'"),
     (["--max-new-tokens", "10000000"],
      "exceeds the model's context window, max_position_embeddings=8192"),
@@ -144,6 +146,12 @@ def test_bad_arguments_exit_with_a_clear_error(args, message):
   assert done.returncode == 2
   assert message in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def test_an_empty_raw_prompt_is_refused():
+  done = _run("generate", "", "--raw")
+  assert done.returncode == 2
+  assert "the prompt is empty, and no chat template adds to it" in done.stderr
 
 
 def test_a_users_models_module_neither_shadows_ours_nor_is_shadowed(tmp_path):
