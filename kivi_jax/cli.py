@@ -40,6 +40,13 @@ def _data_path(args) -> str:
   return str(Path(args.data).expanduser())
 
 
+def _out_file(text: str) -> str:
+  """`--out`: a file to write at the end of a run, so a directory is refused at the start."""
+  if Path(text).expanduser().is_dir():
+    raise argparse.ArgumentTypeError(f"{text!r} is a directory: name a file in it")
+  return text
+
+
 def _kv_config(args) -> KIVIConfig:
   base = get_preset(args.method or "kivi2")
   overrides = {name: getattr(args, name) for name in
@@ -440,7 +447,7 @@ def _eval_parser(sub, name: str, help: str, data_help: str, run):
                       help=data_help)
   parser.add_argument("--dtype", default="float32",
                       choices=("float32", "bfloat16", "float16"))
-  parser.add_argument("--out", help="write the results as JSON here")
+  parser.add_argument("--out", type=_out_file, help="write the results as JSON here")
   parser.set_defaults(run=run)
   return parser
 
@@ -500,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
   cal.add_argument("--tokens", type=int,
                    help="calibrate on the text's last TOKENS tokens, a multiple of 2048 "
                    "(default 8192, as the README's figures; fewer is quicker)")
-  cal.add_argument("--out", required=True, help="where to write the calibration JSON")
+  cal.add_argument("--out", type=_out_file, required=True,
+                   help="where to write the calibration JSON")
   cal.set_defaults(run=_calibrate)
 
   ev = sub.add_parser("eval", help="quality of cache methods on a real model")
@@ -535,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
   att.add_argument("--repeats", type=int, default=30)
   att.add_argument("--layouts", default="auto", help="cache layouts to time each method "
                    "in, comma-separated: auto, slots, pairs (init_cache's layout)")
-  att.add_argument("--out", help="write the results as JSON here")
+  att.add_argument("--out", type=_out_file, help="write the results as JSON here")
   att.set_defaults(run=_bench_attention)
   gen_bench = bench_sub.add_parser(
       "generate", help="end-to-end generate: tokens/s, largest batch, peak memory, the "
@@ -563,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also each method's longest context: one row of the longest "
                          "prompt that fits with NEW new tokens (kivi_jax.max_context), "
                          "generated once")
-  gen_bench.add_argument("--out", help="JSON results, written after every row and added "
-                         "to the rows already in the file")
+  gen_bench.add_argument("--out", type=_out_file,
+                         help="JSON results, written after every row and added to the rows "
+                         "already in the file")
   gen_bench.add_argument("--row-timeout", type=float, default=1800,
                          help="seconds a row's process may run before it is stopped and "
                          "recorded as timed out, with the stages it reached (the sweep goes on)")

@@ -148,6 +148,15 @@ def test_bad_arguments_exit_with_a_clear_error(args, message):
   assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", [["calibrate"], ["eval", "ppl"], ["eval", "passkey"],
+                                     ["bench", "attention"], ["bench", "generate"]])
+def test_a_directory_as_out_is_refused_before_the_run(command, tmp_path):
+  # The results are written at the end of a run: found out at the start.
+  done = _run(*command, "--out", str(tmp_path))
+  assert done.returncode == 2
+  assert f"argument --out: {str(tmp_path)!r} is a directory: name a file in it" in done.stderr
+
+
 def test_an_empty_raw_prompt_is_refused():
   done = _run("generate", "", "--raw")
   assert done.returncode == 2
