@@ -32,12 +32,18 @@ def _model_path(args):
   return args.model
 
 
+def _existing_file(flag: str, value: str, what: str) -> str:
+  """`value` of `flag`, expanded, which must name a file: checked before a model loads."""
+  path = Path(value).expanduser()
+  if not path.is_file():
+    raise ValueError(f"{flag} {value!r} is not a file ({what})")
+  return str(path)
+
+
 def _data_path(args) -> str:
-  """`--data`, which must be a file (its default is relative to the working directory)."""
-  if not Path(args.data).expanduser().is_file():
-    raise ValueError(f"--data {args.data!r} is not a file (WikiText-2's raw test file, "
-                     "wiki.test.raw; the default is relative to the working directory)")
-  return str(Path(args.data).expanduser())
+  """`--data`, WikiText-2's raw test file."""
+  return _existing_file("--data", args.data, "WikiText-2's raw test file, wiki.test.raw; "
+                        "the default is relative to the working directory")
 
 
 def _out_file(text: str) -> str:
@@ -96,9 +102,8 @@ def _generate(args) -> int:
   elif kv_config.needs_calibration and not args.calibration:
     raise ValueError(f"method {args.method} needs a calibration: make one with "
                      "`kivi-jax calibrate` and pass --calibration")
-  if args.calibration and not Path(args.calibration).expanduser().is_file():
-    raise ValueError(f"--calibration {args.calibration!r} is not a file (make one with "
-                     "`kivi-jax calibrate`)")
+  calibration_file = args.calibration and _existing_file(
+      "--calibration", args.calibration, "make one with `kivi-jax calibrate`")
   path = _model_path(args)
   tokenizer = kivi_jax.load_tokenizer(path)
   model = kivi_jax.load_model(path, dtype=args.dtype)
@@ -117,8 +122,8 @@ def _generate(args) -> int:
     raise ValueError("the prompt is empty, and no chat template adds to it (--raw, or a "
                      "tokenizer without one): nothing would go to the model")
   calibration = None
-  if args.calibration:
-    calibration = kivi_jax.Calibration.load(args.calibration, model)
+  if calibration_file:
+    calibration = kivi_jax.Calibration.load(calibration_file, model)
 
   if args.save_cache:
     window = model.config.max_position_embeddings
